@@ -1,0 +1,8 @@
+"""gkl_kernels: fused Triton kernels for the Generalized / Decoupled Kullback-Leibler loss."""
+
+from gkl_kernels import compat
+from gkl_kernels.functional import gkl_loss, pairwise_wmse
+from gkl_kernels.module import GKLLoss
+
+__all__ = ["GKLLoss", "compat", "gkl_loss", "pairwise_wmse"]
+__version__ = "0.1.0"

@@ -1,0 +1,87 @@
+"""The rank-one row terms as ``torch.library`` custom ops with autograd, so that eager mode,
+``torch.compile(fullgraph=True)`` and ``opcheck`` see one opaque operator per pass.
+
+``gkl_kernels::rank1_rows(s, t, ...) -> (wmse (B,), ce (B,), stats (B, 5))`` and its backward
+``gkl_kernels::rank1_rows_backward``. ``use_triton`` picks the Triton launchers (CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``) or the plain-PyTorch path; ``block_c = 0`` lets the launcher
+choose the tile width.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from gkl_kernels.rank1.kernels import NUM_STATS, rank1_rows_backward, rank1_rows_forward
+from gkl_kernels.rank1.torch_impl import rank1_rows_backward_torch, rank1_rows_forward_torch
+
+
+@torch.library.custom_op("gkl_kernels::rank1_rows", mutates_args=())
+def rank1_rows(student: Tensor, teacher: Tensor, factor: Optional[Tensor], labels: Optional[Tensor],
+               source: int, gamma: float, temperature: float, weight_temperature: float,
+               with_ce: bool, symmetric: bool, use_triton: bool, block_c: int
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row wMSE, soft-label cross-entropy and statistics; ``symmetric`` only affects backward."""
+    if use_triton:
+        return rank1_rows_forward(student, teacher, factor, labels, source, gamma, temperature,
+                                  weight_temperature, with_ce, block_c or None)
+    return rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, temperature,
+                                    weight_temperature, with_ce)
+
+
+@rank1_rows.register_fake
+def _rank1_rows_fake(student, teacher, factor, labels, source, gamma, temperature,
+                     weight_temperature, with_ce, symmetric, use_triton, block_c):
+    batch = student.shape[0]
+    row = student.new_empty(batch, dtype=torch.float32)
+    return row, torch.empty_like(row), student.new_empty(batch, NUM_STATS, dtype=torch.float32)
+
+
+@torch.library.custom_op("gkl_kernels::rank1_rows_backward", mutates_args=())
+def rank1_rows_backward_op(grad_wmse: Tensor, grad_ce: Tensor, student: Tensor, teacher: Tensor,
+                           factor: Optional[Tensor], labels: Optional[Tensor], stats: Tensor,
+                           source: int, gamma: float, temperature: float,
+                           weight_temperature: float, with_ce: bool, symmetric: bool,
+                           need_ds: bool, need_dt: bool, use_triton: bool, block_c: int
+                           ) -> tuple[Tensor, Tensor]:
+    """Gradients of ``rank1_rows`` w.r.t. student and teacher (empty when not needed)."""
+    args = (grad_wmse, grad_ce, student, teacher, factor, labels, stats, source, gamma,
+            temperature, weight_temperature, with_ce, symmetric, need_ds, need_dt)
+    if use_triton:
+        return rank1_rows_backward(*args, block_c or None)
+    return rank1_rows_backward_torch(*args)
+
+
+@rank1_rows_backward_op.register_fake
+def _rank1_rows_backward_fake(grad_wmse, grad_ce, student, teacher, factor, labels, stats, source,
+                              gamma, temperature, weight_temperature, with_ce, symmetric, need_ds,
+                              need_dt, use_triton, block_c):
+    ds = torch.empty_like(student, memory_format=torch.contiguous_format) if need_ds \
+        else student.new_empty(0)
+    dt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if need_dt \
+        else teacher.new_empty(0)
+    return ds, dt
+
+
+def _setup_context(ctx, inputs, output):
+    (student, teacher, factor, labels, source, gamma, temperature, weight_temperature, with_ce,
+     symmetric, use_triton, block_c) = inputs
+    ctx.save_for_backward(student, teacher, factor, labels, output[2])
+    ctx.options = (source, gamma, temperature, weight_temperature, with_ce, symmetric)
+    ctx.launch = (use_triton, block_c)
+
+
+def _backward(ctx, grad_wmse, grad_ce, _grad_stats):
+    student, teacher, factor, labels, stats = ctx.saved_tensors
+    need_ds, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_ds or need_dt):
+        return (None,) * 12
+    source, gamma, temperature, weight_temperature, with_ce, symmetric = ctx.options
+    # row gradients arrive expanded (stride 0) from a sum or mean: the kernels read them densely
+    ds, dt = rank1_rows_backward_op(
+        grad_wmse.contiguous(), grad_ce.contiguous(), student, teacher, factor, labels, stats, source, gamma, temperature,
+        weight_temperature, with_ce, symmetric, need_ds, need_dt, *ctx.launch)
+    return (ds if need_ds else None, dt if need_dt else None) + (None,) * 10
+
+
+rank1_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,129 @@
+"""Input checks for the public API: every problem is a ``TypeError``/``ValueError`` that names the
+argument, raised before any kernel runs.
+
+Checks of tensor *values* (label range, negative or non-finite weights) read the data back to the
+host, a synchronisation on CUDA; they run when ``check_values=True`` (the default) and never while
+``torch.compile`` traces.
+"""
+
+import math
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32)
+BACKENDS = ("auto", "triton", "torch")
+NORMALIZERS = ("weights", "batch")
+
+
+def triton_interpreter_active():
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    try:
+        from triton import knobs
+    except ImportError:  # triton < 3.4 reads the environment variable
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return bool(knobs.runtime.interpret)
+
+
+def use_triton_for(backend, device):
+    """Resolve ``backend`` for tensors on ``device``: True for the Triton kernels, False for torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    runnable = device.type == "cuda" or (device.type == "cpu" and triton_interpreter_active())
+    if backend == "triton" and not runnable:
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"triton is imported; got tensors on {device}")
+    return runnable
+
+
+def check_logits(student, teacher):
+    """``student`` and ``teacher``: 2-D float tensors of one shape ``(B, C)``, B, C > 0, one device."""
+    for name, x in (("student", student), ("teacher", teacher)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (B, C), got shape {tuple(x.shape)}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student and teacher must have the same shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.shape[0] == 0 or student.shape[1] == 0:
+        raise ValueError(f"student and teacher must have B > 0 rows and C > 0 classes, got shape "
+                         f"{tuple(student.shape)}")
+    if student.device != teacher.device:
+        raise ValueError(f"student and teacher must be on one device, got {student.device} and "
+                         f"{teacher.device}")
+
+
+def _check_tensor(name, x, shape, dtypes, device):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device} like the logits, got {x.device}")
+
+
+def _values_checked(check_values):
+    return check_values and not torch.compiler.is_compiling()
+
+
+def check_nonnegative_finite(name, x, check_values):
+    """Pair weights and priors: every entry finite and >= 0."""
+    if _values_checked(check_values):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} must be finite, found inf or NaN")
+        if bool((x < 0).any()):
+            raise ValueError(f"{name} must be non-negative, found negative entries")
+
+
+def check_factor(name, weights, student, check_values):
+    """An explicit rank-one factor: float ``(B, C)`` on the logits' device, finite, >= 0."""
+    _check_tensor(name, weights, student.shape, FLOAT_DTYPES, student.device)
+    check_nonnegative_finite(name, weights, check_values)
+
+
+def check_labels(labels, student, check_values):
+    """Class labels: int64/int32 ``(B,)`` on the logits' device, each in ``[0, C)``."""
+    _check_tensor("labels", labels, student.shape[:1], INDEX_DTYPES, student.device)
+    num_classes = student.shape[1]
+    if _values_checked(check_values) and bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def check_prior(class_prior, student, check_values):
+    """A class prior: float ``(C, C)`` on the logits' device, finite, >= 0."""
+    num_classes = student.shape[1]
+    _check_tensor("class_prior", class_prior, (num_classes, num_classes), FLOAT_DTYPES,
+                  student.device)
+    check_nonnegative_finite("class_prior", class_prior, check_values)
+
+
+def check_positive(name, value):
+    """A temperature: a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def check_finite(name, value, minimum=None):
+    """A loss weight or power: a finite number, ``>= minimum`` when one is given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" and >= {minimum}"
+        raise ValueError(f"{name} must be finite{bound}, got {value}")
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

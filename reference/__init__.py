@@ -1,0 +1,18 @@
+"""Pure-PyTorch reference of the GKL / DKL loss: the literal ``B x C x C`` formulas of SPEC.md.
+
+Slow and memory-hungry by design; it is the oracle of the test suite (evaluate it in float64).
+"""
+
+from reference.gkl import (
+    gkl_loss_reference,
+    pair_weights_reference,
+    pairwise_wmse_reference,
+    rank1_factor_reference,
+)
+
+__all__ = [
+    "gkl_loss_reference",
+    "pair_weights_reference",
+    "pairwise_wmse_reference",
+    "rank1_factor_reference",
+]
