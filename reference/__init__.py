@@ -8,6 +8,7 @@ from reference.gkl import (
     pair_weights_reference,
     pairwise_wmse_reference,
     rank1_factor_reference,
+    rank1_wmse_reference,
 )
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "pair_weights_reference",
     "pairwise_wmse_reference",
     "rank1_factor_reference",
+    "rank1_wmse_reference",
 ]

@@ -43,21 +43,34 @@ def pairwise_wmse_reference(student, teacher, pair_weights, *, stop_student=Fals
     return (pair_weights.detach() * (dt - ds) ** 2).sum(dim=(1, 2))
 
 
+def rank1_wmse_reference(student, teacher, factor, *, stop_student=False):
+    """The O(C) identity of SPEC.md in its uncentred form, ``2 (W sum_j v_j d_j^2 - (sum_j v_j
+    d_j)^2)`` with ``d = t - s``, ``W = sum_j v_j``: the oracle where ``B x C x C`` cannot be built.
+    Exact in float64 for logits of moderate size; per row, shape (B,)."""
+    d = teacher - (student.detach() if stop_student else student)
+    v = factor.detach()
+    return 2 * (v.sum(1) * (v * d * d).sum(1) - (v * d).sum(1) ** 2)
+
+
 def gkl_loss_reference(student, teacher, *, labels=None, class_prior=None, weights=None,
                        gamma=1.0, temperature=1.0, weight_temperature=1.0, mse_weight=1.0,
-                       ce_weight=1.0, normalize="weights", symmetric=True):
+                       ce_weight=1.0, normalize="weights", symmetric=True, pairwise=True):
     """``L = mse_weight * sum_b wmse[b] / (4 N) + ce_weight * mean_b CE_b`` with
     ``CE_b = -sum_j softmax(t_b / T)_j log_softmax(s_b / T)_j`` (teacher probabilities constant),
     ``N = sum_{b,j,k} w[b,j,k]`` (``normalize="weights"``) or ``B`` (``"batch"``). A batch whose pair
     weights sum to 0 has a wMSE term of 0. ``symmetric=False`` is DKL: the wMSE stops the gradient
-    into ``Ds``."""
+    into ``Ds``. ``pairwise=False`` evaluates the wMSE by ``rank1_wmse_reference`` (large C)."""
     batch = student.shape[0]
     v = rank1_factor_reference(teacher, labels=labels, class_prior=class_prior, weights=weights,
                                gamma=gamma, weight_temperature=weight_temperature)
-    w = pair_weights_reference(v, batch)
-    wmse = pairwise_wmse_reference(student, teacher, w, stop_student=not symmetric)
-    if normalize == "weights":
+    if pairwise:
+        w = pair_weights_reference(v, batch)
+        wmse = pairwise_wmse_reference(student, teacher, w, stop_student=not symmetric)
         total = w.sum()
+    else:
+        wmse = rank1_wmse_reference(student, teacher, v, stop_student=not symmetric)
+        total = (v.sum(1) ** 2).sum()
+    if normalize == "weights":
         mse_term = torch.where(total > 0, wmse.sum() / torch.where(total > 0, total, 1.0), 0.0)
     elif normalize == "batch":
         mse_term = wmse.sum() / batch

@@ -1,0 +1,81 @@
+"""Test set-up: Triton's CPU interpreter (set before triton is imported), and the float64 oracle."""
+
+import os
+import zlib
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from reference import gkl_loss_reference  # noqa: E402
+
+BACKENDS = ("triton", "torch")
+
+# Loss options of SPEC.md's table (mse_weight = the code's beta, ce_weight = alpha), plus plain KL's.
+PAPER_SETTINGS = {
+    "default": dict(mse_weight=1.0, ce_weight=1.0, gamma=1.0, temperature=1.0,
+                    weight_temperature=1.0),
+    "imagenet_kd": dict(mse_weight=0.5, ce_weight=1.0, gamma=0.6, temperature=1.0,
+                        weight_temperature=1.0),
+    "cifar100_kd": dict(mse_weight=16.0, ce_weight=1.0, gamma=0.05, temperature=4.0,
+                        weight_temperature=4.0),
+    "cifar_adv": dict(mse_weight=20.0, ce_weight=4.0, gamma=0.4, temperature=4.0,
+                      weight_temperature=1.0),
+}
+
+
+def make_inputs(batch, num_classes, source, generator, *, dtype=torch.float32, scale=3.0):
+    """Fresh random logits ``(B, C)`` and the keyword arguments of one weight source: ``"teacher"``
+    (none), ``"prior"`` (labels and a row-stochastic ``(C, C)`` prior with some zeros) or
+    ``"explicit"`` (a ``(B, C)`` factor with some zeros)."""
+    student = (scale * torch.randn(batch, num_classes, generator=generator)).to(dtype)
+    teacher = (scale * torch.randn(batch, num_classes, generator=generator)).to(dtype)
+    kwargs = {}
+    if source == "prior":
+        prior = torch.rand(num_classes, num_classes, generator=generator)
+        prior = prior * (torch.rand(num_classes, num_classes, generator=generator) > 0.2)
+        prior = prior + torch.eye(num_classes)
+        kwargs["class_prior"] = prior / prior.sum(1, keepdim=True)
+        kwargs["labels"] = torch.randint(0, num_classes, (batch,), generator=generator)
+    elif source == "explicit":
+        weights = torch.rand(batch, num_classes, generator=generator)
+        kwargs["weights"] = weights * (torch.rand(batch, num_classes, generator=generator) > 0.2)
+    return student, teacher, kwargs
+
+
+def to_float64(kwargs):
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in kwargs.items()}
+
+
+def oracle(student, teacher, *, pairwise=True, **options):
+    """Loss and gradients (student, teacher) of the float64 reference on the same inputs."""
+    s = student.detach().double().requires_grad_()
+    t = teacher.detach().double().requires_grad_()
+    loss = gkl_loss_reference(s, t, pairwise=pairwise, **to_float64(options))
+    grad_s, grad_t = torch.autograd.grad(loss, (s, t))
+    return loss.detach(), grad_s, grad_t
+
+
+def loss_and_grads(fn, student, teacher, **options):
+    """``fn(s, t, **options)`` and its gradients w.r.t. fresh leaf copies of student and teacher."""
+    s = student.detach().clone().requires_grad_()
+    t = teacher.detach().clone().requires_grad_()
+    loss = fn(s, t, **options)
+    grad_s, grad_t = torch.autograd.grad(loss, (s, t))
+    return loss.detach(), grad_s, grad_t
+
+
+def assert_close_rel(actual, expected, rtol, name):
+    """``|actual - expected| <= rtol * max(|expected|)`` elementwise (scale-relative), float64."""
+    actual = actual.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.1e}"
+
+
+@pytest.fixture
+def generator(request):
+    """A torch.Generator seeded from the test's id: every test draws its own, reproducible inputs."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
