@@ -1,12 +1,13 @@
 """Plain-PyTorch O(C) path for rank-one weights: the same row outputs and statistics as the Triton
 kernels (see ``kernels.py`` for the math), vectorised over the batch, float32 throughout.
 
-Used for CPU tensors (where it is fast), and on any device with ``backend="torch"``.
+Used for CPU tensors (where it is fast: about 20 elementwise passes over ``B x C`` forward and as
+many backward, temporaries reused in place), and on any device with ``backend="torch"``.
 """
 
 import torch
 
-from gkl_kernels.rank1.kernels import NUM_STATS, SOURCE_PRIOR, SOURCE_TEACHER
+from gkl_kernels.rank1.kernels import SOURCE_PRIOR, SOURCE_TEACHER
 
 
 def _relative_logits(student, teacher):
@@ -16,39 +17,47 @@ def _relative_logits(student, teacher):
     return s - s[:, :1], t - t[:, :1]
 
 
-def _factor(t_rel, factor, labels, source, gamma, weight_temperature):
-    """``v`` (B, C) float32 and ``lse(t/T2)`` (B,) (zeros unless the teacher source is used)."""
-    if source == SOURCE_TEACHER:
-        scaled = t_rel / weight_temperature
-        lse_w = torch.logsumexp(scaled, dim=1)
-        return torch.exp(gamma * (scaled - lse_w[:, None])), lse_w
-    lse_w = t_rel.new_zeros(t_rel.shape[0])
+def _scaled(x, temperature):
+    return x if temperature == 1.0 else x * (1.0 / temperature)
+
+
+def _explicit_factor(factor, labels, source, gamma):
+    """``v`` (B, C) float32 for the prior (``prior[labels] ** gamma``) and explicit sources."""
     if source == SOURCE_PRIOR:
-        return factor[labels].float().pow(gamma), lse_w
-    return factor.float(), lse_w
+        return factor[labels].float().pow_(gamma)
+    return factor.float()
 
 
 def rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, temperature,
                              weight_temperature, with_ce):
     """``(wmse (B,), ce (B,), stats (B, 5))`` in float32, as ``rank1_rows_forward``."""
     s_rel, t_rel = _relative_logits(student, teacher)
-    v, lse_w = _factor(t_rel, factor, labels, source, gamma, weight_temperature)
-    d = t_rel - s_rel
-    w_sum = v.sum(dim=1)
-    mean = (v * d).sum(dim=1) / torch.where(w_sum > 0, w_sum, 1.0)
-    dev = d - mean[:, None]
-    wmse = 2.0 * w_sum * (v * dev * dev).sum(dim=1)
+    zeros = s_rel.new_zeros(s_rel.shape[0])
+    lse_s = lse_t = ce = lse_w = zeros
     if with_ce:
-        s_scaled = s_rel / temperature
-        t_scaled = t_rel / temperature
+        # torch.logsumexp sums accurately (cascade); the fused CPU softmaxes do not at large C
+        s_scaled = _scaled(s_rel, temperature)
+        t_scaled = _scaled(t_rel, temperature)
         lse_s = torch.logsumexp(s_scaled, dim=1)
         lse_t = torch.logsumexp(t_scaled, dim=1)
-        ce = lse_s - (torch.softmax(t_scaled, dim=1) * s_scaled).sum(dim=1)
+        p = (t_scaled - lse_t[:, None]).exp_()
+        ce = lse_s - torch.linalg.vecdot(p, s_scaled)
+    if source == SOURCE_TEACHER:
+        same_softmax = with_ce and weight_temperature == temperature
+        w_scaled = _scaled(t_rel, weight_temperature)
+        lse_w = lse_t if same_softmax else torch.logsumexp(w_scaled, dim=1)
+        v = p if same_softmax and gamma == 1.0 \
+            else w_scaled.sub(lse_w[:, None]).mul_(gamma).exp_()
     else:
-        lse_s = lse_t = ce = torch.zeros_like(w_sum)
+        v = _explicit_factor(factor, labels, source, gamma)
+    d = t_rel.sub_(s_rel)
+    w_sum = v.sum(dim=1)
+    weighted = torch.mul(v, d, out=s_rel)
+    mean = weighted.sum(dim=1).div_(torch.where(w_sum > 0, w_sum, 1.0))
+    dev = d.sub_(mean[:, None])
+    m2 = torch.linalg.vecdot(torch.mul(v, dev, out=weighted), dev)
     stats = torch.stack([w_sum, mean, lse_s, lse_t, lse_w], dim=1)
-    assert stats.shape[1] == NUM_STATS
-    return wmse, ce, stats
+    return 2.0 * w_sum * m2, ce, stats
 
 
 def rank1_rows_backward_torch(grad_wmse, grad_ce, student, teacher, factor, labels, stats, source,
@@ -58,19 +67,21 @@ def rank1_rows_backward_torch(grad_wmse, grad_ce, student, teacher, factor, labe
     s_rel, t_rel = _relative_logits(student, teacher)
     w_sum, mean, lse_s, lse_t, lse_w = stats.unbind(dim=1)
     if source == SOURCE_TEACHER:
-        v = torch.exp(gamma * (t_rel / weight_temperature - lse_w[:, None]))
+        v = _scaled(t_rel, weight_temperature).sub(lse_w[:, None]).mul_(gamma).exp_()
     else:
-        v, _ = _factor(t_rel, factor, labels, source, gamma, weight_temperature)
-    g_d = (4.0 * grad_wmse.float() * w_sum)[:, None] * v * (t_rel - s_rel - mean[:, None])
+        v = _explicit_factor(factor, labels, source, gamma)
+    # g_d = 4 g_wmse W v (d - mu)
+    g_d = (t_rel - s_rel).sub_(mean[:, None]).mul_(v).mul_((4.0 * grad_wmse.float() * w_sum)[:, None])
     ds = dt = student.new_empty(0)
     if need_ds:
-        ds = torch.zeros_like(s_rel)
         if with_ce:
-            q = torch.exp(s_rel / temperature - lse_s[:, None])
-            p = torch.exp(t_rel / temperature - lse_t[:, None])
-            ds = (grad_ce.float() / temperature)[:, None] * (q - p)
-        if symmetric:
-            ds = ds - g_d
+            q = _scaled(s_rel, temperature).sub_(lse_s[:, None]).exp_()
+            p = _scaled(t_rel, temperature).sub_(lse_t[:, None]).exp_()
+            ds = q.sub_(p).mul_((grad_ce.float() / temperature)[:, None])
+            if symmetric:
+                ds.sub_(g_d)
+        else:
+            ds = -g_d if symmetric else torch.zeros_like(g_d)
         ds = ds.to(student.dtype)
     if need_dt:
         dt = g_d.to(teacher.dtype)
