@@ -18,12 +18,17 @@ def dkl_loss(logits_student, logits_teacher, temperature, alpha, beta, gamma, CL
     per-row ``(B, C)`` prior, ``onehot(labels) @ P``), else ``v = softmax(teacher / T2) ** gamma``.
     ``temperature`` is the cross-entropy's. Both logits receive the wMSE gradient (GKL).
     """
+    check.check_positive("temperature", temperature)
+    check.check_positive("T2", T2)
+    check.check_finite("alpha", alpha)
+    check.check_finite("beta", beta)
+    check.check_finite("gamma", gamma, minimum=0.0)
+    check.check_bool("GI", GI)
     if GI:
         if CLASS_PRIOR is None:
             raise ValueError("GI=True needs CLASS_PRIOR, the per-row (B, C) class prior")
         check.check_logits(logits_student, logits_teacher)
         check.check_factor("CLASS_PRIOR", CLASS_PRIOR, logits_student, check_values=True)
-        check.check_finite("gamma", gamma, minimum=0.0)
         weights = CLASS_PRIOR.detach().float() ** gamma
     else:
         weights = None

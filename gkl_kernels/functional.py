@@ -7,6 +7,7 @@ pair weights ``v_j v_k`` computed inside the kernels and never a ``B x C x C`` t
 import torch
 
 from gkl_kernels import validation as check
+from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.rank1.op import rank1_rows
 
@@ -32,44 +33,47 @@ def gkl_loss(student, teacher, *, labels=None, class_prior=None, weights=None, g
     check_values: check label range and weight values (a host synchronisation on CUDA); skipped
     while ``torch.compile`` traces. block_c: force the kernels' tile width (a power of two).
     """
+    options = GKLOptions(gamma=gamma, temperature=temperature,
+                         weight_temperature=weight_temperature, mse_weight=mse_weight,
+                         ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
+                         backend=backend, check_values=check_values, block_c=block_c)
+    return gkl_loss_with_options(student, teacher, options, labels=labels,
+                                 class_prior=class_prior, weights=weights)
+
+
+def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior=None,
+                          weights=None):
+    """``gkl_loss`` with its scalar options given as a checked ``GKLOptions``."""
     check.check_logits(student, teacher)
-    use_triton = check.use_triton_for(backend, student.device)
-    check.check_choice("normalize", normalize, check.NORMALIZERS)
-    for name, value in (("temperature", temperature), ("weight_temperature", weight_temperature)):
-        check.check_positive(name, value)
-    check.check_finite("gamma", gamma, minimum=0.0)
-    check.check_finite("mse_weight", mse_weight)
-    check.check_finite("ce_weight", ce_weight)
-    _check_block(block_c)
+    use_triton = check.use_triton_for(options.backend, student.device)
     if labels is not None:
-        check.check_labels(labels, student, check_values)
+        check.check_labels(labels, student, options.check_values)
     if weights is not None:
         if class_prior is not None:
             raise ValueError("give either weights or class_prior, not both")
-        check.check_factor("weights", weights, student, check_values)
+        check.check_factor("weights", weights, student, options.check_values)
         source, factor = SOURCE_EXPLICIT, weights.detach()
     elif class_prior is not None:
         if labels is None:
             raise ValueError("class_prior needs labels (B,) to pick each row's prior")
-        check.check_prior(class_prior, student, check_values)
+        check.check_prior(class_prior, student, options.check_values)
         source, factor = SOURCE_PRIOR, class_prior.detach()
     else:
         source, factor = SOURCE_TEACHER, None
-    with_ce = ce_weight != 0
+    with_ce = options.ce_weight != 0
     wmse, ce, stats = rank1_rows(
         student, teacher, factor, labels if source == SOURCE_PRIOR else None, source,
-        float(gamma), float(temperature), float(weight_temperature), with_ce, bool(symmetric),
-        use_triton, block_c or 0)
-    batch = student.shape[0]
-    if normalize == "weights":
+        float(options.gamma), float(options.temperature), float(options.weight_temperature),
+        with_ce, options.symmetric, use_triton, options.block_c or 0)
+    if options.normalize == "weights":
         total = stats[:, 0].detach().square().sum()
-        positive = total > 0
-        mse_term = torch.where(positive, wmse.sum() / torch.where(positive, total, 1.0), 0.0)
+        empty = total == 0
+        mse_term = torch.where(empty, 0.0, wmse.sum() / torch.where(empty, 1.0, total))
     else:
-        mse_term = wmse.sum() / batch
-    loss = (mse_weight / 4) * mse_term
+        mse_term = wmse.sum() / student.shape[0]
+    loss = (options.mse_weight / 4) * mse_term
     if with_ce:
-        loss = loss + ce_weight * ce.mean()
+        loss = loss + options.ce_weight * ce.mean()
     return loss
 
 
@@ -84,8 +88,9 @@ def pairwise_wmse(student, teacher, weights, *, reduction="sum", backend="auto",
     check.check_logits(student, teacher)
     use_triton = check.use_triton_for(backend, student.device)
     check.check_choice("reduction", reduction, REDUCTIONS)
+    check.check_bool("check_values", check_values)
+    check.check_block(block_c)
     check.check_factor("weights", weights, student, check_values)
-    _check_block(block_c)
     wmse, _, _ = rank1_rows(student, teacher, weights.detach(), None, SOURCE_EXPLICIT, 1.0, 1.0,
                             1.0, False, True, use_triton, block_c or 0)
     if reduction == "sum":
@@ -93,9 +98,3 @@ def pairwise_wmse(student, teacher, weights, *, reduction="sum", backend="auto",
     if reduction == "mean":
         return wmse.mean()
     return wmse
-
-
-def _check_block(block_c):
-    if block_c is not None and (not isinstance(block_c, int) or block_c < 1
-                                or block_c & (block_c - 1)):
-        raise ValueError(f"block_c must be None or a power of two >= 1, got {block_c!r}")

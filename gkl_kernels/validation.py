@@ -17,6 +17,7 @@ BACKENDS = ("auto", "triton", "torch")
 NORMALIZERS = ("weights", "batch")
 
 
+@torch.compiler.assume_constant_result
 def triton_interpreter_active():
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     try:
@@ -125,5 +126,19 @@ def check_finite(name, value, minimum=None):
 
 
 def check_choice(name, value, choices):
-    if value not in choices:
+    """A string option: one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_bool(name, value):
+    """A flag: exactly True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_block(block_c):
+    """A forced tile width: None, or a power of two >= 1."""
+    if block_c is not None and (isinstance(block_c, bool) or not isinstance(block_c, int)
+                                or block_c < 1 or block_c & (block_c - 1)):
+        raise ValueError(f"block_c must be None or a power of two >= 1, got {block_c!r}")

@@ -71,7 +71,7 @@ def gkl_loss_reference(student, teacher, *, labels=None, class_prior=None, weigh
         wmse = rank1_wmse_reference(student, teacher, v, stop_student=not symmetric)
         total = (v.sum(1) ** 2).sum()
     if normalize == "weights":
-        mse_term = torch.where(total > 0, wmse.sum() / torch.where(total > 0, total, 1.0), 0.0)
+        mse_term = torch.where(total == 0, 0.0, wmse.sum() / torch.where(total == 0, 1.0, total))
     elif normalize == "batch":
         mse_term = wmse.sum() / batch
     else:

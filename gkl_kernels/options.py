@@ -1,0 +1,34 @@
+"""``GKLOptions``: the scalar options of the loss, checked once when they are made."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from gkl_kernels import validation as check
+
+
+@dataclass(frozen=True)
+class GKLOptions:
+    """Options of ``gkl_loss`` (see there for their meaning); invalid values raise at construction."""
+
+    gamma: float = 1.0
+    temperature: float = 1.0
+    weight_temperature: float = 1.0
+    mse_weight: float = 1.0
+    ce_weight: float = 1.0
+    normalize: str = "weights"
+    symmetric: bool = True
+    backend: str = "auto"
+    check_values: bool = True
+    block_c: Optional[int] = None
+
+    def __post_init__(self):
+        check.check_positive("temperature", self.temperature)
+        check.check_positive("weight_temperature", self.weight_temperature)
+        check.check_finite("gamma", self.gamma, minimum=0.0)
+        check.check_finite("mse_weight", self.mse_weight)
+        check.check_finite("ce_weight", self.ce_weight)
+        check.check_choice("normalize", self.normalize, check.NORMALIZERS)
+        check.check_choice("backend", self.backend, check.BACKENDS)
+        check.check_bool("symmetric", self.symmetric)
+        check.check_bool("check_values", self.check_values)
+        check.check_block(self.block_c)

@@ -1,0 +1,584 @@
+"""Input validation of every public entry point (``gkl_loss``, ``pairwise_wmse``, ``GKLLoss``,
+``compat.dkl_loss``): each bad input is a ``TypeError``/``ValueError`` whose message names the
+argument, raised before any kernel runs. The op that every entry point reaches,
+``gkl_kernels.functional.rank1_rows``, is replaced by a function that fails the test if called.
+"""
+
+import math
+
+import pytest
+import torch
+
+from gkl_kernels import GKLLoss, compat, functional, gkl_loss, pairwise_wmse, validation
+
+B, C = 4, 6  # nominal shape of the (valid) inputs that every case starts from
+KERNEL_BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(
+    not validation.triton_interpreter_active(), reason="needs TRITON_INTERPRET=1")), "torch"]
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """Replace the op with one that fails the test: validation must reject the input first."""
+    def forbidden(*args, **kwargs):
+        pytest.fail("rank1_rows ran although the input is invalid")
+    monkeypatch.setattr(functional, "rank1_rows", forbidden)
+
+
+@pytest.fixture
+def recorded_kernel(monkeypatch):
+    """Replace the op with a stub that records its arguments and returns well-shaped zeros."""
+    calls = []
+
+    def record(student, teacher, factor, labels, source, gamma, temperature, weight_temperature,
+               with_ce, symmetric, use_triton, block_c):
+        calls.append(dict(source=source, use_triton=use_triton, block_c=block_c))
+        rows = student.shape[0]
+        return torch.zeros(rows), torch.zeros(rows), torch.ones(rows, 5)
+    monkeypatch.setattr(functional, "rank1_rows", record)
+    return calls
+
+
+def logits(generator, batch=B, num_classes=C):
+    return (3 * torch.randn(batch, num_classes, generator=generator),
+            3 * torch.randn(batch, num_classes, generator=generator))
+
+
+def valid_prior(generator, num_classes=C):
+    prior = torch.rand(num_classes, num_classes, generator=generator) + 0.1
+    return prior / prior.sum(1, keepdim=True)
+
+
+def valid_labels(generator, batch=B, num_classes=C):
+    return torch.randint(0, num_classes, (batch,), generator=generator)
+
+
+def valid_weights(generator, batch=B, num_classes=C):
+    return torch.rand(batch, num_classes, generator=generator)
+
+
+def names(*args):
+    """A regex that requires every argument name, as a word, in the message (any order)."""
+    return "".join(rf"(?=[\s\S]*\b{a}\b)" for a in args)
+
+
+# --------------------------------------------------------------------------- the entry points
+
+TENSOR_ARGS = ("labels", "class_prior", "weights")
+
+
+def call_gkl_loss(student, teacher, **kw):
+    return gkl_loss(student, teacher, **kw)
+
+
+def call_module(student, teacher, **kw):
+    """Options go to the constructor, tensors to ``forward``."""
+    tensors = {k: kw.pop(k) for k in TENSOR_ARGS if k in kw}
+    return GKLLoss(**kw)(student, teacher, **tensors)
+
+
+def call_pairwise(student, teacher, *, generator, **kw):
+    kw.setdefault("weights", valid_weights(generator))
+    return pairwise_wmse(student, teacher, kw.pop("weights"), **kw)
+
+
+def call_dkl(student, teacher, *, GI=False, generator=None, **kw):
+    """The authors' signature; GI=True gets a valid per-row (B, C) prior unless one is given."""
+    options = dict(temperature=4.0, alpha=1.0, beta=16.0, gamma=0.5)
+    options.update(kw)
+    if GI:
+        options.setdefault("CLASS_PRIOR", valid_prior(generator)[valid_labels(generator)])
+    return compat.dkl_loss(student, teacher, GI=GI, **options)
+
+
+ENTRIES = {
+    "gkl_loss": lambda s, t, g, **kw: call_gkl_loss(s, t, **kw),
+    "GKLLoss": lambda s, t, g, **kw: call_module(s, t, **kw),
+    "pairwise_wmse": lambda s, t, g, **kw: call_pairwise(s, t, generator=g, **kw),
+    "dkl_loss": lambda s, t, g, **kw: call_dkl(s, t, generator=g, **kw),
+    "dkl_loss_GI": lambda s, t, g, **kw: call_dkl(s, t, GI=True, generator=g, **kw),
+}
+
+
+# --------------------------------------------------------------------------- logits (every entry)
+
+
+def _replace(student=None, teacher=None):
+    """A case that transforms the valid (student, teacher) pair."""
+    return lambda s, t: (student(s) if student else s, teacher(t) if teacher else t)
+
+
+LOGIT_CASES = [
+    pytest.param(_replace(student=lambda s: s.tolist()), TypeError, names("student"),
+                 id="student_list"),
+    pytest.param(_replace(teacher=lambda t: t.numpy()), TypeError, names("teacher"),
+                 id="teacher_numpy"),
+    pytest.param(_replace(student=lambda s: None), TypeError, names("student"),
+                 id="student_None"),
+    pytest.param(_replace(student=lambda s: s.long()), TypeError, names("student"),
+                 id="student_int64"),
+    pytest.param(_replace(teacher=lambda t: t.int()), TypeError, names("teacher"),
+                 id="teacher_int32"),
+    pytest.param(_replace(student=lambda s: s.double()), TypeError, names("student"),
+                 id="student_float64"),
+    pytest.param(_replace(teacher=lambda t: t.double()), TypeError, names("teacher"),
+                 id="teacher_float64"),
+    pytest.param(_replace(student=lambda s: s.bool()), TypeError, names("student"),
+                 id="student_bool"),
+    pytest.param(_replace(lambda s: s[0], lambda t: t[0]), ValueError, names("student"),
+                 id="both_1d"),
+    pytest.param(_replace(teacher=lambda t: t[0]), ValueError, names("teacher"),
+                 id="teacher_1d"),
+    pytest.param(_replace(student=lambda s: s[None]), ValueError, names("student"),
+                 id="student_3d"),
+    pytest.param(_replace(lambda s: s.reshape(2, 2, C), lambda t: t.reshape(2, 2, C)), ValueError,
+                 names("student"), id="both_3d"),
+    pytest.param(_replace(teacher=lambda t: t[:, :-1]), ValueError, names("student", "teacher"),
+                 id="classes_differ"),
+    pytest.param(_replace(teacher=lambda t: t[:-1]), ValueError, names("student", "teacher"),
+                 id="rows_differ"),
+    pytest.param(_replace(teacher=lambda t: t.reshape(C, B)), ValueError,
+                 names("student", "teacher"), id="transposed_shape"),
+    pytest.param(_replace(lambda s: s[:0], lambda t: t[:0]), ValueError,
+                 names("student", "teacher"), id="empty_batch"),
+    pytest.param(_replace(lambda s: s[:, :0], lambda t: t[:, :0]), ValueError,
+                 names("student", "teacher"), id="zero_classes"),
+    pytest.param(_replace(teacher=lambda t: torch.empty(B, C, device="meta")), ValueError,
+                 names("student", "teacher"), id="teacher_on_meta_device"),
+    pytest.param(_replace(student=lambda s: torch.empty(B, C, device="meta")), ValueError,
+                 names("student", "teacher"), id="student_on_meta_device"),
+]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("case, error, message", LOGIT_CASES)
+def test_bad_logits(entry, case, error, message, generator, no_kernel):
+    student, teacher = case(*logits(generator))
+    with pytest.raises(error, match=message):
+        ENTRIES[entry](student, teacher, generator)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float16)],
+                         ids=["f16_bf16", "bf16_f32", "f32_f16"])
+def test_accepted_logit_dtypes(entry, dtypes, generator, recorded_kernel):
+    """The three accepted dtypes, mixed: validation passes and the op is reached once."""
+    student, teacher = logits(generator)
+    ENTRIES[entry](student.to(dtypes[0]), teacher.to(dtypes[1]), generator)
+    assert len(recorded_kernel) == 1
+
+
+# --------------------------------------------------------------------------- gkl_loss and GKLLoss
+
+
+def _prior_case(**replace):
+    """Keyword arguments of the class-prior source, with some of them replaced."""
+    def make(generator):
+        kw = dict(labels=valid_labels(generator), class_prior=valid_prior(generator))
+        for key, fn in replace.items():
+            kw[key] = fn(kw[key], generator)
+        return kw
+    return make
+
+
+def _weights_case(fn):
+    return lambda generator: dict(weights=fn(valid_weights(generator), generator))
+
+
+def _options(**kw):
+    return lambda generator: dict(kw)
+
+
+def _set(x, index, value):
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+LABEL_CASES = [
+    pytest.param(_prior_case(labels=lambda y, g: y.float()), TypeError, "labels",
+                 id="labels_float32"),
+    pytest.param(_prior_case(labels=lambda y, g: y.to(torch.int16)), TypeError, "labels",
+                 id="labels_int16"),
+    pytest.param(_prior_case(labels=lambda y, g: y.to(torch.uint8)), TypeError, "labels",
+                 id="labels_uint8"),
+    pytest.param(_prior_case(labels=lambda y, g: y.tolist()), TypeError, "labels",
+                 id="labels_list"),
+    pytest.param(_prior_case(labels=lambda y, g: y[:, None]), ValueError, "labels",
+                 id="labels_B_by_1"),
+    pytest.param(_prior_case(labels=lambda y, g: torch.cat([y, y[:1]])), ValueError, "labels",
+                 id="labels_too_long"),
+    pytest.param(_prior_case(labels=lambda y, g: y[:-1]), ValueError, "labels",
+                 id="labels_too_short"),
+    pytest.param(_prior_case(labels=lambda y, g: torch.empty(B, dtype=torch.int64,
+                                                             device="meta")),
+                 ValueError, "labels", id="labels_on_meta_device"),
+]
+LABEL_VALUE_CASES = [
+    pytest.param(_prior_case(labels=lambda y, g: _set(y, 2, -1)), ValueError, "labels",
+                 id="labels_negative"),
+    pytest.param(_prior_case(labels=lambda y, g: _set(y, 1, C)), ValueError, "labels",
+                 id="labels_equal_C"),
+    pytest.param(_prior_case(labels=lambda y, g: _set(y, 0, 10 * C)), ValueError, "labels",
+                 id="labels_far_above_C"),
+]
+PRIOR_CASES = [
+    pytest.param(_prior_case(class_prior=lambda p, g: torch.rand(C, C + 1, generator=g)),
+                 ValueError, "class_prior", id="prior_C_by_C_plus_1"),
+    pytest.param(_prior_case(class_prior=lambda p, g: torch.rand(B, C, generator=g)),
+                 ValueError, "class_prior", id="prior_per_row_B_by_C"),
+    pytest.param(_prior_case(class_prior=lambda p, g: p[0]), ValueError, "class_prior",
+                 id="prior_1d"),
+    pytest.param(_prior_case(class_prior=lambda p, g: p[None]), ValueError, "class_prior",
+                 id="prior_3d"),
+    pytest.param(_prior_case(class_prior=lambda p, g: p.double()), TypeError, "class_prior",
+                 id="prior_float64"),
+    pytest.param(_prior_case(class_prior=lambda p, g: (p > 0.2).long()), TypeError,
+                 "class_prior", id="prior_int64"),
+    pytest.param(_prior_case(class_prior=lambda p, g: p.tolist()), TypeError, "class_prior",
+                 id="prior_list"),
+    pytest.param(_prior_case(class_prior=lambda p, g: torch.empty(C, C, device="meta")),
+                 ValueError, "class_prior", id="prior_on_meta_device"),
+    pytest.param(lambda g: dict(class_prior=valid_prior(g)), ValueError,
+                 names("class_prior", "labels"), id="prior_without_labels"),
+    pytest.param(lambda g: dict(class_prior=valid_prior(g), labels=valid_labels(g),
+                                weights=valid_weights(g)),
+                 ValueError, names("class_prior", "weights"), id="weights_and_prior"),
+]
+PRIOR_VALUE_CASES = [
+    pytest.param(_prior_case(class_prior=lambda p, g: _set(p, (1, 2), -0.25)), ValueError,
+                 "class_prior", id="prior_negative"),
+    pytest.param(_prior_case(class_prior=lambda p, g: _set(p, (3, 0), math.nan)), ValueError,
+                 "class_prior", id="prior_nan"),
+    pytest.param(_prior_case(class_prior=lambda p, g: _set(p, (0, 5), math.inf)), ValueError,
+                 "class_prior", id="prior_inf"),
+    pytest.param(_prior_case(class_prior=lambda p, g: _set(p, (5, 5), -math.inf)), ValueError,
+                 "class_prior", id="prior_minus_inf"),
+]
+WEIGHT_CASES = [
+    pytest.param(_weights_case(lambda w, g: torch.rand(B, C + 1, generator=g)), ValueError,
+                 "weights", id="weights_B_by_C_plus_1"),
+    pytest.param(_weights_case(lambda w, g: w.T.contiguous().reshape(C, B)), ValueError,
+                 "weights", id="weights_transposed"),
+    pytest.param(_weights_case(lambda w, g: w[0]), ValueError, "weights", id="weights_1d"),
+    pytest.param(_weights_case(lambda w, g: w[:, :, None] * w[:, None, :]), ValueError,
+                 "weights", id="weights_full_B_C_C"),
+    pytest.param(_weights_case(lambda w, g: w.double()), TypeError, "weights",
+                 id="weights_float64"),
+    pytest.param(_weights_case(lambda w, g: (w > 0.5).int()), TypeError, "weights",
+                 id="weights_int32"),
+    pytest.param(_weights_case(lambda w, g: w > 0.5), TypeError, "weights", id="weights_bool"),
+    pytest.param(_weights_case(lambda w, g: w.tolist()), TypeError, "weights",
+                 id="weights_list"),
+    pytest.param(_weights_case(lambda w, g: torch.empty(B, C, device="meta")), ValueError,
+                 "weights", id="weights_on_meta_device"),
+]
+WEIGHT_VALUE_CASES = [
+    pytest.param(_weights_case(lambda w, g: _set(w, (1, 1), -1e-3)), ValueError, "weights",
+                 id="weights_negative"),
+    pytest.param(_weights_case(lambda w, g: _set(w, (2, 4), math.nan)), ValueError, "weights",
+                 id="weights_nan"),
+    pytest.param(_weights_case(lambda w, g: _set(w, (3, 0), math.inf)), ValueError, "weights",
+                 id="weights_inf"),
+]
+CHOICE_CASES = [
+    pytest.param(_options(normalize="mean"), ValueError, "normalize", id="normalize_mean"),
+    pytest.param(_options(normalize="Weights"), ValueError, "normalize", id="normalize_case"),
+    pytest.param(_options(normalize=None), ValueError, "normalize", id="normalize_None"),
+    pytest.param(_options(backend="cuda"), ValueError, "backend", id="backend_cuda"),
+    pytest.param(_options(backend="Torch"), ValueError, "backend", id="backend_case"),
+    pytest.param(_options(backend=None), ValueError, "backend", id="backend_None"),
+]
+
+
+def _scalar_cases(name, bad_values):
+    return [pytest.param(_options(**{name: value}), error, name, id=f"{name}_{label}")
+            for label, value, error in bad_values]
+
+
+NOT_A_NUMBER = [("str", "1.0", TypeError), ("None", None, TypeError), ("bool", True, TypeError),
+                ("tensor", torch.tensor(1.0), TypeError), ("complex", 1j, TypeError)]
+NON_FINITE = [("nan", math.nan, ValueError), ("inf", math.inf, ValueError),
+              ("minus_inf", -math.inf, ValueError)]
+SCALAR_CASES = (
+    _scalar_cases("temperature", [("zero", 0.0, ValueError), ("int_zero", 0, ValueError),
+                                  ("negative", -1.0, ValueError)] + NON_FINITE + NOT_A_NUMBER)
+    + _scalar_cases("weight_temperature", [("zero", 0.0, ValueError),
+                                           ("negative", -4.0, ValueError)]
+                    + NON_FINITE + NOT_A_NUMBER[:3])
+    + _scalar_cases("gamma", [("negative", -0.5, ValueError)] + NON_FINITE + NOT_A_NUMBER[:3])
+    + _scalar_cases("mse_weight", NON_FINITE + NOT_A_NUMBER[:3])
+    + _scalar_cases("ce_weight", NON_FINITE + NOT_A_NUMBER[:3])
+)
+BLOCK_CASES = [
+    pytest.param(_options(block_c=value), ValueError, "block_c", id=f"block_c_{label}")
+    for label, value in [("zero", 0), ("three", 3), ("negative", -16), ("float", 16.0),
+                         ("str", "16"), ("24", 24), ("bool", True)]
+]
+
+FLAG_CASES = [
+    pytest.param(_options(**{name: value}), TypeError, name, id=f"{name}_{label}")
+    for name in ("symmetric", "check_values")
+    for label, value in [("str", "no"), ("int", 1), ("None", None)]
+]
+
+MODULE_ENTRIES = {"gkl_loss": call_gkl_loss, "GKLLoss": call_module}
+OPTION_CASES = (LABEL_CASES + LABEL_VALUE_CASES + PRIOR_CASES + PRIOR_VALUE_CASES + WEIGHT_CASES
+                + WEIGHT_VALUE_CASES + CHOICE_CASES + SCALAR_CASES + FLAG_CASES)
+
+
+@pytest.mark.parametrize("entry", MODULE_ENTRIES)
+@pytest.mark.parametrize("case, error, message", OPTION_CASES)
+def test_bad_options(entry, case, error, message, generator, no_kernel):
+    student, teacher = logits(generator)
+    with pytest.raises(error, match=message):
+        MODULE_ENTRIES[entry](student, teacher, **case(generator))
+
+
+@pytest.mark.parametrize("case, error, message", BLOCK_CASES)
+def test_bad_block_c(case, error, message, generator, no_kernel):
+    student, teacher = logits(generator)
+    with pytest.raises(error, match=message):
+        gkl_loss(student, teacher, **case(generator))
+    with pytest.raises(error, match=message):
+        pairwise_wmse(student, teacher, valid_weights(generator), **case(generator))
+
+
+@pytest.mark.parametrize("block_c", [None, 1, 2, 16, 1024])
+def test_good_block_c(block_c, generator, recorded_kernel):
+    student, teacher = logits(generator)
+    gkl_loss(student, teacher, block_c=block_c)
+    pairwise_wmse(student, teacher, valid_weights(generator), block_c=block_c)
+    assert [call["block_c"] for call in recorded_kernel] == [block_c or 0] * 2
+
+
+# --------------------------------------------------------------------------- pairwise_wmse
+
+PAIRWISE_CASES = [
+    pytest.param(dict(weights=None), TypeError, "weights", id="weights_None"),
+    pytest.param(dict(reduction="avg"), ValueError, "reduction", id="reduction_avg"),
+    pytest.param(dict(reduction=None), ValueError, "reduction", id="reduction_None"),
+    pytest.param(dict(backend="gpu"), ValueError, "backend", id="backend_gpu"),
+]
+
+
+@pytest.mark.parametrize("case, error, message",
+                         PAIRWISE_CASES + WEIGHT_CASES + WEIGHT_VALUE_CASES)
+def test_bad_pairwise_inputs(case, error, message, generator, no_kernel):
+    student, teacher = logits(generator)
+    kw = case(generator) if callable(case) else dict(case)
+    with pytest.raises(error, match=message):
+        call_pairwise(student, teacher, generator=generator, **kw)
+
+
+# --------------------------------------------------------------------------- compat.dkl_loss
+
+
+def _class_prior_case(fn):
+    def make(generator):
+        per_row = valid_prior(generator)[valid_labels(generator)]
+        return dict(CLASS_PRIOR=fn(per_row, generator))
+    return make
+
+
+DKL_CASES = [
+    pytest.param(True, lambda g: dict(CLASS_PRIOR=None), ValueError, "CLASS_PRIOR",
+                 id="GI_without_CLASS_PRIOR"),
+    pytest.param(True, _class_prior_case(lambda p, g: valid_prior(g)), ValueError, "CLASS_PRIOR",
+                 id="CLASS_PRIOR_C_by_C_instead_of_B_by_C"),
+    pytest.param(True, _class_prior_case(lambda p, g: p[0]), ValueError, "CLASS_PRIOR",
+                 id="CLASS_PRIOR_1d"),
+    pytest.param(True, _class_prior_case(lambda p, g: p.double()), TypeError, "CLASS_PRIOR",
+                 id="CLASS_PRIOR_float64"),
+    pytest.param(True, _class_prior_case(lambda p, g: p.tolist()), TypeError, "CLASS_PRIOR",
+                 id="CLASS_PRIOR_list"),
+    pytest.param(True, _class_prior_case(lambda p, g: torch.empty(B, C, device="meta")),
+                 ValueError, "CLASS_PRIOR", id="CLASS_PRIOR_on_meta_device"),
+    pytest.param(True, _class_prior_case(lambda p, g: _set(p, (0, 1), -0.5)), ValueError,
+                 "CLASS_PRIOR", id="CLASS_PRIOR_negative"),
+    pytest.param(True, _class_prior_case(lambda p, g: _set(p, (2, 3), math.nan)), ValueError,
+                 "CLASS_PRIOR", id="CLASS_PRIOR_nan"),
+    pytest.param(True, _class_prior_case(lambda p, g: _set(p, (3, 3), math.inf)), ValueError,
+                 "CLASS_PRIOR", id="CLASS_PRIOR_inf"),
+] + [
+    pytest.param(gi, lambda g, v=value, n=name: {n: v}, error, name,
+                 id=f"{'GI' if gi else 'teacher'}_{name}_{label}")
+    for gi in (True, False)
+    for name, label, value, error in [
+        ("temperature", "zero", 0.0, ValueError), ("temperature", "nan", math.nan, ValueError),
+        ("temperature", "str", "4", TypeError), ("gamma", "negative", -0.05, ValueError),
+        ("gamma", "inf", math.inf, ValueError), ("gamma", "None", None, TypeError),
+        ("alpha", "nan", math.nan, ValueError), ("beta", "inf", math.inf, ValueError),
+        ("beta", "str", "1", TypeError), ("T2", "zero", 0.0, ValueError),
+        ("T2", "negative", -1.0, ValueError), ("GI", "str", "yes", TypeError)]
+    if not (name == "GI" and gi is False)
+]
+
+
+@pytest.mark.parametrize("gi, case, error, message", DKL_CASES)
+def test_bad_dkl_inputs(gi, case, error, message, generator, no_kernel):
+    student, teacher = logits(generator)
+    with pytest.raises(error, match=message):
+        call_dkl(student, teacher, GI=gi, generator=generator, **case(generator))
+
+
+# --------------------------------------------------------------------------- backend resolution
+
+
+@pytest.mark.parametrize("entry", ["gkl_loss", "GKLLoss", "pairwise_wmse"])
+def test_triton_backend_on_cpu_without_interpreter(entry, generator, monkeypatch, no_kernel):
+    monkeypatch.setattr(validation, "triton_interpreter_active", lambda: False)
+    student, teacher = logits(generator)
+    with pytest.raises(ValueError, match=names("backend")):
+        ENTRIES[entry](student, teacher, generator, backend="triton")
+
+
+@pytest.mark.parametrize("backend, interpreter", [  # triton without interpreter: the error above
+    pytest.param(backend, interpreter, id=f"{backend}-{'' if interpreter else 'no_'}interpreter")
+    for backend in ("auto", "torch", "triton") for interpreter in (True, False)
+    if interpreter or backend != "triton"])
+@pytest.mark.parametrize("entry", ["gkl_loss", "GKLLoss", "pairwise_wmse"])
+def test_backend_resolution_on_cpu(entry, backend, interpreter, generator, monkeypatch,
+                                   recorded_kernel):
+    """CPU tensors: "auto" is Triton only under the interpreter, "torch" never, "triton" always."""
+    monkeypatch.setattr(validation, "triton_interpreter_active", lambda: interpreter)
+    student, teacher = logits(generator)
+    ENTRIES[entry](student, teacher, generator, backend=backend)
+    expected = {"auto": interpreter, "torch": False, "triton": True}[backend]
+    assert [call["use_triton"] for call in recorded_kernel] == [expected]
+
+
+# --------------------------------------------------------------------------- check_values=False
+
+SKIPPED_VALUE_CASES = LABEL_VALUE_CASES + PRIOR_VALUE_CASES + WEIGHT_VALUE_CASES
+KEPT_CASES = [
+    pytest.param(_prior_case(labels=lambda y, g: y.float()), TypeError, "labels",
+                 id="labels_float32"),
+    pytest.param(_prior_case(labels=lambda y, g: y[:, None]), ValueError, "labels",
+                 id="labels_B_by_1"),
+    pytest.param(_prior_case(class_prior=lambda p, g: p.double()), TypeError, "class_prior",
+                 id="prior_float64"),
+    pytest.param(_prior_case(class_prior=lambda p, g: p[:, :-1]), ValueError, "class_prior",
+                 id="prior_C_by_C_minus_1"),
+    pytest.param(_weights_case(lambda w, g: w.int()), TypeError, "weights", id="weights_int32"),
+    pytest.param(_weights_case(lambda w, g: w[:-1]), ValueError, "weights", id="weights_short"),
+    pytest.param(_weights_case(lambda w, g: torch.empty(B, C, device="meta")), ValueError,
+                 "weights", id="weights_on_meta_device"),
+    pytest.param(_options(temperature=0.0), ValueError, "temperature", id="temperature_zero"),
+    pytest.param(_options(gamma=math.nan), ValueError, "gamma", id="gamma_nan"),
+    pytest.param(_options(normalize="sum"), ValueError, "normalize", id="normalize_sum"),
+]
+
+
+@pytest.mark.parametrize("entry", MODULE_ENTRIES)
+@pytest.mark.parametrize("case, error, message", SKIPPED_VALUE_CASES)
+def test_check_values_false_skips_value_checks(entry, case, error, message, generator,
+                                               recorded_kernel):
+    """The same inputs that ``test_bad_options`` rejects reach the op with check_values=False."""
+    student, teacher = logits(generator)
+    MODULE_ENTRIES[entry](student, teacher, check_values=False, **case(generator))
+    assert len(recorded_kernel) == 1
+
+
+@pytest.mark.parametrize("case, error, message", WEIGHT_VALUE_CASES)
+def test_check_values_false_skips_value_checks_pairwise(case, error, message, generator,
+                                                        recorded_kernel):
+    student, teacher = logits(generator)
+    call_pairwise(student, teacher, generator=generator, check_values=False, **case(generator))
+    assert len(recorded_kernel) == 1
+
+
+@pytest.mark.parametrize("entry", MODULE_ENTRIES)
+@pytest.mark.parametrize("case, error, message", KEPT_CASES)
+def test_check_values_false_keeps_shape_and_dtype_checks(entry, case, error, message, generator,
+                                                         no_kernel):
+    student, teacher = logits(generator)
+    with pytest.raises(error, match=message):
+        MODULE_ENTRIES[entry](student, teacher, check_values=False, **case(generator))
+
+
+@pytest.mark.parametrize("case, error, message", LOGIT_CASES)
+def test_check_values_false_keeps_logit_checks(case, error, message, generator, no_kernel):
+    student, teacher = case(*logits(generator))
+    with pytest.raises(error, match=message):
+        gkl_loss(student, teacher, check_values=False)
+    with pytest.raises(error, match=message):
+        pairwise_wmse(student, teacher, valid_weights(generator), check_values=False)
+
+
+# --------------------------------------------------------------------------- non-finite logits
+
+
+def _poison(x, value, row):
+    x = x.clone()
+    x[row, 2] = value
+    return x
+
+
+POISON = [pytest.param(math.nan, id="nan"), pytest.param(math.inf, id="inf"),
+          pytest.param(-math.inf, id="minus_inf")]
+
+
+@pytest.mark.parametrize("interpreter", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("value", POISON)
+@pytest.mark.parametrize("entry", ["gkl_loss", "GKLLoss", "dkl_loss", "dkl_loss_GI"])
+def test_non_finite_logits_propagate(entry, value, side, interpreter, generator, monkeypatch):
+    """Not an error: a NaN/inf logit makes the loss non-finite, on both backends (the backend is
+    picked through "auto", so that dkl_loss, which has no backend argument, is covered too)."""
+    if interpreter and not validation.triton_interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(validation, "triton_interpreter_active", lambda: interpreter)
+    student, teacher = logits(generator)
+    if side == "student":
+        student = _poison(student, value, 1)
+    else:
+        teacher = _poison(teacher, value, 1)
+    loss = ENTRIES[entry](student, teacher, generator)
+    assert loss.dim() == 0 and not torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("value", POISON)
+@pytest.mark.parametrize("normalize", ["weights", "batch"])
+def test_non_finite_logits_propagate_without_ce(normalize, value, side, backend, generator):
+    """With ce_weight=0 the wMSE alone (and, for the teacher, the normaliser made from its
+    softmax) must carry the NaN/inf of a logit."""
+    student, teacher = logits(generator)
+    if side == "student":
+        student = _poison(student, value, 2)
+    else:
+        teacher = _poison(teacher, value, 2)
+    loss = gkl_loss(student, teacher, ce_weight=0.0, normalize=normalize, backend=backend)
+    assert not torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("value", POISON)
+def test_non_finite_logits_propagate_per_row(value, side, backend, generator):
+    """pairwise_wmse, reduction="none": exactly the poisoned row is non-finite."""
+    student, teacher = logits(generator)
+    row = 2
+    if side == "student":
+        student = _poison(student, value, row)
+    else:
+        teacher = _poison(teacher, value, row)
+    rows = pairwise_wmse(student, teacher, valid_weights(generator), reduction="none",
+                         backend=backend)
+    finite = torch.isfinite(rows)
+    assert not finite[row]
+    assert finite[torch.arange(B) != row].all()
+
+
+@pytest.mark.parametrize("case, error, message", CHOICE_CASES + SCALAR_CASES + FLAG_CASES
+                         + BLOCK_CASES)
+def test_module_checks_options_at_construction(case, error, message, generator):
+    """A bad option fails when the module is built, not at its first forward call."""
+    with pytest.raises(error, match=message):
+        GKLLoss(**case(generator))
