@@ -49,6 +49,32 @@ def pick_num_warps(block_c):
 
 
 @triton.jit
+def _row_bases(s_ptr, t_ptr, v_ptr, labels_ptr, row, s_stride_b, t_stride_b, v_stride_b,
+               SOURCE: tl.constexpr):
+    """Start pointers of row ``row`` of s, t and of the factor (for the prior, the row of the
+    row's label), and the pivots ``s_0``, ``t_0`` in float32."""
+    s_row = s_ptr + row * s_stride_b
+    t_row = t_ptr + row * t_stride_b
+    if SOURCE == 1:
+        v_row = v_ptr + tl.load(labels_ptr + row).to(tl.int64) * v_stride_b
+    else:
+        v_row = v_ptr + row * v_stride_b
+    return s_row, t_row, v_row, tl.load(s_row).to(tl.float32), tl.load(t_row).to(tl.float32)
+
+
+@triton.jit
+def _relative_tiles(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot,
+                    BLOCK_C: tl.constexpr):
+    """Columns ``c0 .. c0 + BLOCK_C`` (int64) of s and t, their mask, and both tiles in float32
+    relative to the row pivots (0 in masked-off lanes)."""
+    cols64 = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = cols64 < C
+    s = tl.load(s_row + cols64 * s_stride_c, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_row + cols64 * t_stride_c, mask=mask, other=0.0).to(tl.float32)
+    return cols64, mask, tl.where(mask, s - s_pivot, 0.0), tl.where(mask, t - t_pivot, 0.0)
+
+
+@triton.jit
 def _rank1_factor_tile(t_rel, v_row, y_cols, mask, gamma, inv_t2, m2, SOURCE: tl.constexpr):
     """The rank-one factor on one tile: ``exp(gamma (t/T2 - m2))`` for the teacher source (scaled
     by the running maximum ``m2``), ``p ** gamma`` for a prior row, ``v`` for explicit weights."""
@@ -73,14 +99,8 @@ def gkl_rank1_fwd_kernel(
     ``stats_ptr[b, :5]``. Inputs ``s``, ``t`` (B, C) of any float dtype; ``v_ptr`` is the explicit
     (B, C) factor, the (C, C) prior (rows picked by ``labels_ptr``), or unused."""
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride_b
-    t_row = t_ptr + row * t_stride_b
-    if SOURCE == 1:
-        v_row = v_ptr + tl.load(labels_ptr + row).to(tl.int64) * v_stride_b
-    else:
-        v_row = v_ptr + row * v_stride_b
-    s_pivot = tl.load(s_row).to(tl.float32)
-    t_pivot = tl.load(t_row).to(tl.float32)
+    s_row, t_row, v_row, s_pivot, t_pivot = _row_bases(
+        s_ptr, t_ptr, v_ptr, labels_ptr, row, s_stride_b, t_stride_b, v_stride_b, SOURCE)
 
     zero = tl.sum(tl.zeros([BLOCK_C], dtype=tl.float32), axis=0)
     # weighted mean / M2 of d (Chan's merge); u-scale running max for the teacher source
@@ -96,13 +116,8 @@ def gkl_rank1_fwd_kernel(
     z_t = zero
     e_t_dot_s = zero
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = cols < C
-        cols64 = cols.to(tl.int64)
-        s_rel = tl.load(s_row + cols64 * s_stride_c, mask=mask, other=0.0).to(tl.float32) - s_pivot
-        t_rel = tl.load(t_row + cols64 * t_stride_c, mask=mask, other=0.0).to(tl.float32) - t_pivot
-        s_rel = tl.where(mask, s_rel, 0.0)
-        t_rel = tl.where(mask, t_rel, 0.0)
+        cols64, mask, s_rel, t_rel = _relative_tiles(
+            s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot, BLOCK_C)
 
         if SOURCE == 0:
             m_w_new = tl.maximum(m_w, tl.max(tl.where(mask, t_rel * inv_t2, -float("inf")), axis=0))
@@ -174,14 +189,8 @@ def gkl_rank1_bwd_kernel(
     are the (B,) gradients of the row outputs. ``ds``/``dt`` are contiguous (B, C) in the inputs'
     dtypes."""
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride_b
-    t_row = t_ptr + row * t_stride_b
-    if SOURCE == 1:
-        v_row = v_ptr + tl.load(labels_ptr + row).to(tl.int64) * v_stride_b
-    else:
-        v_row = v_ptr + row * v_stride_b
-    s_pivot = tl.load(s_row).to(tl.float32)
-    t_pivot = tl.load(t_row).to(tl.float32)
+    s_row, t_row, v_row, s_pivot, t_pivot = _row_bases(
+        s_ptr, t_ptr, v_ptr, labels_ptr, row, s_stride_b, t_stride_b, v_stride_b, SOURCE)
     stats_row = stats_ptr + row * 5
     w_sum = tl.load(stats_row + 0)
     mean = tl.load(stats_row + 1)
@@ -191,11 +200,8 @@ def gkl_rank1_bwd_kernel(
     coef_d = 4.0 * tl.load(grad_wmse_ptr + row).to(tl.float32) * w_sum
     coef_ce = tl.load(grad_ce_ptr + row).to(tl.float32) * inv_t
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = cols < C
-        cols64 = cols.to(tl.int64)
-        s_rel = tl.load(s_row + cols64 * s_stride_c, mask=mask, other=0.0).to(tl.float32) - s_pivot
-        t_rel = tl.load(t_row + cols64 * t_stride_c, mask=mask, other=0.0).to(tl.float32) - t_pivot
+        cols64, mask, s_rel, t_rel = _relative_tiles(
+            s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot, BLOCK_C)
         v = _rank1_factor_tile(t_rel, v_row, cols64 * v_stride_c, mask, gamma, inv_t2, lse_w, SOURCE)
         g_d = coef_d * v * ((t_rel - s_rel) - mean)
         if NEED_DS:
