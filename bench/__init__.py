@@ -1,0 +1,1 @@
+"""Benchmarks and ahead-of-time compile checks for gkl_kernels."""
