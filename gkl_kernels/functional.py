@@ -56,7 +56,7 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     elif class_prior is not None:
         if labels is None:
             raise ValueError("class_prior needs labels (B,) to pick each row's prior")
-        check.check_prior(class_prior, student, options.check_values)
+        check.check_prior(class_prior, labels, student, options.check_values)
         source, factor = SOURCE_PRIOR, class_prior.detach()
     else:
         source, factor = SOURCE_TEACHER, None

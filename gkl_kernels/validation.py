@@ -77,12 +77,16 @@ def _values_checked(check_values):
 
 
 def check_nonnegative_finite(name, x, check_values):
-    """Pair weights and priors: every entry finite and >= 0."""
-    if _values_checked(check_values):
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} must be finite, found inf or NaN")
-        if bool((x < 0).any()):
-            raise ValueError(f"{name} must be non-negative, found negative entries")
+    """Pair weights and prior rows: every entry finite and >= 0, read in one pass (``aminmax``
+    propagates NaN, so ``min >= 0`` and ``max < inf`` fail for NaN too)."""
+    if not _values_checked(check_values):
+        return
+    low, high = torch.aminmax(x)
+    if bool(low >= 0) and bool(high < float("inf")):
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite, found inf or NaN")
+    raise ValueError(f"{name} must be non-negative, found entries down to {float(low)}")
 
 
 def check_factor(name, weights, student, check_values):
@@ -95,17 +99,21 @@ def check_labels(labels, student, check_values):
     """Class labels: int64/int32 ``(B,)`` on the logits' device, each in ``[0, C)``."""
     _check_tensor("labels", labels, student.shape[:1], INDEX_DTYPES, student.device)
     num_classes = student.shape[1]
-    if _values_checked(check_values) and bool(((labels < 0) | (labels >= num_classes)).any()):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if not _values_checked(check_values):
+        return
+    low, high = (int(x) for x in torch.aminmax(labels))
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{low}, {high}]")
 
 
-def check_prior(class_prior, student, check_values):
-    """A class prior: float ``(C, C)`` on the logits' device, finite, >= 0."""
+def check_prior(class_prior, labels, student, check_values):
+    """A class prior: float ``(C, C)`` on the logits' device; the rows that ``labels`` (checked
+    before) pick are finite and >= 0 (the other rows never reach the loss)."""
     num_classes = student.shape[1]
     _check_tensor("class_prior", class_prior, (num_classes, num_classes), FLOAT_DTYPES,
                   student.device)
-    check_nonnegative_finite("class_prior", class_prior, check_values)
+    if _values_checked(check_values):
+        check_nonnegative_finite("class_prior", class_prior[labels], check_values)
 
 
 def check_positive(name, value):

@@ -249,15 +249,18 @@ PRIOR_CASES = [
                                 weights=valid_weights(g)),
                  ValueError, names("class_prior", "weights"), id="weights_and_prior"),
 ]
+def _poisoned_prior_case(row, col, value):
+    """A prior with one bad entry in a row that the first label picks."""
+    return _prior_case(class_prior=lambda p, g: _set(p, (row, col), value),
+                       labels=lambda y, g: _set(y, 0, row))
+
+
 PRIOR_VALUE_CASES = [
-    pytest.param(_prior_case(class_prior=lambda p, g: _set(p, (1, 2), -0.25)), ValueError,
-                 "class_prior", id="prior_negative"),
-    pytest.param(_prior_case(class_prior=lambda p, g: _set(p, (3, 0), math.nan)), ValueError,
-                 "class_prior", id="prior_nan"),
-    pytest.param(_prior_case(class_prior=lambda p, g: _set(p, (0, 5), math.inf)), ValueError,
-                 "class_prior", id="prior_inf"),
-    pytest.param(_prior_case(class_prior=lambda p, g: _set(p, (5, 5), -math.inf)), ValueError,
-                 "class_prior", id="prior_minus_inf"),
+    pytest.param(_poisoned_prior_case(1, 2, -0.25), ValueError, "class_prior", id="prior_negative"),
+    pytest.param(_poisoned_prior_case(3, 0, math.nan), ValueError, "class_prior", id="prior_nan"),
+    pytest.param(_poisoned_prior_case(0, 5, math.inf), ValueError, "class_prior", id="prior_inf"),
+    pytest.param(_poisoned_prior_case(5, 5, -math.inf), ValueError, "class_prior",
+                 id="prior_minus_inf"),
 ]
 WEIGHT_CASES = [
     pytest.param(_weights_case(lambda w, g: torch.rand(B, C + 1, generator=g)), ValueError,
@@ -582,3 +585,13 @@ def test_module_checks_options_at_construction(case, error, message, generator):
     """A bad option fails when the module is built, not at its first forward call."""
     with pytest.raises(error, match=message):
         GKLLoss(**case(generator))
+
+
+@pytest.mark.parametrize("value", [-0.25, math.nan, math.inf])
+def test_prior_rows_no_label_picks_are_not_checked(value, generator):
+    """Only the prior rows that the labels pick reach the loss, and only they are checked."""
+    student, teacher = logits(generator)
+    labels = torch.tensor([0, 1, 0, 1])
+    prior = _set(valid_prior(generator), (4, 2), value)
+    loss = gkl_loss(student, teacher, labels=labels, class_prior=prior)
+    assert torch.isfinite(loss)

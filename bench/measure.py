@@ -1,0 +1,180 @@
+"""Running one case: the float64 oracle, then for each provider a warm-up pass, one pass under the
+memory meter (its outputs are compared with the oracle), and timed passes.
+
+Quadratic providers (the pairwise reference) are not attempted where they would not fit in memory,
+nor above a ``B * C^2`` cap that keeps the run short; their size and time are then predicted from
+their own largest measured case, scaled by ``B * C^2`` (the reference's memory and work are
+dominated by its ``B x C x C`` tensors).
+"""
+
+import dataclasses
+import statistics
+import time
+from typing import Optional
+
+from bench.cases import make_inputs
+from bench.memory import available_memory_bytes, measure_peak_memory
+from bench.providers import ORACLE, float64_copies, make_step, oracle_loss
+
+MEMORY_FRACTION = 0.8  # attempt a quadratic run only if its predicted peak is under this share
+
+
+@dataclasses.dataclass
+class Settings:
+    """``target_seconds``: time each provider for at least this long (and ``min_repeats`` passes,
+    at most ``max_repeats``). ``max_reference_pairs``: largest ``B * C^2`` a quadratic provider is
+    run at."""
+
+    target_seconds: float
+    max_reference_pairs: int
+    min_repeats: int = 3
+    max_repeats: int = 200
+
+
+@dataclasses.dataclass
+class Result:
+    """One provider on one case. Times are seconds per forward+backward pass (median and minimum
+    over ``repeats`` passes); errors are the largest absolute differences from the float64 oracle
+    (``None``: not comparable or not needed). ``skipped`` holds the reason a run was not attempted,
+    with the predicted peak and time."""
+
+    case: str
+    batch: int
+    classes: int
+    provider: str
+    seconds: Optional[float] = None
+    seconds_min: Optional[float] = None
+    repeats: int = 0
+    peak_bytes: Optional[int] = None
+    loss_error: Optional[float] = None
+    student_grad_error: Optional[float] = None
+    teacher_grad_error: Optional[float] = None
+    skipped: Optional[str] = None
+    predicted_bytes: Optional[int] = None
+    predicted_seconds: Optional[float] = None
+
+
+@dataclasses.dataclass
+class Oracle:
+    """The float64 loss and gradients of a case, how they were computed, and at what cost."""
+
+    loss: object
+    grads: tuple
+    kind: str
+    seconds: float
+    peak_bytes: int
+
+
+class QuadraticScaling:
+    """For each quadratic provider, the peak bytes and seconds measured at its largest ``B * C^2``
+    so far; predictions scale both linearly in ``B * C^2``."""
+
+    def __init__(self):
+        self._largest = {}
+
+    def record(self, name, pairs, peak_bytes, seconds):
+        if pairs >= self._largest.get(name, (0,))[0]:
+            self._largest[name] = (pairs, peak_bytes, seconds)
+
+    def predict(self, name, pairs):
+        """``(bytes, seconds)`` predicted at ``pairs``, or ``None`` before any measurement."""
+        if name not in self._largest:
+            return None
+        measured_pairs, peak_bytes, seconds = self._largest[name]
+        scale = pairs / measured_pairs
+        return round(peak_bytes * scale), seconds * scale
+
+
+def skip_reason(name, case, scaling, settings):
+    """Why a quadratic run of ``name`` on ``case`` is not attempted (``None``: run it), and the
+    predicted ``(bytes, seconds)`` (``None`` before any measurement: then it is run)."""
+    predicted = scaling.predict(name, case.pairs)
+    if predicted is None:
+        return None, None
+    need, seconds = predicted
+    available = available_memory_bytes()
+    if available is not None and need > MEMORY_FRACTION * available:
+        return (f"would not fit: needs ~{format_bytes(need)} (predicted), "
+                f"{format_bytes(available)} available"), predicted
+    if case.pairs > settings.max_reference_pairs:
+        reason = (f"B*C^2 = {case.pairs:.2g} over the cap {settings.max_reference_pairs:.2g}: "
+                  f"~{format_bytes(need)}, ~{format_seconds(seconds)} per pass (predicted)")
+        return reason, predicted
+    return None, predicted
+
+
+def compute_oracle(case, student, teacher, loss_kwargs, scaling, settings):
+    """Float64 loss and gradients: the pairwise reference where it fits under the same rules as
+    a quadratic provider, else the reference's O(C) identity (``pairwise=False``)."""
+    reason, _ = skip_reason(ORACLE, case, scaling, settings)
+    pairwise = reason is None
+    step = make_step(oracle_loss(pairwise), *float64_copies(student, teacher, loss_kwargs))
+    start = time.perf_counter()
+    peak, (loss, grads) = measure_peak_memory(step)
+    seconds = time.perf_counter() - start
+    if pairwise:
+        scaling.record(ORACLE, case.pairs, peak, seconds)
+    kind = "float64 pairwise reference" if pairwise else "float64 O(C) identity of the reference"
+    return Oracle(loss, grads, kind, seconds, peak)
+
+
+def time_passes(step, settings):
+    """Median and minimum seconds of ``step()`` over at least ``min_repeats`` passes and
+    ``target_seconds`` of timing (at most ``max_repeats`` passes), and the number of passes."""
+    times = []
+    while len(times) < settings.max_repeats and (
+            len(times) < settings.min_repeats or sum(times) < settings.target_seconds):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times), len(times)
+
+
+def run_provider(provider, case, student, teacher, loss_kwargs, oracle, scaling, settings):
+    """Warm-up (compiles, for a compiled provider), a metered pass, then timed passes."""
+    result = Result(case.name, case.batch, case.classes, provider.name)
+    if provider.quadratic:
+        result.skipped, predicted = skip_reason(provider.name, case, scaling, settings)
+        if result.skipped:
+            result.predicted_bytes, result.predicted_seconds = predicted
+            return result
+    step = make_step(provider.build(), student, teacher, loss_kwargs)
+    step()
+    result.peak_bytes, (loss, grads) = measure_peak_memory(step)
+    if provider.exact:
+        result.loss_error = abs(float(loss.double() - oracle.loss))
+        errors = [float((g.double() - g64).abs().max()) for g, g64 in zip(grads, oracle.grads)]
+        result.student_grad_error = errors[0]
+        result.teacher_grad_error = errors[1] if len(errors) > 1 else None
+    del loss, grads
+    result.seconds, result.seconds_min, result.repeats = time_passes(step, settings)
+    if provider.quadratic:
+        scaling.record(provider.name, case.pairs, result.peak_bytes, result.seconds)
+    return result
+
+
+def run_case(case, providers, scaling, settings):
+    """All providers on one case: ``(results, oracle)``."""
+    student, teacher, loss_kwargs = make_inputs(case)
+    oracle = compute_oracle(case, student, teacher, loss_kwargs, scaling, settings)
+    results = [run_provider(p, case, student, teacher, loss_kwargs, oracle, scaling, settings)
+               for p in providers]
+    return results, oracle
+
+
+def format_seconds(seconds):
+    """``12.3 us``, ``4.56 ms`` or ``7.89 s``."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def format_bytes(nbytes):
+    """``512 B``, ``1.5 KiB``, ``2.25 MiB``, ``3.1 GiB`` (powers of 1024)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            value = nbytes / size
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{nbytes} B"

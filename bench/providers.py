@@ -1,0 +1,105 @@
+"""What is timed: one forward and backward pass of a loss, ``torch.autograd.grad`` of the loss with
+respect to the logits that need gradients (the student, and the teacher in adversarial cases).
+
+Providers: the literal ``B x C x C`` reference eager and under ``torch.compile`` (both "quadratic":
+memory and time grow with ``B * C^2``), the package's plain-PyTorch O(C) path, and ``F.kl_div`` at
+the same shape as the cost of plain knowledge distillation (a different loss: no error column).
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from gkl_kernels import gkl_loss
+from reference import gkl_loss_reference
+
+REFERENCE = "reference"
+REFERENCE_COMPILED = "reference+compile"
+PACKAGE = "gkl_loss[torch]"
+KL_DIV = "F.kl_div"
+ORACLE = "reference float64"
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """``build()`` returns a fresh loss function ``fn(student, teacher, **loss_kwargs)``; it is
+    called once per case (so a compiled provider compiles for that case's shapes only).
+    ``quadratic``: needs ``B x C x C`` tensors (skipped where they would not fit).
+    ``exact``: computes the GKL loss (compared with the float64 reference)."""
+
+    name: str
+    build: object
+    quadratic: bool
+    exact: bool = True
+
+
+def _reference():
+    return gkl_loss_reference
+
+
+def _reference_compiled():
+    """``torch.compile`` (default inductor backend) of the reference, after clearing Dynamo's
+    caches, so that each case compiles for its own static shapes and no case can run into the
+    recompile limit (where Dynamo would quietly fall back to eager)."""
+    torch._dynamo.reset()
+    return torch.compile(gkl_loss_reference)
+
+
+def _package():
+    def package_loss(student, teacher, **kwargs):
+        return gkl_loss(student, teacher, backend="torch", **kwargs)
+    return package_loss
+
+
+def _kl_div():
+    def kl_div_loss(student, teacher, *, temperature=1.0, **_):
+        log_q = F.log_softmax(student / temperature, dim=1)
+        log_p = F.log_softmax(teacher / temperature, dim=1)
+        return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return kl_div_loss
+
+
+PROVIDERS = (
+    Provider(REFERENCE, _reference, quadratic=True),
+    Provider(REFERENCE_COMPILED, _reference_compiled, quadratic=True),
+    Provider(PACKAGE, _package, quadratic=False),
+    Provider(KL_DIV, _kl_div, quadratic=False, exact=False),
+)
+
+
+def select_providers(names):
+    """The providers named in ``names`` (all when ``names`` is empty), in the table's order."""
+    known = {p.name for p in PROVIDERS}
+    unknown = set(names) - known
+    if unknown:
+        raise ValueError(f"unknown providers {sorted(unknown)}; known: {sorted(known)}")
+    return [p for p in PROVIDERS if not names or p.name in names]
+
+
+def make_step(loss_fn, student, teacher, loss_kwargs):
+    """A callable running one forward and backward pass; it returns ``(loss, grads)`` with
+    ``grads`` the gradients of the logits that require them (student first)."""
+    inputs = [x for x in (student, teacher) if x.requires_grad]
+
+    def step():
+        loss = loss_fn(student, teacher, **loss_kwargs)
+        return loss.detach(), torch.autograd.grad(loss, inputs)
+    return step
+
+
+def float64_copies(student, teacher, loss_kwargs):
+    """Float64 leaf copies of the logits (same ``requires_grad``) and of the float options."""
+    s64 = student.detach().double().requires_grad_(student.requires_grad)
+    t64 = teacher.detach().double().requires_grad_(teacher.requires_grad)
+    kwargs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in loss_kwargs.items()}
+    return s64, t64, kwargs
+
+
+def oracle_loss(pairwise):
+    """The float64 oracle: the literal pairwise reference, or (``pairwise=False``, where
+    ``B x C x C`` cannot be built) the reference's O(C) identity for the wMSE."""
+    def oracle(student, teacher, **kwargs):
+        return gkl_loss_reference(student, teacher, pairwise=pairwise, **kwargs)
+    return oracle

@@ -1,0 +1,224 @@
+"""Output of ``python -m bench``: the per-case line, the table, the headline ratios, the machine
+description, the JSON file and the plot."""
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import triton
+
+from bench.cases import HEADLINE_SHAPE, PLOT_SERIES
+from bench.measure import format_bytes, format_seconds
+from bench.providers import PACKAGE, PROVIDERS, REFERENCE, REFERENCE_COMPILED
+
+# (label, numerator provider, measured field, target): each ratio divides by the package's value
+HEADLINE_RATIOS = (
+    ("reference eager time / package time", REFERENCE, "seconds", 1000),
+    ("torch.compile(reference) time / package time", REFERENCE_COMPILED, "seconds", 100),
+    ("reference peak memory / package peak memory", REFERENCE, "peak_bytes", 100),
+)
+COLUMNS = ("case", "shape", "provider", "fwd+bwd", "peak mem", "|d loss|", "|d grad s|",
+           "|d grad t|", "note")
+
+
+def machine_info():
+    """CPU model, core and thread counts, memory, load and the versions that matter."""
+    cpu_model = platform.processor() or "unknown"
+    memory_total = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                             if line.startswith("model name"))
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            memory_total = int(meminfo.readline().split()[1]) * 1024
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_total_bytes": memory_total,
+        "load_average_1_5_15": load_average(),
+        "cpu_busy_before_start": cpu_busy_fraction(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def load_average():
+    """The 1, 5 and 15 minute load averages (``[0, 0, 0]`` where the system has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else [0.0, 0.0, 0.0]
+
+
+def cpu_busy_fraction(seconds=0.5):
+    """The share of all CPUs' time spent busy (not idle, not waiting for I/O) over the next
+    ``seconds``, from ``/proc/stat``; ``None`` where that file is absent (not Linux)."""
+    def idle_and_total():
+        with open("/proc/stat", encoding="ascii") as stat:
+            ticks = [int(field) for field in stat.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)
+    try:
+        idle_before, total_before = idle_and_total()
+        time.sleep(seconds)
+        idle_after, total_after = idle_and_total()
+    except OSError:
+        return None
+    elapsed = total_after - total_before
+    return 1.0 - (idle_after - idle_before) / elapsed if elapsed else 0.0
+
+
+def busy_warning(busy):
+    """A warning line when other processes kept the CPUs more than a quarter busy just before the
+    run: torch's threads then wait for each other at every parallel region and times swing by up
+    to two orders of magnitude."""
+    if busy is not None and busy > 0.25:
+        return (f"WARNING: the CPUs were {busy:.0%} busy before the start: other processes compete "
+                f"and the times below are not reliable (run again on an idle machine, or with "
+                f"--threads 1)")
+    return None
+
+
+def describe_machine(info):
+    """One line of ``machine_info``."""
+    load = info["load_average_1_5_15"]
+    return (f"{info['cpu_model']}, {info['logical_cpus']} logical CPUs, torch threads "
+            f"{info['torch_threads']}, memory {format_bytes(info['memory_total_bytes'] or 0)}, "
+            f"load {load[0]:.2f} (1 min) at start, CPUs {info['cpu_busy_before_start'] or 0:.0%} "
+            f"busy just before; torch {info['torch']}, triton "
+            f"{info['triton']}, python {info['python']}")
+
+
+def case_line(index, total, case, results, oracle, elapsed):
+    """One line per finished case: each provider's median time (or "skipped") and the oracle."""
+    parts = []
+    for r in results:
+        parts.append(f"{r.provider} {'skipped' if r.skipped else format_seconds(r.seconds)}")
+    return (f"[{index}/{total}] {case.name} ({case.shape}): " + ", ".join(parts)
+            + f"; {oracle.kind} {format_seconds(oracle.seconds)}"
+            + f" [{format_seconds(elapsed)} elapsed]")
+
+
+def _error(value):
+    return "-" if value is None else f"{value:.1e}"
+
+
+def table_rows(cases, results):
+    """Rows of strings, one per result, in case order then provider order."""
+    shapes = {case.name: case.shape for case in cases}
+    rows = []
+    for r in results:
+        if r.skipped:
+            timing, peak, note = "skipped", "-", r.skipped
+        else:
+            timing, peak = format_seconds(r.seconds), format_bytes(r.peak_bytes)
+            note = f"median of {r.repeats}, min {format_seconds(r.seconds_min)}"
+        rows.append((r.case, shapes[r.case], r.provider, timing, peak, _error(r.loss_error),
+                     _error(r.student_grad_error), _error(r.teacher_grad_error), note))
+    return rows
+
+
+def format_table(cases, results, oracles):
+    """The results as an aligned text table, and which oracle the errors of each case are from."""
+    rows = [COLUMNS] + table_rows(cases, results)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        if n == 0:
+            lines.append("-" * len(lines[0]))
+    for kind in sorted({oracle.kind for oracle in oracles.values()}):
+        names = ", ".join(case.name for case in cases if oracles[case.name].kind == kind)
+        lines.append(f"errors against the {kind}: {names}")
+    return "\n".join(lines)
+
+
+def headline_ratios(case, results):
+    """``[(label, ratio or None, target)]`` for ``case``: reference / package, from one run."""
+    by_provider = {r.provider: r for r in results if r.case == case.name and not r.skipped}
+    package = by_provider.get(PACKAGE)
+    ratios = []
+    for label, provider, field, target in HEADLINE_RATIOS:
+        other = by_provider.get(provider)
+        ratio = None
+        if package and other and getattr(package, field):
+            ratio = getattr(other, field) / getattr(package, field)
+        ratios.append((label, ratio, target))
+    return ratios
+
+
+def format_ratios(case, ratios):
+    """The ratios, with their targets where they apply (at B=256, C=1000)."""
+    lines = [f"Ratios at {case.name} ({case.shape}), float32, forward+backward, measured in this "
+             f"run (package = {PACKAGE}):"]
+    judged = (case.batch, case.classes) == HEADLINE_SHAPE
+    width = max(len(label) for label, _, _ in ratios)
+    for label, ratio, target in ratios:
+        if ratio is None:
+            lines.append(f"  {label.ljust(width)}  n/a (a provider was skipped or not selected)")
+        elif judged:
+            verdict = "met" if ratio >= target else "MISSED"
+            lines.append(f"  {label.ljust(width)}  {ratio:10.1f}x  (target >= {target}x: "
+                         f"{verdict})")
+        else:
+            lines.append(f"  {label.ljust(width)}  {ratio:10.1f}x")
+    if not judged:
+        batch, classes = HEADLINE_SHAPE
+        lines.append(f"  (targets apply at B={batch}, C={classes}: run without --quick)")
+    return "\n".join(lines)
+
+
+def write_json(path, info, settings, cases, results, oracles, ratios, headline, wall_seconds):
+    """Everything measured, with the machine description, as JSON."""
+    payload = {
+        "machine": info,
+        "settings": dataclasses.asdict(settings),
+        "wall_seconds": wall_seconds,
+        "cases": [dataclasses.asdict(case) for case in cases],
+        "oracles": {name: {"kind": o.kind, "seconds": o.seconds, "peak_bytes": o.peak_bytes}
+                    for name, o in oracles.items()},
+        "results": [dataclasses.asdict(r) for r in results],
+        "headline": {"case": headline.name,
+                     "ratios": [{"ratio": label, "value": value, "target": target}
+                                for label, value, target in ratios]},
+    }
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(payload, out, indent=2)
+
+
+def write_plot(path, cases, results):
+    """PNG: median time and peak memory against C for the plot series, log scales, one line per
+    provider (skipped points are absent)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    classes = {case.name: case.classes for case in cases if case.series == PLOT_SERIES}
+    batch = next(case.batch for case in cases if case.series == PLOT_SERIES)
+    figure, (time_axis, memory_axis) = pyplot.subplots(1, 2, figsize=(11, 4.2))
+    for provider in PROVIDERS:
+        points = sorted((classes[r.case], r.seconds, r.peak_bytes) for r in results
+                        if r.provider == provider.name and r.case in classes and not r.skipped)
+        if not points:
+            continue
+        c, seconds, peak = zip(*points)
+        time_axis.plot(c, seconds, marker="o", label=provider.name)
+        memory_axis.plot(c, [p / 2**20 for p in peak], marker="o", label=provider.name)
+    for axis, ylabel in ((time_axis, "forward+backward time, median (s)"),
+                         (memory_axis, "peak memory (MiB)")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("classes C")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"GKL loss on CPU, B={batch}, series {PLOT_SERIES!r} "
+                    f"(missing points: not run, see the table)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
