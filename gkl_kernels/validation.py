@@ -113,7 +113,7 @@ def check_prior(class_prior, labels, student, check_values):
     _check_tensor("class_prior", class_prior, (num_classes, num_classes), FLOAT_DTYPES,
                   student.device)
     if _values_checked(check_values):
-        check_nonnegative_finite("class_prior", class_prior[labels], check_values)
+        check_nonnegative_finite("class_prior", class_prior.index_select(0, labels), check_values)
 
 
 def check_positive(name, value):

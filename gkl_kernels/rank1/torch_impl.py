@@ -23,9 +23,13 @@ def _scaled(x, temperature):
 
 def _explicit_factor(factor, labels, source, gamma):
     """``v`` (B, C) float32 for the prior (``prior[labels] ** gamma``) and explicit sources."""
-    if source == SOURCE_PRIOR:
-        return factor[labels].float().pow_(gamma)
-    return factor.float()
+    if source != SOURCE_PRIOR:
+        return factor.float()
+    rows = factor.index_select(0, labels).float()
+    if gamma == 0.0:  # 0 ** 0 = 1, as torch.pow
+        return rows.fill_(1.0)
+    # exp(gamma log p), 0 for p = 0: about 4 times faster than a fractional pow on CPU
+    return rows if gamma == 1.0 else rows.log_().mul_(gamma).exp_()
 
 
 def rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, temperature,
