@@ -3,7 +3,7 @@
 import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TRITON_INTERPRET"] = "1"  # every Triton test runs in the interpreter
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

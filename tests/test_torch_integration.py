@@ -13,10 +13,8 @@ from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEAC
 from gkl_kernels.rank1.op import rank1_rows
 from reference import gkl_loss_reference
 
-INTERPRETER = validation.triton_interpreter_active()
-needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="needs TRITON_INTERPRET=1")
 LAUNCHERS = [pytest.param(False, id="torch_path"),
-             pytest.param(True, id="triton_interpreter", marks=needs_interpreter)]
+             pytest.param(True, id="triton_interpreter")]
 
 
 def assert_rel(actual, expected, rtol, name):
@@ -55,7 +53,7 @@ OP_VARIANTS = [  # (with_ce, symmetric, (student, teacher) dtypes, need_ds, need
 # the interpreter launch is slow: one variant per source
 LAUNCH_VARIANTS = [pytest.param(False, variant, id=f"torch_path-{variant.id}")
                    for variant in OP_VARIANTS] + [
-    pytest.param(True, OP_VARIANTS[0], id="triton_interpreter-gkl", marks=needs_interpreter)]
+    pytest.param(True, OP_VARIANTS[0], id="triton_interpreter-gkl")]
 
 
 def assert_opcheck(op, args):
@@ -126,9 +124,7 @@ def run_steps(step, model, batches):
 
 
 def compile_case(source, backend, compiler):
-    marks = [needs_interpreter] if backend == "triton" else []
-    return pytest.param(source, backend, compiler, id=f"{compiler}-{backend}-{source}",
-                        marks=marks)
+    return pytest.param(source, backend, compiler, id=f"{compiler}-{backend}-{source}")
 
 
 @pytest.mark.parametrize("source, backend, compiler", [  # each backend meets each weight source
@@ -167,7 +163,7 @@ def test_compiled_training_step_matches_eager(source, backend, compiler, generat
 
 
 @pytest.mark.parametrize("backend", [pytest.param("torch"),
-                                     pytest.param("triton", marks=needs_interpreter)])
+                                     pytest.param("triton")])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["gkl", "dkl"])
 def test_compiled_loss_both_sides_need_grad(symmetric, backend, generator):
     """The adversarial-training case: only the loss is compiled (``fullgraph=True``, aot_eager),
@@ -217,7 +213,7 @@ def loss_and_grads(fn, student, teacher, **kw):
     return (loss.detach(), *torch.autograd.grad(loss, (s, t)))
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("triton"), "torch"])
 @pytest.mark.parametrize("source", ["teacher", "prior", "explicit"])
 def test_module_equals_functional(source, backend, generator):
     student = 3 * torch.randn(6, 10, generator=generator)
@@ -270,7 +266,7 @@ AUTHORS_SETTINGS = {
 }
 
 
-@pytest.fixture(params=[pytest.param(True, id="triton", marks=needs_interpreter),
+@pytest.fixture(params=[pytest.param(True, id="triton"),
                         pytest.param(False, id="torch")])
 def dkl_backend(request, monkeypatch):
     """``dkl_loss`` has no backend argument: pick it through "auto" and the interpreter check."""
