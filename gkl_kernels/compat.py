@@ -18,11 +18,10 @@ def dkl_loss(logits_student, logits_teacher, temperature, alpha, beta, gamma, CL
     per-row ``(B, C)`` prior, ``onehot(labels) @ P``), else ``v = softmax(teacher / T2) ** gamma``.
     ``temperature`` is the cross-entropy's. Both logits receive the wMSE gradient (GKL).
     """
-    check.check_positive("temperature", temperature)
     check.check_positive("T2", T2)
     check.check_finite("alpha", alpha)
     check.check_finite("beta", beta)
-    check.check_finite("gamma", gamma, minimum=0.0)
+    check.check_finite("gamma", gamma, minimum=0.0)  # before CLASS_PRIOR ** gamma
     check.check_bool("GI", GI)
     if GI:
         if CLASS_PRIOR is None:

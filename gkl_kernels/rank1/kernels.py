@@ -44,8 +44,8 @@ def pick_block_c(num_classes, block_c=None):
 
 
 def pick_num_warps(block_c):
-    """Warps per program: 8 float32 elements per thread and tile up to 2048 columns, 16 at 4096
-    (16 warps at 4096 spill 16 bytes on sm_90a with triton 3.2)."""
+    """Warps per program, at most 8: 8 elements per thread and tile up to 2048 columns, 16 at
+    4096 (16 warps there spill 16 bytes on sm_90a with triton 3.2)."""
     return max(1, min(8, block_c // 256))
 
 

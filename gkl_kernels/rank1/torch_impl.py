@@ -21,8 +21,13 @@ def _scaled(x, temperature):
     return x if temperature == 1.0 else x * (1.0 / temperature)
 
 
-def _explicit_factor(factor, labels, source, gamma):
-    """``v`` (B, C) float32 for the prior (``prior[labels] ** gamma``) and explicit sources."""
+def _teacher_factor(t_rel, weight_temperature, lse_w, gamma):
+    """``v = softmax(t / T2) ** gamma = exp(gamma (t / T2 - lse(t / T2)))``, (B, C) float32."""
+    return _scaled(t_rel, weight_temperature).sub(lse_w[:, None]).mul_(gamma).exp_()
+
+
+def _tensor_factor(factor, labels, source, gamma):
+    """``v`` (B, C) float32 from a given tensor: ``prior[labels] ** gamma`` or the explicit factor."""
     if source != SOURCE_PRIOR:
         return factor.float()
     rows = factor.index_select(0, labels).float()
@@ -48,12 +53,11 @@ def rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, te
         ce = lse_s - torch.linalg.vecdot(p, s_scaled)
     if source == SOURCE_TEACHER:
         same_softmax = with_ce and weight_temperature == temperature
-        w_scaled = _scaled(t_rel, weight_temperature)
-        lse_w = lse_t if same_softmax else torch.logsumexp(w_scaled, dim=1)
+        lse_w = lse_t if same_softmax else torch.logsumexp(_scaled(t_rel, weight_temperature), 1)
         v = p if same_softmax and gamma == 1.0 \
-            else w_scaled.sub(lse_w[:, None]).mul_(gamma).exp_()
+            else _teacher_factor(t_rel, weight_temperature, lse_w, gamma)
     else:
-        v = _explicit_factor(factor, labels, source, gamma)
+        v = _tensor_factor(factor, labels, source, gamma)
     d = t_rel.sub_(s_rel)
     w_sum = v.sum(dim=1)
     weighted = torch.mul(v, d, out=s_rel)
@@ -71,11 +75,12 @@ def rank1_rows_backward_torch(grad_wmse, grad_ce, student, teacher, factor, labe
     s_rel, t_rel = _relative_logits(student, teacher)
     w_sum, mean, lse_s, lse_t, lse_w = stats.unbind(dim=1)
     if source == SOURCE_TEACHER:
-        v = _scaled(t_rel, weight_temperature).sub(lse_w[:, None]).mul_(gamma).exp_()
+        v = _teacher_factor(t_rel, weight_temperature, lse_w, gamma)
     else:
-        v = _explicit_factor(factor, labels, source, gamma)
+        v = _tensor_factor(factor, labels, source, gamma)
     # g_d = 4 g_wmse W v (d - mu)
-    g_d = (t_rel - s_rel).sub_(mean[:, None]).mul_(v).mul_((4.0 * grad_wmse.float() * w_sum)[:, None])
+    coef_d = (4.0 * grad_wmse.float() * w_sum)[:, None]
+    g_d = (t_rel - s_rel).sub_(mean[:, None]).mul_(v).mul_(coef_d)
     ds = dt = student.new_empty(0)
     if need_ds:
         if with_ce:
