@@ -67,11 +67,15 @@ def loss_and_grads(fn, student, teacher, **options):
     return loss.detach(), grad_s, grad_t
 
 
+def relative_error(actual, expected):
+    """``max |actual - expected| / max |expected|`` (scale-relative), in float64, detached."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
 def assert_close_rel(actual, expected, rtol, name):
-    """``|actual - expected| <= rtol * max(|expected|)`` elementwise (scale-relative), float64."""
-    actual = actual.double()
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = (actual - expected).abs().max() / scale
+    """``relative_error(actual, expected) <= rtol``."""
+    err = relative_error(actual, expected)
     assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.1e}"
 
 

@@ -7,7 +7,8 @@ import torch
 import gkl_kernels
 from gkl_kernels.rank1 import kernels
 from reference import gkl_loss_reference
-from tests.conftest import BACKENDS, assert_close_rel, loss_and_grads, make_inputs, oracle
+from tests.conftest import (BACKENDS, assert_close_rel, loss_and_grads, make_inputs, oracle,
+                            relative_error)
 
 # Loss: float32 accumulation of exactly-represented inputs. Gradients: one rounding to the
 # gradient's dtype (at most 2**-8 of the value for bfloat16, 2**-11 for float16) plus float32
@@ -23,10 +24,6 @@ LOSS_MARGIN = 1e-6  # the loss may be no worse than PyTorch's own, in the input 
 
 DTYPE_PAIRS = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                (torch.bfloat16, torch.float32), (torch.float32, torch.float16)]
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

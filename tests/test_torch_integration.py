@@ -12,17 +12,7 @@ from gkl_kernels import GKLLoss, compat, gkl_loss, validation
 from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.rank1.op import rank1_rows
 from reference import gkl_loss_reference
-
-LAUNCHERS = [pytest.param(False, id="torch_path"),
-             pytest.param(True, id="triton_interpreter")]
-
-
-def assert_rel(actual, expected, rtol, name):
-    """``max |actual - expected| <= rtol * max |expected|`` (scale-relative), in float64."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = ((actual - expected).abs().max() / scale).item()
-    assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.1e}"
+from tests.conftest import assert_close_rel, loss_and_grads
 
 
 # --------------------------------------------------------------------------- (a) opcheck
@@ -207,12 +197,6 @@ def weight_source(source, generator, batch, num_classes):
     return {}
 
 
-def loss_and_grads(fn, student, teacher, **kw):
-    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
-    loss = fn(s, t, **kw)
-    return (loss.detach(), *torch.autograd.grad(loss, (s, t)))
-
-
 @pytest.mark.parametrize("backend", [pytest.param("triton"), "torch"])
 @pytest.mark.parametrize("source", ["teacher", "prior", "explicit"])
 def test_module_equals_functional(source, backend, generator):
@@ -302,7 +286,7 @@ def test_dkl_loss_matches_reference(setting, gi, generator, dkl_backend):
     expected = (ref.detach(), *torch.autograd.grad(ref, (s64, t64)))
     assert loss.dtype == torch.float32 and loss.dim() == 0
     for name, g, e in zip(("loss", "grad_student", "grad_teacher"), got, expected):
-        assert_rel(g, e, 2e-5, name)
+        assert_close_rel(g, e, 2e-5, name)
 
 
 @pytest.mark.parametrize("gi", [True, False], ids=["GI", "teacher_weights"])
@@ -317,11 +301,11 @@ def test_dkl_loss_alpha_is_ce_beta_is_wmse(gi, generator, dkl_backend):
     ref = dict(gamma=gamma, temperature=temperature, weight_temperature=t2, normalize="weights")
 
     only_ce = compat.dkl_loss(student, teacher, temperature, 3.0, 0.0, gamma, class_prior, gi, t2)
-    assert_rel(only_ce, gkl_loss_reference(s64, t64, **source, **ref, mse_weight=0.0,
+    assert_close_rel(only_ce, gkl_loss_reference(s64, t64, **source, **ref, mse_weight=0.0,
                                            ce_weight=3.0), 2e-5, "alpha * CE")
     only_mse = compat.dkl_loss(student, teacher, temperature, 0.0, 3.0, gamma, class_prior, gi,
                                t2)
-    assert_rel(only_mse, gkl_loss_reference(s64, t64, **source, **ref, mse_weight=3.0,
+    assert_close_rel(only_mse, gkl_loss_reference(s64, t64, **source, **ref, mse_weight=3.0,
                                             ce_weight=0.0), 2e-5, "beta * wMSE")
     assert abs(only_ce.item() - only_mse.item()) > 1e-3 * abs(only_ce.item())
 
