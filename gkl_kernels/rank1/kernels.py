@@ -30,6 +30,7 @@ import triton.language as tl
 SOURCE_TEACHER = 0  # v = softmax(t / T2) ** gamma
 SOURCE_PRIOR = 1  # v = prior[label] ** gamma
 SOURCE_EXPLICIT = 2  # v given, (B, C)
+SOURCE_NONE = 3  # no rank-one wMSE: the cross-entropy and its statistics only (wmse_b = 0)
 
 NUM_STATS = 5  # W, mu, lse(s/T), lse(t/T), lse(t/T2); all relative to the row pivots
 MAX_BLOCK_C = 4096
@@ -64,7 +65,7 @@ def _row_bases(s_ptr, t_ptr, v_ptr, labels_ptr, row, s_stride_b, t_stride_b, v_s
 
 
 @triton.jit
-def _relative_tiles(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot,
+def relative_row_tiles(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot,
                     BLOCK_C: tl.constexpr):
     """Columns ``c0 .. c0 + BLOCK_C`` (int64) of s and t, their mask, and both tiles in float32
     relative to the row pivots (0 in masked-off lanes)."""
@@ -117,10 +118,10 @@ def gkl_rank1_fwd_kernel(
     z_t = zero
     e_t_dot_s = zero
     for c0 in range(0, C, BLOCK_C):
-        cols64, mask, s_rel, t_rel = _relative_tiles(
+        cols64, mask, s_rel, t_rel = relative_row_tiles(
             s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot, BLOCK_C)
 
-        if SOURCE == 0:
+        if SOURCE == 0:  # (the teacher source)
             m_w_new = tl.maximum(m_w, tl.max(tl.where(mask, t_rel * inv_t2, -float("inf")), axis=0))
             rescale_z = tl.exp(m_w - m_w_new)
             z_w = z_w * rescale_z + tl.sum(tl.where(mask, tl.exp(t_rel * inv_t2 - m_w_new), 0.0), axis=0)
@@ -130,18 +131,19 @@ def gkl_rank1_fwd_kernel(
             w_sum = w_sum * rescale_w
             m2_sum = m2_sum * rescale_w
             m_w = m_w_new
-        v = _rank1_factor_tile(t_rel, v_row, cols64 * v_stride_c, mask, gamma, inv_t2, m_w, SOURCE)
-        d = t_rel - s_rel
-        w_tile = tl.sum(v, axis=0)
-        mean_tile = tl.sum(v * d, axis=0) / tl.where(w_tile > 0.0, w_tile, 1.0)
-        dev = tl.where(mask, d - mean_tile, 0.0)
-        m2_tile = tl.sum(v * dev * dev, axis=0)
-        w_new = w_sum + w_tile
-        frac = tl.where(w_new > 0.0, w_tile / tl.where(w_new > 0.0, w_new, 1.0), 0.0)
-        delta = mean_tile - mean
-        mean = mean + delta * frac
-        m2_sum = m2_sum + m2_tile + delta * delta * w_sum * frac
-        w_sum = w_new
+        if SOURCE != 3:
+            v = _rank1_factor_tile(t_rel, v_row, cols64 * v_stride_c, mask, gamma, inv_t2, m_w, SOURCE)
+            d = t_rel - s_rel
+            w_tile = tl.sum(v, axis=0)
+            mean_tile = tl.sum(v * d, axis=0) / tl.where(w_tile > 0.0, w_tile, 1.0)
+            dev = tl.where(mask, d - mean_tile, 0.0)
+            m2_tile = tl.sum(v * dev * dev, axis=0)
+            w_new = w_sum + w_tile
+            frac = tl.where(w_new > 0.0, w_tile / tl.where(w_new > 0.0, w_new, 1.0), 0.0)
+            delta = mean_tile - mean
+            mean = mean + delta * frac
+            m2_sum = m2_sum + m2_tile + delta * delta * w_sum * frac
+            w_sum = w_new
 
         if WITH_CE:
             s_t = tl.where(mask, s_rel * inv_t, -float("inf"))
@@ -201,10 +203,13 @@ def gkl_rank1_bwd_kernel(
     coef_d = 4.0 * tl.load(grad_wmse_ptr + row).to(tl.float32) * w_sum
     coef_ce = tl.load(grad_ce_ptr + row).to(tl.float32) * inv_t
     for c0 in range(0, C, BLOCK_C):
-        cols64, mask, s_rel, t_rel = _relative_tiles(
+        cols64, mask, s_rel, t_rel = relative_row_tiles(
             s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot, BLOCK_C)
-        v = _rank1_factor_tile(t_rel, v_row, cols64 * v_stride_c, mask, gamma, inv_t2, lse_w, SOURCE)
-        g_d = coef_d * v * ((t_rel - s_rel) - mean)
+        g_d = tl.zeros([BLOCK_C], dtype=tl.float32)
+        if SOURCE != 3:
+            v = _rank1_factor_tile(t_rel, v_row, cols64 * v_stride_c, mask, gamma, inv_t2, lse_w,
+                                   SOURCE)
+            g_d = coef_d * v * ((t_rel - s_rel) - mean)
         if NEED_DS:
             ds = tl.zeros([BLOCK_C], dtype=tl.float32)
             if WITH_CE:
@@ -219,8 +224,9 @@ def gkl_rank1_bwd_kernel(
 
 
 def _factor_args(source, factor, labels, like):
-    """Pointer, strides and labels for the factor operand; the teacher source passes ``like``."""
-    if source == SOURCE_TEACHER:
+    """Pointer, strides and labels for the factor operand; the teacher and no-weight sources pass
+    ``like``."""
+    if source in (SOURCE_TEACHER, SOURCE_NONE):
         return like, 0, 0, like
     return factor, factor.stride(0), factor.stride(1), labels if labels is not None else factor
 

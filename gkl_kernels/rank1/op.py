@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from gkl_kernels.rank1.kernels import NUM_STATS, rank1_rows_backward, rank1_rows_forward
+from gkl_kernels.rank1.kernels import (NUM_STATS, SOURCE_NONE, rank1_rows_backward,
+                                       rank1_rows_forward)
 from gkl_kernels.rank1.torch_impl import rank1_rows_backward_torch, rank1_rows_forward_torch
 
 
@@ -73,14 +74,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_wmse, grad_ce, _grad_stats):
     student, teacher, factor, labels, stats = ctx.saved_tensors
-    need_ds, need_dt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    source, gamma, temperature, weight_temperature, with_ce, symmetric = ctx.options
+    # without pair weights the teacher gets no gradient (its probabilities are constants)
+    need_ds = ctx.needs_input_grad[0]
+    need_dt = ctx.needs_input_grad[1] and source != SOURCE_NONE
     if not (need_ds or need_dt):
         return (None,) * 12
-    source, gamma, temperature, weight_temperature, with_ce, symmetric = ctx.options
     # row gradients arrive expanded (stride 0) from a sum or mean: the kernels read them densely
     ds, dt = rank1_rows_backward_op(
-        grad_wmse.contiguous(), grad_ce.contiguous(), student, teacher, factor, labels, stats, source, gamma, temperature,
-        weight_temperature, with_ce, symmetric, need_ds, need_dt, *ctx.launch)
+        grad_wmse.contiguous(), grad_ce.contiguous(), student, teacher, factor, labels, stats,
+        source, gamma, temperature, weight_temperature, with_ce, symmetric, need_ds, need_dt,
+        *ctx.launch)
     return (ds if need_ds else None, dt if need_dt else None) + (None,) * 10
 
 

@@ -7,10 +7,10 @@ many backward, temporaries reused in place), and on any device with ``backend="t
 
 import torch
 
-from gkl_kernels.rank1.kernels import SOURCE_PRIOR, SOURCE_TEACHER
+from gkl_kernels.rank1.kernels import SOURCE_NONE, SOURCE_PRIOR, SOURCE_TEACHER
 
 
-def _relative_logits(student, teacher):
+def relative_logits(student, teacher):
     """``(s - s_0, t - t_0)`` in float32, the pivot being each row's first element."""
     s = student.float()
     t = teacher.float()
@@ -40,7 +40,7 @@ def _tensor_factor(factor, labels, source, gamma):
 def rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, temperature,
                              weight_temperature, with_ce):
     """``(wmse (B,), ce (B,), stats (B, 5))`` in float32, as ``rank1_rows_forward``."""
-    s_rel, t_rel = _relative_logits(student, teacher)
+    s_rel, t_rel = relative_logits(student, teacher)
     zeros = s_rel.new_zeros(s_rel.shape[0])
     lse_s = lse_t = ce = lse_w = zeros
     if with_ce:
@@ -51,6 +51,9 @@ def rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, te
         lse_t = torch.logsumexp(t_scaled, dim=1)
         p = (t_scaled - lse_t[:, None]).exp_()
         ce = lse_s - torch.linalg.vecdot(p, s_scaled)
+    if source == SOURCE_NONE:
+        stats = torch.stack([zeros, zeros, lse_s, lse_t, lse_w], dim=1)
+        return zeros, ce, stats
     if source == SOURCE_TEACHER:
         same_softmax = with_ce and weight_temperature == temperature
         lse_w = lse_t if same_softmax else torch.logsumexp(_scaled(t_rel, weight_temperature), 1)
@@ -72,15 +75,18 @@ def rank1_rows_backward_torch(grad_wmse, grad_ce, student, teacher, factor, labe
                               gamma, temperature, weight_temperature, with_ce, symmetric, need_ds,
                               need_dt):
     """``(grad_student, grad_teacher)`` as ``rank1_rows_backward``."""
-    s_rel, t_rel = _relative_logits(student, teacher)
+    s_rel, t_rel = relative_logits(student, teacher)
     w_sum, mean, lse_s, lse_t, lse_w = stats.unbind(dim=1)
-    if source == SOURCE_TEACHER:
-        v = _teacher_factor(t_rel, weight_temperature, lse_w, gamma)
+    if source == SOURCE_NONE:
+        g_d = torch.zeros_like(s_rel)
     else:
-        v = _tensor_factor(factor, labels, source, gamma)
-    # g_d = 4 g_wmse W v (d - mu)
-    coef_d = (4.0 * grad_wmse.float() * w_sum)[:, None]
-    g_d = (t_rel - s_rel).sub_(mean[:, None]).mul_(v).mul_(coef_d)
+        if source == SOURCE_TEACHER:
+            v = _teacher_factor(t_rel, weight_temperature, lse_w, gamma)
+        else:
+            v = _tensor_factor(factor, labels, source, gamma)
+        # g_d = 4 g_wmse W v (d - mu)
+        coef_d = (4.0 * grad_wmse.float() * w_sum)[:, None]
+        g_d = (t_rel - s_rel).sub_(mean[:, None]).mul_(v).mul_(coef_d)
     ds = dt = student.new_empty(0)
     if need_ds:
         if with_ce:

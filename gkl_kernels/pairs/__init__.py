@@ -1,0 +1,1 @@
+"""The pairwise wMSE for general pair weights: shared ``(C, C)`` and per-row ``(B, C, C)``."""

@@ -1,0 +1,158 @@
+"""Triton kernels and launchers for the pairwise wMSE with a full per-row weight tensor
+``w`` of shape ``(B, C, C)``.
+
+With ``d = t - s`` per row (relative to the row's first element, an exact float32 shift),
+
+    wmse_b = sum_{j,k} w[b,j,k] (d_j - d_k)^2
+    d wmse_b / d d_n = 2 g_n,   g_n = sum_k w[b,n,k] (d_n - d_k) - sum_j w[b,j,n] (d_j - d_n)
+
+Each weight tile ``w[b, j-tile, k-tile]`` meets the differences ``d_j - d_k`` of the two logit
+tiles held on chip; nothing of size ``B x C x C`` besides the input exists. The forward kernel
+reduces ``w (d_j - d_k)^2`` and ``w``; the backward kernel adds each tile's row sums to ``g_j``
+and its column sums to ``g_k`` in a float32 ``(B, C)`` accumulator that only the row's own program
+touches (``tl.debug_barrier`` orders its read-modify-writes), then writes the gradients.
+
+Bytes per pass: the weights exactly once (``B C^2`` elements in their dtype: float32, float16 or
+bfloat16), the logits ``s``, ``t`` once per ``j`` tile (``2 B C^2 / BJ`` elements, from L2),
+forward ``8 B C / BJ`` bytes of float32 partial sums, backward ``8 B C^2 / BJ`` bytes of accumulator
+traffic (L2) and the gradients. FLOPs: about 4 per weight forward, 5 backward.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from gkl_kernels.rank1.kernels import relative_row_tiles
+
+BLOCK_J = 32  # rows j of a weight tile
+MAX_BLOCK_K = 64  # columns k of a weight tile (contiguous in memory)
+
+
+def pick_per_row_blocks(num_classes, block_c=None):
+    """``(BLOCK_J, BLOCK_K)`` of a weight tile: ``block_c`` for both when forced (tests), else
+    ``min(32, C)`` by ``min(64, C)`` rounded up to powers of two."""
+    if block_c is not None:
+        return block_c, block_c
+    size = triton.next_power_of_2(num_classes)
+    return min(size, BLOCK_J), min(size, MAX_BLOCK_K)
+
+
+@triton.jit
+def _row_differences(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot,
+                     BLOCK: tl.constexpr):
+    """Columns ``c0 .. c0 + BLOCK`` (int64), their mask and ``d = (t - t_0) - (s - s_0)``."""
+    cols, mask, s_rel, t_rel = relative_row_tiles(s_row, t_row, c0, C, s_stride_c, t_stride_c,
+                                               s_pivot, t_pivot, BLOCK)
+    return cols, mask, t_rel - s_rel
+
+
+@triton.jit
+def wmse_per_row_fwd_kernel(
+    s_ptr, t_ptr, w_ptr, wmse_part_ptr, wsum_part_ptr,
+    B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, w_stride_b, w_stride_j, w_stride_k,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid ``(B, cdiv(C, BLOCK_J))``: program ``(b, i)`` reduces the weight rows ``j`` of tile
+    ``i`` into ``wmse_part[i, b] = sum w (d_j - d_k)^2`` and ``wsum_part[i, b] = sum w`` (float32
+    ``(cdiv(C, BLOCK_J), B)``; their column sums are ``wmse_b`` and ``sum_{j,k} w[b,j,k]``)."""
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    s_row = s_ptr + row * s_stride_b
+    t_row = t_ptr + row * t_stride_b
+    w_row = w_ptr + row * w_stride_b
+    s_pivot = tl.load(s_row).to(tl.float32)
+    t_pivot = tl.load(t_row).to(tl.float32)
+    j_cols, j_mask, d_j = _row_differences(s_row, t_row, tile * BLOCK_J, C, s_stride_c, t_stride_c,
+                                           s_pivot, t_pivot, BLOCK_J)
+    wmse_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
+    wsum_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k_cols, k_mask, d_k = _row_differences(s_row, t_row, k0, C, s_stride_c, t_stride_c,
+                                               s_pivot, t_pivot, BLOCK_K)
+        w = tl.load(w_row + j_cols[:, None] * w_stride_j + k_cols[None, :] * w_stride_k,
+                    mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        diff = d_j[:, None] - d_k[None, :]
+        wmse_acc += w * diff * diff
+        wsum_acc += w
+    out = tile.to(tl.int64) * B + row
+    tl.store(wmse_part_ptr + out, tl.sum(tl.sum(wmse_acc, axis=1), axis=0))
+    tl.store(wsum_part_ptr + out, tl.sum(tl.sum(wsum_acc, axis=1), axis=0))
+
+
+@triton.jit
+def wmse_per_row_bwd_kernel(
+    s_ptr, t_ptr, w_ptr, grad_wmse_ptr, acc_ptr, ds_ptr, dt_ptr,
+    C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, w_stride_b, w_stride_j, w_stride_k,
+    NEED_DS: tl.constexpr, NEED_DT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid ``(B,)``: ``dt = 2 g_wmse g``, ``ds = -dt`` for row ``b`` (contiguous ``(B, C)`` in the
+    inputs' dtypes). ``acc_ptr`` is a zeroed float32 ``(B, C)`` buffer that collects ``g``."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride_b
+    t_row = t_ptr + row * t_stride_b
+    w_row = w_ptr + row * w_stride_b
+    acc_row = acc_ptr + row * C
+    s_pivot = tl.load(s_row).to(tl.float32)
+    t_pivot = tl.load(t_row).to(tl.float32)
+    for j0 in range(0, C, BLOCK_J):
+        j_cols, j_mask, d_j = _row_differences(s_row, t_row, j0, C, s_stride_c, t_stride_c,
+                                               s_pivot, t_pivot, BLOCK_J)
+        row_part = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            k_cols, k_mask, d_k = _row_differences(s_row, t_row, k0, C, s_stride_c, t_stride_c,
+                                                   s_pivot, t_pivot, BLOCK_K)
+            w = tl.load(w_row + j_cols[:, None] * w_stride_j + k_cols[None, :] * w_stride_k,
+                        mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            w_diff = w * (d_j[:, None] - d_k[None, :])
+            row_part += w_diff
+            # g_k -= sum_j w[j, k] (d_j - d_k): this k tile's accumulator, this program only
+            k_acc = tl.load(acc_row + k_cols, mask=k_mask, other=0.0)
+            tl.store(acc_row + k_cols, k_acc - tl.sum(w_diff, axis=0), mask=k_mask)
+        tl.debug_barrier()
+        j_acc = tl.load(acc_row + j_cols, mask=j_mask, other=0.0)
+        tl.store(acc_row + j_cols, j_acc + tl.sum(row_part, axis=1), mask=j_mask)
+        tl.debug_barrier()
+    coef = 2.0 * tl.load(grad_wmse_ptr + row).to(tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask = cols < C
+        g_d = coef * tl.load(acc_row + cols, mask=mask, other=0.0)
+        if NEED_DS:
+            tl.store(ds_ptr + row * C + cols, (-g_d).to(ds_ptr.dtype.element_ty), mask=mask)
+        if NEED_DT:
+            tl.store(dt_ptr + row * C + cols, g_d.to(dt_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_args(student, teacher, weights):
+    return (student.shape[1], student.stride(0), student.stride(1), teacher.stride(0),
+            teacher.stride(1), weights.stride(0), weights.stride(1), weights.stride(2))
+
+
+def per_row_rows_forward(student, teacher, weights, block_c=None):
+    """``(wmse (B,), weight_sum (B,))`` in float32 for per-row ``(B, C, C)`` pair weights."""
+    batch, num_classes = student.shape
+    block_j, block_k = pick_per_row_blocks(num_classes, block_c)
+    grid = (batch, triton.cdiv(num_classes, block_j))
+    wmse_part = torch.empty(grid[1], batch, dtype=torch.float32, device=student.device)
+    wsum_part = torch.empty_like(wmse_part)
+    wmse_per_row_fwd_kernel[grid](
+        student, teacher, weights, wmse_part, wsum_part, batch,
+        *_launch_args(student, teacher, weights), BLOCK_J=block_j, BLOCK_K=block_k, num_warps=4)
+    return wmse_part.sum(dim=0), wsum_part.sum(dim=0)
+
+
+def per_row_rows_backward(grad_wmse, student, teacher, weights, need_ds, need_dt, block_c=None):
+    """``(grad_student, grad_teacher)`` of ``per_row_rows_forward``, each ``(B, C)`` in its input's
+    dtype or an empty tensor when not needed."""
+    batch, num_classes = student.shape
+    ds = torch.empty((batch, num_classes) if need_ds else (0,), dtype=student.dtype,
+                     device=student.device)
+    dt = torch.empty((batch, num_classes) if need_dt else (0,), dtype=teacher.dtype,
+                     device=teacher.device)
+    acc = torch.zeros(batch, num_classes, dtype=torch.float32, device=student.device)
+    block_j, block_k = pick_per_row_blocks(num_classes, block_c)
+    wmse_per_row_bwd_kernel[(batch,)](
+        student, teacher, weights, grad_wmse, acc, ds if need_ds else student,
+        dt if need_dt else teacher, *_launch_args(student, teacher, weights),
+        NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_J=block_j, BLOCK_K=block_k, num_warps=4)
+    return ds, dt
