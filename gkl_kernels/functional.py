@@ -1,72 +1,97 @@
 """Public functional API: ``gkl_loss`` and ``pairwise_wmse``.
 
-``L = mse_weight * sum_b wmse_b / (4 N) + ce_weight * mean_b CE_b`` (SPEC.md), with the rank-one
-pair weights ``v_j v_k`` computed inside the kernels and never a ``B x C x C`` tensor.
+``L = mse_weight * sum_b wmse_b / (4 N) + ce_weight * mean_b CE_b`` (SPEC.md). Rank-one pair
+weights ``v_j v_k`` run in O(C) per row (``rank1``); shared ``(C, C)`` and per-row ``(B, C, C)``
+weights in tiled kernels (``pairs``). No ``B x C x C`` tensor is ever built.
 """
 
 import torch
 
 from gkl_kernels import validation as check
 from gkl_kernels.options import GKLOptions
-from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
+from gkl_kernels.pairs.op import pair_rows
+from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_NONE, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.rank1.op import rank1_rows
 
 REDUCTIONS = ("none", "sum", "mean")
 
 
-def gkl_loss(student, teacher, *, labels=None, class_prior=None, weights=None, gamma=1.0,
-             temperature=1.0, weight_temperature=1.0, mse_weight=1.0, ce_weight=1.0,
+def gkl_loss(student, teacher, *, labels=None, class_prior=None, weights=None, weights_kind=None,
+             gamma=1.0, temperature=1.0, weight_temperature=1.0, mse_weight=1.0, ce_weight=1.0,
              normalize="weights", symmetric=True, backend="auto", check_values=True,
-             block_c=None):
+             block_c=None, dot_precision="ieee"):
     """The GKL loss (``symmetric=True``) or DKL (``symmetric=False``: only the teacher gets the
     wMSE gradient), a 0-dim float32 tensor.
 
     student, teacher: ``(B, C)`` logits, float32/float16/bfloat16 (the dtypes may differ).
-    Pair weights ``v_j v_k`` from, in this order: ``weights`` ``(B, C)`` as given; else
-    ``class_prior[labels] ** gamma`` (``class_prior`` ``(C, C)``, ``labels`` ``(B,)`` int);
-    else ``softmax(teacher / weight_temperature) ** gamma``. The weights are constants.
+    Pair weights, in this order: ``weights`` as given, of shape ``(B, C)`` (a rank-one factor
+    ``v``, ``w = v_j v_k``), ``(C, C)`` (one matrix for every row) or ``(B, C, C)`` (one per row);
+    when ``B == C`` a 2-D ``weights`` needs ``weights_kind="factor"`` or ``"shared"``
+    (``"per_row"`` names the 3-D form). Else ``v = class_prior[labels] ** gamma``
+    (``class_prior`` ``(C, C)``, ``labels`` ``(B,)`` int); else ``v = softmax(teacher /
+    weight_temperature) ** gamma``. Weights are constants; explicit weights are used as given.
     temperature: ``T`` of the cross-entropy ``-sum_j softmax(t/T)_j log_softmax(s/T)_j``.
     normalize: ``"weights"`` divides the wMSE by ``N = sum_{b,j,k} w`` (GKL; a batch whose weights
     sum to 0 gives a wMSE term of 0), ``"batch"`` by ``B`` (IKL).
     backend: ``"auto"`` (Triton for CUDA tensors and for CPU tensors under ``TRITON_INTERPRET=1``,
     else ``"torch"``), ``"triton"`` or ``"torch"``.
     check_values: check label range and weight values (a host synchronisation on CUDA); skipped
-    while ``torch.compile`` traces. block_c: force the kernels' tile width (a power of two).
+    while ``torch.compile`` traces. block_c: force the kernels' tile width (a power of two; >= 16
+    for ``(C, C)`` weights). dot_precision: ``tl.dot`` operands for ``(C, C)`` weights under Triton,
+    ``"ieee"`` (float32), ``"tf32x3"`` or ``"tf32"`` (tensor cores; see ``pairs.shared_kernels``).
     """
     options = GKLOptions(gamma=gamma, temperature=temperature,
                          weight_temperature=weight_temperature, mse_weight=mse_weight,
                          ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
-                         backend=backend, check_values=check_values, block_c=block_c)
+                         backend=backend, check_values=check_values, block_c=block_c,
+                         dot_precision=dot_precision)
     return gkl_loss_with_options(student, teacher, options, labels=labels,
-                                 class_prior=class_prior, weights=weights)
+                                 class_prior=class_prior, weights=weights,
+                                 weights_kind=weights_kind)
 
 
 def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior=None,
-                          weights=None):
+                          weights=None, weights_kind=None):
     """``gkl_loss`` with its scalar options given as a checked ``GKLOptions``."""
     check.check_logits(student, teacher)
     use_triton = check.use_triton_for(options.backend, student.device)
     if labels is not None:
         check.check_labels(labels, student, options.check_values)
+    kind = None
     if weights is not None:
         if class_prior is not None:
             raise ValueError("give either weights or class_prior, not both")
-        check.check_factor("weights", weights, student, options.check_values)
-        source, factor = SOURCE_EXPLICIT, weights.detach()
+        kind = _checked_weights_kind(weights, student, weights_kind, options)
+    elif weights_kind is not None:
+        raise ValueError(f"weights_kind={weights_kind!r} needs weights")
     elif class_prior is not None:
         if labels is None:
             raise ValueError("class_prior needs labels (B,) to pick each row's prior")
         check.check_prior(class_prior, labels, student, options.check_values)
-        source, factor = SOURCE_PRIOR, class_prior.detach()
-    else:
-        source, factor = SOURCE_TEACHER, None
     with_ce = options.ce_weight != 0
-    wmse, ce, stats = rank1_rows(
-        student, teacher, factor, labels if source == SOURCE_PRIOR else None, source,
-        float(options.gamma), float(options.temperature), float(options.weight_temperature),
-        with_ce, options.symmetric, use_triton, options.block_c or 0)
-    if options.normalize == "weights":
+    block_c = options.block_c or 0
+    if kind in ("shared", "per_row"):
+        wmse, weight_sums = pair_rows(student, teacher, weights.detach(), kind == "per_row",
+                                      options.symmetric, use_triton, block_c,
+                                      options.dot_precision)
+        total = weight_sums.sum()
+        if with_ce:
+            ce = rank1_rows(student, teacher, None, None, SOURCE_NONE, 1.0,
+                            float(options.temperature), 1.0, True, options.symmetric, use_triton,
+                            block_c)[1]
+    else:
+        if kind == "factor":
+            source, factor = SOURCE_EXPLICIT, weights.detach()
+        elif class_prior is not None:
+            source, factor = SOURCE_PRIOR, class_prior.detach()
+        else:
+            source, factor = SOURCE_TEACHER, None
+        wmse, ce, stats = rank1_rows(
+            student, teacher, factor, labels if source == SOURCE_PRIOR else None, source,
+            float(options.gamma), float(options.temperature), float(options.weight_temperature),
+            with_ce, options.symmetric, use_triton, block_c)
         total = stats[:, 0].detach().square().sum()
+    if options.normalize == "weights":
         empty = total == 0
         mse_term = torch.where(empty, 0.0, wmse.sum() / torch.where(empty, 1.0, total))
     else:
@@ -77,22 +102,36 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     return loss
 
 
-def pairwise_wmse(student, teacher, weights, *, reduction="sum", backend="auto",
-                  check_values=True, block_c=None):
-    """``sum_{j,k} v_j v_k ((t_j - t_k) - (s_j - s_k))^2`` per row, float32.
+def _checked_weights_kind(weights, student, weights_kind, options):
+    kind = check.check_weights(weights, student, weights_kind, options.check_values)
+    if kind == "shared":
+        check.check_dot_block(options.block_c)
+    return kind
 
-    student, teacher: ``(B, C)`` logits; weights: the ``(B, C)`` rank-one factor ``v`` (a
-    constant). reduction: ``"none"`` gives ``(B,)``, ``"sum"`` and ``"mean"`` (over rows) a 0-dim
-    tensor. Gradients go to student and teacher.
+
+def pairwise_wmse(student, teacher, weights, *, weights_kind=None, reduction="sum",
+                  backend="auto", check_values=True, block_c=None, dot_precision="ieee"):
+    """``sum_{j,k} w[b,j,k] ((t_j - t_k) - (s_j - s_k))^2`` per row, float32.
+
+    student, teacher: ``(B, C)`` logits. weights (constants): a ``(B, C)`` rank-one factor ``v``
+    (``w = v_j v_k``), a ``(C, C)`` matrix shared by every row, or a ``(B, C, C)`` tensor; the
+    shape decides, ``weights_kind`` (``"factor"``, ``"shared"``, ``"per_row"``) settles ``B == C``.
+    reduction: ``"none"`` gives ``(B,)``, ``"sum"`` and ``"mean"`` (over rows) a 0-dim tensor.
+    Gradients go to student and teacher. backend, check_values, block_c, dot_precision: as in
+    ``gkl_loss``.
     """
+    check.check_choice("reduction", reduction, REDUCTIONS)
+    options = GKLOptions(backend=backend, check_values=check_values, block_c=block_c,
+                         dot_precision=dot_precision)
     check.check_logits(student, teacher)
     use_triton = check.use_triton_for(backend, student.device)
-    check.check_choice("reduction", reduction, REDUCTIONS)
-    check.check_bool("check_values", check_values)
-    check.check_block(block_c)
-    check.check_factor("weights", weights, student, check_values)
-    wmse, _, _ = rank1_rows(student, teacher, weights.detach(), None, SOURCE_EXPLICIT, 1.0, 1.0,
-                            1.0, False, True, use_triton, block_c or 0)
+    kind = _checked_weights_kind(weights, student, weights_kind, options)
+    if kind == "factor":
+        wmse = rank1_rows(student, teacher, weights.detach(), None, SOURCE_EXPLICIT, 1.0, 1.0,
+                          1.0, False, True, use_triton, block_c or 0)[0]
+    else:
+        wmse = pair_rows(student, teacher, weights.detach(), kind == "per_row", True, use_triton,
+                         block_c or 0, dot_precision)[0]
     if reduction == "sum":
         return wmse.sum()
     if reduction == "mean":

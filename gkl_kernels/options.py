@@ -20,6 +20,7 @@ class GKLOptions:
     backend: str = "auto"
     check_values: bool = True
     block_c: Optional[int] = None
+    dot_precision: str = "ieee"
 
     def __post_init__(self):
         check.check_positive("temperature", self.temperature)
@@ -32,3 +33,4 @@ class GKLOptions:
         check.check_bool("symmetric", self.symmetric)
         check.check_bool("check_values", self.check_values)
         check.check_block(self.block_c)
+        check.check_choice("dot_precision", self.dot_precision, check.DOT_PRECISIONS)

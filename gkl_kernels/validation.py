@@ -15,6 +15,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 BACKENDS = ("auto", "triton", "torch")
 NORMALIZERS = ("weights", "batch")
+WEIGHT_KINDS = ("factor", "shared", "per_row")  # (B, C) rank-one factor, (C, C), (B, C, C)
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot operands for shared (C, C) weights
+MIN_DOT_BLOCK = 16  # tl.dot needs tiles of at least 16 when compiled
 
 
 @torch.compiler.assume_constant_result
@@ -93,6 +96,40 @@ def check_factor(name, weights, student, check_values):
     """An explicit rank-one factor: float ``(B, C)`` on the logits' device, finite, >= 0."""
     _check_tensor(name, weights, student.shape, FLOAT_DTYPES, student.device)
     check_nonnegative_finite(name, weights, check_values)
+
+
+def check_weights(weights, student, weights_kind, check_values, name="weights"):
+    """Pair weights: ``(B, C)`` rank-one factor (``"factor"``), ``(C, C)`` shared matrix
+    (``"shared"``) or ``(B, C, C)`` per-row tensor (``"per_row"``), float, on the logits' device,
+    finite and >= 0. The shape decides the kind; ``weights_kind`` must name it when ``B == C``
+    makes a 2-D shape ambiguous. Returns the kind."""
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weights).__name__}")
+    batch, num_classes = student.shape
+    shapes = {"factor": (batch, num_classes), "shared": (num_classes, num_classes),
+              "per_row": (batch, num_classes, num_classes)}
+    if weights_kind is None:
+        kinds = [kind for kind, shape in shapes.items() if tuple(weights.shape) == shape]
+        if len(kinds) > 1:
+            raise ValueError(f"{name} of shape {tuple(weights.shape)} with B == C == {batch} "
+                             f"is ambiguous: pass weights_kind='factor' (a (B, C) rank-one factor) "
+                             f"or weights_kind='shared' (a (C, C) matrix shared by all rows)")
+        if not kinds:
+            raise ValueError(f"{name} must have shape (B, C) = {shapes['factor']}, (C, C) = "
+                             f"{shapes['shared']} or (B, C, C) = {shapes['per_row']}, got "
+                             f"{tuple(weights.shape)}")
+        weights_kind = kinds[0]
+    check_choice("weights_kind", weights_kind, WEIGHT_KINDS)
+    _check_tensor(name, weights, shapes[weights_kind], FLOAT_DTYPES, student.device)
+    check_nonnegative_finite(name, weights, check_values)
+    return weights_kind
+
+
+def check_dot_block(block_c):
+    """A forced tile width for the ``tl.dot`` kernels of shared weights: None or >= 16."""
+    if block_c is not None and block_c < MIN_DOT_BLOCK:
+        raise ValueError(f"block_c must be None or >= {MIN_DOT_BLOCK} for (C, C) weights "
+                         f"(tl.dot tiles), got {block_c}")
 
 
 def check_labels(labels, student, check_values):

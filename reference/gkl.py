@@ -53,21 +53,32 @@ def rank1_wmse_reference(student, teacher, factor, *, stop_student=False):
 
 
 def gkl_loss_reference(student, teacher, *, labels=None, class_prior=None, weights=None,
-                       gamma=1.0, temperature=1.0, weight_temperature=1.0, mse_weight=1.0,
-                       ce_weight=1.0, normalize="weights", symmetric=True, pairwise=True):
+                       weights_kind="factor", gamma=1.0, temperature=1.0, weight_temperature=1.0,
+                       mse_weight=1.0, ce_weight=1.0, normalize="weights", symmetric=True,
+                       pairwise=True):
     """``L = mse_weight * sum_b wmse[b] / (4 N) + ce_weight * mean_b CE_b`` with
     ``CE_b = -sum_j softmax(t_b / T)_j log_softmax(s_b / T)_j`` (teacher probabilities constant),
     ``N = sum_{b,j,k} w[b,j,k]`` (``normalize="weights"``) or ``B`` (``"batch"``). A batch whose pair
     weights sum to 0 has a wMSE term of 0. ``symmetric=False`` is DKL: the wMSE stops the gradient
-    into ``Ds``. ``pairwise=False`` evaluates the wMSE by ``rank1_wmse_reference`` (large C)."""
+    into ``Ds``. ``weights_kind``: ``"factor"`` (``weights`` is ``(B, C)``), ``"shared"`` (``(C, C)``)
+    or ``"per_row"`` (``(B, C, C)``). ``pairwise=False`` evaluates a rank-one wMSE by
+    ``rank1_wmse_reference`` (large C)."""
     batch = student.shape[0]
-    v = rank1_factor_reference(teacher, labels=labels, class_prior=class_prior, weights=weights,
-                               gamma=gamma, weight_temperature=weight_temperature)
-    if pairwise:
+    if weights is not None and weights_kind != "factor":
+        w = pair_weights_reference(weights.detach(), batch, shared=weights_kind == "shared")
+        wmse = pairwise_wmse_reference(student, teacher, w, stop_student=not symmetric)
+        total = w.sum()
+    elif pairwise:
+        v = rank1_factor_reference(teacher, labels=labels, class_prior=class_prior,
+                                   weights=weights, gamma=gamma,
+                                   weight_temperature=weight_temperature)
         w = pair_weights_reference(v, batch)
         wmse = pairwise_wmse_reference(student, teacher, w, stop_student=not symmetric)
         total = w.sum()
     else:
+        v = rank1_factor_reference(teacher, labels=labels, class_prior=class_prior,
+                                   weights=weights, gamma=gamma,
+                                   weight_temperature=weight_temperature)
         wmse = rank1_wmse_reference(student, teacher, v, stop_student=not symmetric)
         total = (v.sum(1) ** 2).sum()
     if normalize == "weights":

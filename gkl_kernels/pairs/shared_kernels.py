@@ -28,8 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
-MIN_DOT_BLOCK = 16  # tl.dot needs every tile dimension >= 16 when compiled
+from gkl_kernels.validation import MIN_DOT_BLOCK
 MAX_BLOCK_ROWS = 64
 MAX_BLOCK_CLASSES = 32
 
