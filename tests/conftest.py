@@ -44,6 +44,77 @@ def make_inputs(batch, num_classes, source, generator, *, dtype=torch.float32, s
     return student, teacher, kwargs
 
 
+# Loss: float32 accumulation of exactly-represented inputs. Gradients: one rounding to the
+# gradient's dtype (at most 2**-8 of the value for bfloat16, 2**-11 for float16) plus float32
+# error. Triton's interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest), which can
+# cost one whole unit, 2**-7: that bound applies to the Triton backend's bfloat16 gradients here.
+HALF_TOLERANCE = {
+    torch.float16: dict(loss=2e-5, grad=2.0**-10),
+    torch.bfloat16: dict(loss=2e-5, grad=2.0**-8),
+    torch.float32: dict(loss=1e-5, grad=1e-5),
+}
+INTERPRETER_BF16_GRAD = 2.0**-7
+LOSS_MARGIN = 1e-6  # the loss may be no worse than PyTorch's own, in the input dtype, plus this
+
+DTYPE_PAIRS = [  # (student, teacher)
+    (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.float16)]
+
+
+def assert_half_precision(actual, expected, own, backend):
+    """``actual`` = (loss, grad_student, grad_teacher) within ``HALF_TOLERANCE`` of ``expected``
+    (float64) for the gradients' dtypes, and a loss no worse than PyTorch's ``own`` computation in
+    those dtypes plus ``LOSS_MARGIN``."""
+    for index, name in enumerate(("loss", "grad_student", "grad_teacher")):
+        dtype = actual[2 if index == 0 else index].dtype
+        bound = HALF_TOLERANCE[dtype]["loss" if index == 0 else "grad"]
+        if index and dtype == torch.bfloat16 and backend == "triton":
+            bound = INTERPRETER_BF16_GRAD
+        err = relative_error(actual[index], expected[index])
+        assert err <= bound, f"{name}: relative error {err:.2e} > {bound:.1e}"
+        if index == 0:
+            own_err = relative_error(own[index], expected[index])
+            assert err <= own_err + LOSS_MARGIN, \
+                f"loss: {err:.2e} worse than PyTorch's own computation in {dtype} ({own_err:.2e})"
+
+
+class PaddedAllocator:
+    """Stands in for ``torch`` inside the launchers: ``empty`` returns views into buffers padded
+    with NaN on both sides, which the test inspects after the launch."""
+
+    PAD = 64
+
+    def __init__(self):
+        self.buffers = []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, *shape, dtype, device):
+        shape = torch.Size(shape[0] if isinstance(shape[0], (tuple, list)) else shape)
+        numel = shape.numel()
+        buffer = torch.full((numel + 2 * self.PAD,), float("nan"), dtype=dtype, device=device)
+        self.buffers.append((buffer, numel))
+        return buffer[self.PAD:self.PAD + numel].view(shape)
+
+    def zeros(self, *shape, dtype, device):
+        return self.empty(*shape, dtype=dtype, device=device).zero_()
+
+    def padding_is_untouched(self):
+        return all(torch.isnan(b[:self.PAD]).all() and torch.isnan(b[self.PAD + n:]).all()
+                   for b, n in self.buffers)
+
+
+def padded(x, pads=(2, 3, 1)):
+    """``x`` placed inside a NaN-filled buffer: a strided view with ``pads[i]`` elements of padding
+    on both sides of dimension ``i``."""
+    pads = pads[:x.dim()]
+    buffer = torch.full([n + 2 * p for n, p in zip(x.shape, pads)], float("nan"), dtype=x.dtype)
+    view = buffer[tuple(slice(p, p + n) for n, p in zip(x.shape, pads))]
+    view.copy_(x)
+    return view
+
+
 def to_float64(kwargs):
     return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
             for k, v in kwargs.items()}

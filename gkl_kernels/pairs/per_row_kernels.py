@@ -133,8 +133,8 @@ def per_row_rows_forward(student, teacher, weights, block_c=None):
     batch, num_classes = student.shape
     block_j, block_k = pick_per_row_blocks(num_classes, block_c)
     grid = (batch, triton.cdiv(num_classes, block_j))
-    wmse_part = torch.empty(grid[1], batch, dtype=torch.float32, device=student.device)
-    wsum_part = torch.empty_like(wmse_part)
+    wmse_part, wsum_part = (torch.empty(grid[1], batch, dtype=torch.float32, device=student.device)
+                            for _ in range(2))
     wmse_per_row_fwd_kernel[grid](
         student, teacher, weights, wmse_part, wsum_part, batch,
         *_launch_args(student, teacher, weights), BLOCK_J=block_j, BLOCK_K=block_k, num_warps=4)
