@@ -60,8 +60,8 @@ def gkl_loss_reference(student, teacher, *, labels=None, class_prior=None, weigh
     ``CE_b = -sum_j softmax(t_b / T)_j log_softmax(s_b / T)_j`` (teacher probabilities constant),
     ``N = sum_{b,j,k} w[b,j,k]`` (``normalize="weights"``) or ``B`` (``"batch"``). A batch whose pair
     weights sum to 0 has a wMSE term of 0. ``symmetric=False`` is DKL: the wMSE stops the gradient
-    into ``Ds``. ``weights_kind``: ``"factor"`` (``weights`` is ``(B, C)``), ``"shared"`` (``(C, C)``)
-    or ``"per_row"`` (``(B, C, C)``). ``pairwise=False`` evaluates a rank-one wMSE by
+    into ``Ds``. ``weights_kind``: ``"factor"`` (``weights`` is ``(B, C)``), ``"shared"``
+    (``(C, C)``) or ``"per_row"`` (``(B, C, C)``). ``pairwise=False`` evaluates a rank-one wMSE by
     ``rank1_wmse_reference`` (large C)."""
     batch = student.shape[0]
     if weights is not None and weights_kind != "factor":

@@ -28,7 +28,7 @@ PAPER_SETTINGS = {
 def make_inputs(batch, num_classes, source, generator, *, dtype=torch.float32, scale=3.0):
     """Fresh random logits ``(B, C)`` and the keyword arguments of one weight source: ``"teacher"``
     (none), ``"prior"`` (labels and a row-stochastic ``(C, C)`` prior with some zeros) or
-    ``"explicit"`` (a ``(B, C)`` factor with some zeros)."""
+    ``"explicit"`` (a ``(B, C)`` factor with some zeros, named by ``weights_kind``)."""
     student = (scale * torch.randn(batch, num_classes, generator=generator)).to(dtype)
     teacher = (scale * torch.randn(batch, num_classes, generator=generator)).to(dtype)
     kwargs = {}
@@ -41,6 +41,7 @@ def make_inputs(batch, num_classes, source, generator, *, dtype=torch.float32, s
     elif source == "explicit":
         weights = torch.rand(batch, num_classes, generator=generator)
         kwargs["weights"] = weights * (torch.rand(batch, num_classes, generator=generator) > 0.2)
+        kwargs["weights_kind"] = "factor"  # (B, C) also when B == C
     return student, teacher, kwargs
 
 

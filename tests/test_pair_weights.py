@@ -22,7 +22,8 @@ def make_pair_inputs(kind, batch, num_classes, generator, *, symmetric_matrix=Fa
     student = 3 * torch.randn(batch, num_classes, generator=generator)
     teacher = 3 * torch.randn(batch, num_classes, generator=generator)
     shape = (num_classes, num_classes) if kind == "shared" else (batch, num_classes, num_classes)
-    weights = torch.rand(shape, generator=generator) * (torch.rand(shape, generator=generator) > 0.2)
+    weights = torch.rand(shape, generator=generator)
+    weights = weights * (torch.rand(shape, generator=generator) > 0.2)
     if symmetric_matrix:
         weights = weights + weights.transpose(-1, -2)
     return student, teacher, weights.to(weight_dtype)

@@ -35,7 +35,8 @@ def test_out_of_bounds_guard(source, needs_teacher_grad, generator, monkeypatch)
     monkeypatch.setattr(kernels, "torch", allocator)
     student, teacher, weights = make_inputs(5, 37, source, generator)
     expected = oracle(student, teacher, gamma=0.6, **weights)
-    weights = {k: padded(v) if v.dim() == 2 else v for k, v in weights.items()}
+    weights = {k: padded(v) if torch.is_tensor(v) and v.dim() == 2 else v
+               for k, v in weights.items()}
     s = padded(student).requires_grad_()
     t = padded(teacher).requires_grad_(needs_teacher_grad)
     loss = gkl_kernels.gkl_loss(s, t, gamma=0.6, backend="triton", block_c=16, **weights)

@@ -1,7 +1,8 @@
 """Input validation of every public entry point (``gkl_loss``, ``pairwise_wmse``, ``GKLLoss``,
-``compat.dkl_loss``): each bad input is a ``TypeError``/``ValueError`` whose message names the
-argument, raised before any kernel runs. The op that every entry point reaches,
-``gkl_kernels.functional.rank1_rows``, is replaced by a function that fails the test if called.
+``compat.dkl_loss``, ``compat.ikl_loss``, ``compat.adv_dkl_loss``): each bad input is a
+``TypeError``/``ValueError`` whose message names the argument, raised before any kernel runs. The
+ops that every entry point reaches, ``gkl_kernels.functional.rank1_rows`` and ``pair_rows``, are
+replaced by functions that fail the test if called.
 """
 
 import math
@@ -22,8 +23,9 @@ KERNEL_BACKENDS = ["triton", "torch"]
 def no_kernel(monkeypatch):
     """Replace the op with one that fails the test: validation must reject the input first."""
     def forbidden(*args, **kwargs):
-        pytest.fail("rank1_rows ran although the input is invalid")
+        pytest.fail("a kernel ran although the input is invalid")
     monkeypatch.setattr(functional, "rank1_rows", forbidden)
+    monkeypatch.setattr(functional, "pair_rows", forbidden)
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ def names(*args):
 
 # --------------------------------------------------------------------------- the entry points
 
-TENSOR_ARGS = ("labels", "class_prior", "weights")
+TENSOR_ARGS = ("labels", "class_prior", "weights", "weights_kind")
 
 
 def call_gkl_loss(student, teacher, **kw):
@@ -267,8 +269,8 @@ WEIGHT_CASES = [
     pytest.param(_weights_case(lambda w, g: w.T.contiguous().reshape(C, B)), ValueError,
                  "weights", id="weights_transposed"),
     pytest.param(_weights_case(lambda w, g: w[0]), ValueError, "weights", id="weights_1d"),
-    pytest.param(_weights_case(lambda w, g: w[:, :, None] * w[:, None, :]), ValueError,
-                 "weights", id="weights_full_B_C_C"),
+    pytest.param(_weights_case(lambda w, g: w[:1, :, None] * w[:1, None, :]), ValueError,
+                 "weights", id="weights_1_C_C"),
     pytest.param(_weights_case(lambda w, g: w.double()), TypeError, "weights",
                  id="weights_float64"),
     pytest.param(_weights_case(lambda w, g: (w > 0.5).int()), TypeError, "weights",
@@ -286,6 +288,50 @@ WEIGHT_VALUE_CASES = [
                  id="weights_nan"),
     pytest.param(_weights_case(lambda w, g: _set(w, (3, 0), math.inf)), ValueError, "weights",
                  id="weights_inf"),
+]
+
+def _pair_case(shape, make=None, **kw):
+    """Pair weights of ``shape`` (random, or ``make(weights)``) plus keyword arguments."""
+    def case(generator):
+        weights = torch.rand(shape, generator=generator)
+        return dict(weights=make(weights) if make else weights, **kw)
+    return case
+
+
+PAIR_WEIGHT_CASES = [
+    pytest.param(_pair_case((C, C + 1)), ValueError, "weights", id="weights_C_by_C_plus_1"),
+    pytest.param(_pair_case((B, C, C + 1)), ValueError, "weights", id="weights_B_C_C_plus_1"),
+    pytest.param(_pair_case((B + 1, C, C)), ValueError, "weights", id="weights_B_plus_1_C_C"),
+    pytest.param(_pair_case((1, B, C, C)), ValueError, "weights", id="weights_4d"),
+    pytest.param(_pair_case((C, C), weights_kind="factor"), ValueError, "weights",
+                 id="weights_C_C_named_factor"),
+    pytest.param(_pair_case((B, C), weights_kind="shared"), ValueError, "weights",
+                 id="weights_B_C_named_shared"),
+    pytest.param(_pair_case((C, C), weights_kind="per_row"), ValueError, "weights",
+                 id="weights_C_C_named_per_row"),
+    pytest.param(_pair_case((C, C), weights_kind="diagonal"), ValueError, "weights_kind",
+                 id="weights_kind_unknown"),
+    pytest.param(_pair_case((C, C), lambda w: w.double()), TypeError, "weights",
+                 id="shared_float64"),
+    pytest.param(_pair_case((B, C, C), lambda w: (w > 0.5).int()), TypeError, "weights",
+                 id="per_row_int32"),
+    pytest.param(_pair_case((B, C, C), lambda w: w.to("meta")), ValueError, "weights",
+                 id="per_row_on_meta_device"),
+    pytest.param(_pair_case((C, C), block_c=8), ValueError, "block_c", id="shared_block_c_8"),
+    pytest.param(_options(dot_precision="fp16"), ValueError, "dot_precision",
+                 id="dot_precision_fp16"),
+    pytest.param(_options(dot_precision=None), ValueError, "dot_precision",
+                 id="dot_precision_None"),
+]
+PAIR_WEIGHT_VALUE_CASES = [
+    pytest.param(_pair_case((C, C), lambda w: _set(w, (1, 4), -1e-3)), ValueError, "weights",
+                 id="shared_negative"),
+    pytest.param(_pair_case((C, C), lambda w: _set(w, (5, 0), math.inf)), ValueError, "weights",
+                 id="shared_inf"),
+    pytest.param(_pair_case((B, C, C), lambda w: _set(w, (3, 2, 1), math.nan)), ValueError,
+                 "weights", id="per_row_nan"),
+    pytest.param(_pair_case((B, C, C), lambda w: _set(w, (0, 5, 5), -2.0)), ValueError,
+                 "weights", id="per_row_negative"),
 ]
 CHOICE_CASES = [
     pytest.param(_options(normalize="mean"), ValueError, "normalize", id="normalize_mean"),
@@ -330,7 +376,8 @@ FLAG_CASES = [
 
 MODULE_ENTRIES = {"gkl_loss": call_gkl_loss, "GKLLoss": call_module}
 OPTION_CASES = (LABEL_CASES + LABEL_VALUE_CASES + PRIOR_CASES + PRIOR_VALUE_CASES + WEIGHT_CASES
-                + WEIGHT_VALUE_CASES + CHOICE_CASES + SCALAR_CASES + FLAG_CASES)
+                + WEIGHT_VALUE_CASES + PAIR_WEIGHT_CASES + PAIR_WEIGHT_VALUE_CASES + CHOICE_CASES
+                + SCALAR_CASES + FLAG_CASES)
 
 
 @pytest.mark.parametrize("entry", MODULE_ENTRIES)
@@ -369,7 +416,8 @@ PAIRWISE_CASES = [
 
 
 @pytest.mark.parametrize("case, error, message",
-                         PAIRWISE_CASES + WEIGHT_CASES + WEIGHT_VALUE_CASES)
+                         PAIRWISE_CASES + WEIGHT_CASES + WEIGHT_VALUE_CASES + PAIR_WEIGHT_CASES
+                         + PAIR_WEIGHT_VALUE_CASES)
 def test_bad_pairwise_inputs(case, error, message, generator, no_kernel):
     student, teacher = logits(generator)
     kw = case(generator) if callable(case) else dict(case)
@@ -426,6 +474,78 @@ def test_bad_dkl_inputs(gi, case, error, message, generator, no_kernel):
     student, teacher = logits(generator)
     with pytest.raises(error, match=message):
         call_dkl(student, teacher, GI=gi, generator=generator, **case(generator))
+
+
+@pytest.mark.parametrize("entry", MODULE_ENTRIES)
+def test_weights_kind_needs_weights(entry, generator, no_kernel):
+    student, teacher = logits(generator)
+    with pytest.raises(ValueError, match="weights_kind"):
+        MODULE_ENTRIES[entry](student, teacher, weights_kind="shared")
+
+
+@pytest.mark.parametrize("entry", ["gkl_loss", "GKLLoss", "pairwise_wmse"])
+def test_square_weights_are_ambiguous_when_b_equals_c(entry, generator, no_kernel):
+    """With ``B == C`` a 2-D ``(C, C)`` tensor could be a factor or a shared matrix: the caller
+    must say which (the message names ``weights_kind``)."""
+    student, teacher = logits(generator, batch=C)
+    with pytest.raises(ValueError, match=names("weights", "weights_kind")):
+        ENTRIES[entry](student, teacher, generator,
+                       weights=torch.rand(C, C, generator=generator))
+
+
+# --------------------------------------------------------------------------- compat: the first paper
+
+
+def call_ikl(student, teacher, *, GI=False, generator=None, **kw):
+    """The authors' signature; GI=True gets a valid per-row (B, C) prior unless one is given."""
+    options = dict(temperature=4.0, alpha=1.0, beta=4.0)
+    options.update(kw)
+    if GI:
+        options.setdefault("CLASS_PRIOR", valid_prior(generator)[valid_labels(generator)])
+    return compat.ikl_loss(student, teacher, GI=GI, **options)
+
+
+# dkl_loss's cases without gamma, which ikl_loss does not take
+IKL_CASES = [case for case in DKL_CASES if "gamma" not in case.id]
+
+
+@pytest.mark.parametrize("gi, case, error, message", IKL_CASES)
+def test_bad_ikl_inputs(gi, case, error, message, generator, no_kernel):
+    student, teacher = logits(generator)
+    with pytest.raises(error, match=message):
+        call_ikl(student, teacher, GI=gi, generator=generator, **case(generator))
+
+
+def _adv_case(make=None, **kw):
+    """``adv_dkl_loss`` arguments: a valid (B, C, C) weight (or ``make(weight)``) and overrides."""
+    def case(generator):
+        weight = torch.rand(B, C, C, generator=generator)
+        return dict(dict(weight=make(weight) if make else weight, alpha=4.0, beta=20.0), **kw)
+    return case
+
+
+ADV_CASES = [
+    pytest.param(_adv_case(lambda w: None), TypeError, "weight", id="weight_None"),
+    pytest.param(_adv_case(lambda w: w[:, 0]), ValueError, "weight", id="weight_B_C"),
+    pytest.param(_adv_case(lambda w: w[0]), ValueError, "weight", id="weight_C_C"),
+    pytest.param(_adv_case(lambda w: w[:, :, :-1]), ValueError, "weight",
+                 id="weight_B_C_C_minus_1"),
+    pytest.param(_adv_case(lambda w: w.double()), TypeError, "weight", id="weight_float64"),
+    pytest.param(_adv_case(lambda w: w.to("meta")), ValueError, "weight", id="weight_on_meta"),
+    pytest.param(_adv_case(lambda w: _set(w, (1, 2, 3), -0.5)), ValueError, "weight",
+                 id="weight_negative"),
+    pytest.param(_adv_case(lambda w: _set(w, (0, 0, 1), math.nan)), ValueError, "weight",
+                 id="weight_nan"),
+    pytest.param(_adv_case(alpha=math.nan), ValueError, "alpha", id="alpha_nan"),
+    pytest.param(_adv_case(beta="20"), TypeError, "beta", id="beta_str"),
+]
+
+
+@pytest.mark.parametrize("case, error, message", ADV_CASES)
+def test_bad_adv_dkl_inputs(case, error, message, generator, no_kernel):
+    logits_nat, logits_adv = logits(generator)
+    with pytest.raises(error, match=message):
+        compat.adv_dkl_loss(logits_nat, logits_adv, **case(generator))
 
 
 # --------------------------------------------------------------------------- backend resolution

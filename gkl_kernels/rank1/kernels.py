@@ -132,7 +132,8 @@ def gkl_rank1_fwd_kernel(
             m2_sum = m2_sum * rescale_w
             m_w = m_w_new
         if SOURCE != 3:
-            v = _rank1_factor_tile(t_rel, v_row, cols64 * v_stride_c, mask, gamma, inv_t2, m_w, SOURCE)
+            v = _rank1_factor_tile(t_rel, v_row, cols64 * v_stride_c, mask, gamma, inv_t2, m_w,
+                                   SOURCE)
             d = t_rel - s_rel
             w_tile = tl.sum(v, axis=0)
             mean_tile = tl.sum(v * d, axis=0) / tl.where(w_tile > 0.0, w_tile, 1.0)
