@@ -1,0 +1,192 @@
+"""General pair weights in torch: ``opcheck`` of the pair-weight ops, ``torch.compile(fullgraph=True)``
+with ``(C, C)`` and ``(B, C, C)`` weights, ``weights_kind`` when ``B == C``, and the first paper's
+drop-ins (``compat.ikl_loss``, ``compat.adv_dkl_loss``) against its formulas written out in float64.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gkl_kernels import GKLLoss, compat, functional, gkl_loss, pairwise_wmse
+from gkl_kernels.pairs.op import pair_rows
+from tests.conftest import assert_close_rel, loss_and_grads, oracle
+
+KINDS = ("shared", "per_row")
+
+
+def pair_inputs(kind, generator, batch=5, num_classes=7, dtypes=(torch.float32, torch.float32),
+                weight_dtype=torch.float32):
+    student = (3 * torch.randn(batch, num_classes, generator=generator)).to(dtypes[0])
+    teacher = (3 * torch.randn(batch, num_classes, generator=generator)).to(dtypes[1])
+    shape = (num_classes, num_classes) if kind == "shared" else (batch, num_classes, num_classes)
+    return student, teacher, torch.rand(shape, generator=generator).to(weight_dtype)
+
+
+# --------------------------------------------------------------------------- (a) opcheck
+
+MIXED = dict(dtypes=(torch.bfloat16, torch.float16), weight_dtype=torch.bfloat16)
+OP_CASES = [  # (use_triton, symmetric, input options, need_ds, need_dt)
+    pytest.param(False, True, {}, True, True, id="torch_path-gkl"),
+    pytest.param(False, False, {}, False, True, id="torch_path-dkl"),
+    pytest.param(False, True, MIXED, True, False, id="torch_path-bf16_f16-ds_only"),
+    pytest.param(True, True, {}, True, True, id="triton_interpreter-gkl"),
+]
+
+
+def assert_opcheck(op, args):
+    result = torch.library.opcheck(op, args)
+    assert result and all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("use_triton, symmetric, inputs, need_ds, need_dt", OP_CASES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck_pair_rows(kind, use_triton, symmetric, inputs, need_ds, need_dt, generator):
+    student, teacher, weights = pair_inputs(kind, generator, **inputs)
+    args = (student.requires_grad_(), teacher.requires_grad_(), weights, kind == "per_row",
+            symmetric, use_triton, 0, "ieee")
+    assert_opcheck(torch.ops.gkl_kernels.pair_rows.default, args)
+    grad_wmse = torch.rand(student.shape[0], generator=generator)
+    args = (grad_wmse, student.detach(), teacher.detach(), weights, kind == "per_row", need_ds,
+            need_dt, use_triton, 0, "ieee")
+    assert_opcheck(torch.ops.gkl_kernels.pair_rows_backward.default, args)
+
+
+# --------------------------------------------------------------------------- (b) torch.compile
+
+
+@pytest.mark.parametrize("backend, compiler", [("torch", "inductor"), ("triton", "aot_eager")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_loss_matches_eager(kind, backend, compiler, generator):
+    """The adversarial-training shape: both logits need gradients; loss and backward compiled
+    together (``fullgraph=True``, Dynamo's ``trace_autograd_ops``)."""
+    student, teacher, weights = pair_inputs(kind, generator, batch=6, num_classes=12)
+    options = dict(mse_weight=20.0, ce_weight=4.0, temperature=4.0, backend=backend)
+
+    def loss_and_grad(s, t):
+        loss = gkl_loss(s, t, weights=weights, **options)
+        loss.backward()
+        return loss.detach()
+
+    def run(fn):
+        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        return fn(s, t), s.grad, t.grad
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = run(torch.compile(loss_and_grad, fullgraph=True, backend=compiler))
+    eager = run(loss_and_grad)
+    for name, c, e in zip(("loss", "grad_student", "grad_teacher"), compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6, msg=name)
+    assert_close_rel(eager[0], oracle(student, teacher, weights=weights, weights_kind=kind,
+                                      mse_weight=20.0, ce_weight=4.0, temperature=4.0)[0],
+                     2e-5, "loss")
+
+
+# --------------------------------------------------------------------------- (c) weights_kind
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_weights_kind_settles_b_equals_c(backend, generator):
+    """One ``(C, C)`` tensor with ``B == C``: as a factor it weighs ``v_j v_k`` per row, as a
+    shared matrix ``M[j, k]``; each equals the reference of that reading, and they differ."""
+    student, teacher, weights = pair_inputs("shared", generator, batch=7, num_classes=7)
+    results = {}
+    for kind in ("factor", "shared"):
+        results[kind] = loss_and_grads(gkl_loss, student, teacher, weights=weights,
+                                       weights_kind=kind, backend=backend)
+        expected = oracle(student, teacher, weights=weights, weights_kind=kind)
+        for name, a, e in zip(("loss", "grad_student", "grad_teacher"), results[kind], expected):
+            assert_close_rel(a, e, 2e-5, f"{kind} {name}")
+    assert abs(results["factor"][0] - results["shared"][0]) > 1e-3 * abs(results["shared"][0])
+    module = GKLLoss(backend=backend)(student, teacher, weights=weights, weights_kind="shared")
+    assert_close_rel(module, results["shared"][0], 1e-6, "GKLLoss")
+    rows = pairwise_wmse(student, teacher, weights, weights_kind="shared", reduction="none",
+                         backend=backend)
+    assert rows.shape == (7,)
+
+
+# --------------------------------------------------------------------------- (d) the first paper
+
+
+def differences(x):
+    return x[:, :, None] - x[:, None, :]
+
+
+def first_paper_loss(student, teacher, pair_weights, temperature, alpha, beta):
+    """The first paper's code, written out: ``beta * 0.25 * sum(P (Dt - Ds)^2) / B + alpha * CE``
+    with the teacher's probabilities constant; float64 loss and gradients."""
+    s = student.detach().double().requires_grad_()
+    t = teacher.detach().double().requires_grad_()
+    wmse = 0.25 * (pair_weights.double() * (differences(t) - differences(s)) ** 2).sum()
+    wmse = wmse / s.shape[0]
+    p_teacher = torch.softmax(t.detach() / temperature, dim=1)
+    ce = -(p_teacher * torch.log_softmax(s / temperature, dim=1)).sum(1).mean()
+    loss = beta * wmse + alpha * ce
+    return (loss.detach(), *torch.autograd.grad(loss, (s, t)))
+
+
+def outer(v):
+    return v[:, :, None] * v[:, None, :]
+
+
+# (temperature, alpha = the code's CE weight, beta = the code's wMSE weight, GI, T2): the first
+# paper's configurations (ImageNet ResNet34 -> ResNet18 with the class prior; CIFAR-100 with the
+# teacher's softmax at T2 = 100, the code's default)
+IKL_SETTINGS = {"imagenet_kd": (1.0, 1.0, 0.5, True, 1.0),
+                "cifar100_kd": (4.0, 1.0, 4.0, False, 100.0)}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("setting", IKL_SETTINGS)
+def test_ikl_loss_matches_first_paper(setting, backend, generator, monkeypatch):
+    temperature, alpha, beta, gi, t2 = IKL_SETTINGS[setting]
+    monkeypatch.setattr(functional.check, "triton_interpreter_active", lambda: backend == "triton")
+    batch, num_classes = 6, 10
+    student = 3 * torch.randn(batch, num_classes, generator=generator)
+    teacher = 3 * torch.randn(batch, num_classes, generator=generator)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    prior = torch.softmax(2 * torch.randn(num_classes, num_classes, generator=generator), dim=1)
+    class_prior = F.one_hot(labels, num_classes).float() @ prior  # the authors' CLASS_PRIOR
+    # rows scaled off 1, so that the code's N = B differs from GKL's N = sum(w)
+    class_prior = class_prior * (0.5 + torch.rand(batch, 1, generator=generator))
+    v = class_prior if gi else torch.softmax(teacher.double() / t2, dim=1)
+    expected = first_paper_loss(student, teacher, outer(v.double()), temperature, alpha, beta)
+    actual = loss_and_grads(compat.ikl_loss, student, teacher, temperature=temperature,
+                            alpha=alpha, beta=beta, CLASS_PRIOR=class_prior if gi else None,
+                            GI=gi, T2=t2)
+    for name, a, e in zip(("loss", "grad_student", "grad_teacher"), actual, expected):
+        assert_close_rel(a, e, 2e-5, name)
+
+
+def adversarial_weight(labels, num_classes, generator):
+    """The first paper's adversarial-training weight: ``s_n = onehot(y) @ W`` for a row-normalised
+    class matrix ``W``, then ``s_n s_n^T`` per row, ``(B, C, C)``."""
+    matrix = torch.softmax(2 * torch.randn(num_classes, num_classes, generator=generator), dim=1)
+    return outer(F.one_hot(labels, num_classes).float() @ matrix)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("weight_source", ["class_prior", "general"])
+def test_adv_dkl_loss_matches_first_paper(weight_source, backend, generator, monkeypatch):
+    """CIFAR adversarial training (alpha = 4, beta = 20): both logits get gradients; a rank-one
+    ``weight`` still runs through the per-row (B, C, C) kernel."""
+    monkeypatch.setattr(functional.check, "triton_interpreter_active", lambda: backend == "triton")
+    calls = []
+    monkeypatch.setattr(functional, "pair_rows",
+                        lambda *args: calls.append(args[3]) or pair_rows(*args))
+    batch, num_classes = 8, 10
+    logits_nat = 3 * torch.randn(batch, num_classes, generator=generator)
+    logits_adv = logits_nat + torch.randn(batch, num_classes, generator=generator)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    if weight_source == "class_prior":
+        weight = adversarial_weight(labels, num_classes, generator)
+    else:
+        weight = torch.rand(batch, num_classes, num_classes, generator=generator)
+    nat = logits_nat.clone().requires_grad_()
+    adv = logits_adv.clone().requires_grad_()
+    loss = compat.adv_dkl_loss(nat, adv, weight, 4.0, 20.0)
+    actual = (loss.detach(), *torch.autograd.grad(loss, (adv, nat)))
+    expected = first_paper_loss(logits_adv, logits_nat, weight, 1.0, 4.0, 20.0)
+    for name, a, e in zip(("loss", "grad_adv", "grad_nat"), actual, expected):
+        assert_close_rel(a, e, 2e-5, name)
+    assert calls == [True]  # per_row, no silent rank-one detection
