@@ -2,7 +2,7 @@
 respect to the logits that need gradients (the student, and the teacher in adversarial cases).
 
 Providers: the literal ``B x C x C`` reference eager and under ``torch.compile`` (both "quadratic":
-memory and time grow with ``B * C^2``), the package's plain-PyTorch O(C) path, and ``F.kl_div`` at
+memory and time grow with ``B * C^2``), the package's plain-PyTorch path, and ``F.kl_div`` at
 the same shape as the cost of plain knowledge distillation (a different loss: no error column).
 """
 

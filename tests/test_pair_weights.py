@@ -1,11 +1,12 @@
 """General pair weights, shared ``(C, C)`` and per-row ``(B, C, C)``: loss and gradients against the
 float64 reference on both backends, multi-tile cases, half precision, the rank-one cross-check
-``w = v v^T`` and the out-of-bounds guard of the kernels."""
+``w = v v^T``, the out-of-bounds guard of the kernels and the torch path's peak memory."""
 
 import pytest
 import torch
 
 import gkl_kernels
+from bench.memory import measure_peak_memory
 from gkl_kernels.pairs import per_row_kernels, shared_kernels
 from reference import gkl_loss_reference
 from tests.conftest import (BACKENDS, DTYPE_PAIRS, PaddedAllocator, assert_close_rel,
@@ -208,3 +209,23 @@ def test_out_of_bounds_guard(kind, needs_teacher_grad, generator, monkeypatch):
     assert_close_rel(s.grad, expected[1], F32_RTOL, "grad_student")
     if needs_teacher_grad:
         assert_close_rel(t.grad, expected[2], F32_RTOL, "grad_teacher")
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_path_allocates_nothing_of_size_b_c_c(kind, weight_dtype, generator):
+    """Peak memory of a forward+backward pass on the torch path (CPU allocator events): far below
+    one ``B x C x C`` float32 tensor (the reference needs several)."""
+    batch, num_classes = 32, 100
+    student, teacher, weights = make_pair_inputs(kind, batch, num_classes, generator,
+                                                 weight_dtype=weight_dtype)
+    s, t = student.requires_grad_(), teacher.requires_grad_()
+
+    def step():
+        loss = gkl_kernels.gkl_loss(s, t, weights=weights, backend="torch", **OPTIONS)
+        return torch.autograd.grad(loss, (s, t))
+
+    step()
+    peak, _ = measure_peak_memory(step)
+    pairs_bytes = batch * num_classes * num_classes * 4
+    assert peak < pairs_bytes / 4, f"peak {peak} bytes, B x C x C float32 is {pairs_bytes}"

@@ -4,8 +4,9 @@ With ``d = t - s`` centred per row (an exact identity: the pairwise sum ignores 
 ``g_n = sum_k (w[n,k] + w[k,n]) (d_n - d_k) = (r_n + c_n) d_n - (W d)_n - (W^T d)_n`` with row
 sums ``r`` and column sums ``c``; ``wmse = sum_n d_n g_n`` and ``d wmse / d d = 2 g``. Shared
 ``(C, C)`` weights cost one ``(B, C) @ (C, C)`` product and ``C x C`` temporaries; per-row
-``(B, C, C)`` weights two batched matrix-vector products, in chunks of rows so that a float32 copy
-of half-precision weights never exceeds ``CHUNK_ELEMENTS``. No ``B x C x C`` temporary exists.
+``(B, C, C)`` weights two batched matrix-vector products, in chunks of at most an eighth of the
+rows and ``CHUNK_ELEMENTS`` weights, so that a float32 copy of half-precision weights stays small.
+No ``B x C x C`` temporary exists.
 """
 
 import torch
@@ -29,20 +30,25 @@ def _shared_gradient(d, weights):
     return torch.addmm(d * pair.sum(dim=0), d, pair, alpha=-1.0)
 
 
+def _per_row_chunk_gradient(w, d):
+    """``g`` and the row weight sums for a chunk of rows: ``w`` float32 ``(b, C, C)``, ``d``
+    ``(b, C)``."""
+    degree = w.sum(dim=2).add_(w.sum(dim=1))
+    product = torch.bmm(w, d[:, :, None]).squeeze(2)
+    product += torch.bmm(d[:, None, :], w).squeeze(1)
+    return degree.mul_(d).sub_(product), w.sum(dim=(1, 2))
+
+
 def _per_row_gradient(d, weights):
     """``g`` (B, C) and the row weight sums ``sum_{j,k} w[b,j,k]`` (B,), both float32."""
     batch, num_classes = d.shape
     g = torch.empty_like(d)
     weight_sum = d.new_empty(batch)
-    chunk = max(1, CHUNK_ELEMENTS // (num_classes * num_classes))
+    chunk = max(1, min(CHUNK_ELEMENTS // (num_classes * num_classes), -(-batch // 8)))
     for start in range(0, batch, chunk):
-        w = weights[start:start + chunk].float()
-        d_chunk = d[start:start + chunk]
-        degree = w.sum(dim=2).add_(w.sum(dim=1))
-        product = torch.bmm(w, d_chunk[:, :, None]).squeeze(2)
-        product += torch.bmm(d_chunk[:, None, :], w).squeeze(1)
-        weight_sum[start:start + chunk] = w.sum(dim=(1, 2))
-        g[start:start + chunk] = degree.mul_(d_chunk).sub_(product)
+        rows = slice(start, start + chunk)
+        # one float32 chunk alive at a time: it is freed when the helper returns
+        g[rows], weight_sum[rows] = _per_row_chunk_gradient(weights[rows].float(), d[rows])
     return g, weight_sum
 
 
