@@ -69,28 +69,12 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
             raise ValueError("class_prior needs labels (B,) to pick each row's prior")
         check.check_prior(class_prior, labels, student, options.check_values)
     with_ce = options.ce_weight != 0
-    block_c = options.block_c or 0
     if kind in ("shared", "per_row"):
-        wmse, weight_sums = pair_rows(student, teacher, weights.detach(), kind == "per_row",
-                                      options.symmetric, use_triton, block_c,
-                                      options.dot_precision)
-        total = weight_sums.sum()
-        if with_ce:
-            ce = rank1_rows(student, teacher, None, None, SOURCE_NONE, 1.0,
-                            float(options.temperature), 1.0, True, options.symmetric, use_triton,
-                            block_c)[1]
+        wmse, ce, total = _general_pair_rows(student, teacher, weights, kind == "per_row",
+                                             options, with_ce, use_triton)
     else:
-        if kind == "factor":
-            source, factor = SOURCE_EXPLICIT, weights.detach()
-        elif class_prior is not None:
-            source, factor = SOURCE_PRIOR, class_prior.detach()
-        else:
-            source, factor = SOURCE_TEACHER, None
-        wmse, ce, stats = rank1_rows(
-            student, teacher, factor, labels if source == SOURCE_PRIOR else None, source,
-            float(options.gamma), float(options.temperature), float(options.weight_temperature),
-            with_ce, options.symmetric, use_triton, block_c)
-        total = stats[:, 0].detach().square().sum()
+        wmse, ce, total = _rank_one_rows(student, teacher, weights, labels, class_prior, options,
+                                         with_ce, use_triton)
     if options.normalize == "weights":
         empty = total == 0
         mse_term = torch.where(empty, 0.0, wmse.sum() / torch.where(empty, 1.0, total))
@@ -100,6 +84,35 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     if with_ce:
         loss = loss + options.ce_weight * ce.mean()
     return loss
+
+
+def _rank_one_rows(student, teacher, weights, labels, class_prior, options, with_ce, use_triton):
+    """Rank-one pair weights (explicit factor, class prior or teacher): per-row wMSE and
+    cross-entropy (B,) and the sum of all pair weights ``sum_b W_b^2``."""
+    if weights is not None:
+        source, factor = SOURCE_EXPLICIT, weights.detach()
+    elif class_prior is not None:
+        source, factor = SOURCE_PRIOR, class_prior.detach()
+    else:
+        source, factor = SOURCE_TEACHER, None
+    wmse, ce, stats = rank1_rows(
+        student, teacher, factor, labels if source == SOURCE_PRIOR else None, source,
+        float(options.gamma), float(options.temperature), float(options.weight_temperature),
+        with_ce, options.symmetric, use_triton, options.block_c or 0)
+    return wmse, ce, stats[:, 0].detach().square().sum()
+
+
+def _general_pair_rows(student, teacher, weights, per_row, options, with_ce, use_triton):
+    """Shared ``(C, C)`` or per-row ``(B, C, C)`` weights: per-row wMSE, cross-entropy (B,) (or
+    None without it) and the sum of all pair weights."""
+    block_c = options.block_c or 0
+    wmse, weight_sums = pair_rows(student, teacher, weights.detach(), per_row, options.symmetric,
+                                  use_triton, block_c, options.dot_precision)
+    ce = None
+    if with_ce:
+        ce = rank1_rows(student, teacher, None, None, SOURCE_NONE, 1.0, float(options.temperature),
+                        1.0, True, options.symmetric, use_triton, block_c)[1]
+    return wmse, ce, weight_sums.sum()
 
 
 def _checked_weights_kind(weights, student, weights_kind, options):
