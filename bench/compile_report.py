@@ -1,25 +1,34 @@
-"""Ahead-of-time compile report for the rank-one kernels on sm_80 (A100) and sm_90a (H100).
+"""Ahead-of-time compile report for the Triton kernels on sm_80 (A100) and sm_90a (H100).
 
-No GPU is needed. Each configuration is a call of ``rank1_rows_forward`` / ``rank1_rows_backward``
-on ``meta`` tensors with the Triton kernel swapped for a recorder, so the tile width, the warp
-count and every argument are the launchers' own choices (``pick_block_c``, ``pick_num_warps``).
+No GPU is needed. Three kernel families, each a forward and a backward kernel with a launcher per
+pass: ``rank1`` (``rank1_rows_forward`` / ``rank1_rows_backward``), ``shared`` (pair weights, one
+``(C, C)`` matrix, ``tl.dot``: ``shared_rows_forward`` / ``shared_rows_backward``) and ``per_row``
+(pair weights ``(B, C, C)``: ``per_row_rows_forward`` / ``per_row_rows_backward``). Each
+configuration is a call of a launcher on ``meta`` tensors with the Triton kernel swapped for a
+recorder, so the tiles, the warp count and every argument are the launchers' own choices
+(``pick_block_c``, ``pick_num_warps``, ``pick_shared_blocks``, ``pick_per_row_blocks``).
 The recorded launch is specialised as the JIT specialises a launch on contiguous torch tensors
 (pointers 16-byte aligned, integers equal to 1 become constants, integers divisible by 16 get
 ``tt.divisibility``), compiled with ``triton.compile`` for each architecture, re-assembled with
-``ptxas -v`` (registers, spills) and disassembled with ``nvdisasm -c`` (instruction count, widths of
-global loads). The compiles run in a pool of forked processes; the ptxas / nvdisasm figures are
-cached in Triton's cache, keyed by the kernel's hash and the measuring code.
+``ptxas -v`` and Triton's register-allocation options (registers, spills), and disassembled with
+``nvdisasm -c`` (instruction count, local-memory instructions, widths of global loads,
+matrix-unit instructions: ``HMMA`` on sm_80, warpgroup ``HGMMA`` or ``HMMA`` on sm_90a). The
+compiles run in a pool of forked processes; the ptxas / nvdisasm figures are cached in Triton's
+cache, keyed by the kernel's hash and the measuring code.
 
 Run from the repository root::
 
-    python -m bench.compile_report [--arch 80 90] [--workers 2] [--json rows.json]
+    python -m bench.compile_report [--arch 80 90] [--family rank1 shared per_row]
+                                   [--workers 2] [--json rows.json]
 
 It prints one row per configuration and exits with status 1 when a configuration fails to
-compile, spills registers, or needs more shared memory than one block may have. It needs compiled
+compile, spills registers (spill bytes from ptxas, or local-memory instructions in Triton's
+SASS), or needs more shared memory than one block may have. It needs compiled
 Triton: with ``TRITON_INTERPRET`` set it runs itself again in a subprocess without that variable.
 """
 
 import argparse
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -36,6 +45,8 @@ import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -46,7 +57,9 @@ from triton.backends.nvidia import compiler as nvidia_compiler
 from triton.compiler import ASTSource
 from triton.runtime.cache import get_cache_manager
 
-from gkl_kernels.rank1 import kernels
+from gkl_kernels.pairs import per_row_kernels, shared_kernels
+from gkl_kernels.rank1 import kernels as rank1_kernels
+from gkl_kernels.validation import DOT_PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +79,17 @@ LOGIT_DTYPE_PAIRS = (  # (student, teacher)
     (torch.bfloat16, torch.bfloat16),
     (torch.bfloat16, torch.float32),
 )
-FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_CLASSES, MAX_CLASSES = 2, 262144
-KERNEL_NAMES = {"forward": "gkl_rank1_fwd_kernel", "backward": "gkl_rank1_bwd_kernel"}
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PASSES = ("forward", "backward")
+RANK1_CLASSES = (2, 262144)  # the class counts the rank-one sweep considers (inclusive)
+SHARED_BATCHES = (1, 256)  # the batches the shared sweep considers: BLOCK_B follows the batch
+# Class counts of the pair-weight sweeps. CIFAR-10's and ImageNet's are not multiples of 16, so
+# rows are not known to be 16-aligned (scalar loads, the most registers); they pick the shared
+# kernels' BLOCK_C = 16 and 32. 1024 gives aligned rows (vector loads) and the widest tiles. The
+# per-row sweep also has 2 (its smallest tile) and 17 (the smallest count of its 32 x 32 tile).
+UNALIGNED_CLASSES = (10, 1000)
+ALIGNED_CLASSES = 1024
+PER_ROW_CLASSES = (2, 17, 1000)
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                 torch.int64: "i64", torch.int32: "i32"}
 INTERPRET_VARIABLE = "TRITON_INTERPRET"
@@ -77,18 +98,22 @@ MEASUREMENTS_FILE = "gkl_compile_report.json"
 
 @dataclasses.dataclass(frozen=True)
 class LaunchCase:
-    """One call of a launcher: the pass, the input dtypes, the class count and the flags."""
+    """One call of a launcher: the kernel family and pass, the input dtypes and shape, and the
+    flags. A family ignores the fields it has no use for (they keep their defaults)."""
 
+    family: str  # a key of FAMILIES
     kernel: str  # "forward" or "backward"
     student: torch.dtype
     teacher: torch.dtype
     num_classes: int
-    source: int = kernels.SOURCE_TEACHER
-    factor: torch.dtype = None  # dtype of the explicit factor or the class prior
-    with_ce: bool = True
-    symmetric: bool = True
-    need_ds: bool = True
-    need_dt: bool = True
+    batch: int = 2
+    weights: torch.dtype = None  # rank1: the explicit factor or class prior; pairs: the weights
+    source: int = rank1_kernels.SOURCE_TEACHER  # rank1
+    with_ce: bool = True  # rank1
+    symmetric: bool = True  # rank1, backward
+    need_ds: bool = True  # backward
+    need_dt: bool = True  # backward
+    dot_precision: str = None  # shared: tl.dot's input_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +127,7 @@ class CompileJob:
     constants: tuple  # (argument index, value): constexpr arguments and integers equal to 1
     aligned: tuple  # indices of the arguments that are divisible by 16
     options: tuple  # (name, value): the launcher's options, num_stages as the JIT defaults it
-    block_c: int
+    tile: tuple  # (name, value) of the BLOCK_* arguments, in the kernel's order
     arch: Arch
 
 
@@ -124,18 +149,45 @@ class LaunchRecorder:
         self.arguments = signature.bind(*args, **kwargs).arguments
 
 
-def class_count_range_per_block():
-    """``{BLOCK_C: (smallest, largest) class count}`` for which the launcher picks ``BLOCK_C``,
-    over ``MIN_CLASSES..MAX_CLASSES``."""
-    counts = {}
-    for num_classes in range(MIN_CLASSES, MAX_CLASSES + 1):
-        block = kernels.pick_block_c(num_classes)
-        counts[block] = (counts.get(block, (num_classes,))[0], num_classes)
-    return counts
+def count_range_per_tile(pick, counts):
+    """``{tile: (smallest, largest) count}`` for which ``pick(count)`` gives ``tile``, over the
+    inclusive range ``counts``: which class counts (or batch sizes) reach each tile a launcher
+    can choose."""
+    ranges = {}
+    for count in range(counts[0], counts[1] + 1):
+        tile = pick(count)
+        ranges[tile] = (ranges.get(tile, (count,))[0], count)
+    return ranges
 
 
-def sweep_cases():
-    """The report's launch cases.
+def largest_count_per_tile(pick, counts):
+    """``{tile: largest count}`` for ``count_range_per_tile``: from 16 on a multiple of 16 when
+    the tiles are powers of two, so rows are known to be aligned."""
+    return {tile: largest for tile, (_, largest) in count_range_per_tile(pick, counts).items()}
+
+
+def meta_tensor(*shape, dtype=torch.float32):
+    """An empty tensor on the ``meta`` device: a shape and a dtype, no memory."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def meta_logits(case):
+    """The case's student and teacher logits, ``(batch, num_classes)`` ``meta`` tensors."""
+    return (meta_tensor(case.batch, case.num_classes, dtype=case.student),
+            meta_tensor(case.batch, case.num_classes, dtype=case.teacher))
+
+
+def gradient_flags(case):
+    """``DS`` / ``DT`` for the gradients a backward case computes; none for a forward case."""
+    if case.kernel != "backward":
+        return []
+    return [name for name, needed in (("DS", case.need_ds), ("DT", case.need_dt)) if needed]
+
+
+# ---- the rank-one family -------------------------------------------------------------------
+
+def rank1_cases():
+    """The rank-one launch cases.
 
     1. Every tile width the launcher picks, at the largest class count it picks it for (a
        multiple of 16 from tile 16 on, so rows are known to be aligned), for each logits dtype
@@ -146,56 +198,177 @@ def sweep_cases():
     3. At the widest tile and the smallest class count, which is not a multiple of 16 (so rows are
        not known to be aligned, as for C = 100, 1000, 21841): each dtype pair, heaviest flags.
     """
-    counts = class_count_range_per_block()
+    counts = count_range_per_tile(rank1_kernels.pick_block_c, RANK1_CLASSES)
     fewest, most = counts[max(counts)]
-    cases = [LaunchCase(kernel, student, teacher, largest)
+    case = functools.partial(LaunchCase, "rank1")
+    cases = [case(kernel, student, teacher, largest)
              for _, largest in counts.values()
              for student, teacher in LOGIT_DTYPE_PAIRS
-             for kernel in KERNEL_NAMES]
-    cases += [LaunchCase(kernel, torch.float32, torch.float32, most, source=source, factor=factor)
-              for source in (kernels.SOURCE_PRIOR, kernels.SOURCE_EXPLICIT)
-              for factor in FACTOR_DTYPES
-              for kernel in KERNEL_NAMES]
-    cases.append(LaunchCase("forward", torch.float32, torch.float32, most, with_ce=False))
-    cases += [LaunchCase("backward", torch.float32, torch.float32, most, with_ce=with_ce,
-                         symmetric=symmetric, need_ds=need_ds, need_dt=need_dt)
+             for kernel in PASSES]
+    cases += [case(kernel, torch.float32, torch.float32, most, source=source, weights=weights)
+              for source in (rank1_kernels.SOURCE_PRIOR, rank1_kernels.SOURCE_EXPLICIT)
+              for weights in WEIGHT_DTYPES
+              for kernel in PASSES]
+    cases.append(case("forward", torch.float32, torch.float32, most, with_ce=False))
+    cases += [case("backward", torch.float32, torch.float32, most, with_ce=with_ce,
+                   symmetric=symmetric, need_ds=need_ds, need_dt=need_dt)
               for with_ce, symmetric, need_ds, need_dt in itertools.product((True, False), repeat=4)
               if (need_ds or need_dt) and not (with_ce and symmetric and need_ds and need_dt)]
-    cases += [LaunchCase(kernel, student, teacher, fewest)
+    cases += [case(kernel, student, teacher, fewest)
               for student, teacher in LOGIT_DTYPE_PAIRS
-              for kernel in KERNEL_NAMES]
+              for kernel in PASSES]
     return cases
 
 
-def record_launch(case, batch=2):
-    """Call the case's launcher on ``meta`` tensors; returns the kernel, its arguments by name and
-    the launch options, as the launcher passed them."""
-    def empty(*shape, dtype=torch.float32):
-        return torch.empty(shape, dtype=dtype, device="meta")
-
-    student = empty(batch, case.num_classes, dtype=case.student)
-    teacher = empty(batch, case.num_classes, dtype=case.teacher)
+def launch_rank1(case):
+    """Call the rank-one launcher of the case's pass on ``meta`` tensors."""
+    student, teacher = meta_logits(case)
     factor = labels = None
-    if case.source == kernels.SOURCE_PRIOR:
-        factor = empty(case.num_classes, case.num_classes, dtype=case.factor)
-        labels = empty(batch, dtype=torch.int64)
-    elif case.source == kernels.SOURCE_EXPLICIT:
-        factor = empty(batch, case.num_classes, dtype=case.factor)
+    if case.source == rank1_kernels.SOURCE_PRIOR:
+        factor = meta_tensor(case.num_classes, case.num_classes, dtype=case.weights)
+        labels = meta_tensor(case.batch, dtype=torch.int64)
+    elif case.source == rank1_kernels.SOURCE_EXPLICIT:
+        factor = meta_tensor(case.batch, case.num_classes, dtype=case.weights)
     gamma = temperature = weight_temperature = 1.0
     if case.kernel == "forward":
-        launch = functools.partial(
-            kernels.rank1_rows_forward, student, teacher, factor, labels, case.source, gamma,
-            temperature, weight_temperature, case.with_ce)
+        rank1_kernels.rank1_rows_forward(student, teacher, factor, labels, case.source, gamma,
+                                         temperature, weight_temperature, case.with_ce)
     else:
-        row_grad = empty(batch)
-        launch = functools.partial(
-            kernels.rank1_rows_backward, row_grad, row_grad, student, teacher, factor, labels,
-            empty(batch, kernels.NUM_STATS), case.source, gamma, temperature, weight_temperature,
-            case.with_ce, case.symmetric, case.need_ds, case.need_dt)
-    name = KERNEL_NAMES[case.kernel]
-    recorder = LaunchRecorder(getattr(kernels, name))
-    with mock.patch.object(kernels, name, recorder):
-        launch()
+        row_grad = meta_tensor(case.batch)
+        rank1_kernels.rank1_rows_backward(
+            row_grad, row_grad, student, teacher, factor, labels,
+            meta_tensor(case.batch, rank1_kernels.NUM_STATS), case.source, gamma, temperature,
+            weight_temperature, case.with_ce, case.symmetric, case.need_ds, case.need_dt)
+
+
+def rank1_flags(case):
+    """The rank-one flags of a case, as printed: weight source, cross-entropy, symmetric, grads."""
+    flags = [f"SOURCE={case.source}", "CE" if case.with_ce else "noCE"]
+    if case.kernel == "backward":
+        flags.append("SYM" if case.symmetric else "noSYM")
+    return flags + gradient_flags(case)
+
+
+# ---- the pair-weight families ------------------------------------------------------------
+
+def shared_cases():
+    """The launch cases of the shared ``(C, C)`` kernels: float32 inputs, both gradients and
+    ``tf32x3`` (three ``tl.dot`` per step, the most registers at most tiles) where not said
+    otherwise.
+
+    1. Every ``(BLOCK_B, BLOCK_C)`` tile the launcher picks, both passes, at the largest batch
+       that picks ``BLOCK_B`` and the class count of ``UNALIGNED_CLASSES`` that picks
+       ``BLOCK_C`` (rows not known to be 16-aligned: scalar loads, more registers than aligned
+       rows).
+    2. At the widest tile, the other dot precisions, both passes.
+    3. At the widest tile with ``ALIGNED_CLASSES`` (vector loads): ``dtype_and_gradient_cases``.
+    """
+    batches = largest_count_per_tile(
+        lambda batch: shared_kernels.pick_shared_blocks(batch, ALIGNED_CLASSES)[0], SHARED_BATCHES)
+    classes = {shared_kernels.pick_shared_blocks(1, num_classes)[1]: num_classes
+               for num_classes in UNALIGNED_CLASSES}
+    case = functools.partial(LaunchCase, "shared", weights=torch.float32, dot_precision="tf32x3")
+    cases = [case(kernel, torch.float32, torch.float32, num_classes, batch)
+             for batch in batches.values() for num_classes in classes.values()
+             for kernel in PASSES]
+    widest = functools.partial(case, batch=batches[max(batches)])
+    cases += [widest(kernel, torch.float32, torch.float32, classes[max(classes)],
+                     dot_precision=dot_precision)
+              for dot_precision in DOT_PRECISIONS if dot_precision != "tf32x3"
+              for kernel in PASSES]
+    return cases + dtype_and_gradient_cases(widest, ALIGNED_CLASSES)
+
+
+def per_row_cases():
+    """The launch cases of the per-row ``(B, C, C)`` kernels (float32 inputs, both gradients):
+    each class count of ``PER_ROW_CLASSES``, both passes, then ``dtype_and_gradient_cases`` at
+    ``ALIGNED_CLASSES`` (the widest tile, aligned rows)."""
+    case = functools.partial(LaunchCase, "per_row", weights=torch.float32)
+    cases = [case(kernel, torch.float32, torch.float32, num_classes)
+             for num_classes in PER_ROW_CLASSES for kernel in PASSES]
+    return cases + dtype_and_gradient_cases(case, ALIGNED_CLASSES)
+
+
+def dtype_and_gradient_cases(case, num_classes):
+    """Cases of a pair-weight family at one class count (``case`` makes a ``LaunchCase`` of the
+    family): each logits dtype pair with weights in the student's dtype, both passes, then the
+    backward pass with each gradient alone (float32)."""
+    cases = [case(kernel, student, teacher, num_classes, weights=student)
+             for student, teacher in LOGIT_DTYPE_PAIRS for kernel in PASSES]
+    return cases + [case("backward", torch.float32, torch.float32, num_classes, need_ds=need_ds,
+                         need_dt=not need_ds)
+                    for need_ds in (True, False)]
+
+
+def launch_shared(case):
+    """Call the shared-weights launcher of the case's pass on ``meta`` tensors."""
+    student, teacher = meta_logits(case)
+    weights = meta_tensor(case.num_classes, case.num_classes, dtype=case.weights)
+    if case.kernel == "forward":
+        shared_kernels.shared_rows_forward(student, teacher, weights, case.dot_precision)
+    else:
+        shared_kernels.shared_rows_backward(meta_tensor(case.batch), student, teacher, weights,
+                                            case.need_ds, case.need_dt, case.dot_precision)
+
+
+def launch_per_row(case):
+    """Call the per-row-weights launcher of the case's pass on ``meta`` tensors."""
+    student, teacher = meta_logits(case)
+    weights = meta_tensor(case.batch, case.num_classes, case.num_classes, dtype=case.weights)
+    if case.kernel == "forward":
+        per_row_kernels.per_row_rows_forward(student, teacher, weights)
+    else:
+        per_row_kernels.per_row_rows_backward(meta_tensor(case.batch), student, teacher, weights,
+                                              case.need_ds, case.need_dt)
+
+
+# ---- the families, and recording a launch ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A family of kernels: the module of its kernels and launchers, the kernel each pass
+    launches, how to call the pass's launcher for a case, the case's flags as printed, and the
+    family's launch cases."""
+
+    module: ModuleType
+    kernel_names: dict  # pass -> name of the @triton.jit kernel in module
+    launch: Callable  # (LaunchCase) -> None, calls the launcher on meta tensors
+    flags: Callable  # (LaunchCase) -> list of str
+    cases: Callable  # () -> list of LaunchCase
+
+
+FAMILIES = {
+    "rank1": Family(rank1_kernels, {"forward": "gkl_rank1_fwd_kernel",
+                                    "backward": "gkl_rank1_bwd_kernel"},
+                    launch_rank1, rank1_flags, rank1_cases),
+    "shared": Family(shared_kernels, {"forward": "wmse_shared_fwd_kernel",
+                                      "backward": "wmse_shared_bwd_kernel"},
+                     launch_shared, gradient_flags, shared_cases),
+    "per_row": Family(per_row_kernels, {"forward": "wmse_per_row_fwd_kernel",
+                                        "backward": "wmse_per_row_bwd_kernel"},
+                      launch_per_row, gradient_flags, per_row_cases),
+}
+
+
+def sweep_cases(families=tuple(FAMILIES)):
+    """The report's launch cases: each family's own, in the order of ``families``."""
+    return [case for family in families for case in FAMILIES[family].cases()]
+
+
+def jit_kernel(family, kernel_name):
+    """The ``@triton.jit`` kernel ``kernel_name`` of a family."""
+    return getattr(FAMILIES[family].module, kernel_name)
+
+
+def record_launch(case):
+    """Call the case's launcher on ``meta`` tensors with its kernel swapped for a recorder;
+    returns the kernel, its arguments by name and the launch options, as the launcher passed
+    them."""
+    family = FAMILIES[case.family]
+    name = family.kernel_names[case.kernel]
+    recorder = LaunchRecorder(jit_kernel(case.family, name))
+    with mock.patch.object(family.module, name, recorder):
+        family.launch(case)
     return recorder.kernel, recorder.arguments, recorder.options
 
 
@@ -225,15 +398,16 @@ def compile_job(case, arch):
         elif divisible:
             aligned.append(index)
     options = {"num_stages": nvidia_compiler.CUDAOptions.num_stages, **launch_options}
+    tile = tuple((name, value) for name, value in arguments.items() if name.startswith("BLOCK_"))
     return CompileJob(case, kernel.__name__, tuple(arg_types), tuple(constants), tuple(aligned),
-                      tuple(sorted(options.items())), arguments["BLOCK_C"], arch)
+                      tuple(sorted(options.items())), tile, arch)
 
 
 def ast_source(job):
     """``ASTSource`` of the job in the installed Triton's format. triton >= 3.3: every argument in
     the signature, ``constexprs`` keyed by argument index, attributes as lists; triton 3.2: only
     runtime arguments, ``constants`` keyed by name, an ``AttrsDescriptor`` built from hints."""
-    kernel = getattr(kernels, job.kernel_name)
+    kernel = jit_kernel(job.case.family, job.kernel_name)
     names = kernel.arg_names
     if "constexprs" in inspect.signature(ASTSource).parameters:
         signature = dict(zip(names, job.arg_types))
@@ -249,6 +423,8 @@ def ast_source(job):
                      backend_compiler.AttrsDescriptor.from_hints(hints))
 
 
+# ---- measuring a compiled kernel ---------------------------------------------------------
+
 def ptxas_path(arch):
     """The ptxas Triton runs for ``arch``: ``get_ptxas(arch)`` (an object with ``.path`` from
     triton 3.4, a ``(path, version)`` pair in 3.3), or triton 3.2's single ``_path_to_binary``."""
@@ -259,11 +435,23 @@ def ptxas_path(arch):
     return tool.path if hasattr(tool, "path") else tool[0]
 
 
+@functools.cache
+def triton_allocation_options():
+    """The ptxas options of Triton's own PTX-to-cubin step that change register allocation, so
+    that the re-assembly allocates as Triton's cubin does: triton 3.9 passes
+    ``--regAllocOptLevel=2`` (without it ptxas reports no spills for kernels whose cubin spills),
+    triton 3.2 nothing. Read from the source of Triton's ``make_cubin``."""
+    source = inspect.getsource(nvidia_compiler.CUDABackend.make_cubin)
+    return tuple(option for option in ("--regAllocOptLevel=2",) if option in source)
+
+
 def ptxas_usage(ptx, arch, workdir):
-    """Registers and spill bytes reported by ``ptxas -v`` for the PTX."""
+    """Registers and spill bytes reported by ``ptxas -v`` for the PTX, with Triton's allocation
+    options."""
     ptx_file = Path(workdir, "kernel.ptx")
     ptx_file.write_text(ptx)
-    log = subprocess.run([ptxas_path(arch), "-v", f"--gpu-name={arch.gpu_name}", str(ptx_file),
+    log = subprocess.run([ptxas_path(arch), "-v", *triton_allocation_options(),
+                          f"--gpu-name={arch.gpu_name}", str(ptx_file),
                           "-o", str(Path(workdir, "reassembled.cubin"))],
                          capture_output=True, text=True, check=True).stderr
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -283,10 +471,18 @@ def global_load_bits(opcode):
     return 32
 
 
+def matrix_unit_counts(opcodes):
+    """``{mnemonic: count}`` of the matrix-unit (tensor core) instructions among the SASS
+    opcodes: ``HMMA`` (warp-level, sm_80 and sm_90a), ``HGMMA`` (warpgroup, sm_90a), and any
+    other ``*MMA`` (``IMMA``, ``DMMA``, ...)."""
+    mnemonics = (opcode.split(".")[0] for opcode in opcodes)
+    return dict(sorted(collections.Counter(m for m in mnemonics if m.endswith("MMA")).items()))
+
+
 def sass_summary(cubin, arch, workdir):
     """From ``nvdisasm -c`` on Triton's cubin: the instruction count (NOP padding left out), the
     local-memory accesses (``LDL``/``STL``), the widths of the global loads and whether any of
-    them is a 64- or 128-bit (vector) load."""
+    them is a 64- or 128-bit (vector) load, and the matrix-unit instructions."""
     cubin_file = Path(workdir, "kernel.cubin")
     cubin_file.write_bytes(cubin)
     nvdisasm = Path(ptxas_path(arch)).with_name("nvdisasm")
@@ -298,13 +494,16 @@ def sass_summary(cubin, arch, workdir):
                        reverse=True)
     return {"sass_instructions": sum(op != "NOP" for op in opcodes),
             "local_accesses": sum(op.startswith(("LDL", "STL")) for op in opcodes),
-            "ldg_bits": load_bits, "vectorised": any(bits >= 64 for bits in load_bits)}
+            "ldg_bits": load_bits, "vectorised": any(bits >= 64 for bits in load_bits),
+            "mma": matrix_unit_counts(opcodes)}
 
 
 @functools.cache
 def measuring_code_hash():
     """Hash of the functions that measure a kernel: a change to them invalidates cached results."""
-    source = "".join(inspect.getsource(f) for f in (ptxas_usage, global_load_bits, sass_summary))
+    source = "".join(inspect.getsource(f) for f in (
+        triton_allocation_options, ptxas_usage, global_load_bits, matrix_unit_counts,
+        sass_summary))
     return hashlib.sha256(source.encode()).hexdigest()
 
 
@@ -323,6 +522,8 @@ def measurements(compiled, arch):
     return found
 
 
+# ---- the report --------------------------------------------------------------------------
+
 def dtype_name(dtype):
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
@@ -331,15 +532,13 @@ def dtype_name(dtype):
 def describe(job):
     """The identifying columns of a report row."""
     case = job.case
-    flags = [f"SOURCE={case.source}", "CE" if case.with_ce else "noCE"]
-    if case.kernel == "backward":
-        flags.append("SYM" if case.symmetric else "noSYM")
-        flags += [name for name, needed in (("DS", case.need_ds), ("DT", case.need_dt)) if needed]
     options = dict(job.options)
-    return {"kernel": job.kernel_name, "arch": job.arch.gpu_name,
+    return {"family": case.family, "kernel": job.kernel_name, "arch": job.arch.gpu_name,
             "student": dtype_name(case.student), "teacher": dtype_name(case.teacher),
-            "factor": dtype_name(case.factor) if case.factor else "-", "flags": " ".join(flags),
-            "C": case.num_classes, "BLOCK_C": job.block_c, "num_warps": options["num_warps"],
+            "weights": dtype_name(case.weights) if case.weights else "-",
+            "flags": " ".join(FAMILIES[case.family].flags(case)),
+            "dot_precision": case.dot_precision, "B": case.batch, "C": case.num_classes,
+            "tile": dict(job.tile), "num_warps": options["num_warps"],
             "num_stages": options["num_stages"]}
 
 
@@ -362,42 +561,61 @@ def problems(row):
     if row["error"]:
         return ["compile error"]
     found = []
-    if row["spill_stores"] or row["spill_loads"]:
-        found.append("spills")
+    if row["spill_stores"] or row["spill_loads"] or row["local_accesses"]:
+        found.append("spills")  # local memory in Triton's own SASS counts too
     if row["shared"] > row["shared_limit"]:
         found.append("shared memory over the limit")
     return found
 
 
-def compile_report(capabilities=tuple(ARCHS), workers=2):
-    """Compile every case of ``sweep_cases`` for each architecture in ``capabilities`` on
-    ``workers`` forked processes; returns the rows (dicts), in sweep order."""
-    if not isinstance(kernels.gkl_rank1_fwd_kernel, triton.runtime.JITFunction):
+def check_compiled_triton():
+    """Raise when the kernels are interpreted (``TRITON_INTERPRET`` was set at import)."""
+    if not all(isinstance(jit_kernel(name, kernel), triton.runtime.JITFunction)
+               for name, family in FAMILIES.items() for kernel in family.kernel_names.values()):
         raise RuntimeError(f"the kernels are interpreted: unset {INTERPRET_VARIABLE} to compile")
-    jobs = [compile_job(case, ARCHS[capability])
-            for capability in capabilities for case in sweep_cases()]
+
+
+def compile_report(capabilities=tuple(ARCHS), workers=2, families=tuple(FAMILIES)):
+    """Compile every case of ``sweep_cases(families)`` for each architecture in ``capabilities``
+    on ``workers`` forked processes; returns the rows (dicts), in sweep order."""
+    check_compiled_triton()
+    cases = sweep_cases(families)
+    jobs = [compile_job(case, ARCHS[capability]) for capability in capabilities for case in cases]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         return list(pool.map(run_job, jobs))
 
 
 COLUMNS = {"kernel": "kernel", "arch": "arch", "student": "student", "teacher": "teacher",
-           "factor": "factor", "flags": "flags", "C": "C", "BLOCK_C": "BLOCK_C",
-           "num_warps": "warps", "num_stages": "stages", "registers": "regs",
+           "weights": "weights", "flags": "flags", "dot_precision": "dot", "B": "B", "C": "C",
+           "tile": "tile", "num_warps": "warps", "num_stages": "stages", "registers": "regs",
            "spill_stores": "spill_st", "spill_loads": "spill_ld", "shared": "smem",
            "sass_instructions": "sass", "local_accesses": "lmem_ops", "ldg_bits": "ldg_bits",
-           "vectorised": "vec"}  # row key: header
+           "vectorised": "vec", "mma": "mma"}  # row key: header
 
 
 def table_cell(row, key):
-    """One cell of the printed table."""
+    """One cell of the printed table. ``tile`` is the BLOCK_* sizes in the kernel's order (rank1:
+    BLOCK_C; shared: BLOCK_B x BLOCK_C; per_row: BLOCK_J x BLOCK_K); ``mma`` the matrix-unit
+    instructions by mnemonic, 0 when there are none."""
     value = row.get(key)
     if value is None:
         return "-"
+    if key == "tile":
+        return "x".join(map(str, value.values()))
     if key == "ldg_bits":
         return "/".join(map(str, value)) or "-"
     if key == "vectorised":
         return "yes" if value else "no"
+    if key == "mma":
+        return ",".join(f"{mnemonic}:{count}" for mnemonic, count in value.items()) or "0"
     return str(value)
+
+
+def row_label(row):
+    """A configuration in one line, for the list of compile errors."""
+    return " ".join(f"{header}={table_cell(row, key)}" for key, header in COLUMNS.items()
+                    if key in ("kernel", "arch", "student", "teacher", "weights", "flags",
+                               "dot_precision", "B", "C", "tile"))
 
 
 def format_table(rows):
@@ -408,8 +626,7 @@ def format_table(rows):
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = ["  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip()
             for line in lines]
-    text += [f"{row['kernel']} {row['arch']} {row['flags']} C={row['C']}: {row['error']}"
-             for row in rows if row["error"]]
+    text += [f"{row_label(row)}: {row['error']}" for row in rows if row["error"]]
     return "\n".join(text)
 
 
@@ -424,6 +641,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCHS),
                         default=sorted(ARCHS), help="compute capabilities (default: 80 90)")
+    parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+                        help="kernel families (default: all)")
     parser.add_argument("--workers", type=int, default=2, help="compile processes (default: 2)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     return parser.parse_args()
@@ -436,7 +655,7 @@ def main():
     args = parse_args()
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     start = time.perf_counter()
-    rows = compile_report(tuple(args.arch), args.workers)
+    rows = compile_report(tuple(args.arch), args.workers, tuple(args.family))
     elapsed = time.perf_counter() - start
     print(format_table(rows))
     failing = [row for row in rows if problems(row)]

@@ -1,4 +1,6 @@
-"""Ahead-of-time compile of the rank-one kernels for A100 (sm_80) and H100 (sm_90a), no GPU needed.
+"""Ahead-of-time compile of the Triton kernels for A100 (sm_80) and H100 (sm_90a), no GPU needed:
+the rank-one kernels and the pair-weight kernels for shared ``(C, C)`` and per-row ``(B, C, C)``
+weights.
 
 This test process runs Triton's interpreter (conftest.py), and one process is either interpreter
 or compiler, so ``python -m bench.compile_report`` runs in a subprocess without
@@ -14,11 +16,23 @@ from pathlib import Path
 
 import pytest
 
+from gkl_kernels.pairs.per_row_kernels import pick_per_row_blocks
+from gkl_kernels.pairs.shared_kernels import pick_shared_blocks
 from gkl_kernels.rank1.kernels import MAX_BLOCK_C
+from gkl_kernels.validation import DOT_PRECISIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MEMORY_LIMITS = {"sm_80": 166912, "sm_90a": 232448}  # opt-in bytes per block, A100 / H100
 DTYPES = {"float32", "float16", "bfloat16"}
+LOGIT_DTYPE_PAIRS = {(dtype, dtype) for dtype in DTYPES} | {("bfloat16", "float32")}
+KERNELS = {  # family: (forward, backward)
+    "rank1": ("gkl_rank1_fwd_kernel", "gkl_rank1_bwd_kernel"),
+    "shared": ("wmse_shared_fwd_kernel", "wmse_shared_bwd_kernel"),
+    "per_row": ("wmse_per_row_fwd_kernel", "wmse_per_row_bwd_kernel"),
+}
+PAIR_CLASSES = range(2, 1025)  # class counts and batches whose pair-weight tiles must be covered
+PAIR_BATCHES = range(1, 257)
+MATRIX_UNIT_PRECISIONS = {"tf32", "tf32x3"}  # tl.dot on the tensor cores; "ieee" is fp32 FMA
 
 
 @pytest.fixture(scope="module")
@@ -34,41 +48,94 @@ def report_rows(tmp_path_factory):
     return json.loads(rows_file.read_text())
 
 
+def select(rows, arch, kernel=None, family=None):
+    """The rows of one architecture, and of one kernel or one family when given."""
+    return [row for row in rows if row["arch"] == arch
+            and kernel in (None, row["kernel"]) and family in (None, row["family"])]
+
+
+def label(row):
+    """A configuration in one line, for failure messages."""
+    tile = "x".join(map(str, row["tile"].values()))
+    return (f"{row['kernel']} {row['arch']} {row['student']}/{row['teacher']} "
+            f"weights={row['weights']} {row['flags']} dot={row['dot_precision']} B={row['B']} "
+            f"C={row['C']} tile={tile}")
+
+
 def failures(row, shared_limit):
-    """What is wrong with one configuration: compile error, spills, shared memory."""
+    """What is wrong with one configuration: compile error, spills (or any local memory in the
+    SASS), shared memory."""
     if row["error"]:
         return [row["error"]]
     found = []
-    if row["spill_stores"] or row["spill_loads"]:
-        found.append(f"spills {row['spill_stores']} B stored, {row['spill_loads']} B loaded")
+    if row["spill_stores"] or row["spill_loads"] or row["local_accesses"]:
+        found.append(f"spills {row['spill_stores']} B stored, {row['spill_loads']} B loaded, "
+                     f"{row['local_accesses']} local memory instructions")
     if row["shared"] > shared_limit:
         found.append(f"{row['shared']} B shared memory, limit {shared_limit} B")
     return found
 
 
+@pytest.mark.parametrize("family", KERNELS)
 @pytest.mark.parametrize("arch", sorted(SHARED_MEMORY_LIMITS))
-def test_every_configuration_compiles_without_spills(report_rows, arch):
-    rows = [row for row in report_rows if row["arch"] == arch]
-    assert rows
-    found = [f"{row['kernel']} {row['student']}/{row['teacher']} {row['flags']} C={row['C']} "
-             f"BLOCK_C={row['BLOCK_C']}: {problem}"
+def test_every_configuration_compiles_without_spills(report_rows, arch, family):
+    rows = select(report_rows, arch, family=family)
+    assert {row["kernel"] for row in rows} == set(KERNELS[family])
+    found = [f"{label(row)}: {problem}"
              for row in rows for problem in failures(row, SHARED_MEMORY_LIMITS[arch])]
     assert not found, "\n".join(found)
 
 
 @pytest.mark.parametrize("arch", sorted(SHARED_MEMORY_LIMITS))
 def test_every_block_size_and_dtype_is_covered(report_rows, arch):
-    rows = [row for row in report_rows if row["arch"] == arch]
-    block_sizes = [2 ** k for k in range(1, MAX_BLOCK_C.bit_length())]
-    for kernel in ("gkl_rank1_fwd_kernel", "gkl_rank1_bwd_kernel"):
-        kernel_rows = [row for row in rows if row["kernel"] == kernel]
+    block_sizes = {2 ** k for k in range(1, MAX_BLOCK_C.bit_length())}
+    for kernel in KERNELS["rank1"]:
+        rows = select(report_rows, arch, kernel)
         for student in DTYPES:
-            covered = {row["BLOCK_C"] for row in kernel_rows
+            covered = {row["tile"]["BLOCK_C"] for row in rows
                        if row["student"] == row["teacher"] == student}
-            assert covered >= set(block_sizes), f"{kernel} {student}: {sorted(covered)}"
-        mixed = {row["BLOCK_C"] for row in kernel_rows if row["student"] != row["teacher"]}
-        assert mixed >= set(block_sizes), f"{kernel} mixed dtypes: {sorted(mixed)}"
-        assert {row["factor"] for row in kernel_rows} >= DTYPES
-        assert {row["flags"].split()[0] for row in kernel_rows} == {"SOURCE=0", "SOURCE=1",
-                                                                     "SOURCE=2"}
+            assert covered >= block_sizes, f"{kernel} {student}: {sorted(covered)}"
+        mixed = {row["tile"]["BLOCK_C"] for row in rows if row["student"] != row["teacher"]}
+        assert mixed >= block_sizes, f"{kernel} mixed dtypes: {sorted(mixed)}"
+        assert {row["weights"] for row in rows} >= DTYPES
+        assert {row["flags"].split()[0] for row in rows} == {"SOURCE=0", "SOURCE=1", "SOURCE=2"}
 
+
+def expected_pair_tiles(family):
+    """The tiles the report must cover: every ``(BLOCK_B, BLOCK_C)`` the shared launcher picks
+    (``BLOCK_B`` follows the batch, ``BLOCK_C`` the class count); the smallest and the widest
+    tile the per-row launcher picks."""
+    if family == "shared":
+        block_rows = {pick_shared_blocks(batch, PAIR_CLASSES[0])[0] for batch in PAIR_BATCHES}
+        block_classes = {pick_shared_blocks(PAIR_BATCHES[0], count)[1] for count in PAIR_CLASSES}
+        return {(rows, classes) for rows in block_rows for classes in block_classes}
+    tiles = {pick_per_row_blocks(num_classes) for num_classes in PAIR_CLASSES}
+    return {min(tiles), max(tiles)}
+
+
+@pytest.mark.parametrize("family", ["shared", "per_row"])
+@pytest.mark.parametrize("arch", sorted(SHARED_MEMORY_LIMITS))
+def test_pair_weight_sweep_covers_tiles_dtypes_and_flags(report_rows, arch, family):
+    forward, backward = KERNELS[family]
+    for kernel in (forward, backward):
+        rows = select(report_rows, arch, kernel)
+        tiles = {tuple(row["tile"].values()) for row in rows}
+        assert tiles >= expected_pair_tiles(family), f"{kernel}: {sorted(tiles)}"
+        assert {(row["student"], row["teacher"]) for row in rows} >= LOGIT_DTYPE_PAIRS, kernel
+        assert {row["weights"] for row in rows} >= DTYPES, kernel
+        assert {row["C"] % 16 == 0 for row in rows} == {True, False}, f"{kernel}: aligned rows"
+        if family == "shared":
+            assert {row["dot_precision"] for row in rows} == set(DOT_PRECISIONS), kernel
+    flags = {row["flags"] for row in select(report_rows, arch, backward)}
+    assert flags == {"DS DT", "DS", "DT"}, f"{backward}: {flags}"
+
+
+@pytest.mark.parametrize("arch", sorted(SHARED_MEMORY_LIMITS))
+def test_tf32_dots_run_on_the_matrix_units(report_rows, arch):
+    """``tf32`` / ``tf32x3`` configurations contain matrix-unit instructions (``HMMA``; on sm_90a
+    ``HGMMA`` where Triton uses warpgroup MMA); ``ieee`` ones none (float32 FMA)."""
+    rows = [row for row in select(report_rows, arch, family="shared") if not row["error"]]
+    assert {row["dot_precision"] for row in rows} == set(DOT_PRECISIONS)
+    wrong = [f"{label(row)}: {row['mma'] or 'no matrix-unit instructions'}" for row in rows
+             if bool(row["mma"]) != (row["dot_precision"] in MATRIX_UNIT_PRECISIONS)]
+    assert not wrong, "\n".join(wrong)

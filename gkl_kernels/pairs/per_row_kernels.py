@@ -37,6 +37,11 @@ def pick_per_row_blocks(num_classes, block_c=None):
     return min(size, BLOCK_J), min(size, MAX_BLOCK_K)
 
 
+def per_row_num_warps(block_j, block_k):
+    """Warps per program: 8 for the widest tile (32 x 64; 4 warps spill there on sm_90a), else 4."""
+    return 8 if block_j * block_k >= 2048 else 4
+
+
 @triton.jit
 def _row_differences(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot,
                      BLOCK: tl.constexpr):
@@ -137,7 +142,8 @@ def per_row_rows_forward(student, teacher, weights, block_c=None):
                             for _ in range(2))
     wmse_per_row_fwd_kernel[grid](
         student, teacher, weights, wmse_part, wsum_part, batch,
-        *_launch_args(student, teacher, weights), BLOCK_J=block_j, BLOCK_K=block_k, num_warps=4)
+        *_launch_args(student, teacher, weights), BLOCK_J=block_j, BLOCK_K=block_k,
+        num_warps=per_row_num_warps(block_j, block_k))
     return wmse_part.sum(dim=0), wsum_part.sum(dim=0)
 
 
@@ -154,5 +160,6 @@ def per_row_rows_backward(grad_wmse, student, teacher, weights, need_ds, need_dt
     wmse_per_row_bwd_kernel[(batch,)](
         student, teacher, weights, grad_wmse, acc, ds if need_ds else student,
         dt if need_dt else teacher, *_launch_args(student, teacher, weights),
-        NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_J=block_j, BLOCK_K=block_k, num_warps=4)
+        NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_J=block_j, BLOCK_K=block_k,
+        num_warps=per_row_num_warps(block_j, block_k))
     return ds, dt

@@ -42,6 +42,14 @@ def pick_shared_blocks(batch, num_classes, block_c=None):
     return block_b, block_c
 
 
+def shared_launch_options(block_b, block_c):
+    """``num_warps`` and ``num_stages`` for a tile: 8 warps from 1024 elements per tile and no
+    software pipelining at 64 x 32, the choices under which every tile compiles without register
+    spills for sm_80 and sm_90a (``python -m bench.compile_report``)."""
+    tile = block_b * block_c
+    return dict(num_warps=8 if tile >= 1024 else 4, num_stages=1 if tile >= 2048 else 3)
+
+
 @triton.jit
 def _difference_tile(s_ptr, t_ptr, rows, row_mask, cols, C, s_stride_b, s_stride_c, t_stride_b,
                      t_stride_c, s_pivot, t_pivot):
@@ -137,7 +145,8 @@ def shared_rows_forward(student, teacher, weights, dot_precision="ieee", block_c
     partial = torch.empty(grid[1], batch, dtype=torch.float32, device=student.device)
     wmse_shared_fwd_kernel[grid](
         student, teacher, weights, partial, *_launch_args(student, teacher, weights),
-        BLOCK_B=block_b, BLOCK_C=block, DOT_PRECISION=dot_precision, num_warps=4)
+        BLOCK_B=block_b, BLOCK_C=block, DOT_PRECISION=dot_precision,
+        **shared_launch_options(block_b, block))
     return partial.sum(dim=0)
 
 
@@ -156,5 +165,5 @@ def shared_rows_backward(grad_wmse, student, teacher, weights, need_ds, need_dt,
         student, teacher, weights, grad_wmse, ds if need_ds else student,
         dt if need_dt else teacher, *_launch_args(student, teacher, weights),
         NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_B=block_b, BLOCK_C=block,
-        DOT_PRECISION=dot_precision, num_warps=4)
+        DOT_PRECISION=dot_precision, **shared_launch_options(block_b, block))
     return ds, dt
