@@ -15,13 +15,14 @@ units, not the tensor cores), ``"tf32x3"`` (three tf32 products per term, about 
 tensor cores), ``"tf32"`` (operands rounded to 10 mantissa bits: relative error of ``(D S)`` up to
 about 2^-10 of ``sum_k S[k, n] |d_k|``, tensor cores).
 
-Cost per pass at ``B`` rows, ``C`` classes (``BB`` rows per tile): ``2 B C^2`` FLOPs on the matrix
-units plus ``2 C^2 B / BB`` additions for the symmetrisation and the degrees. Bytes from DRAM: the
-logits ``s``, ``t`` once (``2 B C`` elements; the ``k`` tiles are re-read from L2 once per column
-tile), ``M`` once when it fits in L2 (``C^2`` elements; each row tile reads it twice, as ``M`` and
-as ``M^T``), and ``4 B C / BN`` bytes of float32 partial sums forward (``BN`` columns per tile) or
-the gradients backward (``B C`` elements each). Nothing of size ``B x C x C`` exists, and no
-``B x C`` buffer besides the gradients.
+Cost per pass at ``B`` rows, ``C`` classes, tiles of ``BB`` rows by ``BC`` classes: ``2 B C^2``
+FLOPs in ``tl.dot`` plus ``2 C^2 B / BB`` additions for the symmetrisation and the degrees. Bytes
+from DRAM: the logits ``s``, ``t`` once (``2 B C`` elements; the ``k`` tiles are re-read from L2
+once per column tile), ``M`` once when it fits in L2 (``C^2`` elements; each row tile reads it
+twice, as ``M`` and as ``M^T``), and forward ``4 B C / BC`` bytes of float32 partial sums, backward
+the gradients (``B C`` elements each). At B = 256, C = 1000, float32: 0.51 GFLOP per pass, 6 MB
+forward and 8 MB backward with both gradients (counted from the code, not measured). Nothing of
+size ``B x C x C`` exists, and no ``B x C`` buffer besides the gradients.
 """
 
 import torch
