@@ -4,8 +4,8 @@ With ``d = t - s`` centred per row (an exact identity: the pairwise sum ignores 
 ``g_n = sum_k (w[n,k] + w[k,n]) (d_n - d_k) = (r_n + c_n) d_n - (W d)_n - (W^T d)_n`` with row
 sums ``r`` and column sums ``c``; ``wmse = sum_n d_n g_n`` and ``d wmse / d d = 2 g``. Shared
 ``(C, C)`` weights cost one ``(B, C) @ (C, C)`` product and ``C x C`` temporaries; per-row
-``(B, C, C)`` weights two batched matrix-vector products, in chunks of at most an eighth of the
-rows and ``CHUNK_ELEMENTS`` weights, so that a float32 copy of half-precision weights stays small.
+``(B, C, C)`` weights two batched matrix-vector products; half-precision weights go in chunks of at
+most an eighth of the rows and ``CHUNK_ELEMENTS`` weights, so that their float32 copy stays small.
 No ``B x C x C`` temporary exists.
 """
 
@@ -32,11 +32,13 @@ def _shared_gradient(d, weights):
 
 def _per_row_chunk_gradient(w, d):
     """``g`` and the row weight sums for a chunk of rows: ``w`` float32 ``(b, C, C)``, ``d``
-    ``(b, C)``."""
-    degree = w.sum(dim=2).add_(w.sum(dim=1))
-    product = torch.bmm(w, d[:, :, None]).squeeze(2)
-    product += torch.bmm(d[:, None, :], w).squeeze(1)
-    return degree.mul_(d).sub_(product), w.sum(dim=(1, 2))
+    ``(b, C)``. Two passes over ``w``: ``w [1, d]`` gives the row sums and ``W d``, ``[1, d]^T w``
+    the column sums and ``W^T d``."""
+    ones_and_d = torch.stack([torch.ones_like(d), d], dim=2)  # (b, C, 2)
+    rows = torch.bmm(w, ones_and_d)  # (b, C, 2): r, W d
+    cols = torch.bmm(ones_and_d.transpose(1, 2), w)  # (b, 2, C): c, W^T d
+    degree = rows[:, :, 0] + cols[:, 0, :]
+    return degree.mul_(d).sub_(rows[:, :, 1]).sub_(cols[:, 1, :]), rows[:, :, 0].sum(dim=1)
 
 
 def _per_row_gradient(d, weights):
@@ -44,7 +46,9 @@ def _per_row_gradient(d, weights):
     batch, num_classes = d.shape
     g = torch.empty_like(d)
     weight_sum = d.new_empty(batch)
-    chunk = max(1, min(CHUNK_ELEMENTS // (num_classes * num_classes), -(-batch // 8)))
+    chunk = batch  # float32 weights are used in place
+    if weights.dtype != torch.float32:
+        chunk = max(1, min(CHUNK_ELEMENTS // (num_classes * num_classes), -(-batch // 8)))
     for start in range(0, batch, chunk):
         rows = slice(start, start + chunk)
         # one float32 chunk alive at a time: it is freed when the helper returns
