@@ -7,6 +7,7 @@ import torch
 
 import gkl_kernels
 from bench.memory import measure_peak_memory
+from gkl_kernels import buffers
 from gkl_kernels.pairs import per_row_kernels, shared_kernels
 from reference import gkl_loss_reference
 from tests.conftest import (BACKENDS, DTYPE_PAIRS, PaddedAllocator, assert_close_rel,
@@ -195,6 +196,7 @@ def test_out_of_bounds_guard(kind, needs_teacher_grad, generator, monkeypatch):
     allocator = PaddedAllocator()
     module = shared_kernels if kind == "shared" else per_row_kernels
     monkeypatch.setattr(module, "torch", allocator)
+    monkeypatch.setattr(buffers, "torch", allocator)
     student, teacher, weights = make_pair_inputs(kind, 5, 37, generator)
     expected = oracle(student, teacher, weights=weights, weights_kind=kind, ce_weight=0.0)
     s = padded(student).requires_grad_()

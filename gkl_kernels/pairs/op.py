@@ -10,6 +10,8 @@ the student no gradient (DKL). ``block_c = 0`` lets the launchers choose the til
 import torch
 from torch import Tensor
 
+from gkl_kernels.buffers import fake_gradients
+
 from gkl_kernels.pairs.per_row_kernels import per_row_rows_backward, per_row_rows_forward
 from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_forward
 from gkl_kernels.pairs.torch_impl import (pair_rows_backward_torch, pair_rows_forward_torch,
@@ -54,11 +56,7 @@ def pair_rows_backward(grad_wmse: Tensor, student: Tensor, teacher: Tensor, weig
 @pair_rows_backward.register_fake
 def _pair_rows_backward_fake(grad_wmse, student, teacher, weights, per_row, need_ds, need_dt,
                              use_triton, block_c, dot_precision):
-    ds = torch.empty_like(student, memory_format=torch.contiguous_format) if need_ds \
-        else student.new_empty(0)
-    dt = torch.empty_like(teacher, memory_format=torch.contiguous_format) if need_dt \
-        else teacher.new_empty(0)
-    return ds, dt
+    return fake_gradients(student, teacher, need_ds, need_dt)
 
 
 def _setup_context(ctx, inputs, output):

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gkl_kernels.buffers import empty_gradients
+
 from gkl_kernels.rank1.kernels import relative_row_tiles
 
 BLOCK_J = 32  # rows j of a weight tile
@@ -52,6 +54,18 @@ def _row_differences(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_piv
 
 
 @triton.jit
+def _weight_tile(s_row, t_row, w_row, j_cols, j_mask, d_j, k0, C, s_stride_c, t_stride_c,
+                 w_stride_j, w_stride_k, s_pivot, t_pivot, BLOCK_K: tl.constexpr):
+    """Columns ``k0 .. k0 + BLOCK_K`` (int64) and their mask, the weight tile ``w[j, k]`` in float32
+    (0 outside the row's ``C x C``) and the differences ``d_j - d_k`` on it."""
+    k_cols, k_mask, d_k = _row_differences(s_row, t_row, k0, C, s_stride_c, t_stride_c, s_pivot,
+                                           t_pivot, BLOCK_K)
+    w = tl.load(w_row + j_cols[:, None] * w_stride_j + k_cols[None, :] * w_stride_k,
+                mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    return k_cols, k_mask, w, d_j[:, None] - d_k[None, :]
+
+
+@triton.jit
 def wmse_per_row_fwd_kernel(
     s_ptr, t_ptr, w_ptr, wmse_part_ptr, wsum_part_ptr,
     B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, w_stride_b, w_stride_j, w_stride_k,
@@ -72,11 +86,8 @@ def wmse_per_row_fwd_kernel(
     wmse_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
     wsum_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        k_cols, k_mask, d_k = _row_differences(s_row, t_row, k0, C, s_stride_c, t_stride_c,
-                                               s_pivot, t_pivot, BLOCK_K)
-        w = tl.load(w_row + j_cols[:, None] * w_stride_j + k_cols[None, :] * w_stride_k,
-                    mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        diff = d_j[:, None] - d_k[None, :]
+        _, _, w, diff = _weight_tile(s_row, t_row, w_row, j_cols, j_mask, d_j, k0, C, s_stride_c,
+                                     t_stride_c, w_stride_j, w_stride_k, s_pivot, t_pivot, BLOCK_K)
         wmse_acc += w * diff * diff
         wsum_acc += w
     out = tile.to(tl.int64) * B + row
@@ -104,11 +115,10 @@ def wmse_per_row_bwd_kernel(
                                                s_pivot, t_pivot, BLOCK_J)
         row_part = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, C, BLOCK_K):
-            k_cols, k_mask, d_k = _row_differences(s_row, t_row, k0, C, s_stride_c, t_stride_c,
-                                                   s_pivot, t_pivot, BLOCK_K)
-            w = tl.load(w_row + j_cols[:, None] * w_stride_j + k_cols[None, :] * w_stride_k,
-                        mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            w_diff = w * (d_j[:, None] - d_k[None, :])
+            k_cols, k_mask, w, diff = _weight_tile(
+                s_row, t_row, w_row, j_cols, j_mask, d_j, k0, C, s_stride_c, t_stride_c,
+                w_stride_j, w_stride_k, s_pivot, t_pivot, BLOCK_K)
+            w_diff = w * diff
             row_part += w_diff
             # g_k -= sum_j w[j, k] (d_j - d_k): this k tile's accumulator, this program only
             k_acc = tl.load(acc_row + k_cols, mask=k_mask, other=0.0)
@@ -151,10 +161,7 @@ def per_row_rows_backward(grad_wmse, student, teacher, weights, need_ds, need_dt
     """``(grad_student, grad_teacher)`` of ``per_row_rows_forward``, each ``(B, C)`` in its input's
     dtype or an empty tensor when not needed."""
     batch, num_classes = student.shape
-    ds = torch.empty((batch, num_classes) if need_ds else (0,), dtype=student.dtype,
-                     device=student.device)
-    dt = torch.empty((batch, num_classes) if need_dt else (0,), dtype=teacher.dtype,
-                     device=teacher.device)
+    ds, dt = empty_gradients(student, teacher, need_ds, need_dt)
     acc = torch.zeros(batch, num_classes, dtype=torch.float32, device=student.device)
     block_j, block_k = pick_per_row_blocks(num_classes, block_c)
     wmse_per_row_bwd_kernel[(batch,)](

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gkl_kernels.buffers import empty_gradients
+
 from gkl_kernels.validation import MIN_DOT_BLOCK
 MAX_BLOCK_ROWS = 64
 MAX_BLOCK_CLASSES = 32
@@ -156,10 +158,7 @@ def shared_rows_backward(grad_wmse, student, teacher, weights, need_ds, need_dt,
     """``(grad_student, grad_teacher)`` of ``shared_rows_forward``, each ``(B, C)`` in its input's
     dtype or an empty tensor when not needed."""
     batch, num_classes = student.shape
-    ds = torch.empty((batch, num_classes) if need_ds else (0,), dtype=student.dtype,
-                     device=student.device)
-    dt = torch.empty((batch, num_classes) if need_dt else (0,), dtype=teacher.dtype,
-                     device=teacher.device)
+    ds, dt = empty_gradients(student, teacher, need_ds, need_dt)
     block_b, block = pick_shared_blocks(batch, num_classes, block_c)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(num_classes, block))
     wmse_shared_bwd_kernel[grid](

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gkl_kernels.buffers import empty_gradients
+
 # weight sources (``SOURCE`` constexpr)
 SOURCE_TEACHER = 0  # v = softmax(t / T2) ** gamma
 SOURCE_PRIOR = 1  # v = prior[label] ** gamma
@@ -256,10 +258,7 @@ def rank1_rows_backward(grad_wmse, grad_ce, student, teacher, factor, labels, st
     """Launch the backward kernel: returns ``(grad_student, grad_teacher)``, each ``(B, C)`` in its
     input's dtype or an empty tensor when not needed."""
     batch, num_classes = student.shape
-    ds = torch.empty((batch, num_classes) if need_ds else (0,), dtype=student.dtype,
-                     device=student.device)
-    dt = torch.empty((batch, num_classes) if need_dt else (0,), dtype=teacher.dtype,
-                     device=teacher.device)
+    ds, dt = empty_gradients(student, teacher, need_ds, need_dt)
     v_ptr, v_sb, v_sc, labels_ptr = _factor_args(source, factor, labels, student)
     block = pick_block_c(num_classes, block_c)
     gkl_rank1_bwd_kernel[(batch,)](
