@@ -45,7 +45,7 @@ def _checked_prior(logits_student, logits_teacher, alpha, beta, class_prior, gi,
     if class_prior is None:
         raise ValueError("GI=True needs CLASS_PRIOR, the per-row (B, C) class prior")
     check.check_logits(logits_student, logits_teacher)
-    check.check_factor("CLASS_PRIOR", class_prior, logits_student, check_values=True)
+    check.check_weights(class_prior, logits_student, "factor", True, name="CLASS_PRIOR")
     return class_prior.detach()
 
 

@@ -92,12 +92,6 @@ def check_nonnegative_finite(name, x, check_values):
     raise ValueError(f"{name} must be non-negative, found entries down to {float(low)}")
 
 
-def check_factor(name, weights, student, check_values):
-    """An explicit rank-one factor: float ``(B, C)`` on the logits' device, finite, >= 0."""
-    _check_tensor(name, weights, student.shape, FLOAT_DTYPES, student.device)
-    check_nonnegative_finite(name, weights, check_values)
-
-
 def check_weights(weights, student, weights_kind, check_values, name="weights"):
     """Pair weights: ``(B, C)`` rank-one factor (``"factor"``), ``(C, C)`` shared matrix
     (``"shared"``) or ``(B, C, C)`` per-row tensor (``"per_row"``), float, on the logits' device,
