@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
-
 from gkl_kernels.pairs.per_row_kernels import per_row_rows_backward, per_row_rows_forward
 from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_forward
 from gkl_kernels.pairs.torch_impl import (pair_rows_backward_torch, pair_rows_forward_torch,

@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-
 from gkl_kernels.rank1.kernels import relative_row_tiles
 
 BLOCK_J = 32  # rows j of a weight tile

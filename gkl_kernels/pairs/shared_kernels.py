@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-
 from gkl_kernels.validation import MIN_DOT_BLOCK
 MAX_BLOCK_ROWS = 64
 MAX_BLOCK_CLASSES = 32

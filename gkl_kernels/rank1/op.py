@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
-
 from gkl_kernels.rank1.kernels import (NUM_STATS, SOURCE_NONE, rank1_rows_backward,
                                        rank1_rows_forward)
 from gkl_kernels.rank1.torch_impl import rank1_rows_backward_torch, rank1_rows_forward_torch
