@@ -19,7 +19,7 @@ cache, keyed by the kernel's hash and the measuring code.
 Run from the repository root::
 
     python -m bench.compile_report [--arch 80 90] [--family rank1 shared per_row]
-                                   [--workers 2] [--json rows.json]
+                                   [--workers 2] [--quick] [--json rows.json]
 
 It prints one row per configuration and exits with status 1 when a configuration fails to
 compile, spills registers (spill bytes from ptxas, or local-memory instructions in Triton's
@@ -350,9 +350,13 @@ FAMILIES = {
 }
 
 
-def sweep_cases(families=tuple(FAMILIES)):
-    """The report's launch cases: each family's own, in the order of ``families``."""
-    return [case for family in families for case in FAMILIES[family].cases()]
+def sweep_cases(families=tuple(FAMILIES), quick=False):
+    """The report's launch cases: each family's own, in the order of ``families``; ``quick``:
+    only each family's first case of each pass."""
+    cases = [case for family in families for case in FAMILIES[family].cases()]
+    if quick:
+        cases = list({(case.family, case.kernel): case for case in reversed(cases)}.values())[::-1]
+    return cases
 
 
 def jit_kernel(family, kernel_name):
@@ -575,11 +579,11 @@ def check_compiled_triton():
         raise RuntimeError(f"the kernels are interpreted: unset {INTERPRET_VARIABLE} to compile")
 
 
-def compile_report(capabilities=tuple(ARCHS), workers=2, families=tuple(FAMILIES)):
-    """Compile every case of ``sweep_cases(families)`` for each architecture in ``capabilities``
-    on ``workers`` forked processes; returns the rows (dicts), in sweep order."""
+def compile_report(capabilities=tuple(ARCHS), workers=2, families=tuple(FAMILIES), quick=False):
+    """Compile every case of ``sweep_cases(families, quick)`` for each architecture in
+    ``capabilities`` on ``workers`` forked processes; returns the rows (dicts), in sweep order."""
     check_compiled_triton()
-    cases = sweep_cases(families)
+    cases = sweep_cases(families, quick)
     jobs = [compile_job(case, ARCHS[capability]) for capability in capabilities for case in cases]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         return list(pool.map(run_job, jobs))
@@ -644,6 +648,8 @@ def parse_args():
     parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
                         help="kernel families (default: all)")
     parser.add_argument("--workers", type=int, default=2, help="compile processes (default: 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the first configuration of each family and pass")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     return parser.parse_args()
 
@@ -655,7 +661,7 @@ def main():
     args = parse_args()
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     start = time.perf_counter()
-    rows = compile_report(tuple(args.arch), args.workers, tuple(args.family))
+    rows = compile_report(tuple(args.arch), args.workers, tuple(args.family), args.quick)
     elapsed = time.perf_counter() - start
     print(format_table(rows))
     failing = [row for row in rows if problems(row)]

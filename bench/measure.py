@@ -1,5 +1,6 @@
 """Running one case: the float64 oracle, then for each provider a warm-up pass, one pass under the
-memory meter (its outputs are compared with the oracle), and timed passes.
+meter's peak-memory counter (its outputs are compared with the oracle), and the timed passes
+(``bench.devices``: on CPU, or on a GPU with rotating inputs).
 
 Quadratic providers (the pairwise reference) are not attempted where they would not fit in memory,
 nor above a ``B * C^2`` cap that keeps the run short; their size and time are then predicted from
@@ -8,41 +9,42 @@ dominated by its ``B x C x C`` tensors).
 """
 
 import dataclasses
-import statistics
 import time
 from typing import Optional
 
+import torch
+
 from bench.cases import make_inputs
-from bench.memory import available_memory_bytes, measure_peak_memory
-from bench.providers import ORACLE, float64_copies, make_step, oracle_loss
+from bench.providers import ORACLE, float64_copies, make_passes, oracle_loss
 
 MEMORY_FRACTION = 0.8  # attempt a quadratic run only if its predicted peak is under this share
 
 
 @dataclasses.dataclass
 class Settings:
-    """``target_seconds``: time each provider for at least this long (and ``min_repeats`` passes,
-    at most ``max_repeats``). ``max_reference_pairs``: largest ``B * C^2`` a quadratic provider is
-    run at."""
+    """``target_seconds``: time each provider for at least this long on CPU.
+    ``max_reference_pairs``: largest ``B * C^2`` a quadratic provider is run at."""
 
     target_seconds: float
     max_reference_pairs: int
-    min_repeats: int = 3
-    max_repeats: int = 200
 
 
 @dataclasses.dataclass
 class Result:
-    """One provider on one case. Times are seconds per forward+backward pass (median and minimum
-    over ``repeats`` passes); errors are the largest absolute differences from the float64 oracle
-    (``None``: not comparable or not needed). ``skipped`` holds the reason a run was not attempted,
-    with the predicted peak and time."""
+    """One provider on one case. Times are medians in seconds of the forward pass, the backward
+    pass and forward+backward (``seconds``; ``seconds_min`` the fastest, ``repeats`` how many were
+    timed on CPU); errors are the largest absolute differences from the float64 oracle (``None``:
+    not comparable or not needed). ``skipped`` holds the reason a run was not attempted, with the
+    predicted peak and time."""
 
     case: str
     batch: int
     classes: int
     provider: str
+    dtype: str = "float32"
     seconds: Optional[float] = None
+    forward_seconds: Optional[float] = None
+    backward_seconds: Optional[float] = None
     seconds_min: Optional[float] = None
     repeats: int = 0
     peak_bytes: Optional[int] = None
@@ -52,6 +54,8 @@ class Result:
     skipped: Optional[str] = None
     predicted_bytes: Optional[int] = None
     predicted_seconds: Optional[float] = None
+    floor_bandwidth: Optional[float] = None  # GPU: floor bytes / forward+backward seconds
+    copy_fraction: Optional[float] = None  # GPU: floor_bandwidth / device-to-device copy's
 
 
 @dataclasses.dataclass
@@ -85,14 +89,14 @@ class QuadraticScaling:
         return round(peak_bytes * scale), seconds * scale
 
 
-def skip_reason(name, case, scaling, settings):
+def skip_reason(name, case, scaling, settings, available):
     """Why a quadratic run of ``name`` on ``case`` is not attempted (``None``: run it), and the
-    predicted ``(bytes, seconds)`` (``None`` before any measurement: then it is run)."""
+    predicted ``(bytes, seconds)`` (``None`` before any measurement: then it is run).
+    ``available``: the bytes the device can still allocate (``None``: unknown)."""
     predicted = scaling.predict(name, case.pairs)
     if predicted is None:
         return None, None
     need, seconds = predicted
-    available = available_memory_bytes()
     if available is not None and need > MEMORY_FRACTION * available:
         return (f"would not fit: needs ~{format_bytes(need)} (predicted), "
                 f"{format_bytes(available)} available"), predicted
@@ -103,14 +107,25 @@ def skip_reason(name, case, scaling, settings):
     return None, predicted
 
 
-def compute_oracle(case, student, teacher, loss_kwargs, scaling, settings):
-    """Float64 loss and gradients: the pairwise reference where it fits under the same rules as
-    a quadratic provider, else the reference's O(C) identity (``pairwise=False``)."""
-    reason, _ = skip_reason(ORACLE, case, scaling, settings)
+def inputs_on(device, case, seed=0):
+    """``make_inputs(case, seed)`` on ``device``: leaf logits with the same ``requires_grad``,
+    the tensor options moved along."""
+    student, teacher, loss_kwargs = make_inputs(case, seed)
+    student, teacher = (x.detach().to(device).requires_grad_(x.requires_grad)
+                        for x in (student, teacher))
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in loss_kwargs.items()}
+    return student, teacher, kwargs
+
+
+def compute_oracle(case, inputs, scaling, settings, meter):
+    """Float64 loss and gradients of ``inputs``: the pairwise reference where it fits under the
+    same rules as a quadratic provider, else the reference's O(C) identity
+    (``pairwise=False``)."""
+    reason, _ = skip_reason(ORACLE, case, scaling, settings, meter.available_bytes())
     pairwise = reason is None
-    step = make_step(oracle_loss(pairwise), *float64_copies(student, teacher, loss_kwargs))
+    step = make_passes(oracle_loss(pairwise), *float64_copies(*inputs)).step
     start = time.perf_counter()
-    peak, (loss, grads) = measure_peak_memory(step)
+    peak, (loss, grads) = meter.peak_memory(step)
     seconds = time.perf_counter() - start
     if pairwise:
         scaling.record(ORACLE, case.pairs, peak, seconds)
@@ -118,47 +133,43 @@ def compute_oracle(case, student, teacher, loss_kwargs, scaling, settings):
     return Oracle(loss, grads, kind, seconds, peak)
 
 
-def time_passes(step, settings):
-    """Median and minimum seconds of ``step()`` over at least ``min_repeats`` passes and
-    ``target_seconds`` of timing (at most ``max_repeats`` passes), and the number of passes."""
-    times = []
-    while len(times) < settings.max_repeats and (
-            len(times) < settings.min_repeats or sum(times) < settings.target_seconds):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), len(times)
-
-
-def run_provider(provider, case, student, teacher, loss_kwargs, oracle, scaling, settings):
-    """Warm-up (compiles, for a compiled provider), a metered pass, then timed passes."""
-    result = Result(case.name, case.batch, case.classes, provider.name)
+def run_provider(provider, case, input_sets, oracle, scaling, settings, meter):
+    """Warm-up (compiles, for a compiled provider), a metered pass on the first input set, then
+    the timed passes over all of them."""
+    result = Result(case.name, case.batch, case.classes, provider.name, case.dtype)
     if provider.quadratic:
-        result.skipped, predicted = skip_reason(provider.name, case, scaling, settings)
+        result.skipped, predicted = skip_reason(provider.name, case, scaling, settings,
+                                                meter.available_bytes())
         if result.skipped:
             result.predicted_bytes, result.predicted_seconds = predicted
             return result
-    step = make_step(provider.build(), student, teacher, loss_kwargs)
-    step()
-    result.peak_bytes, (loss, grads) = measure_peak_memory(step)
+    loss_fn = provider.build()
+    passes = [make_passes(loss_fn, *inputs) for inputs in input_sets]
+    passes[0].step()
+    result.peak_bytes, (loss, grads) = meter.peak_memory(passes[0].step)
     if provider.exact:
         result.loss_error = abs(float(loss.double() - oracle.loss))
         errors = [float((g.double() - g64).abs().max()) for g, g64 in zip(grads, oracle.grads)]
         result.student_grad_error = errors[0]
         result.teacher_grad_error = errors[1] if len(errors) > 1 else None
     del loss, grads
-    result.seconds, result.seconds_min, result.repeats = time_passes(step, settings)
+    retained = [make_passes(loss_fn, *inputs, retain_graph=True) for inputs in input_sets]
+    timing = meter.time(passes, retained)
+    result.seconds, result.seconds_min, result.repeats = timing.total, timing.total_min, \
+        timing.repeats
+    result.forward_seconds, result.backward_seconds = timing.forward, timing.backward
     if provider.quadratic:
         scaling.record(provider.name, case.pairs, result.peak_bytes, result.seconds)
     return result
 
 
-def run_case(case, providers, scaling, settings):
-    """All providers on one case: ``(results, oracle)``."""
-    student, teacher, loss_kwargs = make_inputs(case)
-    oracle = compute_oracle(case, student, teacher, loss_kwargs, scaling, settings)
-    results = [run_provider(p, case, student, teacher, loss_kwargs, oracle, scaling, settings)
-               for p in providers]
+def run_case(case, providers, scaling, settings, meter):
+    """All providers on one case: ``(results, oracle)``. Providers timed on a GPU only are left
+    out on CPU."""
+    input_sets = [inputs_on(meter.device, case, seed) for seed in range(meter.input_sets(case))]
+    oracle = compute_oracle(case, input_sets[0], scaling, settings, meter)
+    results = [run_provider(p, case, input_sets, oracle, scaling, settings, meter)
+               for p in providers if meter.device != "cpu" or not p.gpu_only or meter.dry_run]
     return results, oracle
 
 

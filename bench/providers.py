@@ -1,9 +1,12 @@
-"""What is timed: one forward and backward pass of a loss, ``torch.autograd.grad`` of the loss with
-respect to the logits that need gradients (the student, and the teacher in adversarial cases).
+"""What is timed: the forward pass of a loss (building the autograd graph, as in training), its
+backward pass (``torch.autograd.grad`` of the loss with respect to the logits that need gradients:
+the student, and the teacher in adversarial cases), and the two together.
 
 Providers: the literal ``B x C x C`` reference eager and under ``torch.compile`` (both "quadratic":
-memory and time grow with ``B * C^2``), the package's plain-PyTorch path, and ``F.kl_div`` at
-the same shape as the cost of plain knowledge distillation (a different loss: no error column).
+memory and time grow with ``B * C^2``), the package's plain-PyTorch path, the package's Triton
+kernels (timed on a GPU only: on CPU they run in Triton's interpreter, whose speed means nothing;
+``bench.traffic`` counts their memory traffic instead), and ``F.kl_div`` at the same shape as the
+cost of plain knowledge distillation (a different loss: no error column).
 """
 
 import dataclasses
@@ -17,6 +20,7 @@ from reference import gkl_loss_reference
 REFERENCE = "reference"
 REFERENCE_COMPILED = "reference+compile"
 PACKAGE = "gkl_loss[torch]"
+PACKAGE_TRITON = "gkl_loss[triton]"
 KL_DIV = "F.kl_div"
 ORACLE = "reference float64"
 
@@ -26,12 +30,14 @@ class Provider:
     """``build()`` returns a fresh loss function ``fn(student, teacher, **loss_kwargs)``; it is
     called once per case (so a compiled provider compiles for that case's shapes only).
     ``quadratic``: needs ``B x C x C`` tensors (skipped where they would not fit).
-    ``exact``: computes the GKL loss (compared with the float64 reference)."""
+    ``exact``: computes the GKL loss (compared with the float64 reference). ``gpu_only``: timed
+    on a GPU only."""
 
     name: str
     build: object
     quadratic: bool
     exact: bool = True
+    gpu_only: bool = False
 
 
 def _reference():
@@ -46,10 +52,12 @@ def _reference_compiled():
     return torch.compile(gkl_loss_reference)
 
 
-def _package():
-    def package_loss(student, teacher, **kwargs):
-        return gkl_loss(student, teacher, backend="torch", **kwargs)
-    return package_loss
+def _package(backend):
+    def build():
+        def package_loss(student, teacher, **kwargs):
+            return gkl_loss(student, teacher, backend=backend, **kwargs)
+        return package_loss
+    return build
 
 
 def _kl_div():
@@ -63,7 +71,8 @@ def _kl_div():
 PROVIDERS = (
     Provider(REFERENCE, _reference, quadratic=True),
     Provider(REFERENCE_COMPILED, _reference_compiled, quadratic=True),
-    Provider(PACKAGE, _package, quadratic=False),
+    Provider(PACKAGE, _package("torch"), quadratic=False),
+    Provider(PACKAGE_TRITON, _package("triton"), quadratic=False, gpu_only=True),
     Provider(KL_DIV, _kl_div, quadratic=False, exact=False),
 )
 
@@ -77,15 +86,37 @@ def select_providers(names):
     return [p for p in PROVIDERS if not names or p.name in names]
 
 
+@dataclasses.dataclass(frozen=True)
+class Passes:
+    """The timed passes of one loss on one set of inputs: ``forward()`` returns the loss (with
+    its graph), ``backward(loss)`` the gradients of the logits that require them (student first),
+    ``step()`` both, as ``(loss detached, grads)``."""
+
+    forward: object
+    backward: object
+
+    def step(self):
+        loss = self.forward()
+        return loss.detach(), self.backward(loss)
+
+
+def make_passes(loss_fn, student, teacher, loss_kwargs, retain_graph=False):
+    """``Passes`` of ``loss_fn`` on these inputs; ``retain_graph`` keeps the graph for another
+    backward of the same loss (timing the backward alone on a GPU)."""
+    inputs = [x for x in (student, teacher) if x.requires_grad]
+
+    def forward():
+        return loss_fn(student, teacher, **loss_kwargs)
+
+    def backward(loss):
+        return torch.autograd.grad(loss, inputs, retain_graph=retain_graph)
+    return Passes(forward, backward)
+
+
 def make_step(loss_fn, student, teacher, loss_kwargs):
     """A callable running one forward and backward pass; it returns ``(loss, grads)`` with
     ``grads`` the gradients of the logits that require them (student first)."""
-    inputs = [x for x in (student, teacher) if x.requires_grad]
-
-    def step():
-        loss = loss_fn(student, teacher, **loss_kwargs)
-        return loss.detach(), torch.autograd.grad(loss, inputs)
-    return step
+    return make_passes(loss_fn, student, teacher, loss_kwargs).step
 
 
 def float64_copies(student, teacher, loss_kwargs):

@@ -13,27 +13,39 @@ import triton
 
 from bench.cases import HEADLINE_SHAPE, PLOT_SERIES
 from bench.measure import format_bytes, format_seconds
-from bench.providers import PACKAGE, PROVIDERS, REFERENCE, REFERENCE_COMPILED
+from bench.providers import KL_DIV, PACKAGE, PROVIDERS, REFERENCE, REFERENCE_COMPILED
 
 # per case group, (label, numerator provider, measured field, target): each ratio divides by the
-# package's value; the targets are the issues' (rank-one weights: issue 2, shared (C, C): issue 3)
+# package's value; the targets are the issues' (rank-one weights: issue 2, shared (C, C): issue 3);
+# None: no target, a ratio near 1 is the goal (plain KL distillation, a strictly cheaper loss)
+KL_DIV_RATIOS = (
+    ("F.kl_div time / package time", KL_DIV, "seconds", None),
+    ("F.kl_div peak memory / package peak memory", KL_DIV, "peak_bytes", None),
+)
 HEADLINE_RATIOS = {
     "rank-one": (
         ("reference eager time / package time", REFERENCE, "seconds", 1000),
         ("torch.compile(reference) time / package time", REFERENCE_COMPILED, "seconds", 100),
         ("reference peak memory / package peak memory", REFERENCE, "peak_bytes", 100),
+        ("torch.compile(reference) peak memory / package peak memory", REFERENCE_COMPILED,
+         "peak_bytes", None),
+        *KL_DIV_RATIOS,
     ),
     "shared": (
         ("reference eager time / package time", REFERENCE, "seconds", 20),
         ("reference peak memory / package peak memory", REFERENCE, "peak_bytes", 50),
+        *KL_DIV_RATIOS,
     ),
 }
-COLUMNS = ("case", "shape", "provider", "fwd+bwd", "peak mem", "|d loss|", "|d grad s|",
-           "|d grad t|", "note")
+COLUMNS = ("case", "shape", "dtype", "provider", "fwd", "bwd", "fwd+bwd", "peak mem", "|d loss|",
+           "|d grad s|", "|d grad t|", "note")
 
 
-def machine_info():
-    """CPU model, core and thread counts, memory, load and the versions that matter."""
+def machine_info(meter):
+    """CPU model, core and thread counts, memory, load, the versions that matter, and what the
+    timings are measured with: the meter, the GPU's name (``None`` on CPU and in a dry run) and
+    its measured device-to-device copy bandwidth (bytes per second; also in a dry run, on
+    CPU)."""
     cpu_model = platform.processor() or "unknown"
     memory_total = None
     try:
@@ -55,6 +67,10 @@ def machine_info():
         "triton": triton.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "timings": meter.label,
+        "dry_run": meter.dry_run,
+        "gpu": torch.cuda.get_device_name() if meter.device == "cuda" else None,
+        "copy_bandwidth": meter.copy_bandwidth() if hasattr(meter, "copy_bandwidth") else None,
     }
 
 
@@ -94,7 +110,8 @@ def busy_warning(busy):
 def describe_machine(info):
     """One line of ``machine_info``."""
     load = info["load_average_1_5_15"]
-    return (f"{info['cpu_model']}, {info['logical_cpus']} logical CPUs, torch threads "
+    gpu = f"GPU {info['gpu']}; " if info["gpu"] else ""
+    return (f"{gpu}{info['cpu_model']}, {info['logical_cpus']} logical CPUs, torch threads "
             f"{info['torch_threads']}, memory {format_bytes(info['memory_total_bytes'] or 0)}, "
             f"load {load[0]:.2f} (1 min) at start, CPUs {info['cpu_busy_before_start'] or 0:.0%} "
             f"busy just before; torch {info['torch']}, triton "
@@ -111,6 +128,18 @@ def case_line(index, total, case, results, oracle, elapsed):
             + f" [{format_seconds(elapsed)} elapsed]")
 
 
+def add_bandwidth(case, results, copy_bandwidth):
+    """On a GPU (or in its dry run): each timed result's achieved bandwidth, the floor bytes of
+    ``case`` (``Case.floor_bytes``, forward plus backward) over its forward+backward time, and
+    that as a share of the device-to-device copy's; nothing on CPU."""
+    if not copy_bandwidth:
+        return
+    for r in results:
+        if r.seconds:
+            r.floor_bandwidth = sum(case.floor_bytes) / r.seconds
+            r.copy_fraction = r.floor_bandwidth / copy_bandwidth
+
+
 def _error(value):
     return "-" if value is None else f"{value:.1e}"
 
@@ -121,17 +150,22 @@ def table_rows(cases, results):
     rows = []
     for r in results:
         if r.skipped:
+            forward = backward = "-"
             timing, peak, note = "skipped", "-", r.skipped
         else:
+            forward, backward = format_seconds(r.forward_seconds), format_seconds(r.backward_seconds)
             timing, peak = format_seconds(r.seconds), format_bytes(r.peak_bytes)
-            note = f"median of {r.repeats}, min {format_seconds(r.seconds_min)}"
-        rows.append((r.case, shapes[r.case], r.provider, timing, peak, _error(r.loss_error),
-                     _error(r.student_grad_error), _error(r.teacher_grad_error), note))
+            note = (f"median of {r.repeats}, min {format_seconds(r.seconds_min)}" if r.repeats
+                    else "")
+        rows.append((r.case, shapes[r.case], r.dtype, r.provider, forward, backward, timing, peak,
+                     _error(r.loss_error), _error(r.student_grad_error),
+                     _error(r.teacher_grad_error), note))
     return rows
 
 
-def format_table(cases, results, oracles):
-    """The results as an aligned text table, and which oracle the errors of each case are from."""
+def format_table(cases, results, oracles, meter):
+    """The results as an aligned text table, which oracle the errors of each case are from, and
+    which providers were not timed on this device."""
     rows = [COLUMNS] + table_rows(cases, results)
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
     lines = []
@@ -142,6 +176,11 @@ def format_table(cases, results, oracles):
     for kind in sorted({oracle.kind for oracle in oracles.values()}):
         names = ", ".join(case.name for case in cases if oracles[case.name].kind == kind)
         lines.append(f"errors against the {kind}: {names}")
+    timed = {r.provider for r in results}
+    untimed = [p.name for p in PROVIDERS if p.gpu_only and p.name not in timed]
+    if untimed:
+        lines.append(f"not timed on {meter.device}: {', '.join(untimed)} (runs in Triton's "
+                     f"interpreter here; see its counted traffic below)")
     return "\n".join(lines)
 
 
@@ -161,13 +200,15 @@ def headline_ratios(case, results):
 
 def format_ratios(case, ratios):
     """The ratios, with their targets where they apply (at B=256, C=1000)."""
-    lines = [f"Ratios at {case.name} ({case.shape}, {case.group} weights), float32, "
+    lines = [f"Ratios at {case.name} ({case.shape}, {case.group} weights), {case.dtype}, "
              f"forward+backward, measured in this run (package = {PACKAGE}):"]
     judged = (case.batch, case.classes) == HEADLINE_SHAPE
     width = max(len(label) for label, _, _ in ratios)
     for label, ratio, target in ratios:
         if ratio is None:
             lines.append(f"  {label.ljust(width)}  n/a (a provider was skipped or not selected)")
+        elif target is None:
+            lines.append(f"  {label.ljust(width)}  {ratio:10.2f}x")
         elif judged:
             verdict = "met" if ratio >= target else "MISSED"
             lines.append(f"  {label.ljust(width)}  {ratio:10.1f}x  (target >= {target}x: "
@@ -180,8 +221,10 @@ def format_ratios(case, ratios):
     return "\n".join(lines)
 
 
-def write_json(path, info, settings, cases, results, oracles, headlines, wall_seconds):
-    """Everything measured, with the machine description, as JSON."""
+def write_json(path, info, settings, cases, results, oracles, headlines, traffic, compile_rows,
+               wall_seconds):
+    """Everything measured, with the machine description, as JSON: ``traffic`` the rows of
+    ``bench.traffic``, ``compile_rows`` those of ``bench.compile_report`` (``None``: not run)."""
     payload = {
         "machine": info,
         "settings": dataclasses.asdict(settings),
@@ -194,20 +237,23 @@ def write_json(path, info, settings, cases, results, oracles, headlines, wall_se
                        "ratios": [{"ratio": label, "value": value, "target": target}
                                   for label, value, target in ratios]}
                       for case, ratios in headlines],
+        "traffic": traffic,
+        "compile_report": compile_rows,
     }
     with open(path, "w", encoding="utf-8") as out:
         json.dump(payload, out, indent=2)
 
 
-def write_plot(path, cases, results):
-    """PNG: median time and peak memory against C for the plot series, log scales, one line per
-    provider (skipped points are absent)."""
+def write_plot(path, cases, results, meter):
+    """PNG: median forward+backward time and peak memory against C for the plot series, log
+    scales, one line per provider (skipped points are absent)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    classes = {case.name: case.classes for case in cases if case.series == PLOT_SERIES}
-    batch = next(case.batch for case in cases if case.series == PLOT_SERIES)
+    series = [case for case in cases if case.series == PLOT_SERIES]
+    classes = {case.name: case.classes for case in series}
+    batches = "/".join(str(b) for b in dict.fromkeys(case.batch for case in series))
     figure, (time_axis, memory_axis) = pyplot.subplots(1, 2, figsize=(11, 4.2))
     for provider in PROVIDERS:
         points = sorted((classes[r.case], r.seconds, r.peak_bytes) for r in results
@@ -225,8 +271,8 @@ def write_plot(path, cases, results):
         axis.set_ylabel(ylabel)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
-    figure.suptitle(f"GKL loss on CPU, B={batch}, series {PLOT_SERIES!r} "
-                    f"(missing points: not run, see the table)")
+    figure.suptitle(f"GKL loss, {series[0].dtype}, teacher weights, B={batches} as C grows; "
+                    f"{meter.label}\n(missing points: not run, see the table)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
