@@ -161,13 +161,13 @@ class GpuMeter:
         ``passes`` for the forward and forward+backward timings, ``backward_passes`` (their
         graphs retained) for the backward alone."""
         rotation = Rotation(len(passes))
+        forward = self._seconds(lambda: passes[rotation.next()].forward())
         losses = [p.forward() for p in backward_passes]
 
         def backward():
             index = rotation.next()
             return backward_passes[index].backward(losses[index])
 
-        forward = self._seconds(lambda: passes[rotation.next()].forward())
         backward = self._seconds(backward)
         del losses
         total = self._seconds(lambda: passes[rotation.next()].step())

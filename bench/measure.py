@@ -23,10 +23,13 @@ MEMORY_FRACTION = 0.8  # attempt a quadratic run only if its predicted peak is u
 @dataclasses.dataclass
 class Settings:
     """``target_seconds``: time each provider for at least this long on CPU.
-    ``max_reference_pairs``: largest ``B * C^2`` a quadratic provider is run at."""
+    ``max_reference_pairs``: largest ``B * C^2`` a quadratic provider is run at;
+    ``max_oracle_pairs``: the float64 pairwise oracle (a second of CPU time per 2^24 pairs);
+    above it the oracle is the reference's O(C) identity in float64."""
 
     target_seconds: float
     max_reference_pairs: int
+    max_oracle_pairs: int = 2**26
 
 
 @dataclasses.dataclass
@@ -122,7 +125,7 @@ def compute_oracle(case, inputs, scaling, settings, meter):
     same rules as a quadratic provider, else the reference's O(C) identity
     (``pairwise=False``)."""
     reason, _ = skip_reason(ORACLE, case, scaling, settings, meter.available_bytes())
-    pairwise = reason is None
+    pairwise = reason is None and case.pairs <= settings.max_oracle_pairs
     step = make_passes(oracle_loss(pairwise), *float64_copies(*inputs)).step
     start = time.perf_counter()
     peak, (loss, grads) = meter.peak_memory(step)

@@ -113,12 +113,6 @@ def make_passes(loss_fn, student, teacher, loss_kwargs, retain_graph=False):
     return Passes(forward, backward)
 
 
-def make_step(loss_fn, student, teacher, loss_kwargs):
-    """A callable running one forward and backward pass; it returns ``(loss, grads)`` with
-    ``grads`` the gradients of the logits that require them (student first)."""
-    return make_passes(loss_fn, student, teacher, loss_kwargs).step
-
-
 def float64_copies(student, teacher, loss_kwargs):
     """Float64 leaf copies of the logits (same ``requires_grad``) and of the float options."""
     s64 = student.detach().double().requires_grad_(student.requires_grad)

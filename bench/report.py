@@ -202,7 +202,8 @@ def format_ratios(case, ratios):
     """The ratios, with their targets where they apply (at B=256, C=1000)."""
     lines = [f"Ratios at {case.name} ({case.shape}, {case.group} weights), {case.dtype}, "
              f"forward+backward, measured in this run (package = {PACKAGE}):"]
-    judged = (case.batch, case.classes) == HEADLINE_SHAPE
+    # the targets were set for float32 logits at B=256, C=1000
+    judged = (case.batch, case.classes) == HEADLINE_SHAPE and case.dtype == "float32"
     width = max(len(label) for label, _, _ in ratios)
     for label, ratio, target in ratios:
         if ratio is None:
@@ -217,7 +218,7 @@ def format_ratios(case, ratios):
             lines.append(f"  {label.ljust(width)}  {ratio:10.1f}x")
     if not judged:
         batch, classes = HEADLINE_SHAPE
-        lines.append(f"  (targets apply at B={batch}, C={classes}: run without --quick)")
+        lines.append(f"  (targets apply to float32 at B={batch}, C={classes}, without --quick)")
     return "\n".join(lines)
 
 
