@@ -95,11 +95,17 @@ def _rank_one_rows(student, teacher, weights, labels, class_prior, options, with
         source, factor = SOURCE_PRIOR, class_prior.detach()
     else:
         source, factor = SOURCE_TEACHER, None
-    wmse, ce, stats = rank1_rows(
+    wmse, ce, stats, *_ = rank1_rows(
         student, teacher, factor, labels if source == SOURCE_PRIOR else None, source,
         float(options.gamma), float(options.temperature), float(options.weight_temperature),
-        with_ce, options.symmetric, use_triton, options.block_c or 0)
+        with_ce, options.symmetric, use_triton, options.block_c or 0,
+        _gradients_wanted(student, teacher))
     return wmse, ce, stats[:, 0].detach().square().sum()
+
+
+def _gradients_wanted(student, teacher):
+    """Whether a backward pass may follow (autograd records, a logit needs its gradient)."""
+    return torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
 
 
 def _general_pair_rows(student, teacher, weights, per_row, options, with_ce, use_triton):
@@ -111,7 +117,8 @@ def _general_pair_rows(student, teacher, weights, per_row, options, with_ce, use
     ce = None
     if with_ce:
         ce = rank1_rows(student, teacher, None, None, SOURCE_NONE, 1.0, float(options.temperature),
-                        1.0, True, options.symmetric, use_triton, block_c)[1]
+                        1.0, True, options.symmetric, use_triton, block_c,
+                        _gradients_wanted(student, teacher))[1]
     return wmse, ce, weight_sums.sum()
 
 
@@ -141,7 +148,8 @@ def pairwise_wmse(student, teacher, weights, *, weights_kind=None, reduction="su
     kind = _checked_weights_kind(weights, student, weights_kind, options)
     if kind == "factor":
         wmse = rank1_rows(student, teacher, weights.detach(), None, SOURCE_EXPLICIT, 1.0, 1.0,
-                          1.0, False, True, use_triton, block_c or 0)[0]
+                          1.0, False, True, use_triton, block_c or 0,
+                          _gradients_wanted(student, teacher))[0]
     else:
         wmse = pair_rows(student, teacher, weights.detach(), kind == "per_row", True, use_triton,
                          block_c or 0, dot_precision)[0]

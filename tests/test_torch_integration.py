@@ -57,7 +57,7 @@ def test_opcheck_rank1_rows(source, use_triton, variant, generator):
     with_ce, symmetric, dtypes, _, _ = variant.values
     student, teacher, factor, labels = op_inputs(source, generator, dtypes=dtypes)
     args = (student.requires_grad_(), teacher.requires_grad_(), factor, labels, SOURCES[source],
-            0.6, 4.0, 2.0, with_ce, symmetric, use_triton, 0)
+            0.6, 4.0, 2.0, with_ce, symmetric, use_triton, 0, True)
     assert_opcheck(torch.ops.gkl_kernels.rank1_rows.default, args)
 
 
@@ -67,11 +67,12 @@ def test_opcheck_rank1_rows_backward(source, use_triton, variant, generator):
     with_ce, symmetric, dtypes, need_ds, need_dt = variant.values
     student, teacher, factor, labels = op_inputs(source, generator, dtypes=dtypes)
     options = (SOURCES[source], 0.6, 4.0, 2.0, with_ce, symmetric)
-    _, _, stats = rank1_rows(student, teacher, factor, labels, *options, False, 0)
+    _, _, stats, *directions = rank1_rows(student, teacher, factor, labels, *options, False, 0,
+                                          True)
     grad_wmse = torch.rand(student.shape[0], generator=generator)
     grad_ce = torch.rand(student.shape[0], generator=generator)
-    args = (grad_wmse, grad_ce, student, teacher, factor, labels, stats, *options, need_ds,
-            need_dt, use_triton, 0)
+    args = (grad_wmse, grad_ce, student, teacher, factor, labels, stats, *directions, *options,
+            need_ds, need_dt, use_triton, 0)
     assert_opcheck(torch.ops.gkl_kernels.rank1_rows_backward.default, args)
 
 

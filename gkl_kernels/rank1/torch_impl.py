@@ -1,8 +1,11 @@
 """Plain-PyTorch O(C) path for rank-one weights: the same row outputs and statistics as the Triton
 kernels (see ``kernels.py`` for the math), vectorised over the batch, float32 throughout.
 
-Used for CPU tensors (where it is fast: about 20 elementwise passes over ``B x C`` forward and as
-many backward, temporaries reused in place), and on any device with ``backend="torch"``.
+Used for CPU tensors and on any device with ``backend="torch"``. The forward pass makes about 20
+elementwise passes over ``B x C`` (temporaries reused in place) and, when gradients will be needed,
+keeps the two ``(B, C)`` directions of the gradient, so that the backward pass is two or three
+elementwise products: the memory of two ``B x C`` float32 tensors (as ``F.kl_div``'s saved
+log-probabilities) traded for recomputing about 15 passes.
 """
 
 import torch
@@ -19,6 +22,15 @@ def relative_logits(student, teacher):
 
 def _scaled(x, temperature):
     return x if temperature == 1.0 else x * (1.0 / temperature)
+
+
+def _softmax_and_lse(x):
+    """``(softmax(x), logsumexp(x))`` along rows, one exponential per element. ``torch.sum``
+    adds by cascade on CPU (accurate at large C; the fused CPU softmaxes are not)."""
+    row_max = x.amax(dim=1, keepdim=True)
+    exps = (x - row_max).exp_()
+    total = exps.sum(dim=1)
+    return exps.div_(total[:, None]), row_max[:, 0] + total.log()
 
 
 def _teacher_factor(t_rel, weight_temperature, lse_w, gamma):
@@ -38,22 +50,28 @@ def _tensor_factor(factor, labels, source, gamma):
 
 
 def rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, temperature,
-                             weight_temperature, with_ce):
-    """``(wmse (B,), ce (B,), stats (B, 5))`` in float32, as ``rank1_rows_forward``."""
+                             weight_temperature, with_ce, keep_directions):
+    """``(wmse (B,), ce (B,), stats (B, 5), softmax_difference, weighted_deviation)`` in float32,
+    as ``rank1_rows_forward`` and, when ``keep_directions``, the two ``(B, C)`` directions of the
+    gradient: ``softmax(s/T) - softmax(t/T)`` (with the cross-entropy) and ``v (d - mu)`` (with
+    pair weights); otherwise (and where not needed) empty tensors."""
     s_rel, t_rel = relative_logits(student, teacher)
     zeros = s_rel.new_zeros(s_rel.shape[0])
     lse_s = lse_t = ce = lse_w = zeros
+    softmax_difference, weighted_deviation = s_rel.new_empty(0), s_rel.new_empty(0)
     if with_ce:
-        # torch.logsumexp sums accurately (cascade); the fused CPU softmaxes do not at large C
         s_scaled = _scaled(s_rel, temperature)
         t_scaled = _scaled(t_rel, temperature)
-        lse_s = torch.logsumexp(s_scaled, dim=1)
-        lse_t = torch.logsumexp(t_scaled, dim=1)
-        p = (t_scaled - lse_t[:, None]).exp_()
+        p, lse_t = _softmax_and_lse(t_scaled)
+        if keep_directions:
+            q, lse_s = _softmax_and_lse(s_scaled)
+            softmax_difference = q.sub_(p)
+        else:
+            lse_s = torch.logsumexp(s_scaled, dim=1)
         ce = lse_s - torch.linalg.vecdot(p, s_scaled)
     if source == SOURCE_NONE:
         stats = torch.stack([zeros, zeros, lse_s, lse_t, lse_w], dim=1)
-        return zeros, ce, stats
+        return zeros, ce, stats, softmax_difference, weighted_deviation
     if source == SOURCE_TEACHER:
         same_softmax = with_ce and weight_temperature == temperature
         lse_w = lse_t if same_softmax else torch.logsumexp(_scaled(t_rel, weight_temperature), 1)
@@ -63,37 +81,34 @@ def rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, te
         v = _tensor_factor(factor, labels, source, gamma)
     d = t_rel.sub_(s_rel)
     w_sum = v.sum(dim=1)
-    weighted = torch.mul(v, d, out=s_rel)
-    mean = weighted.sum(dim=1).div_(torch.where(w_sum > 0, w_sum, 1.0))
+    mean = torch.linalg.vecdot(v, d).div_(torch.where(w_sum > 0, w_sum, 1.0))
     dev = d.sub_(mean[:, None])
-    m2 = torch.linalg.vecdot(torch.mul(v, dev, out=weighted), dev)
+    # v (d - mu): the wMSE's gradient direction, kept for backward or written over s_rel
+    weighted_deviation = torch.mul(v, dev, out=torch.empty_like(dev) if keep_directions else s_rel)
+    m2 = torch.linalg.vecdot(weighted_deviation, dev)
+    if not keep_directions:
+        weighted_deviation = s_rel.new_empty(0)
     stats = torch.stack([w_sum, mean, lse_s, lse_t, lse_w], dim=1)
-    return 2.0 * w_sum * m2, ce, stats
+    return 2.0 * w_sum * m2, ce, stats, softmax_difference, weighted_deviation
 
 
-def rank1_rows_backward_torch(grad_wmse, grad_ce, student, teacher, factor, labels, stats, source,
-                              gamma, temperature, weight_temperature, with_ce, symmetric, need_ds,
+def rank1_rows_backward_torch(grad_wmse, grad_ce, student, teacher, stats, softmax_difference,
+                              weighted_deviation, source, temperature, with_ce, symmetric, need_ds,
                               need_dt):
-    """``(grad_student, grad_teacher)`` as ``rank1_rows_backward``."""
-    s_rel, t_rel = relative_logits(student, teacher)
-    w_sum, mean, lse_s, lse_t, lse_w = stats.unbind(dim=1)
-    if source == SOURCE_NONE:
-        g_d = torch.zeros_like(s_rel)
-    else:
-        if source == SOURCE_TEACHER:
-            v = _teacher_factor(t_rel, weight_temperature, lse_w, gamma)
-        else:
-            v = _tensor_factor(factor, labels, source, gamma)
-        # g_d = 4 g_wmse W v (d - mu)
-        coef_d = (4.0 * grad_wmse.float() * w_sum)[:, None]
-        g_d = (t_rel - s_rel).sub_(mean[:, None]).mul_(v).mul_(coef_d)
+    """``(grad_student, grad_teacher)`` as ``rank1_rows_backward``, from the directions the
+    forward pass kept: ``g_d = 4 g_wmse W v (d - mu)`` and ``ds_ce = g_ce (q - p) / T``."""
+    if (with_ce and not softmax_difference.numel()) or (
+            source != SOURCE_NONE and not weighted_deviation.numel()):
+        raise RuntimeError("rank1_rows was run with keep_directions=False: no backward")
+    g_d = None
+    if source != SOURCE_NONE:
+        coef_d = (4.0 * grad_wmse.float() * stats[:, 0])[:, None]
+        g_d = weighted_deviation * coef_d
     ds = dt = student.new_empty(0)
     if need_ds:
         if with_ce:
-            q = _scaled(s_rel, temperature).sub_(lse_s[:, None]).exp_()
-            p = _scaled(t_rel, temperature).sub_(lse_t[:, None]).exp_()
-            ds = q.sub_(p).mul_((grad_ce.float() / temperature)[:, None])
-            if symmetric:
+            ds = softmax_difference * (grad_ce.float() / temperature)[:, None]
+            if symmetric and g_d is not None:
                 ds.sub_(g_d)
         else:
             ds = -g_d if symmetric else torch.zeros_like(g_d)
