@@ -23,6 +23,10 @@ counted, not estimated. The time ``modelled_h100_seconds`` is a MODEL, not a mea
 ``bytes / 3.35e12 B/s`` (the H100 SXM's HBM3 bandwidth) plus ``launches x 4 us`` (an assumed
 launch overhead). Nothing here runs on a GPU.
 
+Each case is counted for three losses: ``gkl_loss`` on the Triton kernels, ``gkl_loss`` on its
+plain-PyTorch path, and ``F.kl_div`` (plain KL distillation, as ``python -m bench`` times it), the
+bar a user compares with.
+
 A "transfer" is one read or write of a ``B x C`` tensor in the logits' dtype. The floor is what
 the loss cannot avoid: forward read ``s`` and ``t``; backward read ``s`` and ``t`` and write the
 gradients (of ``s``, and of ``t`` in adversarial cases). Weight inputs are left out of the floor
@@ -52,6 +56,7 @@ if __name__ == "__main__" and os.environ.get(INTERPRET_VARIABLE) != "1":
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -72,13 +77,15 @@ import gkl_kernels  # noqa: E402
 from bench.cases import (CIFAR100_ADV, EXPLICIT, IMAGENET, PER_ROW, PRIOR, SHARED,  # noqa: E402
                          TEACHER, TOKEN_KD, Case, make_inputs)
 from bench.measure import format_bytes, format_seconds  # noqa: E402
+from bench.providers import KL_DIV, select_providers  # noqa: E402
 from gkl_kernels.validation import triton_interpreter_active  # noqa: E402
 
 H100_BANDWIDTH_BYTES_PER_SECOND = 3.35e12  # H100 SXM, HBM3
 LAUNCH_LATENCY_SECONDS = 4e-6
 MODEL_LABEL = ("model, not a measurement: counted bytes / H100 HBM3 bandwidth + counted launches "
                "x assumed launch latency")
-BACKENDS = ("triton", "torch")
+KL_DIV_BACKEND = "F.kl_div"  # plain KL distillation at the same shape, the bar to compare with
+BACKENDS = ("triton", "torch", KL_DIV_BACKEND)
 PASSES = ("forward", "backward", "total")
 TOP_OPS = 5  # torch ops listed per pass in a row
 
@@ -692,19 +699,28 @@ def _counted_pass(run, floor_bytes, classify):
     return result, traffic
 
 
+def loss_function(backend):
+    """``gkl_loss`` with ``backend`` ("triton" or "torch"), or ``F.kl_div`` (``KL_DIV_BACKEND``,
+    the loss ``python -m bench`` times as plain distillation)."""
+    if backend == KL_DIV_BACKEND:
+        return select_providers([KL_DIV])[0].build()
+    return functools.partial(gkl_kernels.gkl_loss, backend=backend)
+
+
 def count_case(case, backend):
-    """Count ``gkl_loss(..., backend=backend)`` on ``make_inputs(case)``: the forward pass, then
-    ``torch.autograd.grad`` w.r.t. the logits that require gradients. Needs Triton's interpreter
-    (``TRITON_INTERPRET=1`` before triton is imported)."""
+    """Count the loss of ``backend`` (``loss_function``) on ``make_inputs(case)``: the forward
+    pass, then ``torch.autograd.grad`` w.r.t. the logits that require gradients. Needs Triton's
+    interpreter (``TRITON_INTERPRET=1`` before triton is imported)."""
     student, teacher, loss_kwargs = make_inputs(case)
     logits = (student, teacher)
     needs_grad = [x for x in logits if x.requires_grad]
     read_logits = sum(x.nbytes for x in logits)
-    weights = [loss_kwargs[name] for name in ("weights", "class_prior") if name in loss_kwargs]
+    weights = [] if backend == KL_DIV_BACKEND else [
+        loss_kwargs[name] for name in ("weights", "class_prior") if name in loss_kwargs]
     classify = argument_category(case.elements, weights)
-    loss, forward = _counted_pass(
-        lambda: gkl_kernels.gkl_loss(student, teacher, backend=backend, **loss_kwargs),
-        read_logits, classify)
+    loss_fn = loss_function(backend)
+    loss, forward = _counted_pass(lambda: loss_fn(student, teacher, **loss_kwargs), read_logits,
+                                  classify)
     _, backward = _counted_pass(lambda: torch.autograd.grad(loss, needs_grad),
                                 read_logits + sum(x.nbytes for x in needs_grad), classify)
     weight_bytes = sum(w.nbytes for w in weights)

@@ -249,8 +249,8 @@ def test_modelled_time():
 
 def test_quick_run_rows_and_table():
     rows = run_traffic(quick=True, progress=lambda line: None)
-    assert len(rows) == 2 * len(traffic_cases(quick=True))
-    assert [row["backend"] for row in rows[:2]] == ["triton", "torch"]
+    assert len(rows) == 3 * len(traffic_cases(quick=True))
+    assert [row["backend"] for row in rows[:3]] == ["triton", "torch", "F.kl_div"]
     pass_keys = {"triton_bytes_read", "triton_bytes_written", "torch_bytes_read",
                  "torch_bytes_written", "bytes", "bytes_per_element", "transfers",
                  "triton_transfers", "torch_transfers", "floor_bytes", "floor_transfers",
