@@ -65,7 +65,11 @@ def headline_section(payload):
 
 
 def result_note(result):
-    """The last column of the timings table: why a provider did not run."""
+    """The last column of the timings table: why a provider did not run, or on a GPU the
+    bandwidth its time implies for the floor bytes."""
+    if result.get("floor_bandwidth"):
+        return (f"floor bytes at {result['floor_bandwidth'] / 1e9:.0f} GB/s, "
+                f"{result['copy_fraction']:.0%} of a device copy")
     if not result["skipped"]:
         return ""
     if result["predicted_bytes"]:
@@ -94,6 +98,43 @@ def timings_section(payload):
             f"oracle ({errors}).\n\n"
             + table(("case", "B", "C", "dtype", "provider", "forward", "backward",
                      "fwd+bwd", "peak memory", "loss error", "grad s error", "note"), rows))
+
+
+def traffic_section(rows):
+    """The counted traffic per case and loss, and the modelled H100 time, labelled as a model."""
+    lines = []
+    for row in rows:
+        forward, backward, total = row["forward"], row["backward"], row["total"]
+        kernels = (f"{total['triton_bxc_transfers']:.3f} ({total['triton_bxc_unique_transfers']:.3f})"
+                   if row["backend"] == "triton" else "-")
+        lines.append((row["case"], row["shape"], row["dtype"], row["backend"],
+                      f"{forward['transfers']:.2f}", f"{backward['transfers']:.2f}",
+                      f"{total['transfers']:.2f}", f"{total['floor_transfers']:.0f}", kernels,
+                      f"{forward['launches']} / {backward['launches']}",
+                      format_seconds(total["modelled_h100_seconds"])))
+    model = rows[0]["model"]
+    budget = "; ".join(
+        f"{row['total']['triton_bxc_transfers']:.3f} requested, "
+        f"{row['total']['triton_bxc_unique_transfers']:.3f} distinct at {row['shape']}"
+        for row in rows if row["backend"] == "triton" and row["weights"] == "teacher"
+        and not row["adversarial"])
+    return ("Memory traffic, counted (`python -m bench.traffic`): every load and store of the "
+            "Triton kernels lane by lane under Triton's interpreter, every aten op of the torch "
+            "paths by a dispatch mode. A transfer is one read or write of a `B x C` tensor in the "
+            "logits' dtype; the floor reads `s` and `t` forward and again backward and writes "
+            "the gradients. \"kernels, B x C\" is what the Triton kernels move in `B x C` "
+            "arguments (logits, gradients), requested (distinct addresses per launch: the DRAM "
+            "traffic when re-reads hit a cache); the rest of their bytes are per-row statistics "
+            "and the weights. The last column is a **model, not a measurement**: counted bytes / "
+            f"{model['bandwidth_bytes_per_second'] / 1e12:.2f} TB/s (H100 SXM HBM3) + counted "
+            f"launches x {model['launch_latency_seconds'] * 1e6:g} us (an assumed launch "
+            "latency).\n\n"
+            f"Rank-one Triton kernels, `B x C` transfers forward plus backward with the student's "
+            f"gradient only (teacher weights; budget 5): {budget}. The requested extra is each "
+            f"row's two pivots read again per pass, at the addresses of the first tile.\n\n"
+            + table(("case", "shape", "dtype", "loss", "forward transfers", "backward transfers",
+                     "total", "floor", "kernels, B x C (distinct)", "launches fwd / bwd",
+                     "modelled H100 time (model)"), lines))
 
 
 def compile_section(rows):
@@ -126,6 +167,8 @@ def render(payload, json_path=DEFAULT_JSON, plot_path=None):
     parts = [provenance(payload, json_path), headline_section(payload), timings_section(payload)]
     if plot_path:
         parts.append(f"![time and memory against C]({plot_path})")
+    if payload.get("traffic"):
+        parts.append(traffic_section(payload["traffic"]))
     if payload.get("compile_report"):
         parts.append(compile_section(payload["compile_report"]))
     return "\n\n".join(parts)

@@ -157,6 +157,9 @@ def table_rows(cases, results):
             timing, peak = format_seconds(r.seconds), format_bytes(r.peak_bytes)
             note = (f"median of {r.repeats}, min {format_seconds(r.seconds_min)}" if r.repeats
                     else "")
+            if r.floor_bandwidth:
+                note = (f"floor bytes at {r.floor_bandwidth / 1e9:.1f} GB/s, "
+                        f"{r.copy_fraction:.0%} of the device copy's")
         rows.append((r.case, shapes[r.case], r.dtype, r.provider, forward, backward, timing, peak,
                      _error(r.loss_error), _error(r.student_grad_error),
                      _error(r.teacher_grad_error), note))
@@ -184,8 +187,15 @@ def format_table(cases, results, oracles, meter):
     return "\n".join(lines)
 
 
+def judged(case):
+    """Whether the headline targets apply to ``case``: they were set for float32 logits at
+    B=256, C=1000."""
+    return (case.batch, case.classes) == HEADLINE_SHAPE and case.dtype == "float32"
+
+
 def headline_ratios(case, results):
-    """``[(label, ratio or None, target)]`` for ``case``: reference / package, from one run."""
+    """``[(label, ratio or None, target or None)]`` for ``case``: reference / package, from one
+    run; no target where ``judged(case)`` is false."""
     by_provider = {r.provider: r for r in results if r.case == case.name and not r.skipped}
     package = by_provider.get(PACKAGE)
     ratios = []
@@ -194,7 +204,7 @@ def headline_ratios(case, results):
         ratio = None
         if package and other and getattr(package, field):
             ratio = getattr(other, field) / getattr(package, field)
-        ratios.append((label, ratio, target))
+        ratios.append((label, ratio, target if judged(case) else None))
     return ratios
 
 
@@ -202,21 +212,17 @@ def format_ratios(case, ratios):
     """The ratios, with their targets where they apply (at B=256, C=1000)."""
     lines = [f"Ratios at {case.name} ({case.shape}, {case.group} weights), {case.dtype}, "
              f"forward+backward, measured in this run (package = {PACKAGE}):"]
-    # the targets were set for float32 logits at B=256, C=1000
-    judged = (case.batch, case.classes) == HEADLINE_SHAPE and case.dtype == "float32"
     width = max(len(label) for label, _, _ in ratios)
     for label, ratio, target in ratios:
         if ratio is None:
             lines.append(f"  {label.ljust(width)}  n/a (a provider was skipped or not selected)")
         elif target is None:
             lines.append(f"  {label.ljust(width)}  {ratio:10.2f}x")
-        elif judged:
+        else:
             verdict = "met" if ratio >= target else "MISSED"
             lines.append(f"  {label.ljust(width)}  {ratio:10.1f}x  (target >= {target}x: "
                          f"{verdict})")
-        else:
-            lines.append(f"  {label.ljust(width)}  {ratio:10.1f}x")
-    if not judged:
+    if not judged(case):
         batch, classes = HEADLINE_SHAPE
         lines.append(f"  (targets apply to float32 at B={batch}, C={classes}, without --quick)")
     return "\n".join(lines)

@@ -712,17 +712,16 @@ def count_case(case, backend):
     pass, then ``torch.autograd.grad`` w.r.t. the logits that require gradients. Needs Triton's
     interpreter (``TRITON_INTERPRET=1`` before triton is imported)."""
     student, teacher, loss_kwargs = make_inputs(case)
-    logits = (student, teacher)
-    needs_grad = [x for x in logits if x.requires_grad]
-    read_logits = sum(x.nbytes for x in logits)
+    needs_grad = [x for x in (student, teacher) if x.requires_grad]
     weights = [] if backend == KL_DIV_BACKEND else [
         loss_kwargs[name] for name in ("weights", "class_prior") if name in loss_kwargs]
     classify = argument_category(case.elements, weights)
     loss_fn = loss_function(backend)
-    loss, forward = _counted_pass(lambda: loss_fn(student, teacher, **loss_kwargs), read_logits,
+    forward_floor, backward_floor = case.floor_bytes
+    loss, forward = _counted_pass(lambda: loss_fn(student, teacher, **loss_kwargs), forward_floor,
                                   classify)
-    _, backward = _counted_pass(lambda: torch.autograd.grad(loss, needs_grad),
-                                read_logits + sum(x.nbytes for x in needs_grad), classify)
+    _, backward = _counted_pass(lambda: torch.autograd.grad(loss, needs_grad), backward_floor,
+                                classify)
     weight_bytes = sum(w.nbytes for w in weights)
     return CaseTraffic(case, backend, student.nbytes, weight_bytes, forward, backward)
 
