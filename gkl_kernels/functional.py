@@ -5,7 +5,11 @@ weights ``v_j v_k`` run in O(C) per row (``rank1``); shared ``(C, C)`` and per-r
 weights in tiled kernels (``pairs``). No ``B x C x C`` tensor is ever built.
 """
 
+import dataclasses
+from typing import Optional
+
 import torch
+from torch import distributed
 
 from gkl_kernels import validation as check
 from gkl_kernels.options import GKLOptions
@@ -19,7 +23,7 @@ REDUCTIONS = ("none", "sum", "mean")
 def gkl_loss(student, teacher, *, labels=None, class_prior=None, weights=None, weights_kind=None,
              gamma=1.0, temperature=1.0, weight_temperature=1.0, mse_weight=1.0, ce_weight=1.0,
              normalize="weights", symmetric=True, backend="auto", check_values=True,
-             block_c=None, dot_precision="ieee"):
+             block_c=None, dot_precision="ieee", sync_normalizer=False, process_group=None):
     """The GKL loss (``symmetric=True``) or DKL (``symmetric=False``: only the teacher gets the
     wMSE gradient), a 0-dim float32 tensor.
 
@@ -39,12 +43,21 @@ def gkl_loss(student, teacher, *, labels=None, class_prior=None, weights=None, w
     while ``torch.compile`` traces. block_c: force the kernels' tile width (a power of two; >= 16
     for ``(C, C)`` weights). dot_precision: ``tl.dot`` operands for ``(C, C)`` weights under Triton,
     ``"ieee"`` (float32), ``"tf32x3"`` or ``"tf32"`` (tensor cores; see ``pairs.shared_kernels``).
+    sync_normalizer: under ``torch.distributed``, the loss of the batch of every process of
+    ``process_group`` (None: the default group) concatenated, as one process would compute it:
+    one all-reduce of four numbers (this batch's wMSE and CE sums, ``N`` and ``B``). The value is
+    that loss on every process; the gradient reaches this process's logits only, exactly its rows
+    of the one-process gradient (so the parameter gradients summed over processes are the
+    one-process ones; DDP averages them instead: scale the loss by the world size to train as one
+    process would). Off (default): each process normalises by its own ``N`` and ``B``, as the
+    authors' multi-GPU training does. Without an initialised process group both are the same.
     """
     options = GKLOptions(gamma=gamma, temperature=temperature,
                          weight_temperature=weight_temperature, mse_weight=mse_weight,
                          ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
                          backend=backend, check_values=check_values, block_c=block_c,
-                         dot_precision=dot_precision)
+                         dot_precision=dot_precision, sync_normalizer=sync_normalizer,
+                         process_group=process_group)
     return gkl_loss_with_options(student, teacher, options, labels=labels,
                                  class_prior=class_prior, weights=weights,
                                  weights_kind=weights_kind)
@@ -75,15 +88,48 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     else:
         wmse, ce, total = _rank_one_rows(student, teacher, weights, labels, class_prior, options,
                                          with_ce, use_triton)
-    if options.normalize == "weights":
-        empty = total == 0
-        mse_term = torch.where(empty, 0.0, wmse.sum() / torch.where(empty, 1.0, total))
-    else:
-        mse_term = wmse.sum() / student.shape[0]
-    loss = (options.mse_weight / 4) * mse_term
-    if with_ce:
-        loss = loss + options.ce_weight * ce.mean()
-    return loss
+    rows = total.new_tensor(float(student.shape[0]))
+    sums = LossSums(wmse.sum(), ce.sum() if with_ce else None,
+                    total if options.normalize == "weights" else rows, rows)
+    if options.sync_normalizer:
+        return _loss_of_all_processes(sums, options)
+    return sums.loss(options)
+
+
+@dataclasses.dataclass
+class LossSums:
+    """What the loss is made of: the sums over rows of the wMSE and the cross-entropy (None
+    without it), the wMSE normaliser ``N`` and the number of rows."""
+
+    wmse: torch.Tensor
+    ce: Optional[torch.Tensor]
+    normaliser: torch.Tensor
+    rows: torch.Tensor
+
+    def loss(self, options, normaliser=None, rows=None):
+        """``mse_weight * wmse / (4 N) + ce_weight * ce / rows`` (a wMSE term of 0 when
+        ``N = 0``), with ``N`` and ``rows`` this batch's unless given."""
+        normaliser = self.normaliser if normaliser is None else normaliser
+        rows = self.rows if rows is None else rows
+        empty = normaliser == 0
+        mse_term = torch.where(empty, 0.0, self.wmse / torch.where(empty, 1.0, normaliser))
+        loss = (options.mse_weight / 4) * mse_term
+        if self.ce is not None:
+            loss = loss + options.ce_weight * self.ce / rows
+        return loss
+
+
+def _loss_of_all_processes(sums, options):
+    """The loss of every process's batch concatenated (``sync_normalizer``): one all-reduce of
+    this batch's sums; the value is the total loss, the gradient that of this batch's share."""
+    local = torch.stack([sums.wmse, sums.ce if sums.ce is not None else torch.zeros_like(sums.wmse),
+                         sums.normaliser, sums.rows]).detach()
+    if distributed.is_available() and distributed.is_initialized():
+        distributed.all_reduce(local, group=options.process_group)
+    wmse, ce, normaliser, rows = local.unbind()
+    share = sums.loss(options, normaliser, rows)
+    total = LossSums(wmse, ce if sums.ce is not None else None, normaliser, rows).loss(options)
+    return share + (total - share).detach()
 
 
 def _rank_one_rows(student, teacher, weights, labels, class_prior, options, with_ce, use_triton):

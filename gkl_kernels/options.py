@@ -1,7 +1,7 @@
 """``GKLOptions``: the scalar options of the loss, checked once when they are made."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from gkl_kernels import validation as check
 
@@ -21,6 +21,8 @@ class GKLOptions:
     check_values: bool = True
     block_c: Optional[int] = None
     dot_precision: str = "ieee"
+    sync_normalizer: bool = False
+    process_group: Any = None
 
     def __post_init__(self):
         check.check_positive("temperature", self.temperature)
@@ -34,3 +36,4 @@ class GKLOptions:
         check.check_bool("check_values", self.check_values)
         check.check_block(self.block_c)
         check.check_choice("dot_precision", self.dot_precision, check.DOT_PRECISIONS)
+        check.check_bool("sync_normalizer", self.sync_normalizer)
