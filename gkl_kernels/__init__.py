@@ -3,6 +3,7 @@
 from gkl_kernels import compat
 from gkl_kernels.functional import gkl_loss, pairwise_wmse
 from gkl_kernels.module import GKLLoss
+from gkl_kernels.prior import ClassPrior
 
-__all__ = ["GKLLoss", "compat", "gkl_loss", "pairwise_wmse"]
+__all__ = ["ClassPrior", "GKLLoss", "compat", "gkl_loss", "pairwise_wmse"]
 __version__ = "0.1.0"

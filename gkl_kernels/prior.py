@@ -1,0 +1,149 @@
+"""``ClassPrior``: the class-wise prior ``P`` of GKL ("global information", SPEC.md).
+
+Row ``c`` of the ``(C, C)`` matrix ``P`` is the mean of ``softmax(t / T2)`` over the samples of
+class ``c`` seen in the previous epoch; before the first epoch every entry is ``1 / C``. Pass
+``class_prior=prior.matrix()`` and the batch's ``labels`` to ``gkl_loss``.
+"""
+
+import torch
+from torch import distributed
+
+from gkl_kernels import validation as check
+
+STATE_TENSORS = ("prior", "sums", "counts")  # state_dict keys of the (C, C), (C, C), (C,) tensors
+
+
+class ClassPrior:
+    """The class prior ``P`` (float32 ``(C, C)``), kept up to date over training.
+
+    Each ``update(teacher_logits, labels)`` adds ``softmax(teacher_logits / T2)`` to row
+    ``labels[b]`` of a float32 ``(C, C)`` sum and counts the samples of each class (int64
+    ``(C,)``). ``end_epoch()`` sets every row seen in the epoch to its mean,
+    ``P[c] = sum_{b: y_b = c} softmax(t_b / T2) / count[c]`` (divided by the exact count, so a row
+    sums to 1 up to float32 rounding), or with ``momentum=m`` to ``m * P[c] + (1 - m) * mean``;
+    rows not seen keep their value. Under an initialised ``torch.distributed`` process group the
+    sums and counts of every process in ``process_group`` (None: the default group) are added
+    first, so all processes end the epoch with the same ``P`` (create the prior on a device that
+    the group's backend takes: CUDA for NCCL).
+
+    ``P`` is updated in place: ``matrix()`` returns the same tensor every epoch (do not modify it;
+    clone it to keep an epoch's value).
+    """
+
+    def __init__(self, num_classes, weight_temperature=1.0, momentum=None, device=None,
+                 process_group=None):
+        _check_num_classes(num_classes)
+        _check_settings(weight_temperature, momentum)
+        self.num_classes = num_classes
+        self.weight_temperature = weight_temperature
+        self.momentum = momentum
+        self.process_group = process_group
+        self.epochs = 0
+        shape = (num_classes, num_classes)
+        self._prior = torch.full(shape, 1.0 / num_classes, dtype=torch.float32, device=device)
+        self._sums = torch.zeros(shape, dtype=torch.float32, device=device)
+        self._counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
+
+    def update(self, teacher_logits, labels):
+        """Add one batch: ``teacher_logits`` ``(B, C)`` float32/float16/bfloat16, finite, and
+        ``labels`` ``(B,)`` int64/int32 in ``[0, C)``, both on the prior's device. An empty batch
+        (B = 0) is a no-op. No gradient flows."""
+        self._check_logits(teacher_logits)
+        empty = teacher_logits.shape[0] == 0
+        check.check_labels(labels, teacher_logits, check_values=not empty)
+        if empty:
+            return
+        if not bool(torch.isfinite(teacher_logits).all()):
+            raise ValueError("teacher_logits must be finite, found inf or NaN")
+        with torch.no_grad():
+            probs = torch.softmax(teacher_logits.float() / self.weight_temperature, dim=1)
+            self._sums.index_add_(0, labels, probs)
+            self._counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.int64))
+
+    def end_epoch(self):
+        """Sum the epoch over processes, set the seen rows of ``P`` (see the class), reset the sums
+        and counts, count the epoch; returns ``P`` (the tensor ``matrix()`` returns)."""
+        if distributed.is_available() and distributed.is_initialized():
+            distributed.all_reduce(self._sums, group=self.process_group)
+            distributed.all_reduce(self._counts, group=self.process_group)
+        seen = (self._counts > 0).unsqueeze(1)
+        new = self._sums / self._counts.clamp_min(1).unsqueeze(1)
+        if self.momentum is not None:
+            new = self.momentum * self._prior + (1 - self.momentum) * new
+        self._prior.copy_(torch.where(seen, new, self._prior))
+        self._sums.zero_()
+        self._counts.zero_()
+        self.epochs += 1
+        return self._prior
+
+    def matrix(self, device=None):
+        """``P``, float32 ``(C, C)``, on the prior's device. A ``device`` other than that one is
+        an error, not a copy (``P`` would be copied at every step): build the prior there."""
+        if device is not None:
+            wanted, held = torch.device(device), self._prior.device
+            if wanted.type != held.type or wanted.index not in (None, held.index):
+                raise ValueError(f"matrix(device={wanted}): mismatched device, the prior is on "
+                                 f"{held}; create ClassPrior(..., device={str(wanted)!r}) instead")
+        return self._prior
+
+    def state_dict(self):
+        """Copies of ``P``, the epoch's sums and counts, and ``epochs``, ``num_classes``,
+        ``weight_temperature``, ``momentum``."""
+        return {"num_classes": self.num_classes, "weight_temperature": self.weight_temperature,
+                "momentum": self.momentum, "epochs": self.epochs, "prior": self._prior.clone(),
+                "sums": self._sums.clone(), "counts": self._counts.clone()}
+
+    def load_state_dict(self, state):
+        """Restore ``state_dict()``'s state (tensors copied to the prior's device), including its
+        ``weight_temperature`` and ``momentum``; ``num_classes`` must match. Checked in full
+        before anything changes."""
+        missing = [key for key in ("num_classes", "weight_temperature", "momentum", "epochs",
+                                   *STATE_TENSORS) if key not in state]
+        if missing:
+            raise ValueError(f"state is missing the keys {missing}")
+        if state["num_classes"] != self.num_classes:
+            raise ValueError(f"state['num_classes'] = {state['num_classes']} does not match "
+                             f"num_classes = {self.num_classes}")
+        _check_settings(state["weight_temperature"], state["momentum"])
+        epochs = state["epochs"]
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"state['epochs'] must be an int >= 0, got {epochs!r}")
+        for key, own in zip(STATE_TENSORS, (self._prior, self._sums, self._counts)):
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or value.shape != own.shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+                raise ValueError(f"state['{key}'] must be a tensor of shape {tuple(own.shape)}, "
+                                 f"got {shape}")
+        for key, own in zip(STATE_TENSORS, (self._prior, self._sums, self._counts)):
+            own.copy_(state[key])
+        self.weight_temperature = state["weight_temperature"]
+        self.momentum = state["momentum"]
+        self.epochs = epochs
+
+    def _check_logits(self, logits):
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"teacher_logits must be a torch.Tensor, got {type(logits).__name__}")
+        if logits.dtype not in check.FLOAT_DTYPES:
+            raise TypeError(f"teacher_logits must be float32, float16 or bfloat16, got "
+                            f"{logits.dtype}")
+        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"teacher_logits must have shape (B, num_classes={self.num_classes}),"
+                             f" got {tuple(logits.shape)}")
+        if logits.device != self._prior.device:
+            raise ValueError(f"teacher_logits must be on the prior's device "
+                             f"{self._prior.device}, got {logits.device}")
+
+
+def _check_num_classes(num_classes):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+
+
+def _check_settings(weight_temperature, momentum):
+    check.check_positive("weight_temperature", weight_temperature)
+    if momentum is not None:
+        check.check_finite("momentum", momentum, minimum=0.0)
+        if momentum >= 1:
+            raise ValueError(f"momentum must be None or in [0, 1), got {momentum}")
