@@ -13,6 +13,8 @@ from torch import distributed
 
 from gkl_kernels import ClassPrior, gkl_loss
 
+pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
+
 C = 7
 WORLD_SIZE = 2
 

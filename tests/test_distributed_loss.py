@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import PAPER_SETTINGS, make_inputs
 from gkl_kernels import GKLLoss, gkl_loss
+from tests.conftest import PAPER_SETTINGS, make_inputs
+
+pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
 WORLD_SIZE = 2
 ROWS_PER_RANK = (5, 3)  # uneven on purpose: the concatenated mean is not the mean of means

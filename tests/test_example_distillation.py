@@ -9,7 +9,7 @@ import torch
 
 import gkl_kernels
 
-pytest.importorskip("sklearn", reason="the example needs scikit-learn (the test extra has it)")
+pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
 EXAMPLE_PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "digits_distillation.py"
 CHANCE = 1 / 10
