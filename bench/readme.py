@@ -105,8 +105,10 @@ def traffic_section(rows):
     lines = []
     for row in rows:
         forward, backward, total = row["forward"], row["backward"], row["total"]
-        kernels = (f"{total['triton_bxc_transfers']:.3f} ({total['triton_bxc_unique_transfers']:.3f})"
-                   if row["backend"] == "triton" else "-")
+        kernels = "-"
+        if row["backend"] == "triton":
+            kernels = (f"{total['triton_bxc_transfers']:.3f} "
+                       f"({total['triton_bxc_unique_transfers']:.3f})")
         lines.append((row["case"], row["shape"], row["dtype"], row["backend"],
                       f"{forward['transfers']:.2f}", f"{backward['transfers']:.2f}",
                       f"{total['transfers']:.2f}", f"{total['floor_transfers']:.0f}", kernels,

@@ -153,7 +153,8 @@ def table_rows(cases, results):
             forward = backward = "-"
             timing, peak, note = "skipped", "-", r.skipped
         else:
-            forward, backward = format_seconds(r.forward_seconds), format_seconds(r.backward_seconds)
+            forward = format_seconds(r.forward_seconds)
+            backward = format_seconds(r.backward_seconds)
             timing, peak = format_seconds(r.seconds), format_bytes(r.peak_bytes)
             note = (f"median of {r.repeats}, min {format_seconds(r.seconds_min)}" if r.repeats
                     else "")

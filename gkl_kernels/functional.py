@@ -5,9 +5,6 @@ weights ``v_j v_k`` run in O(C) per row (``rank1``); shared ``(C, C)`` and per-r
 weights in tiled kernels (``pairs``). No ``B x C x C`` tensor is ever built.
 """
 
-import dataclasses
-from typing import Optional
-
 import torch
 from torch import distributed
 
@@ -89,46 +86,37 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
         wmse, ce, total = _rank_one_rows(student, teacher, weights, labels, class_prior, options,
                                          with_ce, use_triton)
     rows = total.new_tensor(float(student.shape[0]))
-    sums = LossSums(wmse.sum(), ce.sum() if with_ce else None,
-                    total if options.normalize == "weights" else rows, rows)
+    normaliser = total if options.normalize == "weights" else rows
+    ce_sum = ce.sum() if with_ce else None
     if options.sync_normalizer:
-        return _loss_of_all_processes(sums, options)
-    return sums.loss(options)
+        return _loss_of_all_processes(wmse.sum(), ce_sum, normaliser, rows, options)
+    return _loss_from_sums(wmse.sum(), ce_sum, normaliser, rows, options)
 
 
-@dataclasses.dataclass
-class LossSums:
-    """What the loss is made of: the sums over rows of the wMSE and the cross-entropy (None
-    without it), the wMSE normaliser ``N`` and the number of rows."""
-
-    wmse: torch.Tensor
-    ce: Optional[torch.Tensor]
-    normaliser: torch.Tensor
-    rows: torch.Tensor
-
-    def loss(self, options, normaliser=None, rows=None):
-        """``mse_weight * wmse / (4 N) + ce_weight * ce / rows`` (a wMSE term of 0 when
-        ``N = 0``), with ``N`` and ``rows`` this batch's unless given."""
-        normaliser = self.normaliser if normaliser is None else normaliser
-        rows = self.rows if rows is None else rows
-        empty = normaliser == 0
-        mse_term = torch.where(empty, 0.0, self.wmse / torch.where(empty, 1.0, normaliser))
-        loss = (options.mse_weight / 4) * mse_term
-        if self.ce is not None:
-            loss = loss + options.ce_weight * self.ce / rows
-        return loss
+def _loss_from_sums(wmse_sum, ce_sum, normaliser, rows, options):
+    """``mse_weight * wmse_sum / (4 N) + ce_weight * ce_sum / rows``: a wMSE term of 0 when
+    ``N = 0``, no cross-entropy term when ``ce_sum`` is None."""
+    empty = normaliser == 0
+    mse_term = torch.where(empty, 0.0, wmse_sum / torch.where(empty, 1.0, normaliser))
+    loss = (options.mse_weight / 4) * mse_term
+    if ce_sum is not None:
+        loss = loss + options.ce_weight * ce_sum / rows
+    return loss
 
 
-def _loss_of_all_processes(sums, options):
+def _loss_of_all_processes(wmse_sum, ce_sum, normaliser, rows, options):
     """The loss of every process's batch concatenated (``sync_normalizer``): one all-reduce of
-    this batch's sums; the value is the total loss, the gradient that of this batch's share."""
-    local = torch.stack([sums.wmse, sums.ce if sums.ce is not None else torch.zeros_like(sums.wmse),
-                         sums.normaliser, sums.rows]).detach()
+    this batch's four numbers; the value is the total loss, the gradient that of this batch's
+    share of it."""
+    with_ce = ce_sum is not None
+    local = torch.stack([wmse_sum, ce_sum if with_ce else torch.zeros_like(wmse_sum), normaliser,
+                         rows]).detach()
     if distributed.is_available() and distributed.is_initialized():
         distributed.all_reduce(local, group=options.process_group)
-    wmse, ce, normaliser, rows = local.unbind()
-    share = sums.loss(options, normaliser, rows)
-    total = LossSums(wmse, ce if sums.ce is not None else None, normaliser, rows).loss(options)
+    all_wmse, all_ce, all_normaliser, all_rows = local.unbind()
+    share = _loss_from_sums(wmse_sum, ce_sum, all_normaliser, all_rows, options)
+    total = _loss_from_sums(all_wmse, all_ce if with_ce else None, all_normaliser, all_rows,
+                            options)
     return share + (total - share).detach()
 
 

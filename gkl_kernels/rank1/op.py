@@ -2,12 +2,12 @@
 ``torch.compile(fullgraph=True)`` and ``opcheck`` see one opaque operator per pass.
 
 ``gkl_kernels::rank1_rows(s, t, ...) -> (wmse (B,), ce (B,), stats (B, 5), softmax_difference,
-weighted_deviation)`` and its backward ``gkl_kernels::rank1_rows_backward``. ``use_triton`` picks the
-Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or the plain-PyTorch
-path; ``block_c = 0`` lets the launcher choose the tile width. The last two outputs are the
-plain-PyTorch path's gradient directions, ``(B, C)`` float32 when ``keep_directions`` (the backward
-then is two elementwise products instead of a recomputation), else empty; the Triton kernels
-recompute everything in their backward pass and always return them empty.
+weighted_deviation)`` and its backward ``gkl_kernels::rank1_rows_backward``. ``use_triton`` picks
+the Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or the
+plain-PyTorch path; ``block_c = 0`` lets the launcher choose the tile width. The last two outputs
+are the plain-PyTorch path's gradient directions, ``(B, C)`` float32 when ``keep_directions`` (the
+backward then is two elementwise products instead of a recomputation), else empty; the Triton
+kernels recompute everything in their backward pass and always return them empty.
 """
 
 from typing import Optional
