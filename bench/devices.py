@@ -10,9 +10,10 @@ one pass and the memory available, and says what it measured with:
   the median; ``do_bench`` also overwrites the L2 cache before each call), each call on the next of
   several input sets whose total size exceeds the L2 cache, so no call finds its inputs cached;
   peak memory by ``torch.cuda.max_memory_allocated`` above what was allocated before.
-- ``GpuMeter.dry_run()``: the same code on CPU tensors with CPU stand-ins for the three CUDA calls
-  (``do_bench``, the peak-memory counters, the free-memory query), so that the GPU path is tested
-  on machines without a GPU. Its figures are CPU figures and are labelled as a dry run.
+- ``GpuMeter.dry_run_on_cpu()``: the same code on CPU tensors with CPU stand-ins for the three
+  CUDA calls (``do_bench``, the peak-memory counters, the free-memory query), so that the GPU path
+  is tested on machines without a GPU. Its figures are CPU figures and are labelled as a dry
+  run.
 """
 
 import dataclasses
@@ -131,8 +132,8 @@ def cpu_stand_in_calls(repeats=3):
 
 
 class GpuMeter:
-    """Times passes on a GPU (see the module docstring); ``dry_run()`` makes one that runs the
-    same code on CPU tensors with ``cpu_stand_in_calls``."""
+    """Times passes on a GPU (see the module docstring); ``dry_run_on_cpu()`` makes one that runs
+    the same code on CPU tensors with ``cpu_stand_in_calls``."""
 
     dry_run = False
 
