@@ -20,7 +20,8 @@ REDUCTIONS = ("none", "sum", "mean")
 def gkl_loss(student, teacher, *, labels=None, class_prior=None, weights=None, weights_kind=None,
              gamma=1.0, temperature=1.0, weight_temperature=1.0, mse_weight=1.0, ce_weight=1.0,
              normalize="weights", symmetric=True, backend="auto", check_values=True,
-             block_c=None, dot_precision="ieee", sync_normalizer=False, process_group=None):
+             block_c=None, dot_precision="ieee", sync_normalizer=False, process_group=None,
+             ignore_index=-100):
     """The GKL loss (``symmetric=True``) or DKL (``symmetric=False``: only the teacher gets the
     wMSE gradient), a 0-dim float32 tensor.
 
@@ -48,13 +49,17 @@ def gkl_loss(student, teacher, *, labels=None, class_prior=None, weights=None, w
     one-process ones; DDP averages them instead: scale the loss by the world size to train as one
     process would). Off (default): each process normalises by its own ``N`` and ``B``, as the
     authors' multi-GPU training does. Without an initialised process group both are the same.
+    ignore_index: rows whose label equals it (token-level distillation: padding, prompt tokens)
+    add nothing to the loss, to ``N`` or ``B`` (which count the kept rows) or to the gradient
+    (theirs is 0); with the class prior they need no valid label. A batch with every row ignored
+    gives a loss of 0 and zero gradients. Without ``labels`` every row is kept.
     """
     options = GKLOptions(gamma=gamma, temperature=temperature,
                          weight_temperature=weight_temperature, mse_weight=mse_weight,
                          ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
                          backend=backend, check_values=check_values, block_c=block_c,
                          dot_precision=dot_precision, sync_normalizer=sync_normalizer,
-                         process_group=process_group)
+                         process_group=process_group, ignore_index=ignore_index)
     return gkl_loss_with_options(student, teacher, options, labels=labels,
                                  class_prior=class_prior, weights=weights,
                                  weights_kind=weights_kind)
@@ -65,8 +70,11 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     """``gkl_loss`` with its scalar options given as a checked ``GKLOptions``."""
     check.check_logits(student, teacher)
     use_triton = check.use_triton_for(options.backend, student.device)
+    kept = None
     if labels is not None:
-        check.check_labels(labels, student, options.check_values)
+        check.check_labels(labels, student, options.check_values, options.ignore_index)
+        kept = labels != options.ignore_index
+        labels = torch.where(kept, labels, 0)  # ignored rows pick any prior row; it is masked
     kind = None
     if weights is not None:
         if class_prior is not None:
@@ -80,27 +88,38 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
         check.check_prior(class_prior, labels, student, options.check_values)
     with_ce = options.ce_weight != 0
     if kind in ("shared", "per_row"):
-        wmse, ce, total = _general_pair_rows(student, teacher, weights, kind == "per_row",
-                                             options, with_ce, use_triton)
+        wmse, ce, weight_sums = _general_pair_rows(student, teacher, weights, kind == "per_row",
+                                                   options, with_ce, use_triton)
     else:
-        wmse, ce, total = _rank_one_rows(student, teacher, weights, labels, class_prior, options,
-                                         with_ce, use_triton)
-    rows = total.new_tensor(float(student.shape[0]))
-    normaliser = total if options.normalize == "weights" else rows
+        wmse, ce, weight_sums = _rank_one_rows(student, teacher, weights, labels, class_prior,
+                                               options, with_ce, use_triton)
+    if kept is None:
+        rows = weight_sums.new_tensor(float(student.shape[0]))
+    else:
+        wmse, weight_sums = _kept_only(wmse, kept), _kept_only(weight_sums, kept)
+        ce = _kept_only(ce, kept) if with_ce else None
+        rows = kept.sum(dtype=torch.float32)
+    normaliser = weight_sums.sum() if options.normalize == "weights" else rows
     ce_sum = ce.sum() if with_ce else None
     if options.sync_normalizer:
         return _loss_of_all_processes(wmse.sum(), ce_sum, normaliser, rows, options)
     return _loss_from_sums(wmse.sum(), ce_sum, normaliser, rows, options)
 
 
+def _kept_only(per_row, kept):
+    """A per-row tensor with the ignored rows' entries 0 (and no gradient to them)."""
+    return torch.where(kept, per_row, 0.0)
+
+
 def _loss_from_sums(wmse_sum, ce_sum, normaliser, rows, options):
     """``mse_weight * wmse_sum / (4 N) + ce_weight * ce_sum / rows``: a wMSE term of 0 when
-    ``N = 0``, no cross-entropy term when ``ce_sum`` is None."""
+    ``N = 0``, a cross-entropy term of 0 when ``rows = 0`` (every row ignored, so ``ce_sum = 0``)
+    and none when ``ce_sum`` is None."""
     empty = normaliser == 0
     mse_term = torch.where(empty, 0.0, wmse_sum / torch.where(empty, 1.0, normaliser))
     loss = (options.mse_weight / 4) * mse_term
     if ce_sum is not None:
-        loss = loss + options.ce_weight * ce_sum / rows
+        loss = loss + options.ce_weight * ce_sum / rows.clamp(min=1.0)
     return loss
 
 
@@ -121,8 +140,8 @@ def _loss_of_all_processes(wmse_sum, ce_sum, normaliser, rows, options):
 
 
 def _rank_one_rows(student, teacher, weights, labels, class_prior, options, with_ce, use_triton):
-    """Rank-one pair weights (explicit factor, class prior or teacher): per-row wMSE and
-    cross-entropy (B,) and the sum of all pair weights ``sum_b W_b^2``."""
+    """Rank-one pair weights (explicit factor, class prior or teacher): per-row wMSE,
+    cross-entropy and pair-weight sums ``W_b^2``, (B,) each."""
     if weights is not None:
         source, factor = SOURCE_EXPLICIT, weights.detach()
     elif class_prior is not None:
@@ -134,7 +153,7 @@ def _rank_one_rows(student, teacher, weights, labels, class_prior, options, with
         float(options.gamma), float(options.temperature), float(options.weight_temperature),
         with_ce, options.symmetric, use_triton, options.block_c or 0,
         _gradients_wanted(student, teacher))
-    return wmse, ce, stats[:, 0].detach().square().sum()
+    return wmse, ce, stats[:, 0].detach().square()
 
 
 def _gradients_wanted(student, teacher):
@@ -143,8 +162,8 @@ def _gradients_wanted(student, teacher):
 
 
 def _general_pair_rows(student, teacher, weights, per_row, options, with_ce, use_triton):
-    """Shared ``(C, C)`` or per-row ``(B, C, C)`` weights: per-row wMSE, cross-entropy (B,) (or
-    None without it) and the sum of all pair weights."""
+    """Shared ``(C, C)`` or per-row ``(B, C, C)`` weights: per-row wMSE, cross-entropy (or None
+    without it) and pair-weight sums, (B,) each."""
     block_c = options.block_c or 0
     wmse, weight_sums = pair_rows(student, teacher, weights.detach(), per_row, options.symmetric,
                                   use_triton, block_c, options.dot_precision)
@@ -153,7 +172,7 @@ def _general_pair_rows(student, teacher, weights, per_row, options, with_ce, use
         ce = rank1_rows(student, teacher, None, None, SOURCE_NONE, 1.0, float(options.temperature),
                         1.0, True, options.symmetric, use_triton, block_c,
                         _gradients_wanted(student, teacher))[1]
-    return wmse, ce, weight_sums.sum()
+    return wmse, ce, weight_sums
 
 
 def _checked_weights_kind(weights, student, weights_kind, options):

@@ -23,6 +23,7 @@ class GKLOptions:
     dot_precision: str = "ieee"
     sync_normalizer: bool = False
     process_group: Any = None
+    ignore_index: int = -100
 
     def __post_init__(self):
         check.check_positive("temperature", self.temperature)
@@ -37,3 +38,4 @@ class GKLOptions:
         check.check_block(self.block_c)
         check.check_choice("dot_precision", self.dot_precision, check.DOT_PRECISIONS)
         check.check_bool("sync_normalizer", self.sync_normalizer)
+        check.check_index("ignore_index", self.ignore_index)

@@ -126,20 +126,31 @@ def check_dot_block(block_c):
                          f"(tl.dot tiles), got {block_c}")
 
 
-def check_labels(labels, student, check_values):
-    """Class labels: int64/int32 ``(B,)`` on the logits' device, each in ``[0, C)``."""
+def check_labels(labels, student, check_values, ignore_index=None):
+    """Class labels: int64/int32 ``(B,)`` on the logits' device, each in ``[0, C)`` or equal to
+    ``ignore_index`` (when one is given)."""
     _check_tensor("labels", labels, student.shape[:1], INDEX_DTYPES, student.device)
     num_classes = student.shape[1]
     if not _values_checked(check_values):
         return
-    low, high = (int(x) for x in torch.aminmax(labels))
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{low}, {high}]")
+    outside = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        outside &= labels != ignore_index
+    if bool(outside.any()):
+        bad = int(labels[outside][0])
+        allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+        raise ValueError(f"labels must lie in [0, {num_classes}){allowed}, found {bad}")
+
+
+def check_index(name, value):
+    """An integer option such as ``ignore_index``: an int, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def check_prior(class_prior, labels, student, check_values):
     """A class prior: float ``(C, C)`` on the logits' device; the rows that ``labels`` (checked
-    before) pick are finite and >= 0 (the other rows never reach the loss)."""
+    before, in ``[0, C)``) pick are finite and >= 0 (the other rows never reach the loss)."""
     num_classes = student.shape[1]
     _check_tensor("class_prior", class_prior, (num_classes, num_classes), FLOAT_DTYPES,
                   student.device)
