@@ -2,8 +2,10 @@
 
 from gkl_kernels import compat
 from gkl_kernels.functional import gkl_loss, pairwise_wmse
+from gkl_kernels.fused_linear import FusedLinearGKLLoss, fused_linear_gkl
 from gkl_kernels.module import GKLLoss
 from gkl_kernels.prior import ClassPrior
 
-__all__ = ["ClassPrior", "GKLLoss", "compat", "gkl_loss", "pairwise_wmse"]
+__all__ = ["ClassPrior", "FusedLinearGKLLoss", "GKLLoss", "compat", "fused_linear_gkl", "gkl_loss",
+           "pairwise_wmse"]
 __version__ = "0.1.0"

@@ -72,7 +72,8 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     use_triton = check.use_triton_for(options.backend, student.device)
     kept = None
     if labels is not None:
-        check.check_labels(labels, student, options.check_values, options.ignore_index)
+        check.check_labels(labels, *student.shape, student.device, options.check_values,
+                           options.ignore_index)
         kept = labels != options.ignore_index
         labels = torch.where(kept, labels, 0)  # ignored rows pick any prior row; it is masked
     kind = None
@@ -85,7 +86,8 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     elif class_prior is not None:
         if labels is None:
             raise ValueError("class_prior needs labels (B,) to pick each row's prior")
-        check.check_prior(class_prior, labels, student, options.check_values)
+        check.check_prior(class_prior, labels, student.shape[1], student.device,
+                          options.check_values)
     with_ce = options.ce_weight != 0
     if kind in ("shared", "per_row"):
         wmse, ce, weight_sums = _general_pair_rows(student, teacher, weights, kind == "per_row",

@@ -50,7 +50,8 @@ class ClassPrior:
         (B = 0) is a no-op. No gradient flows."""
         self._check_logits(teacher_logits)
         empty = teacher_logits.shape[0] == 0
-        check.check_labels(labels, teacher_logits, check_values=not empty)
+        check.check_labels(labels, *teacher_logits.shape, teacher_logits.device,
+                           check_values=not empty)
         if empty:
             return
         if not bool(torch.isfinite(teacher_logits).all()):

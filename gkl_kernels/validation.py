@@ -64,7 +64,7 @@ def check_logits(student, teacher):
                          f"{teacher.device}")
 
 
-def _check_tensor(name, x, shape, dtypes, device):
+def check_tensor(name, x, shape, dtypes, device):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
@@ -114,7 +114,7 @@ def check_weights(weights, student, weights_kind, check_values, name="weights"):
                              f"{tuple(weights.shape)}")
         weights_kind = kinds[0]
     check_choice("weights_kind", weights_kind, WEIGHT_KINDS)
-    _check_tensor(name, weights, shapes[weights_kind], FLOAT_DTYPES, student.device)
+    check_tensor(name, weights, shapes[weights_kind], FLOAT_DTYPES, student.device)
     check_nonnegative_finite(name, weights, check_values)
     return weights_kind
 
@@ -126,11 +126,10 @@ def check_dot_block(block_c):
                          f"(tl.dot tiles), got {block_c}")
 
 
-def check_labels(labels, student, check_values, ignore_index=None):
-    """Class labels: int64/int32 ``(B,)`` on the logits' device, each in ``[0, C)`` or equal to
-    ``ignore_index`` (when one is given)."""
-    _check_tensor("labels", labels, student.shape[:1], INDEX_DTYPES, student.device)
-    num_classes = student.shape[1]
+def check_labels(labels, rows, num_classes, device, check_values, ignore_index=None):
+    """Class labels: int64/int32 ``(rows,)`` on ``device``, each in ``[0, num_classes)`` or equal
+    to ``ignore_index`` (when one is given)."""
+    check_tensor("labels", labels, (rows,), INDEX_DTYPES, device)
     if not _values_checked(check_values):
         return
     outside = (labels < 0) | (labels >= num_classes)
@@ -148,12 +147,10 @@ def check_index(name, value):
         raise TypeError(f"{name} must be an int, got {value!r}")
 
 
-def check_prior(class_prior, labels, student, check_values):
-    """A class prior: float ``(C, C)`` on the logits' device; the rows that ``labels`` (checked
-    before, in ``[0, C)``) pick are finite and >= 0 (the other rows never reach the loss)."""
-    num_classes = student.shape[1]
-    _check_tensor("class_prior", class_prior, (num_classes, num_classes), FLOAT_DTYPES,
-                  student.device)
+def check_prior(class_prior, labels, num_classes, device, check_values):
+    """A class prior: float ``(C, C)`` on ``device``; the rows that ``labels`` (checked before, in
+    ``[0, C)``) pick are finite and >= 0 (the other rows never reach the loss)."""
+    check_tensor("class_prior", class_prior, (num_classes, num_classes), FLOAT_DTYPES, device)
     if _values_checked(check_values):
         check_nonnegative_finite("class_prior", class_prior.index_select(0, labels), check_values)
 

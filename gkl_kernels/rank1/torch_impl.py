@@ -38,7 +38,7 @@ def _teacher_factor(t_rel, weight_temperature, lse_w, gamma):
     return _scaled(t_rel, weight_temperature).sub(lse_w[:, None]).mul_(gamma).exp_()
 
 
-def _tensor_factor(factor, labels, source, gamma):
+def tensor_factor(factor, labels, source, gamma):
     """``v`` (B, C) float32 from a given tensor: ``prior[labels] ** gamma`` or the explicit factor."""
     if source != SOURCE_PRIOR:
         return factor.float()
@@ -78,7 +78,7 @@ def rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, te
         v = p if same_softmax and gamma == 1.0 \
             else _teacher_factor(t_rel, weight_temperature, lse_w, gamma)
     else:
-        v = _tensor_factor(factor, labels, source, gamma)
+        v = tensor_factor(factor, labels, source, gamma)
     d = t_rel.sub_(s_rel)
     w_sum = v.sum(dim=1)
     mean = torch.linalg.vecdot(v, d).div_(torch.where(w_sum > 0, w_sum, 1.0))

@@ -1,0 +1,316 @@
+"""Fused linear GKL: the GKL loss of ``s = h_s W_s^T (+ b_s)`` and ``t = h_t W_t^T (+ b_t)``
+computed chunk of rows by chunk, so that the ``(N, V)`` logits never exist.
+
+For each chunk of ``c`` rows the two logit blocks ``(c, V)`` are formed by one matrix product each
+(in the inputs' dtype: bfloat16 products accumulate in float32 and round their output), the rank-one
+row terms and their gradient with respect to the logits run on them in float32 (Triton kernels for
+CUDA tensors, the plain-PyTorch path on CPU), and the logit gradient ``g`` (c, V) is folded back
+at once: ``dh = g W``, ``dW += g^T h`` (a float32 accumulator), ``db += sum_rows g``. The
+gradients are computed during the forward pass and scaled by the incoming gradient in backward
+(the loss is a scalar), so the peak extra memory is ``O(c V)`` plus the gradients themselves.
+
+The loss's coefficients ``mse_weight / (4 N)`` and ``ce_weight / R`` must be known before any
+chunk's gradient is formed. ``R`` (the kept rows) comes from the labels; ``N = sum_b W_b^2`` is
+``R`` for ``normalize="batch"`` and for teacher weights with ``gamma = 1`` (each row's softmax
+sums to 1); explicit and prior factors give ``W_b`` without any product; only teacher weights
+with ``gamma != 1`` need a first pass over the teacher's chunks (one more teacher product each).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gkl_kernels import validation as check
+from gkl_kernels.options import GKLOptions
+from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
+from gkl_kernels.rank1.op import rank1_rows, rank1_rows_backward_op
+from gkl_kernels.rank1.torch_impl import tensor_factor
+
+CHUNK_ELEMENTS = 2**25  # default chunk: the largest power of two of rows with c * V <= this
+
+
+@dataclass(frozen=True)
+class FusedLinearPlan:
+    """What the chunk loop needs besides tensors: the loss options, the weight source, the
+    chunk size, the backend and whether the teacher receives gradients."""
+
+    options: GKLOptions
+    source: int
+    chunk_size: int
+    use_triton: bool
+    teacher_grad: bool
+
+
+def fused_linear_gkl(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
+                     labels=None, student_bias=None, teacher_bias=None, class_prior=None,
+                     weights=None, chunk_size=None, teacher_grad=False, **gkl_options):
+    """``gkl_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, ...)`` without the ``(N, V)`` logits; a 0-dim
+    float32 tensor.
+
+    student_hidden ``(N, H_s)``, student_weight ``(V, H_s)``, student_bias ``(V,)`` or None (one
+    dtype: float32, float16 or bfloat16); teacher_hidden ``(N, H_t)``, teacher_weight
+    ``(V, H_t)``, teacher_bias ``(V,)`` or None (one dtype, maybe another). labels ``(N,)``:
+    rows equal to ``ignore_index`` (default -100) are left out (token-level distillation); with
+    ``class_prior`` ``(V, V)`` they pick each row's weights. weights: an explicit ``(N, V)``
+    rank-one factor. chunk_size: rows per chunk (default: the largest power of two with
+    ``chunk_size * V <= 2**25``); peak extra memory is about 8 float32 ``(chunk_size, V)`` blocks.
+    teacher_grad: False (default) treats the teacher as frozen; True sends the wMSE gradient to
+    the teacher tensors that require it. gkl_options: the options of ``gkl_loss`` (gamma,
+    temperature, weight_temperature, mse_weight, ce_weight, normalize, symmetric, backend,
+    check_values, block_c, ignore_index); ``sync_normalizer`` is not supported here.
+    Gradients reach student_hidden, student_weight and student_bias (in their dtypes).
+    """
+    plan = _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden,
+                         teacher_weight, teacher_bias, labels, class_prior, weights, chunk_size,
+                         teacher_grad, gkl_options)
+    teacher = (teacher_hidden, teacher_weight, teacher_bias)
+    if not teacher_grad:
+        teacher = tuple(None if x is None else x.detach() for x in teacher)
+    factor = weights if weights is not None else class_prior
+    return FusedLinearGKLFunction.apply(student_hidden, student_weight, student_bias, *teacher,
+                                        labels, None if factor is None else factor.detach(),
+                                        plan)
+
+
+class FusedLinearGKLLoss(nn.Module):
+    """``FusedLinearGKLLoss(chunk_size=None, teacher_grad=False, **gkl_options)(student_hidden,
+    student_weight, teacher_hidden, teacher_weight, labels=None, student_bias=None,
+    teacher_bias=None, class_prior=None, weights=None)``: ``fused_linear_gkl`` with its options
+    checked once, here."""
+
+    def __init__(self, *, chunk_size=None, teacher_grad=False, **gkl_options):
+        super().__init__()
+        _check_chunk_size(chunk_size)
+        check.check_bool("teacher_grad", teacher_grad)
+        self.chunk_size, self.teacher_grad = chunk_size, teacher_grad
+        self.options = _options_from(gkl_options)
+        self._gkl_options = gkl_options
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                labels=None, student_bias=None, teacher_bias=None, class_prior=None,
+                weights=None):
+        return fused_linear_gkl(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                labels=labels, student_bias=student_bias,
+                                teacher_bias=teacher_bias, class_prior=class_prior,
+                                weights=weights, chunk_size=self.chunk_size,
+                                teacher_grad=self.teacher_grad, **self._gkl_options)
+
+    def extra_repr(self):
+        return f"chunk_size={self.chunk_size}, teacher_grad={self.teacher_grad}, " + ", ".join(
+            f"{k}={v!r}" for k, v in vars(self.options).items())
+
+
+class FusedLinearGKLFunction(torch.autograd.Function):
+    """Forward: the loss and, for the inputs that need them, its gradients, chunk by chunk.
+    Backward: those gradients times the incoming scalar gradient."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden,
+                teacher_weight, teacher_bias, labels, factor, plan):
+        wanted = ctx.needs_input_grad[:6]
+        loss, grads = _loss_and_gradients(
+            (student_hidden, student_weight, student_bias),
+            (teacher_hidden, teacher_weight, teacher_bias), labels, factor, plan, wanted)
+        ctx.wanted = tuple(g is not None for g in grads)
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in (
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+            teacher_bias))
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        scale = grad_loss.to(torch.float32)
+        grads = [(next(saved) * scale).to(dtype) if wanted else None
+                 for wanted, dtype in zip(ctx.wanted, ctx.dtypes)]
+        return (*grads, None, None, None)
+
+
+def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
+    """``(loss, [d student_hidden, d student_weight, d student_bias, d teacher_hidden,
+    d teacher_weight, d teacher_bias])`` (None where not wanted), the gradients in float32."""
+    options = plan.options
+    rows = student[0].shape[0]
+    kept = torch.ones(rows, dtype=torch.bool, device=student[0].device) if labels is None \
+        else labels != options.ignore_index
+    safe_labels = None if labels is None else torch.where(kept, labels, 0)
+    kept_rows = kept.sum(dtype=torch.float32)
+    normaliser = _normaliser(teacher, safe_labels, kept, kept_rows, factor, plan)
+    empty = normaliser == 0
+    mse_coef = torch.where(empty, 0.0, (options.mse_weight / 4) / torch.where(empty, 1.0,
+                                                                             normaliser))
+    ce_coef = options.ce_weight / kept_rows.clamp(min=1.0)
+    grads = [_gradient_buffer(x, w) for x, w in zip((*student, *teacher), wanted)]
+    need_ds, need_dt = any(wanted[:3]), any(wanted[3:])
+    loss = torch.zeros((), dtype=torch.float32, device=student[0].device)
+    for chunk in _chunks(rows, plan.chunk_size):
+        s = _logits(student, chunk)
+        t = _logits(teacher, chunk)
+        chunk_factor = factor[chunk] if plan.source == SOURCE_EXPLICIT else factor
+        chunk_labels = None if plan.source != SOURCE_PRIOR else safe_labels[chunk]
+        row_args = (s, t, chunk_factor, chunk_labels, plan.source, float(options.gamma),
+                    float(options.temperature), float(options.weight_temperature))
+        with_ce = options.ce_weight != 0
+        wmse, ce, stats, softmax_difference, weighted_deviation = rank1_rows(
+            *row_args, with_ce, options.symmetric, plan.use_triton, options.block_c or 0,
+            need_ds or need_dt)
+        mse_rows = mse_coef * kept[chunk]
+        ce_rows = ce_coef * kept[chunk]
+        loss = loss + torch.where(kept[chunk], wmse, 0.0) @ mse_rows
+        if with_ce:
+            loss = loss + torch.where(kept[chunk], ce, 0.0) @ ce_rows
+        if not (need_ds or need_dt):
+            continue
+        ds, dt = rank1_rows_backward_op(
+            mse_rows, ce_rows, s, t, chunk_factor, chunk_labels, stats, softmax_difference,
+            weighted_deviation, plan.source, float(options.gamma), float(options.temperature),
+            float(options.weight_temperature), with_ce, options.symmetric, need_ds, need_dt,
+            plan.use_triton, options.block_c or 0)
+        del s, t, softmax_difference, weighted_deviation
+        if need_ds:
+            _fold_back(ds, student, grads[:3], chunk)
+        if need_dt:
+            _fold_back(dt, teacher, grads[3:], chunk)
+    return loss, grads
+
+
+def _normaliser(teacher, labels, kept, kept_rows, factor, plan):
+    """``N``: the kept rows for ``normalize="batch"`` and for teacher weights with ``gamma = 1``;
+    else ``sum_b W_b^2`` over the kept rows, from the factor or from a pass over the teacher."""
+    options = plan.options
+    teacher_softmax = plan.source == SOURCE_TEACHER and options.gamma == 1.0
+    if options.normalize == "batch" or options.mse_weight == 0 or teacher_softmax:
+        return kept_rows
+    total = kept_rows.new_zeros(())
+    for chunk in _chunks(kept.shape[0], plan.chunk_size):
+        if plan.source == SOURCE_TEACHER:
+            t = _logits(teacher, chunk)
+            row_sums = rank1_rows(t, t, None, None, SOURCE_TEACHER, float(options.gamma), 1.0,
+                                  float(options.weight_temperature), False, True,
+                                  plan.use_triton, options.block_c or 0, False)[2][:, 0]
+        else:
+            rows = factor[chunk] if plan.source == SOURCE_EXPLICIT else factor
+            row_sums = tensor_factor(rows, None if labels is None else labels[chunk],
+                                      plan.source, float(options.gamma)).sum(dim=1)
+        total = total + torch.where(kept[chunk], row_sums.square(), 0.0).sum()
+    return total
+
+
+def _chunks(rows, chunk_size):
+    return [slice(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
+
+
+def _logits(linear, chunk):
+    """``h[chunk] W^T (+ b)`` in the inputs' dtype, returned in float32, (c, V)."""
+    hidden, weight, bias = linear
+    return F.linear(hidden[chunk], weight, bias).float()
+
+
+def _gradient_buffer(tensor, wanted):
+    """A float32 zero gradient for ``tensor`` when it is wanted, else None."""
+    if tensor is None or not wanted:
+        return None
+    return torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+
+
+def _fold_back(grad_logits, linear, grads, chunk):
+    """Add a chunk's logit gradient ``g`` (c, V) to the gradients of ``(h, W, b)``: ``dh = g W``,
+    ``dW += g^T h[chunk]``, ``db += sum_rows g`` (products in the inputs' dtype)."""
+    hidden, weight, _ = linear
+    grad_hidden, grad_weight, grad_bias = grads
+    g = grad_logits.to(hidden.dtype)
+    if grad_hidden is not None:
+        grad_hidden[chunk] = g @ weight
+    if grad_weight is not None:
+        grad_weight += g.t() @ hidden[chunk]
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(dim=0)
+
+
+def _options_from(gkl_options):
+    """A checked ``GKLOptions`` from ``gkl_loss``'s keyword options (``sync_normalizer`` and
+    ``process_group`` are not for this loss)."""
+    for name in ("sync_normalizer", "process_group"):
+        if name in gkl_options:
+            raise ValueError(f"fused_linear_gkl does not support {name}: it computes one "
+                             f"process's loss")
+    try:
+        return GKLOptions(**gkl_options)
+    except TypeError as error:
+        raise TypeError(f"fused_linear_gkl got an unknown option: {error}") from None
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def _check_linear(prefix, hidden, weight, bias):
+    """``hidden`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None: one float dtype, one device.
+    Returns ``(N, V)``."""
+    for name, x in ((f"{prefix}_hidden", hidden), (f"{prefix}_weight", weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in check.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() != 2 or 0 in x.shape:
+            raise ValueError(f"{name} must be 2-D and non-empty, got shape {tuple(x.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}_weight must have the dtype of {prefix}_hidden "
+                        f"({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{prefix}_weight must have shape (V, {hidden.shape[1]}) to match "
+                         f"{prefix}_hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{prefix}_weight must be on {hidden.device} like {prefix}_hidden, got "
+                         f"{weight.device}")
+    if bias is not None:
+        check.check_tensor(f"{prefix}_bias", bias, weight.shape[:1], (hidden.dtype,),
+                           hidden.device)
+    return hidden.shape[0], weight.shape[0]
+
+
+def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                  teacher_bias, labels, class_prior, weights, chunk_size, teacher_grad,
+                  gkl_options):
+    """Check every argument (before any product runs) and return the ``FusedLinearPlan``."""
+    options = _options_from(gkl_options)
+    _check_chunk_size(chunk_size)
+    check.check_bool("teacher_grad", teacher_grad)
+    rows, vocabulary = _check_linear("student", student_hidden, student_weight, student_bias)
+    teacher_shape = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_shape != (rows, vocabulary):
+        raise ValueError(f"teacher logits would have shape {teacher_shape}, the student's "
+                         f"{(rows, vocabulary)}: teacher_hidden needs N = {rows} rows and "
+                         f"teacher_weight V = {vocabulary} rows")
+    device = student_hidden.device
+    if teacher_hidden.device != device:
+        raise ValueError(f"teacher tensors must be on {device} like the student's, got "
+                         f"{teacher_hidden.device}")
+    if labels is not None:
+        check.check_labels(labels, rows, vocabulary, device, options.check_values,
+                           options.ignore_index)
+    source = SOURCE_TEACHER
+    if weights is not None:
+        if class_prior is not None:
+            raise ValueError("give either weights or class_prior, not both")
+        check.check_tensor("weights", weights, (rows, vocabulary), check.FLOAT_DTYPES, device)
+        check.check_nonnegative_finite("weights", weights, options.check_values)
+        source = SOURCE_EXPLICIT
+    elif class_prior is not None:
+        if labels is None:
+            raise ValueError("class_prior needs labels (N,) to pick each row's prior")
+        safe_labels = torch.where(labels != options.ignore_index, labels, 0)
+        check.check_prior(class_prior, safe_labels, vocabulary, device, options.check_values)
+        source = SOURCE_PRIOR
+    if chunk_size is None:
+        chunk_size = 1 << max(0, (CHUNK_ELEMENTS // vocabulary).bit_length() - 1)
+    return FusedLinearPlan(options=options, source=source, chunk_size=chunk_size,
+                           use_triton=check.use_triton_for(options.backend, device),
+                           teacher_grad=teacher_grad)
