@@ -75,14 +75,14 @@ def check_tensor(name, x, shape, dtypes, device):
         raise ValueError(f"{name} must be on {device} like the logits, got {x.device}")
 
 
-def _values_checked(check_values):
+def values_checked(check_values):
     return check_values and not torch.compiler.is_compiling()
 
 
 def check_nonnegative_finite(name, x, check_values):
     """Pair weights and prior rows: every entry finite and >= 0, read in one pass (``aminmax``
     propagates NaN, so ``min >= 0`` and ``max < inf`` fail for NaN too)."""
-    if not _values_checked(check_values):
+    if not values_checked(check_values):
         return
     low, high = torch.aminmax(x)
     if bool(low >= 0) and bool(high < float("inf")):
@@ -130,7 +130,7 @@ def check_labels(labels, rows, num_classes, device, check_values, ignore_index=N
     """Class labels: int64/int32 ``(rows,)`` on ``device``, each in ``[0, num_classes)`` or equal
     to ``ignore_index`` (when one is given)."""
     check_tensor("labels", labels, (rows,), INDEX_DTYPES, device)
-    if not _values_checked(check_values):
+    if not values_checked(check_values):
         return
     outside = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
@@ -151,7 +151,7 @@ def check_prior(class_prior, labels, num_classes, device, check_values):
     """A class prior: float ``(C, C)`` on ``device``; the rows that ``labels`` (checked before, in
     ``[0, C)``) pick are finite and >= 0 (the other rows never reach the loss)."""
     check_tensor("class_prior", class_prior, (num_classes, num_classes), FLOAT_DTYPES, device)
-    if _values_checked(check_values):
+    if values_checked(check_values):
         check_nonnegative_finite("class_prior", class_prior.index_select(0, labels), check_values)
 
 

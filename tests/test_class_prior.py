@@ -4,14 +4,13 @@ use in ``gkl_loss`` and its all-reduce across two gloo processes."""
 
 import datetime
 import os
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import distributed
 
 from gkl_kernels import ClassPrior, gkl_loss
+from tests.multiprocess import run_processes
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
@@ -274,17 +273,7 @@ def test_two_processes_share_the_prior_of_all_their_data(generator, tmp_path):
                make_batches(generator, [4, 6, 2], [1, 2, 3, 4, 5])],
               [make_batches(generator, [6], [3, 4, 5, 6]),
                make_batches(generator, [2, 7], [0, 2, 4, 6])]]
-    context = mp.spawn(_distributed_worker, nprocs=WORLD_SIZE, join=False,
-                       args=(f"file://{tmp_path / 'rendezvous'}", epochs, str(tmp_path)))
-    deadline = time.monotonic() + 120
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the distributed workers did not finish in 120 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_processes(_distributed_worker, WORLD_SIZE, (epochs, str(tmp_path)), 120)
     single = ClassPrior(C, weight_temperature=2.0, momentum=0.5)
     for epoch, per_rank in enumerate(epochs):
         for batches in per_rank:

@@ -3,15 +3,13 @@ one batch. With ``sync_normalizer=True`` the loss and the gradients of every pro
 one-process loss over the concatenated batch and its rows of the gradient; by default each
 process normalises by its own batch (the authors' multi-GPU semantics)."""
 
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gkl_kernels import GKLLoss, gkl_loss
 from tests.conftest import PAPER_SETTINGS, make_inputs
+from tests.multiprocess import run_processes
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
@@ -50,9 +48,8 @@ def losses_and_grads(student, teacher, kwargs, normalize, **options):
     return loss.detach(), torch.autograd.grad(loss, inputs)
 
 
-def worker(rank, init_file, results_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD_SIZE)
+def worker(rank, init_method, results_dir):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     try:
         results = {}
         for source, normalize, adversarial in CONFIGS:
@@ -71,14 +68,7 @@ def worker(rank, init_file, results_dir):
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     directory = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(worker, args=(str(directory / "init"), str(directory)),
-                                 nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_SECONDS
-    while not context.join(timeout=1):  # re-raises a worker's exception with its traceback
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail("a worker hung")
+    run_processes(worker, WORLD_SIZE, (str(directory),), TIMEOUT_SECONDS)
     return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
