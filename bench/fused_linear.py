@@ -469,13 +469,13 @@ def write_plot(path, results, meter):
                                    squeeze=False)
     for (time_axis, memory_axis), hidden in zip(axes, hiddens):
         for colour, provider in enumerate(p.name for p in PROVIDERS):
-            for style, vocab in zip(("-", "--", ":"), vocabs):
+            for (style, marker), vocab in zip((("-", "o"), ("--", "s"), (":", "^")), vocabs):
                 points = sorted((r.tokens, r.seconds, r.peak_bytes / 2**20) for r in measured
                                 if (r.provider, r.vocab, r.hidden) == (provider, vocab, hidden))
                 if not points:
                     continue
                 tokens, seconds, mebibytes = zip(*points)
-                line = dict(marker="o", linestyle=style, color=f"C{colour}",
+                line = dict(marker=marker, linestyle=style, color=f"C{colour}",
                             label=f"{provider}, V={vocab}")
                 time_axis.plot(tokens, seconds, **line)
                 memory_axis.plot(tokens, mebibytes, **line)
