@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bench import readme
+from bench import fused_linear, readme
 from bench.__main__ import main
 from bench.cases import IMAGENET, TEACHER, Case
 from bench.devices import CudaCalls, GpuMeter
@@ -104,3 +104,20 @@ def test_gpu_meter_rotates_input_sets_in_every_pass():
 
 def test_readme_results_section_is_generated_from_the_committed_json():
     assert readme.main(["--check"]) == 0
+
+
+def test_fused_linear_command_on_a_small_size(tmp_path, capsys):
+    json_path, plot_path = tmp_path / "fused.json", tmp_path / "fused.png"
+    fused_linear.main(["--sizes", "96x500x16", "--providers", fused_linear.UNFUSED,
+                       fused_linear.FUSED, fused_linear.FUSED_CHUNKED, "--repeats", "1",
+                       "--json", str(json_path), "--plot", str(plot_path)])
+    printed = capsys.readouterr().out
+    assert "Goal at N=8192" in printed and "wall time" in printed
+    results = json.loads(json_path.read_text())["results"]
+    assert [r["provider"] for r in results] == [fused_linear.UNFUSED, fused_linear.FUSED,
+                                                fused_linear.FUSED_CHUNKED]
+    for r in results:
+        assert r["skipped"] is None and r["peak_bytes"] > 0 and r["seconds"] > 0
+        if r["provider"] != fused_linear.UNFUSED:
+            assert r["loss_error"] < 1e-5 and r["grad_error"] < 1e-5
+    assert plot_path.stat().st_size > 0
