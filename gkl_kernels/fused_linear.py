@@ -56,7 +56,7 @@ def fused_linear_gkl(student_hidden, student_weight, teacher_hidden, teacher_wei
     dtype: float32, float16 or bfloat16); teacher_hidden ``(N, H_t)``, teacher_weight
     ``(V, H_t)``, teacher_bias ``(V,)`` or None (one dtype, maybe another). labels ``(N,)``:
     rows equal to ``ignore_index`` (default -100) are left out (token-level distillation); with
-    ``class_prior`` ``(V, V)`` they pick each row's weights. weights: an explicit ``(N, V)``
+    ``class_prior`` ``(V, V)`` (checked whole: finite, >= 0) they pick each row's weights. weights: an explicit ``(N, V)``
     rank-one factor. chunk_size: rows per chunk (default: the largest power of two with
     ``chunk_size * V <= 2**23``); peak extra memory is about 8 float32 ``(chunk_size, V)`` blocks.
     teacher_grad: False (default) treats the teacher as frozen; True sends the wMSE gradient to
@@ -149,6 +149,7 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
     ce_coef = options.ce_weight / kept_rows.clamp(min=1.0)
     grads = [_gradient_buffer(x, w) for x, w in zip((*student, *teacher), wanted)]
     need_ds, need_dt = any(wanted[:3]), any(wanted[3:])
+    with_ce = options.ce_weight != 0
     loss = torch.zeros((), dtype=torch.float32, device=student[0].device)
     for chunk in _chunks(rows, plan.chunk_size):
         s = _logits(student, chunk)
@@ -157,7 +158,6 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
         chunk_labels = None if plan.source != SOURCE_PRIOR else safe_labels[chunk]
         row_args = (s, t, chunk_factor, chunk_labels, plan.source, float(options.gamma),
                     float(options.temperature), float(options.weight_temperature))
-        with_ce = options.ce_weight != 0
         wmse, ce, stats, softmax_difference, weighted_deviation = rank1_rows(
             *row_args, with_ce, options.symmetric, plan.use_triton, options.block_c or 0,
             need_ds or need_dt)
@@ -310,8 +310,10 @@ def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, 
     elif class_prior is not None:
         if labels is None:
             raise ValueError("class_prior needs labels (N,) to pick each row's prior")
-        safe_labels = torch.where(labels != options.ignore_index, labels, 0)
-        check.check_prior(class_prior, safe_labels, vocabulary, device, options.check_values)
+        # the whole prior, in place: gathering the labels' rows would cost an (N, V) tensor
+        check.check_tensor("class_prior", class_prior, (vocabulary, vocabulary),
+                           check.FLOAT_DTYPES, device)
+        check.check_nonnegative_finite("class_prior", class_prior, options.check_values)
         source = SOURCE_PRIOR
     if chunk_size is None:
         chunk_size = 1 << max(0, (CHUNK_ELEMENTS // vocabulary).bit_length() - 1)
