@@ -57,6 +57,7 @@ from bench.devices import CpuMeter  # noqa: E402
 from bench.measure import format_bytes, format_seconds  # noqa: E402
 from bench.memory import available_memory_bytes  # noqa: E402
 from bench.providers import Passes  # noqa: E402
+from bench.traffic import DispatchCounter  # noqa: E402
 from gkl_kernels import fused_linear_gkl, gkl_loss  # noqa: E402
 from gkl_kernels.fused_linear import CHUNK_ELEMENTS  # noqa: E402
 
@@ -159,12 +160,14 @@ class Provider:
     """``build()`` returns a loss function ``fn(inputs) -> 0-dim loss``; it is called once per
     size (Liger's imports Liger-Kernel there: an ``ImportError`` says why it cannot run).
     ``working_rows(size)``: the rows of the provider's largest ``(rows, V)`` tensors.
-    ``computes_gkl``: the GKL loss, compared with ``unfused``."""
+    ``computes_gkl``: the GKL loss, compared with ``unfused``. ``eager``: runs aten ops one by
+    one, so that ``DispatchCounter`` sees its traffic (compiled code is opaque to it)."""
 
     name: str
     build: Callable
     working_rows: Callable
     computes_gkl: bool = True
+    eager: bool = True
 
 
 def _unfused():
@@ -220,7 +223,7 @@ PROVIDERS = (
     Provider(UNFUSED, _unfused, lambda size: size.tokens),
     Provider(FUSED, _fused(None), _fused_default_rows),
     Provider(FUSED_CHUNKED, _fused(FUSED_CHUNK), lambda size: min(size.tokens, FUSED_CHUNK)),
-    Provider(LIGER, _liger(True), _liger_rows, computes_gkl=False),
+    Provider(LIGER, _liger(True), _liger_rows, computes_gkl=False, eager=False),
     Provider(LIGER_EAGER, _liger(False), _liger_rows, computes_gkl=False),
 )
 QUICK_PROVIDERS = (UNFUSED, FUSED, LIGER)
@@ -232,7 +235,9 @@ class Result:
     """One provider at one size: median forward+backward ``seconds`` (its forward and backward
     parts, the fastest, how many were timed), ``peak_bytes`` of one step, and against
     ``unfused``: the loss's absolute difference and the gradients' largest absolute difference
-    relative to the largest unfused gradient. ``skipped``: why there is no number."""
+    relative to the largest unfused gradient. Counted in one more step (eager providers):
+    ``bytes_moved`` (read + written by every kernel), ``launches``, ``host_syncs``. ``skipped``:
+    why there is no number."""
 
     tokens: int
     vocab: int
@@ -248,6 +253,9 @@ class Result:
     loss: Optional[float] = None
     loss_error: Optional[float] = None
     grad_error: Optional[float] = None
+    bytes_moved: Optional[int] = None
+    launches: Optional[int] = None
+    host_syncs: Optional[int] = None
     skipped: Optional[str] = None
 
 
@@ -285,6 +293,15 @@ def failure_reason(error):
     return f"{type(error).__name__}: {message[0] if message else ''}"
 
 
+def count_traffic(result, passes):
+    """Run one more step under ``DispatchCounter``: the bytes every kernel it launches reads and
+    writes (tensor sizes, at the aten dispatch level), the launches and the host syncs."""
+    with DispatchCounter() as counter:
+        passes.step()
+    result.bytes_moved = counter.bytes_read + counter.bytes_written
+    result.launches, result.host_syncs = counter.launches, counter.host_syncs
+
+
 def run_provider(provider, size, inputs, meter, reference):
     """Warm-up, the metered step, the timed steps; ``(result, (loss, grads) of the metered
     step)``. A provider that cannot run here, or fails, has the reason in ``result.skipped``."""
@@ -294,6 +311,8 @@ def run_provider(provider, size, inputs, meter, reference):
         passes.step()
         result.peak_bytes, (loss, grads) = meter.peak_memory(passes.step)
         timing = meter.time([passes], None)
+        if provider.eager:
+            count_traffic(result, passes)
     except Exception as error:  # one line in the table instead of a number; the run goes on
         result.skipped = f"cannot run: {failure_reason(error)}"
         return result, None
@@ -350,11 +369,16 @@ TABLE_LEGEND = (
     "floor: weights and hidden states of both models and the student's gradients, 3 (V + N) H "
     "elements. peak mem: what one step allocates (not the inputs); its floor is a third of "
     "floor, the gradients.",
+    "moved, launches, syncs: bytes every kernel of one more step reads and writes, its kernels "
+    "and host syncs, counted at the aten dispatch level (bench.traffic.DispatchCounter; "
+    "compiled code such as liger-jsd's is not countable); a step must move at least about "
+    "floor (the weights and hidden states read once, the gradients written once).",
     "|d loss|, d grad: against unfused (d grad: largest difference / largest unfused gradient); "
     "liger-jsd computes another loss (JSD).",
 )
 COLUMNS = ("N", "V", "H", "dtype", "provider", "GFLOP", "floor", "fwd+bwd", "GFLOP/s",
-           "peak mem", "t/unfused", "mem/unfused", "|d loss|", "d grad", "note")
+           "peak mem", "t/unfused", "mem/unfused", "moved", "launches", "syncs", "|d loss|",
+           "d grad", "note")
 
 
 def _giga(value):
@@ -367,6 +391,10 @@ def _ratio(value):
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _count(value, format_value):
+    return "-" if value is None else format_value(value)
+
+
 def _error(value):
     return "-" if value is None else f"{value:.1e}"
 
@@ -377,11 +405,12 @@ def table_row(result, results):
     head = (str(size.tokens), str(size.vocab), str(size.hidden), size.dtype, result.provider,
             _giga(size.flops), format_bytes(size.floor_bytes))
     if result.skipped:
-        return head + ("-",) * 7 + (result.skipped,)
+        return head + ("-",) * 10 + (result.skipped,)
     time_ratio, memory_ratio = ratios(result, find(results, size, UNFUSED))
     return head + (format_seconds(result.seconds), _giga(size.flops / result.seconds),
                    format_bytes(result.peak_bytes), _ratio(time_ratio), _ratio(memory_ratio),
-                   _error(result.loss_error), _error(result.grad_error),
+                   _count(result.bytes_moved, format_bytes), _count(result.launches, str),
+                   _count(result.host_syncs, str), _error(result.loss_error), _error(result.grad_error),
                    f"median of {result.repeats}, min {format_seconds(result.seconds_min)}")
 
 

@@ -118,6 +118,7 @@ def test_fused_linear_command_on_a_small_size(tmp_path, capsys):
                                                 fused_linear.FUSED_CHUNKED]
     for r in results:
         assert r["skipped"] is None and r["peak_bytes"] > 0 and r["seconds"] > 0
+        assert r["launches"] > 0 and r["bytes_moved"] > 0
         if r["provider"] != fused_linear.UNFUSED:
             assert r["loss_error"] < 1e-5 and r["grad_error"] < 1e-5
     assert plot_path.stat().st_size > 0

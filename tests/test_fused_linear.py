@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.memory import measure_peak_memory
+from bench.traffic import DispatchCounter
 from gkl_kernels import FusedLinearGKLLoss, fused_linear_gkl, gkl_loss
 from reference import gkl_loss_reference
 from tests.conftest import PAPER_SETTINGS, assert_close_rel
@@ -156,6 +157,22 @@ def test_without_gradients_the_loss_is_the_same(generator):
                                    labels=labels, chunk_size=5, gamma=0.6)
     assert not without.requires_grad
     torch.testing.assert_close(without, with_grads.detach(), rtol=0, atol=0)
+
+
+@torch_only
+@pytest.mark.parametrize("source", SOURCES)
+def test_no_host_synchronisation_without_value_checks(source, generator):
+    student, teacher, labels = linear_inputs(generator)
+    options = source_options(source, generator)
+
+    def step(check_values):
+        with DispatchCounter() as counter:
+            fused_result(student, teacher, labels, chunk_size=5, check_values=check_values,
+                         **options)
+        return counter
+
+    assert step(check_values=False).host_syncs == 0
+    assert step(check_values=True).host_syncs > 0  # the label check reads values: it is seen
 
 
 @torch_only
