@@ -54,7 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.devices import CpuMeter  # noqa: E402
-from bench.measure import format_bytes, format_seconds  # noqa: E402
+from bench.measure import format_bytes, format_seconds, record_timing  # noqa: E402
 from bench.memory import available_memory_bytes  # noqa: E402
 from bench.providers import Passes  # noqa: E402
 from bench.traffic import DispatchCounter  # noqa: E402
@@ -316,9 +316,7 @@ def run_provider(provider, size, inputs, meter, reference):
     except Exception as error:  # one line in the table instead of a number; the run goes on
         result.skipped = f"cannot run: {failure_reason(error)}"
         return result, None
-    result.seconds, result.seconds_min, result.repeats = (timing.total, timing.total_min,
-                                                          timing.repeats)
-    result.forward_seconds, result.backward_seconds = timing.forward, timing.backward
+    record_timing(result, timing)
     result.loss = float(loss)
     if provider.computes_gkl and reference is not None:
         compare(result, reference, loss, grads)

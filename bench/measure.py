@@ -157,13 +157,18 @@ def run_provider(provider, case, input_sets, oracle, scaling, settings, meter):
         result.teacher_grad_error = errors[1] if len(errors) > 1 else None
     del loss, grads
     retained = [make_passes(loss_fn, *inputs, retain_graph=True) for inputs in input_sets]
-    timing = meter.time(passes, retained)
-    result.seconds, result.seconds_min, result.repeats = timing.total, timing.total_min, \
-        timing.repeats
-    result.forward_seconds, result.backward_seconds = timing.forward, timing.backward
+    record_timing(result, meter.time(passes, retained))
     if provider.quadratic:
         scaling.record(provider.name, case.pairs, result.peak_bytes, result.seconds)
     return result
+
+
+def record_timing(result, timing):
+    """Copy a meter's ``Timing`` into a result's ``seconds`` (forward+backward median),
+    ``seconds_min``, ``repeats``, ``forward_seconds`` and ``backward_seconds``."""
+    result.seconds, result.seconds_min, result.repeats = timing.total, timing.total_min, \
+        timing.repeats
+    result.forward_seconds, result.backward_seconds = timing.forward, timing.backward
 
 
 def run_case(case, providers, scaling, settings, meter):

@@ -83,6 +83,16 @@ def test_fused_equals_unfused(symmetric, source, chunk_size, generator):
     assert_results_close(actual, expected, 2e-6)
 
 
+@torch_only
+@pytest.mark.parametrize("source", ["teacher", "teacher_gamma", "explicit"])
+def test_fused_without_labels_keeps_every_row(source, generator):
+    student, teacher, _ = linear_inputs(generator)
+    options = dict(source_options(source, generator), backend="torch")
+    actual = fused_result(student, teacher, None, chunk_size=7, **options)
+    expected = unfused_result(student, teacher, None, **options)
+    assert_results_close(actual, expected, 2e-6)
+
+
 @pytest.mark.parametrize("chunk_size", [4, 7])
 @pytest.mark.parametrize("source", SOURCES)
 def test_fused_triton_backend_equals_unfused(source, chunk_size, generator):
