@@ -59,7 +59,7 @@ from bench.memory import available_memory_bytes  # noqa: E402
 from bench.providers import Passes  # noqa: E402
 from bench.traffic import DispatchCounter  # noqa: E402
 from gkl_kernels import fused_linear_gkl, gkl_loss  # noqa: E402
-from gkl_kernels.fused_linear import CHUNK_ELEMENTS  # noqa: E402
+from gkl_kernels.fused_linear import default_chunk_size  # noqa: E402
 
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.1
@@ -191,9 +191,8 @@ def _fused(chunk_size):
 
 
 def _fused_default_rows(size):
-    """``fused_linear_gkl``'s default chunk: the largest power of two of rows with
-    ``rows * V <= CHUNK_ELEMENTS``."""
-    return min(size.tokens, 1 << max(0, (CHUNK_ELEMENTS // size.vocab).bit_length() - 1))
+    """``fused_linear_gkl``'s default chunk (fewer rows when N is smaller)."""
+    return min(size.tokens, default_chunk_size(size.vocab))
 
 
 def _liger(compiled):
@@ -408,7 +407,8 @@ def table_row(result, results):
     return head + (format_seconds(result.seconds), _giga(size.flops / result.seconds),
                    format_bytes(result.peak_bytes), _ratio(time_ratio), _ratio(memory_ratio),
                    _count(result.bytes_moved, format_bytes), _count(result.launches, str),
-                   _count(result.host_syncs, str), _error(result.loss_error), _error(result.grad_error),
+                   _count(result.host_syncs, str), _error(result.loss_error),
+                   _error(result.grad_error),
                    f"median of {result.repeats}, min {format_seconds(result.seconds_min)}")
 
 

@@ -117,12 +117,16 @@ def _loss_from_sums(wmse_sum, ce_sum, normaliser, rows, options):
     """``mse_weight * wmse_sum / (4 N) + ce_weight * ce_sum / rows``: a wMSE term of 0 when
     ``N = 0``, a cross-entropy term of 0 when ``rows = 0`` (every row ignored, so ``ce_sum = 0``)
     and none when ``ce_sum`` is None."""
-    empty = normaliser == 0
-    mse_term = torch.where(empty, 0.0, wmse_sum / torch.where(empty, 1.0, normaliser))
-    loss = (options.mse_weight / 4) * mse_term
+    loss = (options.mse_weight / 4) * safe_ratio(wmse_sum, normaliser)
     if ce_sum is not None:
         loss = loss + options.ce_weight * ce_sum / rows.clamp(min=1.0)
     return loss
+
+
+def safe_ratio(numerator, denominator):
+    """``numerator / denominator``, 0 (with no gradient through it) where ``denominator`` is 0."""
+    empty = denominator == 0
+    return torch.where(empty, 0.0, numerator / torch.where(empty, 1.0, denominator))
 
 
 def _loss_of_all_processes(wmse_sum, ce_sum, normaliser, rows, options):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gkl_kernels import validation as check
+from gkl_kernels.functional import safe_ratio
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.rank1.op import rank1_rows, rank1_rows_backward_op
@@ -56,9 +57,10 @@ def fused_linear_gkl(student_hidden, student_weight, teacher_hidden, teacher_wei
     dtype: float32, float16 or bfloat16); teacher_hidden ``(N, H_t)``, teacher_weight
     ``(V, H_t)``, teacher_bias ``(V,)`` or None (one dtype, maybe another). labels ``(N,)``:
     rows equal to ``ignore_index`` (default -100) are left out (token-level distillation); with
-    ``class_prior`` ``(V, V)`` (checked whole: finite, >= 0) they pick each row's weights. weights: an explicit ``(N, V)``
-    rank-one factor. chunk_size: rows per chunk (default: the largest power of two with
-    ``chunk_size * V <= 2**23``); peak extra memory is about 8 float32 ``(chunk_size, V)`` blocks.
+    ``class_prior`` ``(V, V)`` (checked whole: finite, >= 0) they pick each row's weights.
+    weights: an explicit ``(N, V)`` rank-one factor. chunk_size: rows per chunk (default: the
+    largest power of two with ``chunk_size * V <= 2**23``); peak extra memory is about 8 float32
+    ``(chunk_size, V)`` blocks.
     teacher_grad: False (default) treats the teacher as frozen; True sends the wMSE gradient to
     the teacher tensors that require it. gkl_options: the options of ``gkl_loss`` (gamma,
     temperature, weight_temperature, mse_weight, ce_weight, normalize, symmetric, backend,
@@ -143,9 +145,7 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
     safe_labels = None if labels is None else torch.where(kept, labels, 0)
     kept_rows = kept.sum(dtype=torch.float32)
     normaliser = _normaliser(teacher, safe_labels, kept, kept_rows, factor, plan)
-    empty = normaliser == 0
-    mse_coef = torch.where(empty, 0.0, (options.mse_weight / 4) / torch.where(empty, 1.0,
-                                                                             normaliser))
+    mse_coef = safe_ratio(options.mse_weight / 4, normaliser)
     ce_coef = options.ce_weight / kept_rows.clamp(min=1.0)
     grads = [_gradient_buffer(x, w) for x, w in zip((*student, *teacher), wanted)]
     need_ds, need_dt = any(wanted[:3]), any(wanted[3:])
@@ -201,6 +201,11 @@ def _normaliser(teacher, labels, kept, kept_rows, factor, plan):
                                       plan.source, float(options.gamma)).sum(dim=1)
         total = total + torch.where(kept[chunk], row_sums.square(), 0.0).sum()
     return total
+
+
+def default_chunk_size(vocabulary):
+    """The largest power of two of rows with ``rows * vocabulary <= CHUNK_ELEMENTS``, at least 1."""
+    return 1 << max(0, (CHUNK_ELEMENTS // vocabulary).bit_length() - 1)
 
 
 def _chunks(rows, chunk_size):
@@ -315,8 +320,7 @@ def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, 
                            check.FLOAT_DTYPES, device)
         check.check_nonnegative_finite("class_prior", class_prior, options.check_values)
         source = SOURCE_PRIOR
-    if chunk_size is None:
-        chunk_size = 1 << max(0, (CHUNK_ELEMENTS // vocabulary).bit_length() - 1)
-    return FusedLinearPlan(options=options, source=source, chunk_size=chunk_size,
+    return FusedLinearPlan(options=options, source=source,
+                           chunk_size=chunk_size or default_chunk_size(vocabulary),
                            use_triton=check.use_triton_for(options.backend, device),
                            teacher_grad=teacher_grad)

@@ -24,6 +24,7 @@ import torch
 from torch import distributed
 
 from gkl_kernels import validation as check
+from gkl_kernels.functional import safe_ratio
 from gkl_kernels.options import GKLOptions
 
 
@@ -219,12 +220,6 @@ def _moments_about(rough_mean, v, d):
     return torch.stack([weighted.sum(dim=1), torch.linalg.vecdot(weighted, deviation)], dim=1)
 
 
-def _safe_ratio(numerator, denominator):
-    """``numerator / denominator``, 0 where ``denominator`` is 0."""
-    empty = denominator == 0
-    return torch.where(empty, 0.0, numerator / torch.where(empty, 1.0, denominator))
-
-
 def _softmax_difference(s_rel, t_rel, log_z_s, log_z_t, temperature):
     """``softmax(s/T) - softmax(t/T)`` ``(N, V_p)`` from the whole vocabulary's row sums
     ``log sum exp(s'/T)`` and ``log sum exp(t'/T)`` ``(N,)``."""
@@ -260,10 +255,10 @@ def _row_statistics(student, teacher, factor, prior_labels, keep, options):
                       _factor_sums(v, d, t_rel if teacher_weights else None,
                                    options.weight_temperature)], dim=1)
     z_s, z_t, t_weighted_s, w_sum, weighted_d, *z_w = _all_reduced(sums, "sum", group).unbind(1)
-    rough_mean = _safe_ratio(weighted_d, w_sum)
+    rough_mean = safe_ratio(weighted_d, w_sum)
     residual_sum, rough_m2 = _all_reduced(_moments_about(rough_mean, v, d), "sum",
                                           group).unbind(1)
-    residual = _safe_ratio(residual_sum, w_sum)
+    residual = safe_ratio(residual_sum, w_sum)
     m2 = (rough_m2 - residual_sum * residual).clamp_min_(0.0)
     scale = z_w[0].log().mul_(-options.gamma).exp_() if teacher_weights else torch.ones_like(w_sum)
     log_z_s = z_s.log()
@@ -285,8 +280,8 @@ class _VocabParallelGKL(torch.autograd.Function):
         row_count = kept.sum()
         normaliser = rows.weight_sum.square().sum() if options.normalize == "weights" \
             else row_count
-        mse_factor = _safe_ratio(options.mse_weight, normaliser)
-        ce_factor = _safe_ratio(options.ce_weight, row_count)
+        mse_factor = safe_ratio(options.mse_weight, normaliser)
+        ce_factor = safe_ratio(options.ce_weight, row_count)
         ctx.options = options
         ctx.save_for_backward(student, teacher, factor, prior_labels, keep, rows.maxima,
                               rows.log_z_s, rows.log_z_t, rows.rough_mean, rows.residual,
