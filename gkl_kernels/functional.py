@@ -11,8 +11,12 @@ from torch import distributed
 from gkl_kernels import validation as check
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
-from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_NONE, SOURCE_PRIOR, SOURCE_TEACHER
-from gkl_kernels.rank1.op import rank1_rows
+from gkl_kernels.rank1.config import (SOURCE_EXPLICIT, SOURCE_NONE, SOURCE_PRIOR, SOURCE_TEACHER,
+                                      STAT_W, TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS,
+                                      TOTAL_WMSE, NUM_TOTALS, RowConfig)
+from gkl_kernels.rank1.op import (rank1_finish, rank1_loss, rank1_loss_backward,
+                                  rank1_row_stats)
+from gkl_kernels.rank1.torch_impl import finish_rows_torch
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -70,57 +74,61 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     """``gkl_loss`` with its scalar options given as a checked ``GKLOptions``."""
     check.check_logits(student, teacher)
     use_triton = check.use_triton_for(options.backend, student.device)
-    kept = None
+    host_values = options.check_values and not kernels_check_values(use_triton, student.device)
     if labels is not None:
-        check.check_labels(labels, *student.shape, student.device, options.check_values,
+        check.check_labels(labels, *student.shape, student.device, host_values,
                            options.ignore_index)
-        kept = labels != options.ignore_index
-        labels = torch.where(kept, labels, 0)  # ignored rows pick any prior row; it is masked
     kind = None
     if weights is not None:
         if class_prior is not None:
             raise ValueError("give either weights or class_prior, not both")
-        kind = _checked_weights_kind(weights, student, weights_kind, options)
+        kind = _checked_weights_kind(weights, student, weights_kind, options, host_values)
     elif weights_kind is not None:
         raise ValueError(f"weights_kind={weights_kind!r} needs weights")
     elif class_prior is not None:
         if labels is None:
             raise ValueError("class_prior needs labels (B,) to pick each row's prior")
-        check.check_prior(class_prior, labels, student.shape[1], student.device,
-                          options.check_values)
-    with_ce = options.ce_weight != 0
+        check.check_prior(class_prior, labels, student.shape[1], student.device, host_values)
     if kind in ("shared", "per_row"):
-        wmse, ce, weight_sums = _general_pair_rows(student, teacher, weights, kind == "per_row",
-                                                   options, with_ce, use_triton)
+        return _general_pair_loss(student, teacher, weights, kind == "per_row", labels, options,
+                                  use_triton)
+    if weights is not None:
+        source, factor = SOURCE_EXPLICIT, weights.detach()
+    elif class_prior is not None:
+        source, factor = SOURCE_PRIOR, class_prior.detach()
     else:
-        wmse, ce, weight_sums = _rank_one_rows(student, teacher, weights, labels, class_prior,
-                                               options, with_ce, use_triton)
-    if kept is None:
-        rows = weight_sums.new_tensor(float(student.shape[0]))
-    else:
-        wmse, weight_sums = _kept_only(wmse, kept), _kept_only(weight_sums, kept)
-        ce = _kept_only(ce, kept) if with_ce else None
-        rows = kept.sum(dtype=torch.float32)
-    normaliser = weight_sums.sum() if options.normalize == "weights" else rows
-    ce_sum = ce.sum() if with_ce else None
+        source, factor = SOURCE_TEACHER, None
+    config = row_config(options, source, labels is not None, use_triton)
     if options.sync_normalizer:
-        return _loss_of_all_processes(wmse.sum(), ce_sum, normaliser, rows, options)
-    return _loss_from_sums(wmse.sum(), ce_sum, normaliser, rows, options)
+        return _SyncedRankOneLoss.apply(student, teacher, factor, labels, config,
+                                        options.process_group)
+    return rank1_loss(student, teacher, factor, labels, config.floats, config.ints,
+                      _gradients_wanted(student, teacher))[0]
 
 
-def _kept_only(per_row, kept):
-    """A per-row tensor with the ignored rows' entries 0 (and no gradient to them)."""
-    return torch.where(kept, per_row, 0.0)
+def kernels_check_values(use_triton, device):
+    """Whether the kernels check label and weight values (a device assertion of the compiled
+    finishing kernel, no host synchronisation) instead of the host: compiled Triton on CUDA.
+    Elsewhere reading the values is free (CPU tensors, where the interpreter runs no device
+    assertion) or the torch path's own device-side assertions check them."""
+    return use_triton and device.type == "cuda"
 
 
-def _loss_from_sums(wmse_sum, ce_sum, normaliser, rows, options):
-    """``mse_weight * wmse_sum / (4 N) + ce_weight * ce_sum / rows``: a wMSE term of 0 when
-    ``N = 0``, a cross-entropy term of 0 when ``rows = 0`` (every row ignored, so ``ce_sum = 0``)
-    and none when ``ce_sum`` is None."""
-    loss = (options.mse_weight / 4) * safe_ratio(wmse_sum, normaliser)
-    if ce_sum is not None:
-        loss = loss + options.ce_weight * ce_sum / rows.clamp(min=1.0)
-    return loss
+def row_config(options, source, has_labels, use_triton, **changes):
+    """The ``RowConfig`` of ``options`` for one weight source (``changes`` override fields)."""
+    fields = dict(source=source, gamma=options.gamma, temperature=options.temperature,
+                  weight_temperature=options.weight_temperature, mse_weight=options.mse_weight,
+                  ce_weight=options.ce_weight, normalize_batch=options.normalize == "batch",
+                  symmetric=options.symmetric, has_labels=has_labels,
+                  ignore_index=options.ignore_index, use_triton=use_triton,
+                  block_c=options.block_c or 0)
+    fields.update(changes)
+    return RowConfig(**fields)
+
+
+def _gradients_wanted(student, teacher):
+    """Whether a backward pass may follow (autograd records, a logit needs its gradient)."""
+    return torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
 
 
 def safe_ratio(numerator, denominator):
@@ -129,60 +137,104 @@ def safe_ratio(numerator, denominator):
     return torch.where(empty, 0.0, numerator / torch.where(empty, 1.0, denominator))
 
 
-def _loss_of_all_processes(wmse_sum, ce_sum, normaliser, rows, options):
-    """The loss of every process's batch concatenated (``sync_normalizer``): one all-reduce of
-    this batch's four numbers; the value is the total loss, the gradient that of this batch's
-    share of it."""
-    with_ce = ce_sum is not None
-    local = torch.stack([wmse_sum, ce_sum if with_ce else torch.zeros_like(wmse_sum), normaliser,
-                         rows]).detach()
-    if distributed.is_available() and distributed.is_initialized():
-        distributed.all_reduce(local, group=options.process_group)
-    all_wmse, all_ce, all_normaliser, all_rows = local.unbind()
-    share = _loss_from_sums(wmse_sum, ce_sum, all_normaliser, all_rows, options)
-    total = _loss_from_sums(all_wmse, all_ce if with_ce else None, all_normaliser, all_rows,
-                            options)
-    return share + (total - share).detach()
+def _distributed():
+    return distributed.is_available() and distributed.is_initialized()
 
 
-def _rank_one_rows(student, teacher, weights, labels, class_prior, options, with_ce, use_triton):
-    """Rank-one pair weights (explicit factor, class prior or teacher): per-row wMSE,
-    cross-entropy and pair-weight sums ``W_b^2``, (B,) each."""
-    if weights is not None:
-        source, factor = SOURCE_EXPLICIT, weights.detach()
-    elif class_prior is not None:
-        source, factor = SOURCE_PRIOR, class_prior.detach()
-    else:
-        source, factor = SOURCE_TEACHER, None
-    wmse, ce, stats, *_ = rank1_rows(
-        student, teacher, factor, labels if source == SOURCE_PRIOR else None, source,
-        float(options.gamma), float(options.temperature), float(options.weight_temperature),
-        with_ce, options.symmetric, use_triton, options.block_c or 0,
-        _gradients_wanted(student, teacher))
-    return wmse, ce, stats[:, 0].detach().square()
+def all_process_totals(totals, group):
+    """The batch totals of every process's rows together: the largest scale exponent ``K``, then
+    the sums (the normaliser mantissa and wMSE sum brought to that ``K``), two all-reduces."""
+    if not _distributed():
+        return totals
+    top = totals[TOTAL_K].clone()
+    distributed.all_reduce(top, op=distributed.ReduceOp.MAX, group=group)
+    f = torch.exp2(totals[TOTAL_K] - top)
+    sums = torch.stack([totals[TOTAL_DEN] * f * f, totals[TOTAL_ROWS],
+                        totals[TOTAL_WMSE] * f * f, totals[TOTAL_CE]])
+    distributed.all_reduce(sums, group=group)
+    merged = totals.clone()
+    merged[TOTAL_K] = top
+    merged[[TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE, TOTAL_CE]] = sums
+    return merged
 
 
-def _gradients_wanted(student, teacher):
-    """Whether a backward pass may follow (autograd records, a logit needs its gradient)."""
-    return torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
+def loss_from_totals(totals, config):
+    """``mse_weight wmse_sum / (4 N) + ce_weight ce_sum / R`` from batch totals (0-dim)."""
+    rows = totals[TOTAL_ROWS].clamp_min(1.0)
+    loss = totals.new_zeros(())
+    if config.with_wmse:
+        norm = rows if config.normalize_batch else totals[TOTAL_DEN]
+        loss = (config.mse_weight / 4) * safe_ratio(totals[TOTAL_WMSE], norm)
+    if config.with_ce:
+        loss = loss + config.ce_weight * totals[TOTAL_CE] / rows
+    return loss
 
 
-def _general_pair_rows(student, teacher, weights, per_row, options, with_ce, use_triton):
-    """Shared ``(C, C)`` or per-row ``(B, C, C)`` weights: per-row wMSE, cross-entropy (or None
-    without it) and pair-weight sums, (B,) each."""
-    block_c = options.block_c or 0
+class _SyncedRankOneLoss(torch.autograd.Function):
+    """``sync_normalizer``: the loss of every process's rows together, from this process's
+    statistics and the all-reduced totals; backward is this process's rows of its gradient."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, factor, labels, config, group):
+        stats = rank1_row_stats(student, teacher, factor, labels, config.floats, config.ints)
+        totals = all_process_totals(rank1_finish(stats, config.floats, config.ints)[1], group)
+        ctx.save_for_backward(student, teacher, factor, labels, stats, totals)
+        ctx.config = config
+        return loss_from_totals(totals, config)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        student, teacher, factor, labels, stats, totals = ctx.saved_tensors
+        config = ctx.config
+        need_ds = ctx.needs_input_grad[0]
+        need_dt = ctx.needs_input_grad[1] and config.source != SOURCE_NONE
+        empty = stats.new_empty(0)
+        ds, dt = rank1_loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
+                                     empty, empty, config.floats, config.ints, need_ds, need_dt)
+        return ds if need_ds else None, dt if need_dt else None, None, None, None, None
+
+
+def _general_pair_loss(student, teacher, weights, per_row, labels, options, use_triton):
+    """Shared ``(C, C)`` or per-row ``(B, C, C)`` weights: the wMSE from ``pair_rows`` and the
+    cross-entropy from the rank-one op without pair weights."""
     wmse, weight_sums = pair_rows(student, teacher, weights.detach(), per_row, options.symmetric,
-                                  use_triton, block_c, options.dot_precision)
-    ce = None
-    if with_ce:
-        ce = rank1_rows(student, teacher, None, None, SOURCE_NONE, 1.0, float(options.temperature),
-                        1.0, True, options.symmetric, use_triton, block_c,
-                        _gradients_wanted(student, teacher))[1]
-    return wmse, ce, weight_sums
+                                  use_triton, options.block_c or 0, options.dot_precision)
+    kept = None if labels is None else labels != options.ignore_index
+    if kept is None:
+        rows = weight_sums.new_tensor(float(student.shape[0]))
+    else:
+        wmse, weight_sums = torch.where(kept, wmse, 0.0), torch.where(kept, weight_sums, 0.0)
+        rows = kept.sum(dtype=torch.float32)
+    normaliser = weight_sums.detach().sum() if options.normalize == "weights" else rows
+    wmse_sum = wmse.sum()
+    ce_sum = None
+    if options.ce_weight != 0:
+        config = row_config(options, SOURCE_NONE, labels is not None, use_triton, ce_weight=1.0)
+        ce_mean = rank1_loss(student, teacher, None, labels, config.floats, config.ints,
+                             _gradients_wanted(student, teacher))[0]
+        ce_sum = ce_mean * rows.clamp(min=1.0)
+    if options.sync_normalizer and _distributed():
+        local = torch.stack([wmse_sum, ce_sum if ce_sum is not None else rows * 0, normaliser,
+                             rows]).detach()
+        distributed.all_reduce(local, group=options.process_group)
+        all_wmse, all_ce, all_normaliser, all_rows = local.unbind()
+        share = _pair_loss_from_sums(wmse_sum, ce_sum, all_normaliser, all_rows, options)
+        total = _pair_loss_from_sums(all_wmse, all_ce if ce_sum is not None else None,
+                                     all_normaliser, all_rows, options)
+        return share + (total - share).detach()
+    return _pair_loss_from_sums(wmse_sum, ce_sum, normaliser, rows, options)
 
 
-def _checked_weights_kind(weights, student, weights_kind, options):
-    kind = check.check_weights(weights, student, weights_kind, options.check_values)
+def _pair_loss_from_sums(wmse_sum, ce_sum, normaliser, rows, options):
+    loss = (options.mse_weight / 4) * safe_ratio(wmse_sum, normaliser)
+    if ce_sum is not None:
+        loss = loss + options.ce_weight * ce_sum / rows.clamp(min=1.0)
+    return loss
+
+
+def _checked_weights_kind(weights, student, weights_kind, options, check_values):
+    kind = check.check_weights(weights, student, weights_kind, check_values)
     if kind == "shared":
         check.check_dot_block(options.block_c)
     return kind
@@ -204,11 +256,11 @@ def pairwise_wmse(student, teacher, weights, *, weights_kind=None, reduction="su
                          dot_precision=dot_precision)
     check.check_logits(student, teacher)
     use_triton = check.use_triton_for(backend, student.device)
-    kind = _checked_weights_kind(weights, student, weights_kind, options)
+    kind = _checked_weights_kind(weights, student, weights_kind, options, check_values)
     if kind == "factor":
-        wmse = rank1_rows(student, teacher, weights.detach(), None, SOURCE_EXPLICIT, 1.0, 1.0,
-                          1.0, False, True, use_triton, block_c or 0,
-                          _gradients_wanted(student, teacher))[0]
+        config = RowConfig(source=SOURCE_EXPLICIT, mse_weight=4.0, ce_weight=0.0,
+                           normalize_batch=True, use_triton=use_triton, block_c=block_c or 0)
+        wmse = _RowWmse.apply(student, teacher, weights.detach(), config)
     else:
         wmse = pair_rows(student, teacher, weights.detach(), kind == "per_row", True, use_triton,
                          block_c or 0, dot_precision)[0]
@@ -217,3 +269,31 @@ def pairwise_wmse(student, teacher, weights, *, weights_kind=None, reduction="su
     if reduction == "mean":
         return wmse.mean()
     return wmse
+
+
+class _RowWmse(torch.autograd.Function):
+    """Per-row rank-one wMSE ``(B,)`` of an explicit factor: the row kernel's statistics, and the
+    loss's backward kernel fed one gradient per row (``N = R = 1``, ``mse_weight = 4``)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, factor, config):
+        stats = rank1_row_stats(student, teacher, factor, None, config.floats, config.ints)
+        exponent, wmse, _ = finish_rows_torch(stats, config)
+        ctx.save_for_backward(student, teacher, factor, stats)
+        ctx.config = config
+        f = torch.exp2(exponent)
+        return torch.where(stats[:, STAT_W] > 0, f * f * wmse, 0.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        student, teacher, factor, stats = ctx.saved_tensors
+        totals = stats.new_zeros(NUM_TOTALS)
+        totals[TOTAL_ROWS] = 1.0
+        empty = stats.new_empty(0)
+        ds, dt = rank1_loss_backward(grad_rows.contiguous(), student, teacher, factor, None,
+                                     stats, totals, empty, empty, ctx.config.floats,
+                                     ctx.config.ints, ctx.needs_input_grad[0],
+                                     ctx.needs_input_grad[1])
+        return (ds if ctx.needs_input_grad[0] else None,
+                dt if ctx.needs_input_grad[1] else None, None, None)

@@ -16,7 +16,7 @@ sums to 1); explicit and prior factors give ``W_b`` without any product; only te
 with ``gamma != 1`` need a first pass over the teacher's chunks (one more teacher product each).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.functional import safe_ratio
+from gkl_kernels.functional import row_config
 from gkl_kernels.options import GKLOptions
-from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
-from gkl_kernels.rank1.op import rank1_rows, rank1_rows_backward_op
-from gkl_kernels.rank1.torch_impl import tensor_factor
+from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR,
+                                      SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS, RowConfig)
+from gkl_kernels.rank1.op import rank1_finish, rank1_loss, rank1_loss_backward, rank1_row_stats
 
 # default chunk: the largest power of two of rows with c * V <= this (a 32 MiB float32 block, about
 # an L3 cache: on 2 CPU cores 256 rows at V = 32000 ran 15% faster than 1024; not tuned on a GPU)
@@ -37,13 +37,12 @@ CHUNK_ELEMENTS = 2**23
 
 @dataclass(frozen=True)
 class FusedLinearPlan:
-    """What the chunk loop needs besides tensors: the loss options, the weight source, the
-    chunk size, the backend and whether the teacher receives gradients."""
+    """What the chunk loop needs besides tensors: the row ops' config (loss options, weight
+    source, backend), the chunk size, the vocabulary and whether the teacher gets gradients."""
 
-    options: GKLOptions
-    source: int
+    config: RowConfig
     chunk_size: int
-    use_triton: bool
+    vocabulary: int
     teacher_grad: bool
 
 
@@ -138,69 +137,65 @@ class FusedLinearGKLFunction(torch.autograd.Function):
 def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
     """``(loss, [d student_hidden, d student_weight, d student_bias, d teacher_hidden,
     d teacher_weight, d teacher_bias])`` (None where not wanted), the gradients in float32."""
-    options = plan.options
+    config = plan.config
     rows = student[0].shape[0]
-    kept = torch.ones(rows, dtype=torch.bool, device=student[0].device) if labels is None \
-        else labels != options.ignore_index
-    safe_labels = None if labels is None else torch.where(kept, labels, 0)
-    kept_rows = kept.sum(dtype=torch.float32)
-    normaliser = _normaliser(teacher, safe_labels, kept, kept_rows, factor, plan)
-    mse_coef = safe_ratio(options.mse_weight / 4, normaliser)
-    ce_coef = options.ce_weight / kept_rows.clamp(min=1.0)
     grads = [_gradient_buffer(x, w) for x, w in zip((*student, *teacher), wanted)]
     need_ds, need_dt = any(wanted[:3]), any(wanted[3:])
-    with_ce = options.ce_weight != 0
-    loss = torch.zeros((), dtype=torch.float32, device=student[0].device)
+    stats = torch.empty(rows, NUM_STATS, dtype=torch.float32, device=student[0].device)
+    totals = None
+    if need_ds or need_dt:
+        totals = _gradient_totals(teacher, labels, factor, plan)
+        one = torch.ones((), dtype=torch.float32, device=student[0].device)
     for chunk in _chunks(rows, plan.chunk_size):
         s = _logits(student, chunk)
         t = _logits(teacher, chunk)
-        chunk_factor = factor[chunk] if plan.source == SOURCE_EXPLICIT else factor
-        chunk_labels = None if plan.source != SOURCE_PRIOR else safe_labels[chunk]
-        row_args = (s, t, chunk_factor, chunk_labels, plan.source, float(options.gamma),
-                    float(options.temperature), float(options.weight_temperature))
-        wmse, ce, stats, softmax_difference, weighted_deviation = rank1_rows(
-            *row_args, with_ce, options.symmetric, plan.use_triton, options.block_c or 0,
-            need_ds or need_dt)
-        mse_rows = mse_coef * kept[chunk]
-        ce_rows = ce_coef * kept[chunk]
-        loss = loss + torch.where(kept[chunk], wmse, 0.0) @ mse_rows
-        if with_ce:
-            loss = loss + torch.where(kept[chunk], ce, 0.0) @ ce_rows
+        chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
+        chunk_labels = None if labels is None else labels[chunk]
+        _, stats[chunk], _, softmax_difference, weighted_deviation = rank1_loss(
+            s, t, chunk_factor, chunk_labels, config.floats, config.ints, need_ds or need_dt)
         if not (need_ds or need_dt):
             continue
-        ds, dt = rank1_rows_backward_op(
-            mse_rows, ce_rows, s, t, chunk_factor, chunk_labels, stats, softmax_difference,
-            weighted_deviation, plan.source, float(options.gamma), float(options.temperature),
-            float(options.weight_temperature), with_ce, options.symmetric, need_ds, need_dt,
-            plan.use_triton, options.block_c or 0)
+        ds, dt = rank1_loss_backward(one, s, t, chunk_factor, chunk_labels, stats[chunk], totals,
+                                     softmax_difference, weighted_deviation, config.floats,
+                                     config.ints, need_ds, need_dt)
         del s, t, softmax_difference, weighted_deviation
         if need_ds:
             _fold_back(ds, student, grads[:3], chunk)
         if need_dt:
             _fold_back(dt, teacher, grads[3:], chunk)
-    return loss, grads
+    return rank1_finish(stats, config.floats, config.ints)[0], grads
 
 
-def _normaliser(teacher, labels, kept, kept_rows, factor, plan):
-    """``N``: the kept rows for ``normalize="batch"`` and for teacher weights with ``gamma = 1``;
-    else ``sum_b W_b^2`` over the kept rows, from the factor or from a pass over the teacher."""
-    options = plan.options
-    teacher_softmax = plan.source == SOURCE_TEACHER and options.gamma == 1.0
-    if options.normalize == "batch" or options.mse_weight == 0 or teacher_softmax:
-        return kept_rows
-    total = kept_rows.new_zeros(())
-    for chunk in _chunks(kept.shape[0], plan.chunk_size):
-        if plan.source == SOURCE_TEACHER:
-            t = _logits(teacher, chunk)
-            row_sums = rank1_rows(t, t, None, None, SOURCE_TEACHER, float(options.gamma), 1.0,
-                                  float(options.weight_temperature), False, True,
-                                  plan.use_triton, options.block_c or 0, False)[2][:, 0]
-        else:
-            rows = factor[chunk] if plan.source == SOURCE_EXPLICIT else factor
-            row_sums = tensor_factor(rows, None if labels is None else labels[chunk],
-                                      plan.source, float(options.gamma)).sum(dim=1)
-        total = total + torch.where(kept[chunk], row_sums.square(), 0.0).sum()
-    return total
+def _gradient_totals(teacher, labels, factor, plan):
+    """The batch totals the gradient needs before any chunk's gradient is formed: ``K`` and
+    ``DEN`` of the normaliser and the kept rows ``R``. ``N = R`` for ``normalize="batch"`` and
+    for teacher weights with ``gamma = 1`` (each row's softmax sums to 1); else a first pass of
+    the row kernel over the weights alone (with teacher weights, one more teacher product per
+    chunk)."""
+    config = plan.config
+    rows = teacher[0].shape[0]
+    device = teacher[0].device
+    kept = torch.ones(rows, dtype=torch.bool, device=device) if labels is None \
+        else labels != config.ignore_index
+    teacher_softmax = config.source == SOURCE_TEACHER and config.gamma == 1.0
+    if config.normalize_batch or not config.with_wmse or teacher_softmax:
+        totals = torch.zeros(NUM_TOTALS, dtype=torch.float32, device=device)
+        totals[TOTAL_ROWS] = kept.sum(dtype=torch.float32)
+        totals[TOTAL_DEN] = totals[TOTAL_ROWS]
+        return totals
+    weights_only = replace(config, ce_weight=0.0)
+    stats = torch.empty(rows, NUM_STATS, dtype=torch.float32, device=device)
+    for chunk in _chunks(rows, plan.chunk_size):
+        if config.source == SOURCE_TEACHER:
+            t = s = _logits(teacher, chunk)
+        else:  # the weights need no logits: a zero row read through stride 0
+            t = s = torch.zeros((), dtype=torch.float32, device=device).expand(
+                chunk.stop - chunk.start, plan.vocabulary)
+        chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
+        stats[chunk] = rank1_row_stats(s, t, chunk_factor,
+                                       None if labels is None else labels[chunk],
+                                       weights_only.floats, weights_only.ints)
+    return rank1_finish(stats, weights_only.floats, weights_only.ints)[1]
 
 
 def default_chunk_size(vocabulary):
@@ -320,7 +315,7 @@ def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, 
                            check.FLOAT_DTYPES, device)
         check.check_nonnegative_finite("class_prior", class_prior, options.check_values)
         source = SOURCE_PRIOR
-    return FusedLinearPlan(options=options, source=source,
-                           chunk_size=chunk_size or default_chunk_size(vocabulary),
-                           use_triton=check.use_triton_for(options.backend, device),
-                           teacher_grad=teacher_grad)
+    config = row_config(options, source, labels is not None,
+                        check.use_triton_for(options.backend, device))
+    return FusedLinearPlan(config=config, chunk_size=chunk_size or default_chunk_size(vocabulary),
+                           vocabulary=vocabulary, teacher_grad=teacher_grad)

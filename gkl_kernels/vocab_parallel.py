@@ -1,38 +1,32 @@
 """The GKL / DKL loss of logits whose vocabulary (columns) is sharded across the processes of a
-``torch.distributed`` group (tensor parallelism), from O(1) all-reduced statistics per row.
+``torch.distributed`` group (tensor parallelism), from the row kernel's mergeable statistics.
 
 Every process holds the same ``N`` rows of its own ``V_p`` columns of the ``(N, V)`` student and
-teacher logits; no logit leaves its process. Per row, with ``m_s = max_j s_j``, ``m_t = max_j t_j``
-over the whole vocabulary, ``s' = s - m_s``, ``t' = t - m_t`` and ``d = t' - s'`` (the wMSE does not
-see a per-row offset of ``d``, and the cross-entropy none of ``s``):
-
-- ``CE = log sum_j exp(s'_j / T) - sum_j exp(t'_j / T) s'_j / (T sum_j exp(t'_j / T))``;
-- teacher weights ``v = softmax(t / T2) ** gamma = c v'`` with ``v' = exp(gamma t' / T2)`` and the
-  per-row scale ``c = (sum_j exp(t'_j / T2)) ** -gamma``; ``W = c W'``, ``mu = sum v' d / W'``,
-  ``wmse = 2 W sum_j v_j (d_j - mu)^2 = 2 c^2 W' M2'`` with ``W' = sum v'`` and
-  ``M2' = sum v' (d - mu)^2``; explicit and class-prior weights have ``c = 1``.
-
-``mu`` and ``M2'`` come from the corrected two-pass algorithm (Chan, Golub and LeVeque), about the
-rough mean ``mu~ = sum v' d / W'``: ``mu = mu~ + r``, ``r = sum v' (d - mu~) / W'``, ``M2' = sum v'
-(d - mu~)^2 - W' r^2``; ``d - mu`` is formed as ``(d - mu~) - r``, accurate also when ``d`` is far
-from 0 (one student logit far above the others moves every other ``d`` by that much).
+teacher logits; no logit leaves its process. Each process runs the rank-one row op over its shard
+(``gkl_kernels::rank1_row_stats``, Triton or torch like ``gkl_loss``), the ``(N, 16)`` statistics
+of every shard are gathered and merged with the rule the kernels apply between tiles
+(``rank1.torch_impl.merge_row_stats``), and the loss is finished from the merged statistics on
+every process; backward runs the loss's backward op on each shard with the merged statistics.
 """
-
-from typing import NamedTuple
 
 import torch
 from torch import distributed
 
 from gkl_kernels import validation as check
-from gkl_kernels.functional import safe_ratio
+from gkl_kernels.functional import row_config
 from gkl_kernels.options import GKLOptions
+from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
+from gkl_kernels.rank1.op import rank1_finish, rank1_loss_backward, rank1_row_stats
+from gkl_kernels.rank1.torch_impl import merge_row_stats
+
+UNBOUNDED_LABELS = 2**62  # the kernel's label bound here: labels index V, not the shard's V_p
 
 
 def vocab_parallel_gkl_loss(student_shard, teacher_shard, *, labels=None, class_prior_shard=None,
                             weights=None, ignore_index=-100, gamma=1.0, temperature=1.0,
                             weight_temperature=1.0, mse_weight=1.0, ce_weight=1.0,
                             normalize="weights", symmetric=True, process_group=None,
-                            check_values=True):
+                            check_values=True, backend="auto"):
     """The GKL loss (``symmetric=True``) or DKL (``symmetric=False``: only the teacher gets the
     wMSE gradient) over the whole vocabulary, a 0-dim float32 tensor, the same on every process.
 
@@ -59,35 +53,38 @@ def vocab_parallel_gkl_loss(student_shard, teacher_shard, *, labels=None, class_
     synchronisation on CUDA); with ``labels`` and no class prior, ``V`` comes from one extra
     all-reduce of the shard widths (one int64). Every process must pass the same options.
 
-    Communication, the same on every process, nothing but three all-reduces of float32 row
-    statistics (``s' = s - m_s``, ``t' = t - m_t``, ``d = t' - s'``; see the module docstring):
-    ``(N, 2)`` MAX (``m_s``, ``m_t``); ``(N, 6)`` SUM (``sum exp(s'/T)``, ``sum exp(t'/T)``,
-    ``sum exp(t'/T) s'/T``, ``W' = sum v'``, ``sum v' d``, and with teacher weights
-    ``sum exp(t'/T2)``); ``(N, 2)`` SUM (``sum v' (d - mu~)`` and ``sum v' (d - mu~)^2`` about the
-    rough mean ``mu~ = sum v' d / W'``: the corrected two-pass variance). 10 floats per row (9
-    without teacher weights); backward communicates nothing. Memory: backward recomputes the
-    ``(N, V_p)`` gradient directions from the inputs and 8 saved floats per row; no ``(N, V_p)``
-    float32 tensor is kept between the passes.
+    backend: as in ``gkl_loss`` (the row op of each shard).
+
+    Communication, the same on every process: one all-gather of the ``(N, 16)`` float32 row
+    statistics of every shard (mergeable softmax normalisers and weighted moments; see
+    ``rank1.config``); backward communicates nothing. Memory: backward recomputes the gradient
+    from the inputs and the merged statistics; no ``(N, V_p)`` float32 tensor is kept between
+    the passes.
     """
     options = GKLOptions(gamma=gamma, temperature=temperature,
                          weight_temperature=weight_temperature, mse_weight=mse_weight,
                          ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
-                         check_values=check_values, process_group=process_group)
+                         check_values=check_values, process_group=process_group,
+                         backend=backend)
     check.check_logits(student_shard, teacher_shard)
     check.check_index("ignore_index", ignore_index)
     _check_weight_source(student_shard, labels, class_prior_shard, weights, options)
-    keep = prior_labels = None
     if labels is not None:
         _check_labels(labels, student_shard, class_prior_shard, ignore_index, options)
-        keep = labels != ignore_index
-    factor = weights
     if class_prior_shard is not None:
-        prior_labels = torch.where(keep, labels, 0)  # ignored rows read row 0, then weigh 0
-        _check_prior_rows(class_prior_shard, prior_labels, keep, options.check_values)
-        factor = class_prior_shard
+        _check_prior_rows(class_prior_shard, labels, ignore_index, options.check_values)
+    factor, source = weights, SOURCE_EXPLICIT
+    if class_prior_shard is not None:
+        factor, source = class_prior_shard, SOURCE_PRIOR
+    elif weights is None:
+        source = SOURCE_TEACHER
+    # labels index the whole vocabulary (checked above): the kernel does not bound them by V_p
+    config = row_config(options, source, labels is not None,
+                        check.use_triton_for(backend, student_shard.device),
+                        ignore_index=ignore_index, num_labels=UNBOUNDED_LABELS)
     return _VocabParallelGKL.apply(student_shard, teacher_shard,
-                                   None if factor is None else factor.detach(), prior_labels, keep,
-                                   options)
+                                   None if factor is None else factor.detach(), labels, config,
+                                   process_group)
 
 
 # --------------------------------------------------------------------------- validation
@@ -141,11 +138,9 @@ def _total_vocabulary(student, class_prior_shard, group):
     return int(_all_reduced(width, "sum", group))
 
 
-def _check_prior_rows(prior, prior_labels, keep, check_values):
-    """The prior rows of the kept rows' labels: finite and >= 0 (the others never count)."""
-    if check.values_checked(check_values):
-        rows = torch.where(keep[:, None], prior.index_select(0, prior_labels), 0.0)
-        check.check_nonnegative_finite("class_prior_shard", rows, check_values)
+def _check_prior_rows(prior, labels, ignore_index, check_values):
+    """The class prior shard: finite and >= 0 (checked whole, in place)."""
+    check.check_nonnegative_finite("class_prior_shard", prior, check_values)
 
 
 # --------------------------------------------------------------------------- communication
@@ -168,146 +163,42 @@ def _all_reduced(tensor, op, group):
     return tensor
 
 
-# --------------------------------------------------------------------------- row statistics
-
-
-def _row_maxima(student, teacher):
-    """``(N, 2)`` float32: this shard's largest student and teacher logit of each row."""
-    return torch.stack([student.amax(dim=1), teacher.amax(dim=1)], dim=1).float()
-
-
-def _relative_logits(student, teacher, maxima):
-    """``(s' = s - m_s, t' = t - m_t)`` ``(N, V_p)`` float32 with the whole vocabulary's row
-    maxima ``maxima`` ``(N, 2)``: exponentials of them are <= 1."""
-    return student.float() - maxima[:, :1], teacher.float() - maxima[:, 1:]
-
-
-def _weight_factor(t_rel, factor, prior_labels, keep, gamma, weight_temperature):
-    """``v'`` ``(N, V_p)`` float32, 0 on ignored rows (``keep`` False): the given factor,
-    ``prior[labels] ** gamma`` (``factor`` the prior shard, ``prior_labels`` given), or
-    ``exp(gamma t' / T2)``, the teacher's ``softmax(t / T2) ** gamma`` times a per-row scale."""
-    if factor is None:
-        v = t_rel.mul(gamma / weight_temperature).exp_()
-    elif prior_labels is None:
-        v = factor.float()
-    else:
-        v = factor.index_select(0, prior_labels).float().pow_(gamma)
-    return v if keep is None else torch.where(keep[:, None], v, 0.0)
-
-
-def _cross_entropy_sums(s_rel, t_rel, temperature):
-    """``(N, 3)``: this shard's ``sum exp(s'/T)``, ``sum exp(t'/T)`` and ``sum exp(t'/T) s'/T``."""
-    s_scaled = s_rel / temperature
-    t_exp = (t_rel / temperature).exp_()
-    return torch.stack([s_scaled.exp().sum(dim=1), t_exp.sum(dim=1),
-                        torch.linalg.vecdot(t_exp, s_scaled)], dim=1)
-
-
-def _factor_sums(v, d, t_rel, weight_temperature):
-    """``(N, 2)`` this shard's ``W' = sum v'`` and ``sum v' d``, and with teacher weights
-    (``t_rel`` given) ``(N, 3)`` with ``sum exp(t'/T2)`` last."""
-    sums = [v.sum(dim=1), torch.linalg.vecdot(v, d)]
-    if t_rel is not None:
-        sums.append((t_rel / weight_temperature).exp_().sum(dim=1))
-    return torch.stack(sums, dim=1)
-
-
-def _moments_about(rough_mean, v, d):
-    """``(N, 2)``: this shard's ``sum v' (d - mu~)`` and ``sum v' (d - mu~)^2`` about the rough
-    mean ``mu~`` ``(N,)`` (overwrites ``d``)."""
-    deviation = d.sub_(rough_mean[:, None])
-    weighted = v * deviation
-    return torch.stack([weighted.sum(dim=1), torch.linalg.vecdot(weighted, deviation)], dim=1)
-
-
-def _softmax_difference(s_rel, t_rel, log_z_s, log_z_t, temperature):
-    """``softmax(s/T) - softmax(t/T)`` ``(N, V_p)`` from the whole vocabulary's row sums
-    ``log sum exp(s'/T)`` and ``log sum exp(t'/T)`` ``(N,)``."""
-    q = (s_rel / temperature).sub_(log_z_s[:, None]).exp_()
-    return q.sub_((t_rel / temperature).sub_(log_z_t[:, None]).exp_())
-
-
-class _RowStatistics(NamedTuple):
-    """The whole vocabulary's per-row ``(N,)`` statistics (``maxima`` ``(N, 2)``: ``m_s, m_t``)."""
-
-    maxima: torch.Tensor
-    log_z_s: torch.Tensor  # log sum exp(s'/T)
-    log_z_t: torch.Tensor  # log sum exp(t'/T)
-    ce: torch.Tensor  # CE_b
-    scale: torch.Tensor  # c = (sum exp(t'/T2)) ** -gamma with teacher weights, else 1
-    weight_sum: torch.Tensor  # W = c W'
-    rough_mean: torch.Tensor  # mu~ = sum v' d / W'; the weighted mean mu = mu~ + residual
-    residual: torch.Tensor
-    wmse: torch.Tensor  # 2 W sum v (d - mu)^2 = 2 c^2 W' M2'
-
-
-def _row_statistics(student, teacher, factor, prior_labels, keep, options):
-    """The three all-reduces: row maxima, then the exponential and weight sums, then the moments
-    about the rough mean. Every process gets the same ``_RowStatistics``."""
-    group = options.process_group
-    maxima = _all_reduced(_row_maxima(student, teacher), "max", group)
-    s_rel, t_rel = _relative_logits(student, teacher, maxima)
-    teacher_weights = factor is None
-    v = _weight_factor(t_rel, factor, prior_labels, keep, options.gamma,
-                       options.weight_temperature)
-    d = t_rel - s_rel
-    sums = torch.cat([_cross_entropy_sums(s_rel, t_rel, options.temperature),
-                      _factor_sums(v, d, t_rel if teacher_weights else None,
-                                   options.weight_temperature)], dim=1)
-    z_s, z_t, t_weighted_s, w_sum, weighted_d, *z_w = _all_reduced(sums, "sum", group).unbind(1)
-    rough_mean = safe_ratio(weighted_d, w_sum)
-    residual_sum, rough_m2 = _all_reduced(_moments_about(rough_mean, v, d), "sum",
-                                          group).unbind(1)
-    residual = safe_ratio(residual_sum, w_sum)
-    m2 = (rough_m2 - residual_sum * residual).clamp_min_(0.0)
-    scale = z_w[0].log().mul_(-options.gamma).exp_() if teacher_weights else torch.ones_like(w_sum)
-    log_z_s = z_s.log()
-    return _RowStatistics(maxima, log_z_s, z_t.log(), log_z_s - t_weighted_s / z_t, scale,
-                          scale * w_sum, rough_mean, residual, 2.0 * scale * w_sum * scale * m2)
-
-
 # --------------------------------------------------------------------------- autograd
 
 
+def merged_row_stats(stats, config, group):
+    """The statistics of the whole vocabulary: every shard's ``(N, NUM_STATS)`` gathered (one
+    all-gather) and merged in process order."""
+    if _world_size(group) == 1:
+        return stats
+    parts = [torch.empty_like(stats) for _ in range(_world_size(group))]
+    distributed.all_gather(parts, stats.contiguous(), group=group)
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merge_row_stats(merged, part, config)
+    return merged
+
+
 class _VocabParallelGKL(torch.autograd.Function):
-    """Forward: three all-reduces of row statistics, then the loss. Backward: local; the gradient
-    directions are recomputed from the inputs and the saved row statistics."""
+    """Forward: this shard's row statistics, merged over the group, then the loss. Backward:
+    local, this shard's gradient from the merged statistics."""
 
     @staticmethod
-    def forward(ctx, student, teacher, factor, prior_labels, keep, options):
-        rows = _row_statistics(student, teacher, factor, prior_labels, keep, options)
-        kept = torch.ones_like(rows.ce) if keep is None else keep.float()
-        row_count = kept.sum()
-        normaliser = rows.weight_sum.square().sum() if options.normalize == "weights" \
-            else row_count
-        mse_factor = safe_ratio(options.mse_weight, normaliser)
-        ce_factor = safe_ratio(options.ce_weight, row_count)
-        ctx.options = options
-        ctx.save_for_backward(student, teacher, factor, prior_labels, keep, rows.maxima,
-                              rows.log_z_s, rows.log_z_t, rows.rough_mean, rows.residual,
-                              mse_factor * rows.scale * rows.weight_sum,
-                              kept * (ce_factor / options.temperature))
-        return mse_factor / 4 * rows.wmse.sum() + ce_factor * (rows.ce * kept).sum()
+    def forward(ctx, student, teacher, factor, labels, config, group):
+        stats = rank1_row_stats(student, teacher, factor, labels, config.floats, config.ints)
+        stats = merged_row_stats(stats, config, group)
+        loss, totals = rank1_finish(stats, config.floats, config.ints)
+        ctx.save_for_backward(student, teacher, factor, labels, stats, totals)
+        ctx.config = config
+        return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        """``dL/dt = (mse_weight / N) W v (d - mu)``; ``dL/ds = (ce_weight / (R T)) (softmax(s/T)
-        - softmax(t/T)) - [symmetric] dL/dt``, each row's factors saved by forward."""
-        (student, teacher, factor, prior_labels, keep, maxima, log_z_s, log_z_t, rough_mean,
-         residual, wmse_rows, ce_rows) = ctx.saved_tensors
-        options = ctx.options
-        need_student, need_teacher = ctx.needs_input_grad[:2]
-        s_rel, t_rel = _relative_logits(student, teacher, maxima)
-        wmse_direction = grad_student = None  # float32; autograd casts to the inputs' dtypes
-        if need_teacher or (need_student and options.symmetric):
-            v = _weight_factor(t_rel, factor, prior_labels, keep, options.gamma,
-                               options.weight_temperature)
-            wmse_direction = (t_rel - s_rel).sub_(rough_mean[:, None]).sub_(residual[:, None])
-            wmse_direction.mul_(v).mul_((grad_loss * wmse_rows)[:, None])
-        if need_student:
-            grad_student = _softmax_difference(s_rel, t_rel, log_z_s, log_z_t,
-                                               options.temperature)
-            grad_student.mul_((grad_loss * ce_rows)[:, None])
-            if options.symmetric:
-                grad_student.sub_(wmse_direction)
-        return grad_student, wmse_direction if need_teacher else None, None, None, None, None
+        student, teacher, factor, labels, stats, totals = ctx.saved_tensors
+        config = ctx.config
+        need_ds, need_dt = ctx.needs_input_grad[:2]
+        empty = stats.new_empty(0)
+        ds, dt = rank1_loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
+                                     empty, empty, config.floats, config.ints, need_ds, need_dt)
+        return ds if need_ds else None, dt if need_dt else None, None, None, None, None

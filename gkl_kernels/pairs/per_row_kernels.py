@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.rank1.kernels import relative_row_tiles
 
 BLOCK_J = 32  # rows j of a weight tile
 MAX_BLOCK_K = 64  # columns k of a weight tile (contiguous in memory)
@@ -41,6 +40,18 @@ def pick_per_row_blocks(num_classes, block_c=None):
 def per_row_num_warps(block_j, block_k):
     """Warps per program: 8 for the widest tile (32 x 64; 4 warps spill there on sm_90a), else 4."""
     return 8 if block_j * block_k >= 2048 else 4
+
+
+@triton.jit
+def relative_row_tiles(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot,
+                       BLOCK_C: tl.constexpr):
+    """Columns ``c0 .. c0 + BLOCK_C`` (int64) of s and t, their mask, and both tiles in float32
+    relative to the row pivots (0 in masked-off lanes)."""
+    cols64 = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask = cols64 < C
+    s = tl.load(s_row + cols64 * s_stride_c, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_row + cols64 * t_stride_c, mask=mask, other=0.0).to(tl.float32)
+    return cols64, mask, tl.where(mask, s - s_pivot, 0.0), tl.where(mask, t - t_pivot, 0.0)
 
 
 @triton.jit

@@ -11,9 +11,14 @@ No ``B x C x C`` temporary exists.
 
 import torch
 
-from gkl_kernels.rank1.torch_impl import relative_logits
-
 CHUNK_ELEMENTS = 1 << 22
+
+
+def relative_logits(student, teacher):
+    """``(s - s_0, t - t_0)`` in float32, the pivot being each row's first element."""
+    s = student.float()
+    t = teacher.float()
+    return s - s[:, :1], t - t[:, :1]
 
 
 def _centred_differences(student, teacher):

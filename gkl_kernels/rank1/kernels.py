@@ -1,25 +1,28 @@
-"""Triton kernels and launchers for the GKL loss with rank-one pair weights ``w[b,j,k] = v_j v_k``.
+"""Triton kernels and launchers of the GKL loss with rank-one pair weights ``w[b,j,k] = v_j v_k``.
 
-Per row ``b`` (SPEC.md, exact O(C) form, centred): with ``d = t - s``, ``W = sum_j v_j``,
-``mu = sum_j v_j d_j / W``,
+Per row (SPEC.md, centred O(C) form), ``d = t - s``, ``W = sum_j v_j``, ``mu = sum_j v_j d_j / W``:
 
     wmse_b = 2 W sum_j v_j (d_j - mu)^2          d wmse_b / d d_j = 4 W v_j (d_j - mu)
-    ce_b   = lse(s / T) - sum_j softmax(t / T)_j s_j / T
+    ce_b   = sum_j p_j (lse(s/T) - s_j/T),        p = softmax(t/T)
 
-The forward kernel makes one pass over a row (tile by tile, online softmaxes, Chan's merge of the
-weighted mean and variance between tiles) and writes ``wmse_b``, ``ce_b`` and five float32
-statistics per row: ``W``, ``mu``, ``lse(s/T)``, ``lse(t/T)``, ``lse(t/T2)``. The backward kernel
-makes one more pass and rebuilds every per-element quantity from those statistics. All values are
-taken relative to the row's first element (``s - s_0``, ``t - t_0``): an exact float32 shift that
-keeps the loss invariant under per-row offsets of 1e4 and more.
+Three kernels, one launch each: ``row_stats_kernel`` (one program per row, one pass over its
+tiles) writes the mergeable statistics of ``config.py``; ``finish_loss_kernel`` (one program)
+reduces them over the rows to the loss and the batch totals; ``loss_backward_kernel`` (one
+program per row, one more pass) writes the logits' gradients from the incoming gradient, the
+totals and the row's statistics.
 
-Byte budget on a GPU, in ``B x C`` transfers (one transfer = one read or write of a ``B x C``
-tensor in its dtype): the floor is 3 (read s, read t, write grad s). Forward: read s, read t = 2.
-Backward: read s, read t, write grad s = 3 (+1 write of grad t when the teacher needs it). Total
-5 (6 with the teacher's gradient); an explicit ``(B, C)`` weight tensor adds 1 read per pass
-(7 or 8). The class prior adds ``B x C`` gathered reads of ``(C, C)`` rows per pass in the same way.
-Per-row extra traffic is O(1): 7 float32 values written forward, 7 read backward. No ``B x C``
-buffer exists beyond the returned gradients.
+Exactness in float32: softmaxes relative to running maxima; ``d`` as the exact pair ``hi + lo``
+(TwoSum), so per-row offsets cost nothing; per tile a corrected mean (mean, then the mean of the
+deviations) kept as a pair ``mh + ml``; tiles merged by Chan's rule anchored on the heavier side
+(a dominant weight keeps its exact mean); the factor scaled by ``2^-L`` (its largest entry's
+exponent, or the teacher's running maximum) and the batch normaliser kept as ``DEN 2^(2K)``.
+Classes with ``s_j = -inf`` or ``t_j = -inf`` are left out of the wMSE; ``t_j = -inf`` gives
+``p_j = 0``; masked-off lanes are loaded as ``-inf`` and so are absent. Rows whose label is
+``ignore_index`` are never read and get a zero gradient.
+
+Bytes per step, in ``B x C`` transfers: forward reads ``s``, ``t`` (2); backward reads ``s``, ``t``
+and writes ``grad s`` (3; +1 for ``grad t``); an explicit factor or gathered prior rows add one
+read per pass. Per row, 16 floats are written forward and read backward.
 """
 
 import torch
@@ -27,246 +30,472 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
+from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS
 
-# weight sources (``SOURCE`` constexpr)
-SOURCE_TEACHER = 0  # v = softmax(t / T2) ** gamma
-SOURCE_PRIOR = 1  # v = prior[label] ** gamma
-SOURCE_EXPLICIT = 2  # v given, (B, C)
-SOURCE_NONE = 3  # no rank-one wMSE: the cross-entropy and its statistics only (wmse_b = 0)
-
-NUM_STATS = 5  # W, mu, lse(s/T), lse(t/T), lse(t/T2); all relative to the row pivots
 MAX_BLOCK_C = 4096
+FINISH_BLOCK_ROWS = 1024
 LOG2E = tl.constexpr(1.4426950408889634)
+NEG_INF = tl.constexpr(float("-inf"))
+FINITE_MAX = tl.constexpr(3.4028234663852886e38)
 
 
-def pick_block_c(num_classes, block_c=None):
+def pick_block_c(num_classes, block_c=0):
     """Columns per tile: the whole row up to ``MAX_BLOCK_C`` (a power of two), else tiles of it."""
-    if block_c is not None:
+    if block_c:
         return block_c
     return min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
 
 
 def pick_num_warps(block_c):
-    """Warps per program, at most 8: 8 elements per thread and tile up to 2048 columns, 16 at
-    4096 (16 warps there spill 16 bytes on sm_90a with triton 3.2)."""
+    """Warps per program: 8 elements per thread, at most 8 warps (tiles up to 2048 columns; 16
+    elements per thread at 4096)."""
     return max(1, min(8, block_c // 256))
 
 
+# ------------------------------------------------------------------------- exact float32 pieces
+
+
 @triton.jit
-def _row_bases(s_ptr, t_ptr, v_ptr, labels_ptr, row, s_stride_b, t_stride_b, v_stride_b,
-               SOURCE: tl.constexpr):
-    """Start pointers of row ``row`` of s, t and of the factor (for the prior, the row of the
-    row's label), and the pivots ``s_0``, ``t_0`` in float32."""
+def _two_sum(a, b):
+    """``(h, e)`` with ``h = fl(a + b)`` and ``h + e == a + b`` exactly."""
+    h = a + b
+    bb = h - a
+    return h, (a - (h - bb)) + (b - bb)
+
+
+@triton.jit
+def _fast_two_sum(a, b):
+    """``(h, e)``, ``h + e == a + b``, for ``|a| >= |b|``."""
+    h = a + b
+    return h, b - (h - a)
+
+
+@triton.jit
+def _ref(m):
+    """A running maximum as a finite reference point: ``m``, or 0 while it is ``-inf``."""
+    return tl.where(m > NEG_INF, m, 0.0)
+
+
+@triton.jit
+def _rescale(m_part, m, inv_temperature):
+    """``exp((m_part - m) / T)`` for ``m >= m_part``, 0 for an empty part (``m_part = -inf``)."""
+    return tl.where(m_part > NEG_INF, tl.exp((m_part - m) * inv_temperature), 0.0)
+
+
+@triton.jit
+def merge_cross_entropy(ms_a, zs_a, mt_a, zt_a, a_a, ms_b, zs_b, mt_b, zt_b, a_b, inv_t):
+    """The cross-entropy statistics of two parts: maxima, normalisers, and
+    ``a = sum exp((t - m_t) / T) (ref(m_s) - s)``."""
+    ms = tl.maximum(ms_a, ms_b)
+    mt = tl.maximum(mt_a, mt_b)
+    rt_a = _rescale(mt_a, mt, inv_t)
+    rt_b = _rescale(mt_b, mt, inv_t)
+    shift_a = tl.where(zt_a > 0.0, zt_a * (_ref(ms) - _ref(ms_a)), 0.0)
+    shift_b = tl.where(zt_b > 0.0, zt_b * (_ref(ms) - _ref(ms_b)), 0.0)
+    a = tl.where(rt_a > 0.0, rt_a * (a_a + shift_a), 0.0) + \
+        tl.where(rt_b > 0.0, rt_b * (a_b + shift_b), 0.0)
+    zs = zs_a * _rescale(ms_a, ms, inv_t) + zs_b * _rescale(ms_b, ms, inv_t)
+    return ms, zs, mt, zt_a * rt_a + zt_b * rt_b, a
+
+
+@triton.jit
+def merge_moments(f_a, w_a, mh_a, ml_a, m2_a, f_b, w_b, mh_b, ml_b, m2_b):
+    """Weight, mean pair and M2 of two parts, part ``x``'s weights rescaled by ``f_x``: Chan's
+    rule, the mean moved from the heavier part's by the lighter part's share."""
+    w_a = w_a * f_a
+    w_b = w_b * f_b
+    weight = w_a + w_b
+    a_heavy = w_a >= w_b
+    heavy_h = tl.where(a_heavy, mh_a, mh_b)
+    heavy_l = tl.where(a_heavy, ml_a, ml_b)
+    w_heavy = tl.where(a_heavy, w_a, w_b)
+    w_light = tl.where(a_heavy, w_b, w_a)
+    delta = (tl.where(a_heavy, mh_b, mh_a) - heavy_h) + (tl.where(a_heavy, ml_b, ml_a) - heavy_l)
+    frac = w_light / tl.where(weight > 0.0, weight, 1.0)
+    step = tl.where(w_light > 0.0, delta * frac, 0.0)
+    h, e = _two_sum(heavy_h, step)
+    mh, ml = _fast_two_sum(h, heavy_l + e)
+    m2 = m2_a * f_a + m2_b * f_b + tl.where(w_light > 0.0, delta * delta * w_heavy * frac, 0.0)
+    return weight, mh, ml, m2
+
+
+@triton.jit
+def moment_factors(mt_a, l_a, mt_b, l_b, gamma_t2, SOURCE: tl.constexpr):
+    """``(scale, f_a, f_b)``: the merged factor scale and each part's rescaling to it; teacher
+    weights are relative to the teacher maximum (``f = exp(gamma (m_t,x - m_t) / T2)``), given
+    weights to ``2^L``."""
+    if SOURCE == 0:
+        mt = tl.maximum(mt_a, mt_b)
+        f_a = tl.where(mt_a > NEG_INF, tl.exp2((mt_a - mt) * gamma_t2), 0.0)
+        f_b = tl.where(mt_b > NEG_INF, tl.exp2((mt_b - mt) * gamma_t2), 0.0)
+        return l_a, f_a, f_b
+    scale = tl.maximum(l_a, l_b)
+    f_a = tl.where(l_a > NEG_INF, tl.exp2(l_a - scale), 0.0)
+    f_b = tl.where(l_b > NEG_INF, tl.exp2(l_b - scale), 0.0)
+    return scale, f_a, f_b
+
+
+@triton.jit
+def _difference(s, t, in_wmse):
+    """``d = t - s`` as the exact pair ``(hi, lo)``, 0 outside the wMSE's classes."""
+    hi, lo = _two_sum(t, -s)
+    return tl.where(in_wmse, hi, 0.0), tl.where(in_wmse, lo, 0.0)
+
+
+@triton.jit
+def _tile_moments(v, hi, lo, in_wmse):
+    """``(W, mh, ml, M2)`` of one tile: the mean, corrected once by the mean deviation."""
+    weight = tl.sum(v, axis=0)
+    safe = tl.where(weight > 0.0, weight, 1.0)
+    rough = tl.sum(v * hi, axis=0) / safe
+    dev = tl.where(in_wmse, (hi - rough) + lo, 0.0)
+    residual = tl.sum(v * dev, axis=0) / safe
+    dev = dev - residual
+    mh, ml = _fast_two_sum(rough, residual)
+    return weight, mh, ml, tl.sum(v * dev * dev, axis=0)
+
+
+@triton.jit
+def _given_factor(v_row, cols, mask, gamma, SOURCE: tl.constexpr):
+    """The given weights on one tile, ``p ** gamma`` for a prior row (``0 ** 0 = 1``) or ``v``,
+    and whether each entry is finite and >= 0."""
+    raw = tl.load(v_row + cols, mask=mask, other=0.0).to(tl.float32)
+    valid = ((raw >= 0.0) & (raw <= FINITE_MAX)) | ~mask
+    if SOURCE == 1:
+        raw = tl.where(raw > 0.0, tl.exp2(gamma * tl.log2(raw)),
+                       tl.where(gamma == 0.0, 1.0, 0.0))
+    return raw, valid
+
+
+@triton.jit
+def _scaled_factor(t, raw, in_wmse, mt, scale, gamma_t2, SOURCE: tl.constexpr):
+    """``v'`` on one tile, 0 outside the wMSE's classes: ``exp(gamma (t - m_t) / T2)`` for the
+    teacher, ``v 2^-L`` for given weights."""
+    if SOURCE == 0:
+        v = tl.exp2((t - _ref(mt)) * gamma_t2)
+    else:
+        v = raw * tl.exp2(-_ref(scale))
+    return tl.where(in_wmse, v, 0.0)
+
+
+@triton.jit
+def _row_start(labels_ptr, row, num_labels, ignore_index, HAS_LABELS: tl.constexpr):
+    """``(kept, label error, label)`` of one row: kept unless its label is ``ignore_index``, an
+    error when a kept label is outside ``[0, num_labels)`` (the label is then 0)."""
+    kept = row >= 0
+    bad = row < 0
+    label = row * 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        kept = label != ignore_index
+        bad = kept & ((label < 0) | (label >= num_labels))
+    return kept, bad, tl.where(bad | ~kept, 0, label)
+
+
+@triton.jit
+def _load_tile(s_row, t_row, c0, C, live_cols, s_stride_c, t_stride_c, BLOCK_C: tl.constexpr):
+    """Columns ``c0 ..`` (int64) of s and t in float32, ``-inf`` outside ``[0, live_cols)`` (C,
+    or 0 for a row that is not read), the row's lane mask, the loaded lanes, and the wMSE's
+    classes (both logits > -inf)."""
+    cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+    load = cols < live_cols
+    s = tl.load(s_row + cols * s_stride_c, mask=load, other=NEG_INF).to(tl.float32)
+    t = tl.load(t_row + cols * t_stride_c, mask=load, other=NEG_INF).to(tl.float32)
+    return cols, cols < C, load, s, t, (s != NEG_INF) & (t != NEG_INF)
+
+
+@triton.jit
+def row_stats_kernel(
+    s_ptr, t_ptr, v_ptr, labels_ptr, stats_ptr,
+    C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, v_stride_b, v_stride_c,
+    gamma, inv_t, inv_t2, ignore_index, num_labels,
+    SOURCE: tl.constexpr, WITH_CE: tl.constexpr, HAS_LABELS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program per row: ``stats[b, :]`` (``config.STAT_*``) over the row's columns. ``v_ptr``
+    is the explicit (B, C) factor, the (C, C) prior (row of the label) or unused."""
+    row = tl.program_id(0).to(tl.int64)
+    kept, bad_label, label = _row_start(labels_ptr, row, num_labels, ignore_index, HAS_LABELS)
+    live = kept & ~bad_label
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
     if SOURCE == 1:
-        v_row = v_ptr + tl.load(labels_ptr + row).to(tl.int64) * v_stride_b
+        v_row = v_ptr + label * v_stride_b
     else:
         v_row = v_ptr + row * v_stride_b
-    return s_row, t_row, v_row, tl.load(s_row).to(tl.float32), tl.load(t_row).to(tl.float32)
-
-
-@triton.jit
-def relative_row_tiles(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot,
-                    BLOCK_C: tl.constexpr):
-    """Columns ``c0 .. c0 + BLOCK_C`` (int64) of s and t, their mask, and both tiles in float32
-    relative to the row pivots (0 in masked-off lanes)."""
-    cols64 = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask = cols64 < C
-    s = tl.load(s_row + cols64 * s_stride_c, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_row + cols64 * t_stride_c, mask=mask, other=0.0).to(tl.float32)
-    return cols64, mask, tl.where(mask, s - s_pivot, 0.0), tl.where(mask, t - t_pivot, 0.0)
-
-
-@triton.jit
-def _rank1_factor_tile(t_rel, v_row, y_cols, mask, gamma, inv_t2, m2, SOURCE: tl.constexpr):
-    """The rank-one factor on one tile: ``exp(gamma (t/T2 - m2))`` for the teacher source (scaled
-    by the running maximum ``m2``), ``p ** gamma`` for a prior row, ``v`` for explicit weights."""
-    if SOURCE == 0:
-        v = tl.exp2((t_rel * inv_t2 - m2) * (gamma * LOG2E))
-    elif SOURCE == 1:
-        p = tl.load(v_row + y_cols, mask=mask, other=1.0).to(tl.float32)
-        v = tl.where(p > 0.0, tl.exp2(gamma * tl.log2(p)), tl.where(gamma == 0.0, 1.0, 0.0))
-    else:
-        v = tl.load(v_row + y_cols, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, v, 0.0)
-
-
-@triton.jit
-def gkl_rank1_fwd_kernel(
-    s_ptr, t_ptr, v_ptr, labels_ptr, wmse_ptr, ce_ptr, stats_ptr,
-    C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, v_stride_b, v_stride_c,
-    gamma, inv_t, inv_t2,
-    SOURCE: tl.constexpr, WITH_CE: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One program per row: ``wmse_ptr[b]``, ``ce_ptr[b]`` (float32, (B,)) and the row statistics
-    ``stats_ptr[b, :5]``. Inputs ``s``, ``t`` (B, C) of any float dtype; ``v_ptr`` is the explicit
-    (B, C) factor, the (C, C) prior (rows picked by ``labels_ptr``), or unused."""
-    row = tl.program_id(0).to(tl.int64)
-    s_row, t_row, v_row, s_pivot, t_pivot = _row_bases(
-        s_ptr, t_ptr, v_ptr, labels_ptr, row, s_stride_b, t_stride_b, v_stride_b, SOURCE)
-
+    gamma_t2 = gamma * inv_t2 * LOG2E
     zero = tl.sum(tl.zeros([BLOCK_C], dtype=tl.float32), axis=0)
-    # weighted mean / M2 of d (Chan's merge); u-scale running max for the teacher source
-    w_sum = zero
-    mean = zero
-    m2_sum = zero
-    m_w = zero - float("inf")
+    ms = zero + NEG_INF
+    zs = zero
+    mt = zero + NEG_INF
+    zt = zero
+    a = zero
     z_w = zero
-    # online softmaxes at T: student lse, teacher normaliser, sum_j e_t (s_j - s_0) / T
-    m_s = zero - float("inf")
-    z_s = zero
-    m_t = zero - float("inf")
-    z_t = zero
-    e_t_dot_s = zero
-    for c0 in range(0, C, BLOCK_C):
-        cols64, mask, s_rel, t_rel = relative_row_tiles(
-            s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot, BLOCK_C)
-
-        if SOURCE == 0:  # (the teacher source)
-            m_w_new = tl.maximum(m_w, tl.max(tl.where(mask, t_rel * inv_t2, -float("inf")), axis=0))
-            rescale_z = tl.exp(m_w - m_w_new)
-            z_w = z_w * rescale_z + tl.sum(tl.where(mask, tl.exp(t_rel * inv_t2 - m_w_new), 0.0), axis=0)
-            # the first tile has nothing to rescale (and -inf * gamma is NaN at gamma = 0)
-            shift = tl.where(m_w > -float("inf"), m_w - m_w_new, 0.0)
-            rescale_w = tl.exp2(shift * (gamma * LOG2E))
-            w_sum = w_sum * rescale_w
-            m2_sum = m2_sum * rescale_w
-            m_w = m_w_new
+    scale = zero + NEG_INF
+    weight = zero
+    mh = zero
+    ml = zero
+    m2 = zero
+    bad_weight = row < 0
+    live_cols = tl.where(live, C, 0)
+    for c0 in range(0, live_cols, BLOCK_C):
+        cols, mask, load, s, t, in_wmse = _load_tile(s_row, t_row, c0, C, live_cols, s_stride_c,
+                                                     t_stride_c, BLOCK_C)
+        mt_tile = tl.max(t, axis=0)
         if SOURCE != 3:
-            v = _rank1_factor_tile(t_rel, v_row, cols64 * v_stride_c, mask, gamma, inv_t2, m_w,
-                                   SOURCE)
-            d = t_rel - s_rel
-            w_tile = tl.sum(v, axis=0)
-            mean_tile = tl.sum(v * d, axis=0) / tl.where(w_tile > 0.0, w_tile, 1.0)
-            dev = tl.where(mask, d - mean_tile, 0.0)
-            m2_tile = tl.sum(v * dev * dev, axis=0)
-            w_new = w_sum + w_tile
-            frac = tl.where(w_new > 0.0, w_tile / tl.where(w_new > 0.0, w_new, 1.0), 0.0)
-            delta = mean_tile - mean
-            mean = mean + delta * frac
-            m2_sum = m2_sum + m2_tile + delta * delta * w_sum * frac
-            w_sum = w_new
-
+            if SOURCE == 0:
+                raw = t
+                scale_tile = scale
+                z_w_tile = tl.sum(tl.exp((t - _ref(mt_tile)) * inv_t2), axis=0)
+                z_w = z_w * _rescale(mt, tl.maximum(mt, mt_tile), inv_t2) + \
+                    z_w_tile * _rescale(mt_tile, tl.maximum(mt, mt_tile), inv_t2)
+            else:
+                raw, valid = _given_factor(v_row, cols * v_stride_c, mask, gamma, SOURCE)
+                bad_weight = bad_weight | (tl.min(valid.to(tl.int32), axis=0) == 0)
+                top = tl.max(tl.where(in_wmse & (raw <= FINITE_MAX), raw, 0.0), axis=0)
+                scale_tile = tl.where(top > 0.0, tl.floor(tl.log2(top)), NEG_INF)
+            v = _scaled_factor(t, raw, in_wmse, mt_tile, scale_tile, gamma_t2, SOURCE)
+            hi, lo = _difference(s, t, in_wmse)
+            w_tile, mh_tile, ml_tile, m2_tile = _tile_moments(v, hi, lo, in_wmse)
+            scale, f_old, f_tile = moment_factors(mt, scale, mt_tile, scale_tile, gamma_t2,
+                                                  SOURCE)
+            weight, mh, ml, m2 = merge_moments(f_old, weight, mh, ml, m2, f_tile, w_tile, mh_tile,
+                                               ml_tile, m2_tile)
         if WITH_CE:
-            s_t = tl.where(mask, s_rel * inv_t, -float("inf"))
-            m_s_new = tl.maximum(m_s, tl.max(s_t, axis=0))
-            z_s = z_s * tl.exp(m_s - m_s_new) + tl.sum(tl.exp(s_t - m_s_new), axis=0)
-            m_s = m_s_new
-            t_t = tl.where(mask, t_rel * inv_t, -float("inf"))
-            m_t_new = tl.maximum(m_t, tl.max(t_t, axis=0))
-            rescale_t = tl.exp(m_t - m_t_new)
-            e_t = tl.exp(t_t - m_t_new)
-            z_t = z_t * rescale_t + tl.sum(e_t, axis=0)
-            e_t_dot_s = e_t_dot_s * rescale_t + tl.sum(e_t * (s_rel * inv_t), axis=0)
-            m_t = m_t_new
-
-    lse_w = m_w + tl.log(z_w)
-    if SOURCE == 0:
-        # v = u * Z2^-gamma: rescale W and M2 from the running-max scale to the true softmax ** gamma
-        unscale = tl.exp2(-gamma * tl.log2(z_w))
-        w_sum = w_sum * unscale
-        m2_sum = m2_sum * unscale
-    tl.store(wmse_ptr + row, 2.0 * w_sum * m2_sum)
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
-    if WITH_CE:
-        tl.store(ce_ptr + row, lse_s - e_t_dot_s / z_t)
-    else:
-        tl.store(ce_ptr + row, zero)
-    stats_row = stats_ptr + row * 5
-    tl.store(stats_row + 0, w_sum)
-    tl.store(stats_row + 1, mean)
-    tl.store(stats_row + 2, lse_s)
-    tl.store(stats_row + 3, lse_t)
-    tl.store(stats_row + 4, lse_w)
+            ms_tile = tl.max(s, axis=0)
+            e_t = tl.exp((t - _ref(mt_tile)) * inv_t)
+            a_tile = tl.sum(tl.where(e_t > 0.0, e_t * (_ref(ms_tile) - s), 0.0), axis=0)
+            zs_tile = tl.sum(tl.exp((s - _ref(ms_tile)) * inv_t), axis=0)
+            ms, zs, mt, zt, a = merge_cross_entropy(ms, zs, mt, zt, a, ms_tile, zs_tile, mt_tile,
+                                                    tl.sum(e_t, axis=0), a_tile, inv_t)
+        else:
+            mt = tl.maximum(mt, mt_tile)
+    error = tl.where(bad_label, 1.0, 0.0) + tl.where(bad_weight, 2.0, 0.0)
+    out = stats_ptr + row * 16
+    tl.store(out + 0, ms)
+    tl.store(out + 1, zs)
+    tl.store(out + 2, mt)
+    tl.store(out + 3, zt)
+    tl.store(out + 4, a)
+    tl.store(out + 5, z_w)
+    tl.store(out + 6, scale)
+    tl.store(out + 7, weight)
+    tl.store(out + 8, mh)
+    tl.store(out + 9, ml)
+    tl.store(out + 10, m2)
+    tl.store(out + 11, tl.where(kept, 1.0, 0.0))
+    tl.store(out + 12, error)
 
 
 @triton.jit
-def gkl_rank1_bwd_kernel(
-    s_ptr, t_ptr, v_ptr, labels_ptr, stats_ptr, grad_wmse_ptr, grad_ce_ptr, ds_ptr, dt_ptr,
-    C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, v_stride_b, v_stride_c,
-    gamma, inv_t, inv_t2,
-    SOURCE: tl.constexpr, WITH_CE: tl.constexpr, SYMMETRIC: tl.constexpr,
-    NEED_DS: tl.constexpr, NEED_DT: tl.constexpr, BLOCK_C: tl.constexpr,
+def finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE: tl.constexpr):
+    """``(E, wmse', ce)`` of a row from its statistics: the true weights are ``v' 2^E``, the true
+    ``wmse = 2^(2E) wmse'``; ``ce`` is ``inf`` when the student puts ``-inf`` where the teacher
+    has mass, and 0 for a row without teacher mass."""
+    exponent = scale
+    if SOURCE == 0:
+        exponent = -gamma * tl.log2(tl.where(z_w > 0.0, z_w, 1.0))
+    ce = tl.where(a < float("inf"), inv_t * a / tl.where(zt > 0.0, zt, 1.0) + tl.log(zs), a)
+    return exponent, 2.0 * weight * m2, tl.where(zt > 0.0, ce, 0.0)
+
+
+@triton.jit
+def _load_row_stats(stats_ptr, rows, mask):
+    base = stats_ptr + rows * 16
+    return (tl.load(base + 0, mask=mask, other=NEG_INF), tl.load(base + 1, mask=mask, other=0.0),
+            tl.load(base + 2, mask=mask, other=NEG_INF), tl.load(base + 3, mask=mask, other=0.0),
+            tl.load(base + 4, mask=mask, other=0.0), tl.load(base + 5, mask=mask, other=0.0),
+            tl.load(base + 6, mask=mask, other=NEG_INF), tl.load(base + 7, mask=mask, other=0.0),
+            tl.load(base + 8, mask=mask, other=0.0), tl.load(base + 9, mask=mask, other=0.0),
+            tl.load(base + 10, mask=mask, other=0.0), tl.load(base + 11, mask=mask, other=0.0),
+            tl.load(base + 12, mask=mask, other=0.0))
+
+
+@triton.jit(debug=True)
+def finish_loss_kernel(
+    stats_ptr, loss_ptr, totals_ptr, B, gamma, inv_t, mse_weight, ce_weight,
+    SOURCE: tl.constexpr, WITH_CE: tl.constexpr, WITH_WMSE: tl.constexpr,
+    NORMALIZE_BATCH: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One program per row: ``ds = g_ce (q - p) / T - [SYMMETRIC] g_d``, ``dt = g_d`` with
-    ``g_d = 4 g_wmse W v (d - mu)``, ``q = softmax(s/T)``, ``p = softmax(t/T)``; ``g_wmse``, ``g_ce``
-    are the (B,) gradients of the row outputs. ``ds``/``dt`` are contiguous (B, C) in the inputs'
-    dtypes."""
+    """One program: ``loss = mse_weight wmse_sum / (4 N) + ce_weight ce_sum / R`` over the kept
+    rows and the totals (``config.TOTAL_*``); ``N = DEN 2^(2K)`` (``normalize="weights"``) or
+    ``R``. A wMSE term with ``N = 0`` and a CE term with ``R = 0`` are 0. Two passes over the
+    (B, 16) statistics in a fixed order (deterministic); invalid inputs fail a device assertion
+    (compiled kernels; under the interpreter the launcher's host checks stand for it)."""
+    zero = tl.sum(tl.zeros([BLOCK_R], dtype=tl.float32), axis=0)
+    top = zero + NEG_INF
+    rows_kept = zero
+    error = zero
+    for r0 in range(0, B, BLOCK_R):
+        rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        (ms, zs, mt, zt, a, z_w, scale, weight, mh, ml, m2, kept,
+         err) = _load_row_stats(stats_ptr, rows, rows < B)
+        exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
+        counted = (kept > 0.0) & (weight > 0.0)
+        top = tl.maximum(top, tl.max(tl.where(counted, exponent, NEG_INF), axis=0))
+        rows_kept += tl.sum(kept, axis=0)
+        error = tl.maximum(error, tl.max(err, axis=0))
+    tl.device_assert((error != 1.0) & (error != 3.0),
+                     "gkl_loss: labels must lie in [0, C) or equal ignore_index")
+    tl.device_assert(error < 2.0, "gkl_loss: weights and class_prior rows must be finite, >= 0")
+    if NORMALIZE_BATCH:
+        top = zero
+    top = tl.where(top > NEG_INF, top, 0.0)
+    wmse_sum = zero
+    den = zero
+    ce_sum = zero
+    for r0 in range(0, B, BLOCK_R):
+        rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        (ms, zs, mt, zt, a, z_w, scale, weight, mh, ml, m2, kept,
+         err) = _load_row_stats(stats_ptr, rows, rows < B)
+        exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
+        counted = (kept > 0.0) & (weight > 0.0)
+        f = tl.exp2(tl.where(counted, exponent, top) - top)
+        wmse_sum += tl.sum(tl.where(counted, f * f * wmse, 0.0), axis=0)
+        den += tl.sum(tl.where(counted, (f * weight) * (f * weight), 0.0), axis=0)
+        ce_sum += tl.sum(tl.where(kept > 0.0, ce, 0.0), axis=0)
+    loss = zero
+    if WITH_WMSE:
+        if NORMALIZE_BATCH:
+            loss = mse_weight * 0.25 * wmse_sum / tl.maximum(rows_kept, 1.0)
+        else:
+            loss = tl.where(den > 0.0, mse_weight * 0.25 * wmse_sum / tl.where(den > 0.0, den, 1.0),
+                            0.0)
+    if WITH_CE:
+        loss += ce_weight * ce_sum / tl.maximum(rows_kept, 1.0)
+    tl.store(loss_ptr, loss)
+    tl.store(totals_ptr + 0, top)
+    tl.store(totals_ptr + 1, den)
+    tl.store(totals_ptr + 2, rows_kept)
+    tl.store(totals_ptr + 3, wmse_sum)
+    tl.store(totals_ptr + 4, ce_sum)
+    tl.store(totals_ptr + 5, error)
+    tl.store(totals_ptr + 6, zero)
+    tl.store(totals_ptr + 7, zero)
+
+
+@triton.jit
+def loss_backward_kernel(
+    s_ptr, t_ptr, v_ptr, labels_ptr, stats_ptr, totals_ptr, grad_loss_ptr, ds_ptr, dt_ptr,
+    C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, v_stride_b, v_stride_c, grad_stride,
+    gamma, inv_t, inv_t2, mse_weight, ce_weight,
+    SOURCE: tl.constexpr, WITH_CE: tl.constexpr, WITH_WMSE: tl.constexpr,
+    NORMALIZE_BATCH: tl.constexpr, SYMMETRIC: tl.constexpr, NEED_DS: tl.constexpr,
+    NEED_DT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per row: ``dt = g_d``, ``ds = g_ce (q - p) - [SYMMETRIC] g_d`` with
+    ``g_d = (dL/dwmse_b) 4 W v (d - mu)``, ``q = softmax(s/T)``, ``p = softmax(t/T)``, scaled by
+    the incoming gradient (``grad_loss[b * grad_stride]``: 0-dim, or one per row). Ignored rows:
+    zeros, logits unread."""
     row = tl.program_id(0).to(tl.int64)
-    s_row, t_row, v_row, s_pivot, t_pivot = _row_bases(
-        s_ptr, t_ptr, v_ptr, labels_ptr, row, s_stride_b, t_stride_b, v_stride_b, SOURCE)
-    stats_row = stats_ptr + row * 5
-    w_sum = tl.load(stats_row + 0)
-    mean = tl.load(stats_row + 1)
-    lse_s = tl.load(stats_row + 2)
-    lse_t = tl.load(stats_row + 3)
-    lse_w = tl.load(stats_row + 4)
-    coef_d = 4.0 * tl.load(grad_wmse_ptr + row).to(tl.float32) * w_sum
-    coef_ce = tl.load(grad_ce_ptr + row).to(tl.float32) * inv_t
+    (ms, zs, mt, zt, a, z_w, scale, weight, mh, ml, m2, kept,
+     err) = _load_row_stats(stats_ptr, row, row >= 0)
+    live = kept > 0.0
+    exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
+    grad = tl.load(grad_loss_ptr + row * grad_stride).to(tl.float32)
+    rows_kept = tl.maximum(tl.load(totals_ptr + 2), 1.0)
+    coef_ce = tl.where(live, grad * ce_weight * inv_t / rows_kept, 0.0)
+    coef_d = coef_ce * 0.0
+    if WITH_WMSE:
+        top = tl.load(totals_ptr + 0)
+        den = tl.load(totals_ptr + 1)
+        f = tl.exp2(tl.where(weight > 0.0, exponent, top) - top)
+        if NORMALIZE_BATCH:
+            norm = 1.0 / rows_kept
+        else:
+            norm = tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)
+        coef_d = tl.where(live & (weight > 0.0), grad * mse_weight * norm * (f * weight) * f,
+                          0.0)
+    if SOURCE == 1:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        v_row = v_ptr + tl.where(live & (label >= 0), label, 0) * v_stride_b
+    else:
+        v_row = v_ptr + row * v_stride_b
+    s_row = s_ptr + row * s_stride_b
+    t_row = t_ptr + row * t_stride_b
+    log_zs = tl.log(tl.where(zs > 0.0, zs, 1.0))
+    log_zt = tl.log(tl.where(zt > 0.0, zt, 1.0))
+    gamma_t2 = gamma * inv_t2 * LOG2E
+    live_cols = tl.where(live, C, 0)
     for c0 in range(0, C, BLOCK_C):
-        cols64, mask, s_rel, t_rel = relative_row_tiles(
-            s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot, BLOCK_C)
+        cols, mask, load, s, t, in_wmse = _load_tile(s_row, t_row, c0, C, live_cols, s_stride_c,
+                                                     t_stride_c, BLOCK_C)
         g_d = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if SOURCE != 3:
-            v = _rank1_factor_tile(t_rel, v_row, cols64 * v_stride_c, mask, gamma, inv_t2, lse_w,
-                                   SOURCE)
-            g_d = coef_d * v * ((t_rel - s_rel) - mean)
+        if WITH_WMSE:
+            raw = t
+            if SOURCE != 0:
+                raw, valid = _given_factor(v_row, cols * v_stride_c, load, gamma, SOURCE)
+            v = _scaled_factor(t, raw, in_wmse, mt, scale, gamma_t2, SOURCE)
+            hi, lo = _difference(s, t, in_wmse)
+            g_d = tl.where(in_wmse, coef_d * v * (((hi - mh) + lo) - ml), 0.0)
         if NEED_DS:
-            ds = tl.zeros([BLOCK_C], dtype=tl.float32)
-            if WITH_CE:
-                q = tl.exp(s_rel * inv_t - lse_s)
-                p = tl.exp(t_rel * inv_t - lse_t)
-                ds = coef_ce * (q - p)
             if SYMMETRIC:
-                ds = ds - g_d
-            tl.store(ds_ptr + row * C + cols64, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+                ds = -g_d
+            else:
+                ds = tl.zeros([BLOCK_C], dtype=tl.float32)
+            if WITH_CE:
+                q = tl.where(s > NEG_INF, tl.exp((s - _ref(ms)) * inv_t - log_zs), 0.0)
+                p = tl.where(t > NEG_INF, tl.exp((t - _ref(mt)) * inv_t - log_zt), 0.0)
+                ds += coef_ce * (q - p)
+            tl.store(ds_ptr + row * C + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
         if NEED_DT:
-            tl.store(dt_ptr + row * C + cols64, g_d.to(dt_ptr.dtype.element_ty), mask=mask)
+            tl.store(dt_ptr + row * C + cols, g_d.to(dt_ptr.dtype.element_ty), mask=mask)
 
 
-def _factor_args(source, factor, labels, like):
-    """Pointer, strides and labels for the factor operand; the teacher and no-weight sources pass
-    ``like``."""
-    if source in (SOURCE_TEACHER, SOURCE_NONE):
-        return like, 0, 0, like
-    return factor, factor.stride(0), factor.stride(1), labels if labels is not None else factor
+# ------------------------------------------------------------------------------------ launchers
 
 
-def rank1_rows_forward(student, teacher, factor, labels, source, gamma, temperature,
-                       weight_temperature, with_ce, block_c=None):
-    """Launch the forward kernel: returns ``(wmse (B,), ce (B,), stats (B, 5))`` in float32."""
+def _factor_args(config, factor, labels, like):
+    """Pointer, strides of the factor operand and the labels pointer (``like`` when absent)."""
+    labels_ptr = labels if labels is not None else like
+    if factor is None:
+        return like, 0, 0, labels_ptr
+    return factor, factor.stride(0), factor.stride(1), labels_ptr
+
+
+def row_stats(student, teacher, factor, labels, config):
+    """Launch ``row_stats_kernel``: float32 ``(B, NUM_STATS)``."""
     batch, num_classes = student.shape
-    wmse = torch.empty(batch, dtype=torch.float32, device=student.device)
-    ce = torch.empty(batch, dtype=torch.float32, device=student.device)
     stats = torch.empty(batch, NUM_STATS, dtype=torch.float32, device=student.device)
-    v_ptr, v_sb, v_sc, labels_ptr = _factor_args(source, factor, labels, student)
-    block = pick_block_c(num_classes, block_c)
-    gkl_rank1_fwd_kernel[(batch,)](
-        student, teacher, v_ptr, labels_ptr, wmse, ce, stats,
+    v_ptr, v_sb, v_sc, labels_ptr = _factor_args(config, factor, labels, student)
+    block = pick_block_c(num_classes, config.block_c)
+    row_stats_kernel[(batch,)](
+        student, teacher, v_ptr, labels_ptr, stats,
         num_classes, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        v_sb, v_sc, float(gamma), 1.0 / temperature, 1.0 / weight_temperature,
-        SOURCE=source, WITH_CE=with_ce, BLOCK_C=block, num_warps=pick_num_warps(block),
-    )
-    return wmse, ce, stats
+        v_sb, v_sc, config.gamma, 1.0 / config.temperature, 1.0 / config.weight_temperature,
+        config.ignore_index, config.num_labels or num_classes, SOURCE=config.source, WITH_CE=config.with_ce,
+        HAS_LABELS=config.has_labels, BLOCK_C=block, num_warps=pick_num_warps(block))
+    return stats
 
 
-def rank1_rows_backward(grad_wmse, grad_ce, student, teacher, factor, labels, stats, source, gamma,
-                        temperature, weight_temperature, with_ce, symmetric, need_ds, need_dt,
-                        block_c=None):
-    """Launch the backward kernel: returns ``(grad_student, grad_teacher)``, each ``(B, C)`` in its
-    input's dtype or an empty tensor when not needed."""
+def finish_loss(stats, config):
+    """Launch ``finish_loss_kernel``: ``(loss (), totals (NUM_TOTALS,))`` float32."""
+    loss = torch.empty((), dtype=torch.float32, device=stats.device)
+    totals = torch.empty(NUM_TOTALS, dtype=torch.float32, device=stats.device)
+    finish_loss_kernel[(1,)](
+        stats, loss, totals, stats.shape[0], config.gamma, 1.0 / config.temperature,
+        config.mse_weight, config.ce_weight,
+        SOURCE=config.source, WITH_CE=config.with_ce, WITH_WMSE=config.with_wmse,
+        NORMALIZE_BATCH=config.normalize_batch, BLOCK_R=FINISH_BLOCK_ROWS, num_warps=4)
+    return loss, totals
+
+
+def loss_backward(grad_loss, student, teacher, factor, labels, stats, totals, config, need_ds,
+                  need_dt):
+    """Launch ``loss_backward_kernel``: ``(grad_student, grad_teacher)``, each ``(B, C)`` in its
+    input's dtype, or empty when not needed."""
     batch, num_classes = student.shape
     ds, dt = empty_gradients(student, teacher, need_ds, need_dt)
-    v_ptr, v_sb, v_sc, labels_ptr = _factor_args(source, factor, labels, student)
-    block = pick_block_c(num_classes, block_c)
-    gkl_rank1_bwd_kernel[(batch,)](
-        student, teacher, v_ptr, labels_ptr, stats, grad_wmse, grad_ce,
+    v_ptr, v_sb, v_sc, labels_ptr = _factor_args(config, factor, labels, student)
+    block = pick_block_c(num_classes, config.block_c)
+    loss_backward_kernel[(batch,)](
+        student, teacher, v_ptr, labels_ptr, stats, totals, grad_loss,
         ds if need_ds else student, dt if need_dt else teacher,
         num_classes, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        v_sb, v_sc, float(gamma), 1.0 / temperature, 1.0 / weight_temperature,
-        SOURCE=source, WITH_CE=with_ce, SYMMETRIC=symmetric, NEED_DS=need_ds, NEED_DT=need_dt,
-        BLOCK_C=block, num_warps=pick_num_warps(block),
-    )
+        v_sb, v_sc, grad_loss.stride(0) if grad_loss.dim() else 0, config.gamma,
+        1.0 / config.temperature, 1.0 / config.weight_temperature,
+        config.mse_weight, config.ce_weight,
+        SOURCE=config.source, WITH_CE=config.with_ce, WITH_WMSE=config.with_wmse,
+        NORMALIZE_BATCH=config.normalize_batch, SYMMETRIC=config.symmetric, NEED_DS=need_ds,
+        NEED_DT=need_dt, BLOCK_C=block, num_warps=pick_num_warps(block))
     return ds, dt

@@ -1,110 +1,148 @@
-"""The rank-one row terms as ``torch.library`` custom ops with autograd, so that eager mode,
-``torch.compile(fullgraph=True)`` and ``opcheck`` see one opaque operator per pass.
+"""The rank-one loss as ``torch.library`` custom ops with autograd: one opaque operator per pass
+for eager mode, ``torch.compile(fullgraph=True)`` and ``opcheck``.
 
-``gkl_kernels::rank1_rows(s, t, ...) -> (wmse (B,), ce (B,), stats (B, 5), softmax_difference,
-weighted_deviation)`` and its backward ``gkl_kernels::rank1_rows_backward``. ``use_triton`` picks
-the Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or the
-plain-PyTorch path; ``block_c = 0`` lets the launcher choose the tile width. The last two outputs
-are the plain-PyTorch path's gradient directions, ``(B, C)`` float32 when ``keep_directions`` (the
-backward then is two elementwise products instead of a recomputation), else empty; the Triton
-kernels recompute everything in their backward pass and always return them empty.
+- ``gkl_kernels::rank1_loss(s, t, factor, labels, floats, ints, keep_directions) -> (loss,
+  stats, totals, softmax_difference, weighted_deviation)``: the 0-dim loss, the per-row
+  statistics and the batch totals (``config.py``); the last two are the torch path's kept
+  gradient directions (empty on the Triton path, which recomputes them).
+- ``gkl_kernels::rank1_row_stats`` and ``gkl_kernels::rank1_finish``: the two halves of the
+  forward, for callers that merge statistics first (vocabulary shards) or finish once over
+  several chunks.
+- ``gkl_kernels::rank1_loss_backward(grad_loss, ..., stats, totals, ...) -> (ds, dt)``.
+
+``floats``/``ints`` are a ``RowConfig`` (``RowConfig.floats``, ``.ints``): its ``use_triton``
+picks the Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or the
+plain-PyTorch path.
 """
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
-from gkl_kernels.rank1.kernels import (NUM_STATS, SOURCE_NONE, rank1_rows_backward,
-                                       rank1_rows_forward)
-from gkl_kernels.rank1.torch_impl import rank1_rows_backward_torch, rank1_rows_forward_torch
+from gkl_kernels.rank1 import kernels
+from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, SOURCE_NONE, RowConfig
+from gkl_kernels.rank1.torch_impl import (finish_loss_torch, loss_backward_torch,
+                                          row_stats_torch)
 
 
-@torch.library.custom_op("gkl_kernels::rank1_rows", mutates_args=())
-def rank1_rows(student: Tensor, teacher: Tensor, factor: Optional[Tensor], labels: Optional[Tensor],
-               source: int, gamma: float, temperature: float, weight_temperature: float,
-               with_ce: bool, symmetric: bool, use_triton: bool, block_c: int,
+@lru_cache(maxsize=256)
+def _config(floats, ints):
+    return RowConfig.unpack(floats, ints)
+
+
+def config_of(floats, ints):
+    """The ``RowConfig`` of an op's ``floats``, ``ints`` arguments."""
+    return _config(tuple(floats), tuple(ints))
+
+
+@torch.library.custom_op("gkl_kernels::rank1_row_stats", mutates_args=())
+def rank1_row_stats(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
+                    labels: Optional[Tensor], floats: list[float], ints: list[int]) -> Tensor:
+    """Per-row statistics ``(B, NUM_STATS)`` float32."""
+    config = config_of(floats, ints)
+    if config.use_triton:
+        return kernels.row_stats(student, teacher, factor, labels, config)
+    return row_stats_torch(student, teacher, factor, labels, config, False)[0]
+
+
+@rank1_row_stats.register_fake
+def _row_stats_fake(student, teacher, factor, labels, floats, ints):
+    return student.new_empty(student.shape[0], NUM_STATS, dtype=torch.float32)
+
+
+@torch.library.custom_op("gkl_kernels::rank1_finish", mutates_args=())
+def rank1_finish(stats: Tensor, floats: list[float], ints: list[int]) -> tuple[Tensor, Tensor]:
+    """``(loss (), totals (NUM_TOTALS,))`` float32 from per-row statistics."""
+    config = config_of(floats, ints)
+    if config.use_triton:
+        return kernels.finish_loss(stats, config)
+    return finish_loss_torch(stats, config)
+
+
+@rank1_finish.register_fake
+def _finish_fake(stats, floats, ints):
+    return stats.new_empty(()), stats.new_empty(NUM_TOTALS)
+
+
+@torch.library.custom_op("gkl_kernels::rank1_loss", mutates_args=())
+def rank1_loss(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
+               labels: Optional[Tensor], floats: list[float], ints: list[int],
                keep_directions: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-row wMSE, soft-label cross-entropy and statistics, and the torch path's gradient
-    directions; ``symmetric`` only affects backward."""
-    if use_triton:
-        directions = _no_directions(student)
-        return *rank1_rows_forward(student, teacher, factor, labels, source, gamma, temperature,
-                                   weight_temperature, with_ce, block_c or None), *directions
-    return rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, temperature,
-                                    weight_temperature, with_ce, keep_directions)
+    """The loss, its statistics and totals, and (torch path, ``keep_directions``) the gradient
+    directions; one row kernel and one finishing kernel on the Triton path."""
+    config = config_of(floats, ints)
+    if config.use_triton:
+        stats = kernels.row_stats(student, teacher, factor, labels, config)
+        loss, totals = kernels.finish_loss(stats, config)
+        empty = stats.new_empty(0)
+        return loss, stats, totals, empty, torch.empty_like(empty)
+    stats, softmax_difference, weighted_deviation = row_stats_torch(
+        student, teacher, factor, labels, config, keep_directions)
+    loss, totals = finish_loss_torch(stats, config)
+    return loss, stats, totals, softmax_difference, weighted_deviation
 
 
-def _no_directions(student):
-    empty = student.new_empty(0, dtype=torch.float32)
-    return empty, torch.empty_like(empty)
+@rank1_loss.register_fake
+def _rank1_loss_fake(student, teacher, factor, labels, floats, ints, keep_directions):
+    config = config_of(floats, ints)
+    stats = student.new_empty(student.shape[0], NUM_STATS, dtype=torch.float32)
+    directions = [student.new_empty(student.shape if keep_directions and wanted else (0,),
+                                    dtype=torch.float32)
+                  for wanted in (config.with_ce, config.source != SOURCE_NONE)]
+    if config.use_triton:
+        directions = [stats.new_empty(0), stats.new_empty(0)]
+    return stats.new_empty(()), stats, stats.new_empty(NUM_TOTALS), *directions
 
 
-@rank1_rows.register_fake
-def _rank1_rows_fake(student, teacher, factor, labels, source, gamma, temperature,
-                     weight_temperature, with_ce, symmetric, use_triton, block_c, keep_directions):
-    batch = student.shape[0]
-    row = student.new_empty(batch, dtype=torch.float32)
-    stats = student.new_empty(batch, NUM_STATS, dtype=torch.float32)
-    if use_triton or not keep_directions:
-        return row, torch.empty_like(row), stats, *_no_directions(student)
-    softmax_difference, weighted_deviation = (
-        student.new_empty(student.shape if wanted else (0,), dtype=torch.float32)
-        for wanted in (with_ce, source != SOURCE_NONE))
-    return row, torch.empty_like(row), stats, softmax_difference, weighted_deviation
+@torch.library.custom_op("gkl_kernels::rank1_loss_backward", mutates_args=())
+def rank1_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor,
+                        factor: Optional[Tensor], labels: Optional[Tensor], stats: Tensor,
+                        totals: Tensor, softmax_difference: Tensor, weighted_deviation: Tensor,
+                        floats: list[float], ints: list[int], need_ds: bool, need_dt: bool
+                        ) -> tuple[Tensor, Tensor]:
+    """Gradients of the loss w.r.t. student and teacher (empty when not needed), scaled by the
+    0-dim ``grad_loss``; one kernel on the Triton path."""
+    config = config_of(floats, ints)
+    if config.use_triton:
+        return kernels.loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
+                                     config, need_ds, need_dt)
+    return loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, totals,
+                               config, need_ds, need_dt, softmax_difference, weighted_deviation)
 
 
-@torch.library.custom_op("gkl_kernels::rank1_rows_backward", mutates_args=())
-def rank1_rows_backward_op(grad_wmse: Tensor, grad_ce: Tensor, student: Tensor, teacher: Tensor,
-                           factor: Optional[Tensor], labels: Optional[Tensor], stats: Tensor,
-                           softmax_difference: Tensor, weighted_deviation: Tensor,
-                           source: int, gamma: float, temperature: float,
-                           weight_temperature: float, with_ce: bool, symmetric: bool,
-                           need_ds: bool, need_dt: bool, use_triton: bool, block_c: int
-                           ) -> tuple[Tensor, Tensor]:
-    """Gradients of ``rank1_rows`` w.r.t. student and teacher (empty when not needed): the
-    Triton kernel recomputes from the logits, the torch path scales the kept directions."""
-    if use_triton:
-        return rank1_rows_backward(grad_wmse, grad_ce, student, teacher, factor, labels, stats,
-                                   source, gamma, temperature, weight_temperature, with_ce,
-                                   symmetric, need_ds, need_dt, block_c or None)
-    return rank1_rows_backward_torch(grad_wmse, grad_ce, student, teacher, stats,
-                                     softmax_difference, weighted_deviation, source, temperature,
-                                     with_ce, symmetric, need_ds, need_dt)
-
-
-@rank1_rows_backward_op.register_fake
-def _rank1_rows_backward_fake(grad_wmse, grad_ce, student, teacher, factor, labels, stats,
-                              softmax_difference, weighted_deviation, source, gamma, temperature,
-                              weight_temperature, with_ce, symmetric, need_ds, need_dt,
-                              use_triton, block_c):
+@rank1_loss_backward.register_fake
+def _rank1_loss_backward_fake(grad_loss, student, teacher, factor, labels, stats, totals,
+                              softmax_difference, weighted_deviation, floats, ints, need_ds,
+                              need_dt):
     return fake_gradients(student, teacher, need_ds, need_dt)
 
 
 def _setup_context(ctx, inputs, output):
-    (student, teacher, factor, labels, source, gamma, temperature, weight_temperature, with_ce,
-     symmetric, use_triton, block_c, keep_directions) = inputs
-    ctx.save_for_backward(student, teacher, factor, labels, *output[2:])
-    ctx.options = (source, gamma, temperature, weight_temperature, with_ce, symmetric)
-    ctx.launch = (use_triton, block_c)
+    student, teacher, factor, labels, floats, ints, _ = inputs
+    ctx.save_for_backward(student, teacher, factor, labels, *output[1:])
+    ctx.floats, ctx.ints = floats, ints
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_wmse, grad_ce, *_grads_of_stats_and_directions):
-    student, teacher, factor, labels, stats, softmax_difference, weighted_deviation = \
+def _backward(ctx, grad_loss, *_grads_of_statistics):
+    if grad_loss is None:
+        return (None,) * 7
+    student, teacher, factor, labels, stats, totals, softmax_difference, weighted_deviation = \
         ctx.saved_tensors
-    source, gamma, temperature, weight_temperature, with_ce, symmetric = ctx.options
-    # without pair weights the teacher gets no gradient (its probabilities are constants)
+    config = config_of(ctx.floats, ctx.ints)
+    # the teacher's probabilities are constants: it gets only the wMSE's gradient
     need_ds = ctx.needs_input_grad[0]
-    need_dt = ctx.needs_input_grad[1] and source != SOURCE_NONE
+    need_dt = ctx.needs_input_grad[1] and config.source != SOURCE_NONE
     if not (need_ds or need_dt):
-        return (None,) * 13
-    # row gradients arrive expanded (stride 0) from a sum or mean: the kernels read them densely
-    ds, dt = rank1_rows_backward_op(
-        grad_wmse.contiguous(), grad_ce.contiguous(), student, teacher, factor, labels, stats,
-        softmax_difference, weighted_deviation, source, gamma, temperature, weight_temperature,
-        with_ce, symmetric, need_ds, need_dt, *ctx.launch)
-    return (ds if need_ds else None, dt if need_dt else None) + (None,) * 11
+        return (None,) * 7
+    ds, dt = rank1_loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
+                                 softmax_difference, weighted_deviation, ctx.floats, ctx.ints,
+                                 need_ds, need_dt)
+    return ds if need_ds else None, dt if need_dt else None, None, None, None, None, None
 
 
-rank1_rows.register_autograd(_backward, setup_context=_setup_context)
+rank1_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -1,118 +1,270 @@
-"""Plain-PyTorch O(C) path for rank-one weights: the same row outputs and statistics as the Triton
-kernels (see ``kernels.py`` for the math), vectorised over the batch, float32 throughout.
+"""Plain-PyTorch rank-one path: the statistics, loss and gradients of ``kernels.py`` (see there for
+the math), each row taken as one tile, vectorised over the batch, float32 throughout; and
+``merge_row_stats``, the rule that combines the statistics of two column parts of the same rows
+(vocabulary shards).
 
-Used for CPU tensors and on any device with ``backend="torch"``. The forward pass makes about 20
-elementwise passes over ``B x C`` (temporaries reused in place) and, when gradients will be needed,
-keeps the two ``(B, C)`` directions of the gradient, so that the backward pass is two or three
-elementwise products: the memory of two ``B x C`` float32 tensors (as ``F.kl_div``'s saved
-log-probabilities) traded for recomputing about 15 passes.
+Used for CPU tensors and with ``backend="torch"``. When a backward pass will follow, the forward
+keeps the two ``(B, C)`` gradient directions (``softmax(s/T) - softmax(t/T)`` and ``v' (d - mu)``),
+so that the backward is two products: the memory of two ``B x C`` float32 tensors (as
+``F.kl_div``'s saved log-probabilities) traded for recomputation.
 """
+
+import math
 
 import torch
 
-from gkl_kernels.rank1.kernels import SOURCE_NONE, SOURCE_PRIOR, SOURCE_TEACHER
+from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PRIOR,
+                                      SOURCE_TEACHER, STAT_A, STAT_ERROR, STAT_KEPT, STAT_L, STAT_M2, STAT_MH,
+                                      STAT_ML, STAT_MS, STAT_MT, STAT_W, STAT_ZS, STAT_ZT,
+                                      STAT_ZW, TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS,
+                                      TOTAL_WMSE)
+
+INF = float("inf")
 
 
-def relative_logits(student, teacher):
-    """``(s - s_0, t - t_0)`` in float32, the pivot being each row's first element."""
-    s = student.float()
-    t = teacher.float()
-    return s - s[:, :1], t - t[:, :1]
+def _two_sum(a, b):
+    h = a + b
+    bb = h - a
+    return h, (a - (h - bb)) + (b - bb)
 
 
-def _scaled(x, temperature):
-    return x if temperature == 1.0 else x * (1.0 / temperature)
+def _fast_two_sum(a, b):
+    h = a + b
+    return h, b - (h - a)
 
 
-def _softmax_and_lse(x):
-    """``(softmax(x), logsumexp(x))`` along rows, one exponential per element. ``torch.sum``
-    adds by cascade on CPU (accurate at large C; the fused CPU softmaxes are not)."""
-    row_max = x.amax(dim=1, keepdim=True)
-    exps = (x - row_max).exp_()
-    total = exps.sum(dim=1)
-    return exps.div_(total[:, None]), row_max[:, 0] + total.log()
+def _ref(m):
+    return torch.where(m > -INF, m, 0.0)
 
 
-def _teacher_factor(t_rel, weight_temperature, lse_w, gamma):
-    """``v = softmax(t / T2) ** gamma = exp(gamma (t / T2 - lse(t / T2)))``, (B, C) float32."""
-    return _scaled(t_rel, weight_temperature).sub(lse_w[:, None]).mul_(gamma).exp_()
+def _rescale(m_part, m, inv_temperature):
+    return torch.where(m_part > -INF, ((m_part - m) * inv_temperature).exp(), 0.0)
 
 
-def tensor_factor(factor, labels, source, gamma):
-    """``v`` (B, C) float32 from a given tensor: ``prior[labels] ** gamma`` or the explicit factor."""
-    if source != SOURCE_PRIOR:
+def given_factor(factor, labels, config):
+    """The given weights ``(B, C)`` float32: ``prior[labels] ** gamma`` (``0 ** 0 = 1``) or the
+    explicit factor."""
+    if config.source != SOURCE_PRIOR:
         return factor.float()
     rows = factor.index_select(0, labels).float()
-    if gamma == 0.0:  # 0 ** 0 = 1, as torch.pow
-        return rows.fill_(1.0)
-    # exp(gamma log p), 0 for p = 0: about 4 times faster than a fractional pow on CPU
-    return rows if gamma == 1.0 else rows.log_().mul_(gamma).exp_()
+    if config.gamma == 0.0:
+        return torch.ones_like(rows)
+    return rows if config.gamma == 1.0 else rows.pow_(config.gamma)
 
 
-def rank1_rows_forward_torch(student, teacher, factor, labels, source, gamma, temperature,
-                             weight_temperature, with_ce, keep_directions):
-    """``(wmse (B,), ce (B,), stats (B, 5), softmax_difference, weighted_deviation)`` in float32,
-    as ``rank1_rows_forward`` and, when ``keep_directions``, the two ``(B, C)`` directions of the
-    gradient: ``softmax(s/T) - softmax(t/T)`` (with the cross-entropy) and ``v (d - mu)`` (with
-    pair weights); otherwise (and where not needed) empty tensors."""
-    s_rel, t_rel = relative_logits(student, teacher)
-    zeros = s_rel.new_zeros(s_rel.shape[0])
-    lse_s = lse_t = ce = lse_w = zeros
-    softmax_difference, weighted_deviation = s_rel.new_empty(0), s_rel.new_empty(0)
-    if with_ce:
-        s_scaled = _scaled(s_rel, temperature)
-        t_scaled = _scaled(t_rel, temperature)
-        p, lse_t = _softmax_and_lse(t_scaled)
-        if keep_directions:
-            q, lse_s = _softmax_and_lse(s_scaled)
-            softmax_difference = q.sub_(p)
-        else:
-            lse_s = torch.logsumexp(s_scaled, dim=1)
-        ce = lse_s - torch.linalg.vecdot(p, s_scaled)
-    if source == SOURCE_NONE:
-        stats = torch.stack([zeros, zeros, lse_s, lse_t, lse_w], dim=1)
-        return zeros, ce, stats, softmax_difference, weighted_deviation
-    if source == SOURCE_TEACHER:
-        same_softmax = with_ce and weight_temperature == temperature
-        lse_w = lse_t if same_softmax else torch.logsumexp(_scaled(t_rel, weight_temperature), 1)
-        v = p if same_softmax and gamma == 1.0 \
-            else _teacher_factor(t_rel, weight_temperature, lse_w, gamma)
+def _kept_logits(student, teacher, labels, config):
+    """s, t in float32, ``-inf`` on ignored rows (never read as values); the kept mask (B,)."""
+    s, t = student.float(), teacher.float()
+    if not config.has_labels:
+        return s, t, None
+    kept = labels != config.ignore_index
+    return torch.where(kept[:, None], s, -INF), torch.where(kept[:, None], t, -INF), kept
+
+
+def _scaled_factor(t, v, in_wmse, mt, scale, config):
+    """``v'``: ``exp(gamma (t - m_t) / T2)`` (teacher) or ``v 2^-L``, 0 outside the wMSE."""
+    if config.source == SOURCE_TEACHER:
+        v = ((t - _ref(mt)[:, None]) * (config.gamma / config.weight_temperature)).exp()
     else:
-        v = tensor_factor(factor, labels, source, gamma)
-    d = t_rel.sub_(s_rel)
-    w_sum = v.sum(dim=1)
-    mean = torch.linalg.vecdot(v, d).div_(torch.where(w_sum > 0, w_sum, 1.0))
-    dev = d.sub_(mean[:, None])
-    # v (d - mu): the wMSE's gradient direction, kept for backward or written over s_rel
-    weighted_deviation = torch.mul(v, dev, out=torch.empty_like(dev) if keep_directions else s_rel)
-    m2 = torch.linalg.vecdot(weighted_deviation, dev)
-    if not keep_directions:
-        weighted_deviation = s_rel.new_empty(0)
-    stats = torch.stack([w_sum, mean, lse_s, lse_t, lse_w], dim=1)
-    return 2.0 * w_sum * m2, ce, stats, softmax_difference, weighted_deviation
+        v = v * torch.exp2(-_ref(scale))[:, None]
+    return torch.where(in_wmse, v, 0.0)
 
 
-def rank1_rows_backward_torch(grad_wmse, grad_ce, student, teacher, stats, softmax_difference,
-                              weighted_deviation, source, temperature, with_ce, symmetric, need_ds,
-                              need_dt):
-    """``(grad_student, grad_teacher)`` as ``rank1_rows_backward``, from the directions the
-    forward pass kept: ``g_d = 4 g_wmse W v (d - mu)`` and ``ds_ce = g_ce (q - p) / T``."""
-    if (with_ce and not softmax_difference.numel()) or (
-            source != SOURCE_NONE and not weighted_deviation.numel()):
-        raise RuntimeError("rank1_rows was run with keep_directions=False: no backward")
-    g_d = None
-    if source != SOURCE_NONE:
-        coef_d = (4.0 * grad_wmse.float() * stats[:, 0])[:, None]
-        g_d = weighted_deviation * coef_d
+def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
+    """``(stats (B, NUM_STATS), softmax_difference, weighted_deviation)``: the kernels' statistics
+    and, when ``keep_directions``, ``q - p`` and ``v' (d - mu)`` (else empty)."""
+    s, t, kept = _kept_logits(student, teacher, labels, config)
+    zeros = s.new_zeros(s.shape[0])
+    columns = [zeros] * NUM_STATS
+    columns[STAT_KEPT] = zeros + 1.0 if kept is None else kept.float()
+    mt = t.amax(dim=1)
+    columns[STAT_MT] = mt
+    columns[STAT_MS] = columns[STAT_L] = zeros - INF
+    softmax_difference, weighted_deviation = s.new_empty(0), s.new_empty(0)
+    inv_t = 1.0 / config.temperature
+    if config.with_ce:
+        ms = s.amax(dim=1)
+        e_s = ((s - _ref(ms)[:, None]) * inv_t).exp_()
+        e_t = ((t - _ref(mt)[:, None]) * inv_t).exp_()
+        zs, zt = e_s.sum(dim=1), e_t.sum(dim=1)
+        spread = (_ref(ms)[:, None] - s).mul_(e_t)
+        columns[STAT_A] = torch.where(e_t > 0, spread, 0.0).sum(dim=1)
+        columns[STAT_MS], columns[STAT_ZS], columns[STAT_ZT] = ms, zs, zt
+        if keep_directions:
+            softmax_difference = e_s.div_(zs.clamp_min(1e-45)[:, None]).sub_(
+                e_t.div_(zt.clamp_min(1e-45)[:, None]))
+    if config.source != SOURCE_NONE:
+        in_wmse = (s != -INF) & (t != -INF)
+        v = None
+        if config.source == SOURCE_TEACHER:
+            columns[STAT_ZW] = ((t - _ref(mt)[:, None]) / config.weight_temperature).exp_().sum(1)
+        else:
+            v = given_factor(factor, labels if kept is None else torch.where(kept, labels, 0),
+                             config)
+            top = torch.where(in_wmse & (v <= torch.finfo(torch.float32).max), v, 0.0).amax(1)
+            columns[STAT_L] = torch.where(top > 0, torch.floor(torch.log2(top)), -INF)
+        v = _scaled_factor(t, v, in_wmse, mt, columns[STAT_L], config)
+        hi, lo = _two_sum(t, -s)
+        hi, lo = torch.where(in_wmse, hi, 0.0), torch.where(in_wmse, lo, 0.0)
+        weight = v.sum(dim=1)
+        safe = torch.where(weight > 0, weight, 1.0)
+        rough = torch.linalg.vecdot(v, hi) / safe
+        dev = torch.where(in_wmse, (hi - rough[:, None]) + lo, 0.0)
+        residual = torch.linalg.vecdot(v, dev) / safe
+        dev = dev.sub_(residual[:, None])
+        weighted = v.mul_(dev)
+        columns[STAT_W] = weight
+        columns[STAT_MH], columns[STAT_ML] = _fast_two_sum(rough, residual)
+        columns[STAT_M2] = torch.linalg.vecdot(weighted, dev)
+        if keep_directions:
+            weighted_deviation = weighted
+    return torch.stack(columns, dim=1), softmax_difference, weighted_deviation
+
+
+def finish_rows_torch(stats, config):
+    """``(E, wmse', ce)`` per row (B,), as ``kernels.finish_row``."""
+    if config.source == SOURCE_TEACHER:
+        z_w = stats[:, STAT_ZW]
+        exponent = -config.gamma * torch.log2(torch.where(z_w > 0, z_w, 1.0))
+    else:
+        exponent = stats[:, STAT_L]
+    zt, a = stats[:, STAT_ZT], stats[:, STAT_A]
+    ce = torch.where(a < INF, a / (config.temperature * torch.where(zt > 0, zt, 1.0))
+                     + stats[:, STAT_ZS].log(), a)
+    return exponent, 2.0 * stats[:, STAT_W] * stats[:, STAT_M2], torch.where(zt > 0, ce, 0.0)
+
+
+def finish_loss_torch(stats, config):
+    """``(loss (), totals (NUM_TOTALS,))`` as ``kernels.finish_loss_kernel``."""
+    exponent, wmse, ce = finish_rows_torch(stats, config)
+    kept = stats[:, STAT_KEPT] > 0
+    rows = kept.sum(dtype=torch.float32)
+    counted = kept & (stats[:, STAT_W] > 0)
+    top = torch.zeros_like(rows)
+    if not config.normalize_batch:
+        top = torch.where(counted, exponent, -INF).amax()
+        top = torch.where(top > -INF, top, 0.0)
+    f = torch.exp2(torch.where(counted, exponent, top) - top)
+    wmse_sum = torch.where(counted, f * f * wmse, 0.0).sum()
+    fw = f * stats[:, STAT_W]
+    den = torch.where(counted, fw * fw, 0.0).sum()
+    ce_sum = torch.where(kept, ce, 0.0).sum()
+    loss = torch.zeros_like(rows)
+    if config.with_wmse:
+        norm = rows.clamp_min(1.0) if config.normalize_batch else torch.where(den > 0, den, INF)
+        loss = (config.mse_weight * 0.25) * wmse_sum / norm
+    if config.with_ce:
+        loss = loss + config.ce_weight * ce_sum / rows.clamp_min(1.0)
+    totals = torch.stack([top, den, rows, wmse_sum, ce_sum, stats[:, STAT_ERROR].amax(),
+                          *top.new_zeros(NUM_TOTALS - 6)])
+    return loss, totals
+
+
+def row_coefficients_torch(grad_loss, stats, totals, config):
+    """``(coef_d, coef_ce)`` (B,): the factors of ``v' (d - mu)`` and of ``q - p`` in the
+    gradient, as ``kernels.loss_backward_kernel``."""
+    kept = stats[:, STAT_KEPT] > 0
+    rows = totals[TOTAL_ROWS].clamp_min(1.0)
+    grad = grad_loss.float()
+    coef_ce = torch.where(kept, grad * (config.ce_weight / config.temperature) / rows, 0.0)
+    if not config.with_wmse:
+        return None, coef_ce
+    exponent, _, _ = finish_rows_torch(stats, config)
+    weight, top, den = stats[:, STAT_W], totals[TOTAL_K], totals[TOTAL_DEN]
+    f = torch.exp2(torch.where(weight > 0, exponent, top) - top)
+    norm = 1.0 / rows if config.normalize_batch else torch.where(den > 0, 1.0 / den, 0.0)
+    coef_d = torch.where(kept & (weight > 0), grad * config.mse_weight * norm * (f * weight) * f,
+                         0.0)
+    return coef_d, coef_ce
+
+
+def loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, totals, config,
+                        need_ds, need_dt, softmax_difference, weighted_deviation):
+    """``(grad_student, grad_teacher)`` (empty when not needed), from the kept directions when
+    there are some, else recomputed from the logits and the statistics."""
+    coef_d, coef_ce = row_coefficients_torch(grad_loss, stats, totals, config)
+    if (config.with_ce and not softmax_difference.numel()) or (
+            config.with_wmse and not weighted_deviation.numel()):
+        softmax_difference, weighted_deviation = gradient_directions_torch(
+            student, teacher, factor, labels, stats, config)
+    g_d = weighted_deviation * coef_d[:, None] if config.with_wmse else None
     ds = dt = student.new_empty(0)
     if need_ds:
-        if with_ce:
-            ds = softmax_difference * (grad_ce.float() / temperature)[:, None]
-            if symmetric and g_d is not None:
-                ds.sub_(g_d)
-        else:
-            ds = -g_d if symmetric else torch.zeros_like(g_d)
+        ds = softmax_difference * coef_ce[:, None] if config.with_ce \
+            else torch.zeros(student.shape, dtype=torch.float32, device=student.device)
+        if config.symmetric and g_d is not None:
+            ds = ds - g_d
         ds = ds.to(student.dtype)
     if need_dt:
-        dt = g_d.to(teacher.dtype)
+        dt = (g_d if g_d is not None else torch.zeros_like(teacher, dtype=torch.float32))
+        dt = dt.to(teacher.dtype)
     return ds, dt
+
+
+def gradient_directions_torch(student, teacher, factor, labels, stats, config):
+    """``(q - p, v' (d - mu))`` (B, C) float32 from the logits and merged statistics (each
+    empty when the loss has no such term); ignored rows give zeros."""
+    s, t, kept = _kept_logits(student, teacher, labels, config)
+    softmax_difference, weighted_deviation = s.new_empty(0), s.new_empty(0)
+    mt = stats[:, STAT_MT]
+    if config.with_ce:
+        ms, inv_t = stats[:, STAT_MS], 1.0 / config.temperature
+        log_zs = torch.where(stats[:, STAT_ZS] > 0, stats[:, STAT_ZS], 1.0).log()
+        log_zt = torch.where(stats[:, STAT_ZT] > 0, stats[:, STAT_ZT], 1.0).log()
+        q = torch.where(s > -INF, ((s - _ref(ms)[:, None]) * inv_t - log_zs[:, None]).exp(), 0.0)
+        p = torch.where(t > -INF, ((t - _ref(mt)[:, None]) * inv_t - log_zt[:, None]).exp(), 0.0)
+        softmax_difference = q.sub_(p)
+    if config.with_wmse:
+        in_wmse = (s != -INF) & (t != -INF)
+        v = None if config.source == SOURCE_TEACHER else given_factor(
+            factor, labels if kept is None else torch.where(kept, labels, 0), config)
+        v = _scaled_factor(t, v, in_wmse, mt, stats[:, STAT_L], config)
+        hi, lo = _two_sum(t, -s)
+        dev = ((hi - stats[:, STAT_MH, None]) + lo) - stats[:, STAT_ML, None]
+        weighted_deviation = torch.where(in_wmse, v * dev, 0.0)
+    return softmax_difference, weighted_deviation
+
+
+def merge_row_stats(a, b, config):
+    """The statistics of the same rows over the union of two column parts (``a``, ``b``:
+    ``(B, NUM_STATS)``): the rule the kernels apply between tiles, associative up to rounding."""
+    out = a.clone()
+    inv_t = 1.0 / config.temperature
+    ms = torch.maximum(a[:, STAT_MS], b[:, STAT_MS])
+    mt = torch.maximum(a[:, STAT_MT], b[:, STAT_MT])
+    rt_a, rt_b = _rescale(a[:, STAT_MT], mt, inv_t), _rescale(b[:, STAT_MT], mt, inv_t)
+    shifted = [torch.where(x[:, STAT_ZT] > 0, x[:, STAT_ZT] * (_ref(ms) - _ref(x[:, STAT_MS])),
+                           0.0) for x in (a, b)]
+    out[:, STAT_A] = torch.where(rt_a > 0, rt_a * (a[:, STAT_A] + shifted[0]), 0.0) + \
+        torch.where(rt_b > 0, rt_b * (b[:, STAT_A] + shifted[1]), 0.0)
+    out[:, STAT_ZS] = a[:, STAT_ZS] * _rescale(a[:, STAT_MS], ms, inv_t) + \
+        b[:, STAT_ZS] * _rescale(b[:, STAT_MS], ms, inv_t)
+    out[:, STAT_ZT] = a[:, STAT_ZT] * rt_a + b[:, STAT_ZT] * rt_b
+    inv_t2 = 1.0 / config.weight_temperature
+    out[:, STAT_ZW] = a[:, STAT_ZW] * _rescale(a[:, STAT_MT], mt, inv_t2) + \
+        b[:, STAT_ZW] * _rescale(b[:, STAT_MT], mt, inv_t2)
+    out[:, STAT_MS], out[:, STAT_MT] = ms, mt
+    if config.source == SOURCE_TEACHER:
+        gamma_t2 = config.gamma * inv_t2 * math.log2(math.e)
+        f_a, f_b = (torch.where(x[:, STAT_MT] > -INF, torch.exp2((x[:, STAT_MT] - mt) * gamma_t2),
+                                0.0) for x in (a, b))
+    else:
+        scale = torch.maximum(a[:, STAT_L], b[:, STAT_L])
+        f_a, f_b = (torch.where(x[:, STAT_L] > -INF, torch.exp2(x[:, STAT_L] - scale), 0.0)
+                    for x in (a, b))
+        out[:, STAT_L] = scale
+    w_a, w_b = a[:, STAT_W] * f_a, b[:, STAT_W] * f_b
+    weight = w_a + w_b
+    a_heavy = w_a >= w_b
+    heavy, light = torch.where(a_heavy[:, None], a, b), torch.where(a_heavy[:, None], b, a)
+    w_heavy, w_light = torch.where(a_heavy, w_a, w_b), torch.where(a_heavy, w_b, w_a)
+    delta = (light[:, STAT_MH] - heavy[:, STAT_MH]) + (light[:, STAT_ML] - heavy[:, STAT_ML])
+    frac = w_light / torch.where(weight > 0, weight, 1.0)
+    step = torch.where(w_light > 0, delta * frac, 0.0)
+    h, e = _two_sum(heavy[:, STAT_MH], step)
+    out[:, STAT_MH], out[:, STAT_ML] = _fast_two_sum(h, heavy[:, STAT_ML] + e)
+    out[:, STAT_W] = weight
+    out[:, STAT_M2] = a[:, STAT_M2] * f_a + b[:, STAT_M2] * f_b + \
+        torch.where(w_light > 0, delta * delta * w_heavy * frac, 0.0)
+    out[:, STAT_ERROR] = torch.maximum(a[:, STAT_ERROR], b[:, STAT_ERROR])
+    return out

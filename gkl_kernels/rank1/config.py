@@ -1,0 +1,73 @@
+"""``RowConfig``: every scalar option of the rank-one loss ops in one frozen object, and the layout
+of the per-row statistics and the batch totals those ops exchange.
+
+The custom ops take the config as two lists (``config.floats``, ``config.ints``), the form a
+``torch.library`` schema accepts; ``RowConfig.unpack`` rebuilds it.
+"""
+
+from dataclasses import dataclass, fields
+
+# weight sources
+SOURCE_TEACHER = 0  # v = softmax(t / T2) ** gamma
+SOURCE_PRIOR = 1  # v = prior[label] ** gamma
+SOURCE_EXPLICIT = 2  # v given, (B, C)
+SOURCE_NONE = 3  # no wMSE: the cross-entropy only
+
+# Per-row statistics, float32 (B, NUM_STATS), mergeable over any split of a row's columns
+# (``merge_row_stats``). Softmaxes at T of raw logits: maxima ``m_s``, ``m_t`` of s and t,
+# normalisers ``z = sum exp((x - m) / T)``, ``a = sum exp((t - m_t) / T) (m_s - s)``; teacher
+# weights: ``z_w = sum exp((t - m_t) / T2)``. The factor is held as ``v' = v 2^-L`` (teacher:
+# ``exp(gamma (t - m_t) / T2)``): the wMSE moments ``W' = sum v'``, the mean of ``d = t - s`` as
+# an unevaluated pair ``mh + ml`` and ``M2' = sum v' (d - mean)^2``.
+(STAT_MS, STAT_ZS, STAT_MT, STAT_ZT, STAT_A, STAT_ZW, STAT_L, STAT_W, STAT_MH, STAT_ML, STAT_M2,
+ STAT_KEPT, STAT_ERROR) = range(13)
+NUM_STATS = 16  # padded: 64-byte rows
+ERROR_LABEL = 1.0  # a label outside [0, C) that is not ignore_index
+ERROR_WEIGHT = 2.0  # a weight (explicit factor or prior entry) negative, inf or NaN
+
+# Batch totals, float32 (NUM_TOTALS,): the normaliser ``N = DEN 2^(2K)`` kept as an exponent
+# ``K`` (the largest row scale) and a mantissa, so that no weight scale overflows or underflows.
+(TOTAL_K, TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE, TOTAL_CE, TOTAL_ERROR) = range(6)
+NUM_TOTALS = 8
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """The options of one rank-one loss evaluation (see ``gkl_loss``). ``block_c = 0``: the
+    launcher picks the tile width."""
+
+    source: int = SOURCE_TEACHER
+    gamma: float = 1.0
+    temperature: float = 1.0
+    weight_temperature: float = 1.0
+    mse_weight: float = 1.0
+    ce_weight: float = 1.0
+    normalize_batch: bool = False
+    symmetric: bool = True
+    has_labels: bool = False
+    ignore_index: int = -100
+    num_labels: int = 0  # labels index [0, num_labels); 0: the columns C
+    use_triton: bool = False
+    block_c: int = 0
+
+    @property
+    def with_ce(self):
+        return self.ce_weight != 0
+
+    @property
+    def with_wmse(self):
+        return self.source != SOURCE_NONE and self.mse_weight != 0
+
+    @property
+    def floats(self):
+        return [float(getattr(self, f.name)) for f in fields(self) if f.type is float]
+
+    @property
+    def ints(self):
+        return [int(getattr(self, f.name)) for f in fields(self) if f.type is not float]
+
+    @classmethod
+    def unpack(cls, floats, ints):
+        values = iter(floats), iter(ints)
+        return cls(**{f.name: (float(next(values[0])) if f.type is float
+                               else f.type(next(values[1]))) for f in fields(cls)})
