@@ -1,7 +1,7 @@
 """Ahead-of-time compile report for the Triton kernels on sm_80 (A100) and sm_90a (H100).
 
 No GPU is needed. Three kernel families, each a forward and a backward kernel with a launcher per
-pass: ``rank1`` (``rank1_rows_forward`` / ``rank1_rows_backward``), ``shared`` (pair weights, one
+pass: ``rank1`` (``row_stats`` / ``loss_backward``, and the one-program ``finish_loss``), ``shared`` (pair weights, one
 ``(C, C)`` matrix, ``tl.dot``: ``shared_rows_forward`` / ``shared_rows_backward``) and ``per_row``
 (pair weights ``(B, C, C)``: ``per_row_rows_forward`` / ``per_row_rows_backward``). Each
 configuration is a call of a launcher on ``meta`` tensors with the Triton kernel swapped for a
@@ -30,6 +30,7 @@ Triton: with ``TRITON_INTERPRET`` set it runs itself again in a subprocess witho
 import argparse
 import collections
 import dataclasses
+from dataclasses import replace
 import functools
 import hashlib
 import inspect
@@ -58,7 +59,9 @@ from triton.compiler import ASTSource
 from triton.runtime.cache import get_cache_manager
 
 from gkl_kernels.pairs import per_row_kernels, shared_kernels
+from gkl_kernels.rank1 import config as rank1_config
 from gkl_kernels.rank1 import kernels as rank1_kernels
+from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, RowConfig
 from gkl_kernels.validation import DOT_PRECISIONS
 
 
@@ -108,7 +111,7 @@ class LaunchCase:
     num_classes: int
     batch: int = 2
     weights: torch.dtype = None  # rank1: the explicit factor or class prior; pairs: the weights
-    source: int = rank1_kernels.SOURCE_TEACHER  # rank1
+    source: int = rank1_config.SOURCE_TEACHER  # rank1
     with_ce: bool = True  # rank1
     symmetric: bool = True  # rank1, backward
     need_ds: bool = True  # backward
@@ -206,7 +209,7 @@ def rank1_cases():
              for student, teacher in LOGIT_DTYPE_PAIRS
              for kernel in PASSES]
     cases += [case(kernel, torch.float32, torch.float32, most, source=source, weights=weights)
-              for source in (rank1_kernels.SOURCE_PRIOR, rank1_kernels.SOURCE_EXPLICIT)
+              for source in (rank1_config.SOURCE_PRIOR, rank1_config.SOURCE_EXPLICIT)
               for weights in WEIGHT_DTYPES
               for kernel in PASSES]
     cases.append(case("forward", torch.float32, torch.float32, most, with_ce=False))
@@ -217,28 +220,36 @@ def rank1_cases():
     cases += [case(kernel, student, teacher, fewest)
               for student, teacher in LOGIT_DTYPE_PAIRS
               for kernel in PASSES]
+    cases += [case("finish", torch.float32, torch.float32, most, source=source, with_ce=with_ce,
+                   symmetric=normalize_batch)
+              for source in (rank1_config.SOURCE_TEACHER, rank1_config.SOURCE_PRIOR,
+                             rank1_config.SOURCE_NONE)
+              for with_ce in (True, False)
+              for normalize_batch in (True, False)
+              if with_ce or source != rank1_config.SOURCE_NONE]
     return cases
 
 
 def launch_rank1(case):
-    """Call the rank-one launcher of the case's pass on ``meta`` tensors."""
+    """Call the rank-one launcher of the case's pass on ``meta`` tensors (a finishing case's
+    ``symmetric`` stands for ``normalize="batch"``)."""
     student, teacher = meta_logits(case)
     factor = labels = None
-    if case.source == rank1_kernels.SOURCE_PRIOR:
+    if case.source == rank1_config.SOURCE_PRIOR:
         factor = meta_tensor(case.num_classes, case.num_classes, dtype=case.weights)
         labels = meta_tensor(case.batch, dtype=torch.int64)
-    elif case.source == rank1_kernels.SOURCE_EXPLICIT:
+    elif case.source == rank1_config.SOURCE_EXPLICIT:
         factor = meta_tensor(case.batch, case.num_classes, dtype=case.weights)
-    gamma = temperature = weight_temperature = 1.0
+    config = RowConfig(source=case.source, gamma=0.6, ce_weight=1.0 if case.with_ce else 0.0,
+                       symmetric=case.symmetric, has_labels=labels is not None)
+    stats = meta_tensor(case.batch, NUM_STATS)
     if case.kernel == "forward":
-        rank1_kernels.rank1_rows_forward(student, teacher, factor, labels, case.source, gamma,
-                                         temperature, weight_temperature, case.with_ce)
+        rank1_kernels.row_stats(student, teacher, factor, labels, config)
+    elif case.kernel == "finish":
+        rank1_kernels.finish_loss(stats, replace(config, normalize_batch=case.symmetric))
     else:
-        row_grad = meta_tensor(case.batch)
-        rank1_kernels.rank1_rows_backward(
-            row_grad, row_grad, student, teacher, factor, labels,
-            meta_tensor(case.batch, rank1_kernels.NUM_STATS), case.source, gamma, temperature,
-            weight_temperature, case.with_ce, case.symmetric, case.need_ds, case.need_dt)
+        rank1_kernels.loss_backward(meta_tensor(), student, teacher, factor, labels, stats,
+                                    meta_tensor(NUM_TOTALS), config, case.need_ds, case.need_dt)
 
 
 def rank1_flags(case):
@@ -338,8 +349,9 @@ class Family:
 
 
 FAMILIES = {
-    "rank1": Family(rank1_kernels, {"forward": "gkl_rank1_fwd_kernel",
-                                    "backward": "gkl_rank1_bwd_kernel"},
+    "rank1": Family(rank1_kernels, {"forward": "row_stats_kernel",
+                                    "backward": "loss_backward_kernel",
+                                    "finish": "finish_loss_kernel"},
                     launch_rank1, rank1_flags, rank1_cases),
     "shared": Family(shared_kernels, {"forward": "wmse_shared_fwd_kernel",
                                       "backward": "wmse_shared_bwd_kernel"},
@@ -402,6 +414,8 @@ def compile_job(case, arch):
         elif divisible:
             aligned.append(index)
     options = {"num_stages": nvidia_compiler.CUDAOptions.num_stages, **launch_options}
+    if kernel.debug:  # device assertions compiled in, as the JIT does for @triton.jit(debug=True)
+        options["debug"] = True
     tile = tuple((name, value) for name, value in arguments.items() if name.startswith("BLOCK_"))
     return CompileJob(case, kernel.__name__, tuple(arg_types), tuple(constants), tuple(aligned),
                       tuple(sorted(options.items())), tile, arch)

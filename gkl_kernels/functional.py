@@ -88,7 +88,9 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     elif class_prior is not None:
         if labels is None:
             raise ValueError("class_prior needs labels (B,) to pick each row's prior")
-        check.check_prior(class_prior, labels, student.shape[1], student.device, host_values)
+        kept = labels != options.ignore_index if host_values else None
+        check.check_prior(class_prior, torch.where(kept, labels, 0) if host_values else labels,
+                          student.shape[1], student.device, host_values, keep=kept)
     if kind in ("shared", "per_row"):
         return _general_pair_loss(student, teacher, weights, kind == "per_row", labels, options,
                                   use_triton)

@@ -47,15 +47,21 @@ class ClassPrior:
     def update(self, teacher_logits, labels):
         """Add one batch: ``teacher_logits`` ``(B, C)`` float32/float16/bfloat16, finite, and
         ``labels`` ``(B,)`` int64/int32 in ``[0, C)``, both on the prior's device. An empty batch
-        (B = 0) is a no-op. No gradient flows."""
+        (B = 0) is a no-op. No gradient flows.
+
+        The values are checked without a host synchronisation (``validation.assert_values``): on
+        CPU a bad value is a ``ValueError`` and the state is left alone; on CUDA it is a
+        device-side assertion, which fails at the next synchronisation (the CUDA context is then
+        unusable, the state with it)."""
         self._check_logits(teacher_logits)
         empty = teacher_logits.shape[0] == 0
         check.check_labels(labels, *teacher_logits.shape, teacher_logits.device,
                            check_values=not empty)
         if empty:
             return
-        if not bool(torch.isfinite(teacher_logits).all()):
-            raise ValueError("teacher_logits must be finite, found inf or NaN")
+        if check.values_checked(True):
+            check.assert_values(torch.isfinite(teacher_logits).all(),
+                                "teacher_logits must be finite, found inf or NaN")
         with torch.no_grad():
             probs = torch.softmax(teacher_logits.float() / self.weight_temperature, dim=1)
             self._sums.index_add_(0, labels, probs)
@@ -96,8 +102,10 @@ class ClassPrior:
 
     def load_state_dict(self, state):
         """Restore ``state_dict()``'s state (tensors copied to the prior's device), including its
-        ``weight_temperature`` and ``momentum``; ``num_classes`` must match. Checked in full
-        before anything changes."""
+        ``weight_temperature`` and ``momentum``; ``num_classes`` must match; ``prior`` and
+        ``sums`` floating-point, finite and >= 0 (after the cast to float32), ``counts`` of an
+        integer dtype and >= 0. Checked in full before anything changes; a bad value is a
+        ``ValueError`` on every device (read back: a synchronisation, once, at a resume)."""
         missing = [key for key in ("num_classes", "weight_temperature", "momentum", "epochs",
                                    *STATE_TENSORS) if key not in state]
         if missing:
@@ -109,14 +117,13 @@ class ClassPrior:
         epochs = state["epochs"]
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"state['epochs'] must be an int >= 0, got {epochs!r}")
-        for key, own in zip(STATE_TENSORS, (self._prior, self._sums, self._counts)):
-            value = state[key]
-            if not isinstance(value, torch.Tensor) or value.shape != own.shape:
-                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
-                raise ValueError(f"state['{key}'] must be a tensor of shape {tuple(own.shape)}, "
-                                 f"got {shape}")
-        for key, own in zip(STATE_TENSORS, (self._prior, self._sums, self._counts)):
-            own.copy_(state[key])
+        owns = (self._prior, self._sums, self._counts)
+        values = [_checked_state_tensor(key, state[key], own)
+                  for key, own in zip(STATE_TENSORS, owns)]
+        for key, value in zip(STATE_TENSORS, values):
+            _check_state_values(key, value)
+        for own, value in zip(owns, values):
+            own.copy_(value)
         self.weight_temperature = state["weight_temperature"]
         self.momentum = state["momentum"]
         self.epochs = epochs
@@ -133,6 +140,50 @@ class ClassPrior:
         if logits.device != self._prior.device:
             raise ValueError(f"teacher_logits must be on the prior's device "
                              f"{self._prior.device}, got {logits.device}")
+
+
+def _checked_state_tensor(key, value, own):
+    """``state[key]``: a tensor of ``own``'s shape, floating-point (``prior``, ``sums``) or of an
+    integer dtype (``counts``), holding values (not on the meta device unless the prior is);
+    returned on ``own``'s device in its dtype (a copy when either differs)."""
+    if not isinstance(value, torch.Tensor) or value.shape != own.shape:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+        raise ValueError(f"state['{key}'] must be a tensor of shape {tuple(own.shape)}, "
+                         f"got {shape}")
+    if own.is_floating_point() and not value.is_floating_point():
+        raise ValueError(f"state['{key}'] must be a floating-point tensor, got {value.dtype}")
+    if not own.is_floating_point() and (value.is_floating_point() or value.is_complex()
+                                        or value.dtype == torch.bool):
+        raise ValueError(f"state['{key}'] must have an integer dtype, got {value.dtype}")
+    if value.device.type == "meta" and own.device.type != "meta":
+        raise ValueError(f"state['{key}'] is on the meta device: it holds no values")
+    return value.to(device=own.device, dtype=own.dtype)
+
+
+def _check_state_values(key, value):
+    """``prior`` and ``sums`` finite and >= 0, ``counts`` >= 0: a ``ValueError`` on every
+    device."""
+    if value.numel() == 0:
+        return
+    name = f"state['{key}']"
+    if value.is_floating_point():
+        low, high = torch.aminmax(value)
+        condition = (low >= 0) & (high < float("inf"))
+        expected = f"{name} must be finite and >= 0"
+
+        def host_message():
+            if not bool(torch.isfinite(value).all()):
+                return f"{expected}, found inf or NaN"
+            return f"{expected}, found entries down to {float(low)}"
+    else:
+        low = value.min()
+        condition = low >= 0
+        expected = f"{name} must be >= 0"
+
+        def host_message():
+            return f"{expected}, found {int(low)}"
+    check.assert_values(condition, f"{expected}, found a bad entry", host_message=host_message,
+                        device_side=False)
 
 
 def _check_num_classes(num_classes):

@@ -1,9 +1,14 @@
 """Input checks for the public API: every problem is a ``TypeError``/``ValueError`` that names the
 argument, raised before any kernel runs.
 
-Checks of tensor *values* (label range, negative or non-finite weights) read the data back to the
-host, a synchronisation on CUDA; they run when ``check_values=True`` (the default) and never while
-``torch.compile`` traces.
+Checks of tensor *values* (label range, negative or non-finite weights and prior rows) run when
+``check_values=True`` (the default) and never while ``torch.compile`` traces. They never make the
+host wait for a device: each one builds a one-element condition tensor and hands it to
+``assert_values``, which on CPU (reading is free) raises the ``ValueError`` and on CUDA queues a
+device-side assertion (``torch._assert_async``) carrying the same message, so that a bad value
+fails at the next synchronisation with "device-side assert triggered" (and the message in the
+kernel's assertion output) instead of costing a synchronisation at every call. Meta tensors hold
+no values: their value checks are skipped.
 """
 
 import math
@@ -18,25 +23,72 @@ NORMALIZERS = ("weights", "batch")
 WEIGHT_KINDS = ("factor", "shared", "per_row")  # (B, C) rank-one factor, (C, C), (B, C, C)
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot operands for shared (C, C) weights
 MIN_DOT_BLOCK = 16  # tl.dot needs tiles of at least 16 when compiled
+FLOAT32_MAX = torch.finfo(torch.float32).max
+MIN_TEMPERATURE = 1.0 / FLOAT32_MAX  # below it 1 / T overflows float32 (about 2.9e-39)
+DEVICE_MESSAGE_LIMIT = 250  # torch's CUDA _assert_async refuses messages of 255 characters or more
+INTERPRETER_VARIABLE = "TRITON_INTERPRET"
 
 
 @torch.compiler.assume_constant_result
 def triton_interpreter_active():
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether ``TRITON_INTERPRET`` asks Triton for its CPU interpreter, as Triton reads it now
+    (``triton.knobs.runtime.interpret``: "1", "true", "on", "yes"; before triton 3.4, which has no
+    knobs, triton's ``@jit`` tests ``TRITON_INTERPRET == "1"``). Whether the interpreter is in
+    effect is ``triton_functions_interpreted``."""
     try:
         from triton import knobs
     except ImportError:  # triton < 3.4 reads the environment variable
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        return os.environ.get(INTERPRETER_VARIABLE, "0") == "1"
     return bool(knobs.runtime.interpret)
 
 
+@torch.compiler.assume_constant_result
+def triton_functions_interpreted():
+    """Whether Triton's ``@triton.jit`` made interpreter functions when triton was imported.
+
+    ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates a function: triton's own
+    library (``triton.language.standard``) is decorated when triton is imported, and kernels
+    built for the GPU cannot call interpreter functions nor the other way round. So
+    ``TRITON_INTERPRET=1`` only takes effect when it is set before triton is imported; this tells
+    from the type of one of triton's own ``@jit`` functions (triton 3.2 to 3.9)."""
+    try:
+        from triton.language import standard
+    except ImportError:
+        return triton_interpreter_active()
+    probe = getattr(standard, "sigmoid", None)
+    if probe is None:  # a triton without it: assume the interpreter is what is asked for
+        return triton_interpreter_active()
+    return type(probe).__name__ == "InterpretedFunction"
+
+
 def use_triton_for(backend, device):
-    """Resolve ``backend`` for tensors on ``device``: True for the Triton kernels, False for torch."""
+    """Resolve ``backend`` for tensors on ``device``: True for the Triton kernels, False for torch.
+
+    ``"torch"``: never Triton. ``"triton"``: CUDA tensors, or CPU tensors under Triton's
+    interpreter; anything else is a ``ValueError``. ``"auto"``: Triton for CUDA tensors and for
+    CPU tensors under the interpreter, torch otherwise (meta tensors: torch).
+
+    ``TRITON_INTERPRET`` set after triton was imported (so Triton asks for its interpreter but its
+    functions were built for the GPU, which ends in "0 active drivers" or "Cannot call
+    @triton.jit'd outside of the scope of a kernel") is a ``ValueError`` for CPU tensors with
+    ``backend="triton"`` and also with ``backend="auto"``: the variable says that Triton should
+    run on the CPU, and falling back to torch silently would hide that it does not (a test of the
+    kernels would test the torch path). Set the variable before triton is imported, unset it, or
+    pass ``backend="torch"``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    runnable = device.type == "cuda" or (device.type == "cpu" and triton_interpreter_active())
+    interpreter = device.type == "cpu" and triton_interpreter_active()
+    if interpreter and not triton_functions_interpreted():
+        raise ValueError(
+            f"backend={backend!r} with CPU tensors: {INTERPRETER_VARIABLE} asks for Triton's "
+            f"interpreter, but it was set after triton was imported, so Triton's functions were "
+            f"built for the GPU and the interpreter is not in effect: {INTERPRETER_VARIABLE} must "
+            f"be set before triton is imported (in the shell, or at the top of the script before "
+            f"anything imports triton); or unset it, or pass backend='torch', for the PyTorch "
+            f"path")
+    runnable = device.type == "cuda" or interpreter
     if backend == "triton" and not runnable:
         raise ValueError(
             f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
@@ -79,17 +131,53 @@ def values_checked(check_values):
     return check_values and not torch.compiler.is_compiling()
 
 
-def check_nonnegative_finite(name, x, check_values):
-    """Pair weights and prior rows: every entry finite and >= 0, read in one pass (``aminmax``
-    propagates NaN, so ``min >= 0`` and ``max < inf`` fail for NaN too)."""
-    if not values_checked(check_values):
+def asserts_on_device(device):
+    """Whether a value check on ``device`` is a device-side assertion rather than a host read:
+    CUDA (and any other accelerator whose dispatch table has ``_assert_async``), where reading a
+    value back waits for the device; not CPU, where the read is free, nor devices without a
+    device-side assertion (their checks read the value back). The one place this is decided."""
+    if device.type == "cpu":
+        return False
+    return device.type == "cuda" or torch._C._dispatch_has_kernel_for_dispatch_key(
+        "aten::_assert_async.msg", torch._C._dispatch_key_for_device(device.type))
+
+
+def assert_values(condition, message, *, host_message=None, device_side=None):
+    """Fail unless ``condition``, a one-element bool tensor on the checked values' device, holds.
+
+    On the host (CPU, or ``device_side=False``): ``ValueError(host_message() or message)``;
+    ``host_message`` may read tensors to say which value is wrong (only called when the check
+    failed). On the device (CUDA, or ``device_side=True``): ``torch._assert_async(condition,
+    message)``, queued on the stream without a synchronisation (on CPU that raises a
+    ``RuntimeError`` with ``message`` at once); ``message`` must not need a host read.
+    ``device_side=None`` asks ``asserts_on_device``. On the meta device nothing is checked."""
+    device = condition.device
+    if device.type == "meta":
+        return
+    if device_side is None:
+        device_side = asserts_on_device(device)
+    if device_side:
+        if len(message) > DEVICE_MESSAGE_LIMIT:
+            message = message[:DEVICE_MESSAGE_LIMIT - 3] + "..."
+        torch._assert_async(condition, message)
+    elif not bool(condition):
+        raise ValueError(host_message() if host_message is not None else message)
+
+
+def check_nonnegative_finite(name, x, check_values, *, device_side=None):
+    """Pair weights and priors: every entry finite and >= 0, read in one pass (``aminmax``
+    propagates NaN, so ``min >= 0`` and ``max < inf`` fail for NaN too); see ``assert_values``."""
+    if not values_checked(check_values) or x.numel() == 0:
         return
     low, high = torch.aminmax(x)
-    if bool(low >= 0) and bool(high < float("inf")):
-        return
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} must be finite, found inf or NaN")
-    raise ValueError(f"{name} must be non-negative, found entries down to {float(low)}")
+
+    def host_message():
+        if not bool(torch.isfinite(x).all()):
+            return f"{name} must be finite, found inf or NaN"
+        return f"{name} must be non-negative, found entries down to {float(low)}"
+    assert_values((low >= 0) & (high < float("inf")),
+                  f"{name} must be finite and >= 0, found inf, NaN or a negative entry",
+                  host_message=host_message, device_side=device_side)
 
 
 def check_weights(weights, student, weights_kind, check_values, name="weights"):
@@ -126,19 +214,21 @@ def check_dot_block(block_c):
                          f"(tl.dot tiles), got {block_c}")
 
 
-def check_labels(labels, rows, num_classes, device, check_values, ignore_index=None):
+def check_labels(labels, rows, num_classes, device, check_values, ignore_index=None, *,
+                 device_side=None):
     """Class labels: int64/int32 ``(rows,)`` on ``device``, each in ``[0, num_classes)`` or equal
-    to ``ignore_index`` (when one is given)."""
+    to ``ignore_index`` (when one is given); the values as ``assert_values`` checks them."""
     check_tensor("labels", labels, (rows,), INDEX_DTYPES, device)
-    if not values_checked(check_values):
+    if not values_checked(check_values) or rows == 0:
         return
     outside = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
         outside &= labels != ignore_index
-    if bool(outside.any()):
-        bad = int(labels[outside][0])
-        allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-        raise ValueError(f"labels must lie in [0, {num_classes}){allowed}, found {bad}")
+    allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+    expected = f"labels must lie in [0, {num_classes}){allowed}"
+    assert_values(~outside.any(), f"{expected}, found a label outside",
+                  host_message=lambda: f"{expected}, found {int(labels[outside][0])}",
+                  device_side=device_side)
 
 
 def check_index(name, value):
@@ -147,26 +237,65 @@ def check_index(name, value):
         raise TypeError(f"{name} must be an int, got {value!r}")
 
 
-def check_prior(class_prior, labels, num_classes, device, check_values):
+def check_prior(class_prior, labels, num_classes, device, check_values, *, keep=None,
+                device_side=None):
     """A class prior: float ``(C, C)`` on ``device``; the rows that ``labels`` (checked before, in
-    ``[0, C)``) pick are finite and >= 0 (the other rows never reach the loss)."""
+    ``[0, C)``) pick, of the rows where ``keep`` (a ``(B,)`` bool mask; None: all) holds, are
+    finite and >= 0 (the other rows never reach the loss); see ``check_label_rows``."""
     check_tensor("class_prior", class_prior, (num_classes, num_classes), FLOAT_DTYPES, device)
-    if values_checked(check_values):
-        check_nonnegative_finite("class_prior", class_prior.index_select(0, labels), check_values)
+    check_label_rows("class_prior", class_prior, labels, check_values, keep=keep,
+                     device_side=device_side)
+
+
+def check_label_rows(name, matrix, labels, check_values, *, keep=None, device_side=None):
+    """Rows ``matrix[labels[b]]`` (``keep[b]`` True, when a mask is given) finite and >= 0,
+    without gathering them: one ``aminmax`` per row of ``matrix`` in place (a read of the matrix,
+    two ``(rows,)`` results), then a ``(B,)`` pick of the rows' verdicts; see ``assert_values``."""
+    if not values_checked(check_values) or labels.numel() == 0:
+        return
+    low, high = torch.aminmax(matrix, dim=1)  # NaN propagates: the row fails both tests
+    bad = (low < 0) | ~(high < float("inf"))
+    picked = bad.index_select(0, labels)
+    if keep is not None:
+        picked &= keep
+
+    def host_message():
+        row = int(labels[picked][0])
+        if not bool(torch.isfinite(matrix[row]).all()):
+            return (f"{name} must be finite in the rows that labels pick, found inf or NaN in "
+                    f"row {row}")
+        return (f"{name} must be non-negative in the rows that labels pick, found "
+                f"{float(low[row])} in row {row}")
+    assert_values(~picked.any(), f"{name} must be finite and >= 0 in the rows that labels pick, "
+                  f"found inf, NaN or a negative entry", host_message=host_message,
+                  device_side=device_side)
 
 
 def check_positive(name, value):
-    """A temperature: a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    """A temperature: a finite number > 0 whose inverse is finite in float32 (``value >=
+    MIN_TEMPERATURE``, about 2.9e-39: the kernels scale logits by ``1 / T`` in float32)."""
+    value = _number(name, value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{name} must be >= 1 / float32 max = {MIN_TEMPERATURE:.6g} (so that 1 / "
+                         f"{name} is finite in float32), got {value!r}")
+
+
+def _number(name, value):
+    """``value`` as a float; a TypeError unless it is an int or float (not a bool), a ValueError
+    for an int too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an int too large for a float") from None
 
 
 def check_finite(name, value, minimum=None):
     """A loss weight or power: a finite number, ``>= minimum`` when one is given."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = _number(name, value)
     if not math.isfinite(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" and >= {minimum}"
         raise ValueError(f"{name} must be finite{bound}, got {value}")

@@ -139,8 +139,11 @@ def _total_vocabulary(student, class_prior_shard, group):
 
 
 def _check_prior_rows(prior, labels, ignore_index, check_values):
-    """The class prior shard: finite and >= 0 (checked whole, in place)."""
-    check.check_nonnegative_finite("class_prior_shard", prior, check_values)
+    """The prior rows of the kept rows' labels: finite and >= 0 (the others never count)."""
+    if check.values_checked(check_values):
+        keep = labels != ignore_index
+        check.check_label_rows("class_prior_shard", prior, torch.where(keep, labels, 0),
+                               check_values, keep=keep)
 
 
 # --------------------------------------------------------------------------- communication

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import distributed
 
-from gkl_kernels import ClassPrior, gkl_loss
+from gkl_kernels import ClassPrior, gkl_loss, validation
 from tests.multiprocess import run_processes
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
@@ -157,6 +157,9 @@ def test_state_dict_round_trip_continues_identically(generator, tmp_path, via_fi
     (dict(weight_temperature=float("nan")), ValueError, "weight_temperature"),
     (dict(weight_temperature=float("inf")), ValueError, "weight_temperature"),
     (dict(weight_temperature="1"), TypeError, "weight_temperature"),
+    (dict(weight_temperature=1e-39), ValueError, "weight_temperature must be >= 1 / float32 max"),
+    (dict(weight_temperature=5e-324), ValueError, "weight_temperature must be >= 1 / float32 max"),
+    (dict(weight_temperature=1e-40), ValueError, "weight_temperature must be >= 1 / float32 max"),
     (dict(momentum=1.0), ValueError, "momentum"),
     (dict(momentum=-0.1), ValueError, "momentum"),
     (dict(momentum=float("nan")), ValueError, "momentum"),
@@ -164,6 +167,13 @@ def test_state_dict_round_trip_continues_identically(generator, tmp_path, via_fi
 def test_bad_constructor_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         ClassPrior(**{"num_classes": C, **kwargs})
+
+
+def _poisoned(value, dtype=torch.float32):
+    """A valid-looking ``(C, C)`` state tensor with one bad entry."""
+    x = torch.full((C, C), 1.0 / C, dtype=dtype)
+    x[3, 4] = value
+    return x
 
 
 def _bad_batch(case, generator):
@@ -236,6 +246,22 @@ def test_matrix_on_another_device_is_refused():
     ("epochs", -1, r"state\['epochs'\]"),
     ("momentum", 1.5, "momentum"),
     ("sums", None, "missing the keys.*sums"),
+    ("weight_temperature", 1e-39, "weight_temperature must be >= 1 / float32 max"),
+    ("prior", _poisoned(float("nan")), r"state\['prior'\] must be finite and >= 0, found inf"),
+    ("prior", _poisoned(float("inf")), r"state\['prior'\] must be finite and >= 0, found inf"),
+    ("prior", _poisoned(-0.25), r"state\['prior'\] must be finite and >= 0, found entries down to "
+                                r"-0.25"),
+    ("prior", _poisoned(1e300, torch.float64), r"state\['prior'\] must be finite"),  # float32 inf
+    ("prior", torch.ones(C, C, dtype=torch.int64), r"state\['prior'\] must be a floating-point"),
+    ("prior", torch.empty(C, C, device="meta"), r"state\['prior'\] is on the meta device"),
+    ("sums", _poisoned(float("nan")), r"state\['sums'\] must be finite"),
+    ("sums", _poisoned(float("-inf")), r"state\['sums'\] must be finite"),
+    ("sums", _poisoned(-1.0), r"state\['sums'\] must be finite and >= 0, found entries down"),
+    ("counts", torch.tensor([3, 0, -1, 0, 2, 0, 0]), r"state\['counts'\] must be >= 0, found -1"),
+    ("counts", torch.tensor([3, 0, -1, 0, 2, 0, 0], dtype=torch.int32),
+     r"state\['counts'\] must be >= 0"),
+    ("counts", torch.ones(C), r"state\['counts'\] must have an integer dtype, got torch.float32"),
+    ("counts", torch.ones(C, dtype=torch.bool), r"state\['counts'\] must have an integer dtype"),
 ])
 def test_mismatched_state_dict_is_refused(generator, key, value, match):
     prior = ClassPrior(C, momentum=0.5)
@@ -251,6 +277,86 @@ def test_mismatched_state_dict_is_refused(generator, key, value, match):
         fresh.load_state_dict(state)
     assert_same_state(fresh.state_dict(), fresh_before)
     assert_same_state(prior.state_dict(), before)
+
+
+def test_state_dict_in_other_dtypes_is_cast(generator):
+    """float64 ``prior``/``sums`` and int32 ``counts`` load (cast to float32 and int64)."""
+    prior = ClassPrior(C, momentum=0.5)
+    feed(prior, make_batches(generator, [5], [0, 1, 2]))
+    state = prior.state_dict()
+    state.update(prior=state["prior"].double(), sums=state["sums"].double(),
+                 counts=state["counts"].int())
+    fresh = ClassPrior(C)
+    fresh.load_state_dict(state)
+    assert_same_state(fresh.state_dict(), prior.state_dict())
+
+
+@pytest.fixture
+def device_side(monkeypatch):
+    """Value checks take their CUDA branch on CPU tensors: ``torch._assert_async``, which on CPU
+    raises a ``RuntimeError`` at once."""
+    monkeypatch.setattr(validation, "asserts_on_device", lambda device: True)
+
+
+def _host_syncs(fn):
+    """How many device-to-host reads (``aten._local_scalar_dense``) ``fn()`` makes."""
+    from bench.traffic import DispatchCounter
+    with DispatchCounter() as counter:
+        fn()
+    return counter.host_syncs
+
+
+def test_update_does_not_sync_on_the_device(generator, device_side):
+    prior = ClassPrior(C)
+    logits, labels = make_batches(generator, [6], [0, 1, 2, 3])[0]
+    assert _host_syncs(lambda: prior.update(logits, labels)) == 0
+    assert prior.state_dict()["counts"].sum() == 6
+    before = prior.state_dict()
+    prior.update(torch.empty(0, C), torch.empty(0, dtype=torch.int64))  # still a no-op
+    assert_same_state(prior.state_dict(), before)
+
+
+def test_update_syncs_on_the_host(generator):
+    """The CPU branch reads its checks back (so the test above can fail)."""
+    prior = ClassPrior(C)
+    logits, labels = make_batches(generator, [6], [0, 1, 2, 3])[0]
+    assert _host_syncs(lambda: prior.update(logits, labels)) >= 1
+
+
+@pytest.mark.parametrize("case, match", [
+    ("negative label", r"labels must lie in \[0, 7\)"),
+    ("label C", r"labels must lie in \[0, 7\)"),
+    ("NaN logits", "teacher_logits must be finite"),
+    ("inf logits", "teacher_logits must be finite"),
+])
+def test_bad_update_values_are_device_side_assertions(generator, device_side, case, match):
+    prior = ClassPrior(C)
+    logits, labels = _bad_batch(case, generator)
+    with pytest.raises(RuntimeError, match=match) as info:
+        prior.update(logits, labels)
+    assert not isinstance(info.value, ValueError)
+    assert not prior.state_dict()["counts"].any()
+
+
+def test_bad_state_values_are_value_errors_also_on_the_device(generator, device_side):
+    """A resume reads the state back: a ValueError naming the key on every device."""
+    state = ClassPrior(C).state_dict()
+    state["counts"] = torch.tensor([0, 0, -2, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"state\['counts'\]"):
+        ClassPrior(C).load_state_dict(state)
+
+
+def test_prior_on_the_meta_device(generator):
+    """Shapes without values: updates and epochs run, value checks are skipped."""
+    prior = ClassPrior(C, device="meta")
+    logits, labels = make_batches(generator, [5], [0, 1, 2])[0]
+    prior.update(logits.to("meta"), labels.to("meta"))
+    matrix = prior.end_epoch()
+    assert matrix.device.type == "meta" and matrix.shape == (C, C)
+    prior.load_state_dict(prior.state_dict())
+    loss = gkl_loss(torch.empty(5, C, device="meta"), torch.empty(5, C, device="meta"),
+                    labels=labels.to("meta"), class_prior=prior.matrix())
+    assert loss.device.type == "meta"
 
 
 def _distributed_worker(rank, init_method, epochs, out_dir):

@@ -19,7 +19,10 @@ def check_against_oracle(student, teacher, backend, rtol=FP32_RTOL, pairwise=Tru
                             block_c=block_c if backend == "triton" else None, **options)
     assert actual[0].dtype == torch.float32 and actual[0].dim() == 0
     for name, a, e in zip(("loss", "grad_student", "grad_teacher"), actual, expected):
-        assert_close_rel(a, e, rtol, name)
+        if not e.any():  # exactly 0 (C = 1): the rounding of d = t - s leaves ulp^2-sized terms
+            assert a.abs().max() <= 1e-12, f"{name}: {a.abs().max():.1e} where 0 is exact"
+        else:
+            assert_close_rel(a, e, rtol, name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from gkl_kernels import GKLLoss, compat, gkl_loss, validation
-from gkl_kernels.rank1.kernels import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
-from gkl_kernels.rank1.op import rank1_rows
+from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER, RowConfig
+from gkl_kernels.rank1.op import rank1_loss, rank1_row_stats
 from reference import gkl_loss_reference
 from tests.conftest import assert_close_rel, loss_and_grads
 
@@ -34,11 +34,11 @@ def op_inputs(source, generator, batch=5, num_classes=7, dtypes=F32):
     return student, teacher, factor, labels
 
 
-OP_VARIANTS = [  # (with_ce, symmetric, (student, teacher) dtypes, need_ds, need_dt)
-    pytest.param(True, True, F32, True, True, id="gkl"),
-    pytest.param(True, False, F32, False, True, id="dkl-dt_only"),
-    pytest.param(False, True, F32, True, False, id="no_ce-ds_only"),
-    pytest.param(True, True, MIXED, True, True, id="gkl_bf16_f16"),
+OP_VARIANTS = [  # (ce_weight, symmetric, (student, teacher) dtypes, need_ds, need_dt, labels)
+    pytest.param(1.0, True, F32, True, True, False, id="gkl"),
+    pytest.param(1.0, False, F32, False, True, True, id="dkl-dt_only-ignore"),
+    pytest.param(0.0, True, F32, True, False, False, id="no_ce-ds_only"),
+    pytest.param(1.0, True, MIXED, True, True, True, id="gkl_bf16_f16-ignore"),
 ]
 # the interpreter launch is slow: one variant per source
 LAUNCH_VARIANTS = [pytest.param(False, variant, id=f"torch_path-{variant.id}")
@@ -51,29 +51,50 @@ def assert_opcheck(op, args):
     assert result and all(v == "SUCCESS" for v in result.values()), result
 
 
-@pytest.mark.parametrize("use_triton, variant", LAUNCH_VARIANTS)
-@pytest.mark.parametrize("source", SOURCES)
-def test_opcheck_rank1_rows(source, use_triton, variant, generator):
-    with_ce, symmetric, dtypes, _, _ = variant.values
+def op_case(source, use_triton, variant, generator):
+    """Inputs and ``RowConfig`` of one variant; ignored rows (label -100) when it has labels."""
+    ce_weight, symmetric, dtypes, _, _, ignore = variant.values
     student, teacher, factor, labels = op_inputs(source, generator, dtypes=dtypes)
-    args = (student.requires_grad_(), teacher.requires_grad_(), factor, labels, SOURCES[source],
-            0.6, 4.0, 2.0, with_ce, symmetric, use_triton, 0, True)
-    assert_opcheck(torch.ops.gkl_kernels.rank1_rows.default, args)
+    if ignore:
+        labels = torch.randint(0, student.shape[1], (student.shape[0],), generator=generator)
+        labels[1] = -100
+    config = RowConfig(source=SOURCES[source], gamma=0.6, temperature=4.0,
+                       weight_temperature=2.0, ce_weight=ce_weight, symmetric=symmetric,
+                       has_labels=labels is not None, use_triton=use_triton)
+    return student, teacher, factor, labels, config
 
 
 @pytest.mark.parametrize("use_triton, variant", LAUNCH_VARIANTS)
 @pytest.mark.parametrize("source", SOURCES)
-def test_opcheck_rank1_rows_backward(source, use_triton, variant, generator):
-    with_ce, symmetric, dtypes, need_ds, need_dt = variant.values
-    student, teacher, factor, labels = op_inputs(source, generator, dtypes=dtypes)
-    options = (SOURCES[source], 0.6, 4.0, 2.0, with_ce, symmetric)
-    _, _, stats, *directions = rank1_rows(student, teacher, factor, labels, *options, False, 0,
-                                          True)
-    grad_wmse = torch.rand(student.shape[0], generator=generator)
-    grad_ce = torch.rand(student.shape[0], generator=generator)
-    args = (grad_wmse, grad_ce, student, teacher, factor, labels, stats, *directions, *options,
-            need_ds, need_dt, use_triton, 0)
-    assert_opcheck(torch.ops.gkl_kernels.rank1_rows_backward.default, args)
+def test_opcheck_rank1_loss(source, use_triton, variant, generator):
+    student, teacher, factor, labels, config = op_case(source, use_triton, variant, generator)
+    args = (student.requires_grad_(), teacher.requires_grad_(), factor, labels, config.floats,
+            config.ints, True)
+    assert_opcheck(torch.ops.gkl_kernels.rank1_loss.default, args)
+
+
+@pytest.mark.parametrize("use_triton, variant", LAUNCH_VARIANTS)
+@pytest.mark.parametrize("source", SOURCES)
+def test_opcheck_rank1_stats_and_finish(source, use_triton, variant, generator):
+    student, teacher, factor, labels, config = op_case(source, use_triton, variant, generator)
+    assert_opcheck(torch.ops.gkl_kernels.rank1_row_stats.default,
+                   (student, teacher, factor, labels, config.floats, config.ints))
+    stats = rank1_row_stats(student, teacher, factor, labels, config.floats, config.ints)
+    assert_opcheck(torch.ops.gkl_kernels.rank1_finish.default,
+                   (stats, config.floats, config.ints))
+
+
+@pytest.mark.parametrize("use_triton, variant", LAUNCH_VARIANTS)
+@pytest.mark.parametrize("source", SOURCES)
+def test_opcheck_rank1_loss_backward(source, use_triton, variant, generator):
+    need_ds, need_dt = variant.values[3:5]
+    student, teacher, factor, labels, config = op_case(source, use_triton, variant, generator)
+    _, stats, totals, *directions = rank1_loss(student, teacher, factor, labels, config.floats,
+                                               config.ints, True)
+    grad_loss = torch.rand((), generator=generator)
+    args = (grad_loss, student, teacher, factor, labels, stats, totals, *directions,
+            config.floats, config.ints, need_ds, need_dt)
+    assert_opcheck(torch.ops.gkl_kernels.rank1_loss_backward.default, args)
 
 
 # --------------------------------------------------------------------------- (b) torch.compile

@@ -5,15 +5,26 @@ ops that every entry point reaches, ``gkl_kernels.functional.rank1_rows`` and ``
 replaced by functions that fail the test if called.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from gkl_kernels import GKLLoss, compat, functional, gkl_loss, pairwise_wmse, validation
+from gkl_kernels.options import GKLOptions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 B, C = 4, 6  # nominal shape of the (valid) inputs that every case starts from
 KERNEL_BACKENDS = ["triton", "torch"]
+# the ops through which functional reaches a kernel (rank1_rows before the rank-one rewrite,
+# rank1_loss after it); each one that functional lacks is added for the test, and never called
+KERNEL_ENTRIES = ("rank1_rows", "rank1_loss", "pair_rows")
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -24,8 +35,8 @@ def no_kernel(monkeypatch):
     """Replace the op with one that fails the test: validation must reject the input first."""
     def forbidden(*args, **kwargs):
         pytest.fail("a kernel ran although the input is invalid")
-    monkeypatch.setattr(functional, "rank1_rows", forbidden)
-    monkeypatch.setattr(functional, "pair_rows", forbidden)
+    for name in KERNEL_ENTRIES:
+        monkeypatch.setattr(functional, name, forbidden, raising=False)
 
 
 @pytest.fixture
@@ -353,13 +364,19 @@ NOT_A_NUMBER = [("str", "1.0", TypeError), ("None", None, TypeError), ("bool", T
                 ("tensor", torch.tensor(1.0), TypeError), ("complex", 1j, TypeError)]
 NON_FINITE = [("nan", math.nan, ValueError), ("inf", math.inf, ValueError),
               ("minus_inf", -math.inf, ValueError)]
+# 1 / T overflows float32 below 1 / float32 max (about 2.94e-39): tiny, subnormal, just below
+TINY_TEMPERATURES = [("tiny", 1e-39, ValueError), ("subnormal", 5e-324, ValueError),
+                     ("float32_subnormal", 1e-40, ValueError),
+                     ("just_below_min", 2.9e-39, ValueError), ("huge_int", 10**400, ValueError)]
 SCALAR_CASES = (
     _scalar_cases("temperature", [("zero", 0.0, ValueError), ("int_zero", 0, ValueError),
-                                  ("negative", -1.0, ValueError)] + NON_FINITE + NOT_A_NUMBER)
+                                  ("negative", -1.0, ValueError)] + NON_FINITE + NOT_A_NUMBER
+                  + TINY_TEMPERATURES)
     + _scalar_cases("weight_temperature", [("zero", 0.0, ValueError),
                                            ("negative", -4.0, ValueError)]
+                    + NON_FINITE + NOT_A_NUMBER[:3] + TINY_TEMPERATURES)
+    + _scalar_cases("gamma", [("negative", -0.5, ValueError), ("huge_int", 10**400, ValueError)]
                     + NON_FINITE + NOT_A_NUMBER[:3])
-    + _scalar_cases("gamma", [("negative", -0.5, ValueError)] + NON_FINITE + NOT_A_NUMBER[:3])
     + _scalar_cases("mse_weight", NON_FINITE + NOT_A_NUMBER[:3])
     + _scalar_cases("ce_weight", NON_FINITE + NOT_A_NUMBER[:3])
 )
@@ -465,7 +482,8 @@ DKL_CASES = [
         ("gamma", "inf", math.inf, ValueError), ("gamma", "None", None, TypeError),
         ("alpha", "nan", math.nan, ValueError), ("beta", "inf", math.inf, ValueError),
         ("beta", "str", "1", TypeError), ("T2", "zero", 0.0, ValueError),
-        ("T2", "negative", -1.0, ValueError), ("GI", "str", "yes", TypeError)]
+        ("T2", "negative", -1.0, ValueError), ("T2", "tiny", 1e-39, ValueError),
+        ("temperature", "tiny", 1e-39, ValueError), ("GI", "str", "yes", TypeError)]
     if not (name == "GI" and gi is False)
 ]
 
@@ -713,3 +731,346 @@ def test_prior_rows_no_label_picks_are_not_checked(value, generator):
     prior = _set(valid_prior(generator), (4, 2), value)
     loss = gkl_loss(student, teacher, labels=labels, class_prior=prior)
     assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------ value checks without a sync
+
+
+def dispatch_counter():
+    """``bench.traffic.DispatchCounter``: counts ``aten._local_scalar_dense`` (a device-to-host
+    read, a synchronisation on CUDA) as ``host_syncs``."""
+    from bench.traffic import DispatchCounter
+    return DispatchCounter()
+
+
+@pytest.fixture
+def device_side(monkeypatch):
+    """Value checks take the CUDA branch on CPU tensors: ``torch._assert_async``, which on CPU
+    raises a ``RuntimeError`` at once; returns the messages it was given."""
+    messages = []
+    real = torch._assert_async
+
+    def recorded(condition, message):
+        messages.append(message)
+        return real(condition, message)
+    monkeypatch.setattr(validation, "asserts_on_device", lambda device: True)
+    monkeypatch.setattr(torch, "_assert_async", recorded)
+    return messages
+
+
+CPU = torch.device("cpu")
+
+
+def _checked_weights(generator, bad):
+    weights = valid_weights(generator)
+    validation.check_nonnegative_finite("weights", _set(weights, (1, 2), bad) if bad else weights,
+                                        True)
+
+
+def _checked_labels(generator, bad):
+    labels = _set(valid_labels(generator), 0, -100)  # an ignored row
+    validation.check_labels(_set(labels, 2, bad) if bad else labels, B, C, CPU, True,
+                            ignore_index=-100)
+
+
+def _checked_prior(generator, bad):
+    labels = _set(valid_labels(generator), 1, 3)  # row 3 is picked
+    prior = valid_prior(generator)
+    validation.check_prior(_set(prior, (3, 4), bad) if bad else prior, labels, C, CPU, True)
+
+
+# check name -> (check(generator, bad value or None), a bad value, the argument its message names)
+VALUE_CHECKS = {
+    "weights_negative": (_checked_weights, -1.0, "weights"),
+    "weights_nan": (_checked_weights, math.nan, "weights"),
+    "labels_equal_C": (_checked_labels, C, "labels"),
+    "labels_negative": (_checked_labels, -1, "labels"),
+    "prior_inf": (_checked_prior, math.inf, "class_prior"),
+    "prior_negative": (_checked_prior, -0.5, "class_prior"),
+}
+
+
+@pytest.mark.parametrize("check", VALUE_CHECKS)
+def test_value_checks_on_the_device_do_not_sync(check, generator, device_side):
+    """The CUDA branch: a device-side assertion with the message, and no device-to-host read,
+    whether the values are good or bad."""
+    run, bad, name = VALUE_CHECKS[check]
+    with dispatch_counter() as counter:
+        run(generator, None)
+    assert counter.host_syncs == 0
+    assert len(device_side) == 1 and name in device_side[0]
+    with pytest.raises(RuntimeError, match=names(name)) as info, dispatch_counter() as counter:
+        run(generator, bad)
+    assert counter.host_syncs == 0
+    assert not isinstance(info.value, ValueError)
+    assert str(info.value) == device_side[-1]
+
+
+@pytest.mark.parametrize("check", VALUE_CHECKS)
+def test_value_checks_on_the_host_read_and_raise_value_errors(check, generator):
+    """The CPU branch (the counter sees its reads, so the test above can fail)."""
+    run, bad, name = VALUE_CHECKS[check]
+    with dispatch_counter() as counter:
+        run(generator, None)
+    assert counter.host_syncs >= 1
+    with pytest.raises(ValueError, match=names(name)):
+        run(generator, bad)
+
+
+def test_assert_values_on_the_host():
+    validation.assert_values(torch.tensor(True), "unused",
+                             host_message=lambda: pytest.fail("host_message of a passed check"))
+    with pytest.raises(ValueError, match="^the message$"):
+        validation.assert_values(torch.tensor(False), "the message")
+    with pytest.raises(ValueError, match="^the precise message$"):
+        validation.assert_values(torch.tensor(False), "the message",
+                                 host_message=lambda: "the precise message")
+
+
+def test_assert_values_device_side_can_be_forced_either_way(monkeypatch):
+    with pytest.raises(RuntimeError, match="^the message$"):
+        validation.assert_values(torch.tensor(False), "the message", device_side=True)
+    validation.assert_values(torch.tensor(True), "the message", device_side=True)
+    monkeypatch.setattr(validation, "asserts_on_device", lambda device: True)
+    with pytest.raises(RuntimeError, match="^the message$"):
+        validation.assert_values(torch.tensor(False), "the message")
+    with pytest.raises(ValueError, match="^the message$"):
+        validation.assert_values(torch.tensor(False), "the message", device_side=False)
+
+
+def test_asserts_on_device():
+    assert not validation.asserts_on_device(torch.device("cpu"))
+    assert validation.asserts_on_device(torch.device("cuda"))
+    assert validation.asserts_on_device(torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize("device_side", [None, True, False])
+def test_assert_values_checks_nothing_on_meta(device_side):
+    validation.assert_values(torch.tensor(False, device="meta"), "the message",
+                             host_message=lambda: pytest.fail("a meta tensor was read"),
+                             device_side=device_side)
+
+
+def test_device_side_message_fits_cuda_assert_async():
+    """torch's CUDA ``_assert_async`` refuses messages of 255 characters or more."""
+    with pytest.raises(RuntimeError) as info:
+        validation.assert_values(torch.tensor(False), "labels " + "x" * 400, device_side=True)
+    message = str(info.value)
+    assert message.startswith("labels xx") and message.endswith("...")
+    assert len(message) <= validation.DEVICE_MESSAGE_LIMIT < 255
+
+
+@pytest.mark.parametrize("entry", MODULE_ENTRIES)
+@pytest.mark.parametrize("case, error, message", LABEL_VALUE_CASES + PRIOR_VALUE_CASES
+                         + WEIGHT_VALUE_CASES + PAIR_WEIGHT_VALUE_CASES)
+def test_value_errors_on_the_device_are_assertions_before_the_kernel(entry, case, error, message,
+                                                                     generator, device_side,
+                                                                     no_kernel):
+    student, teacher = logits(generator)
+    with pytest.raises(RuntimeError, match=message):
+        MODULE_ENTRIES[entry](student, teacher, **case(generator))
+    assert device_side and message in device_side[-1]
+
+
+class ReachedKernel(Exception):
+    pass
+
+
+@pytest.mark.parametrize("source", ["prior", "prior_ignore_index", "factor", "shared", "per_row"])
+def test_checks_before_the_kernel_do_not_sync_on_the_device(source, generator, device_side,
+                                                            monkeypatch):
+    """Everything ``gkl_loss`` runs before its kernel, with the CUDA branch of the checks: no
+    device-to-host read."""
+    def reached(*args, **kwargs):
+        raise ReachedKernel
+    for name in KERNEL_ENTRIES:
+        monkeypatch.setattr(functional, name, reached, raising=False)
+    student, teacher = logits(generator)
+    kwargs = {"prior": lambda: dict(labels=valid_labels(generator),
+                                    class_prior=valid_prior(generator)),
+              "prior_ignore_index": lambda: dict(labels=_set(valid_labels(generator), 1, -100),
+                                                 class_prior=valid_prior(generator)),
+              "factor": lambda: dict(weights=valid_weights(generator)),
+              "shared": lambda: dict(weights=torch.rand(C, C, generator=generator)),
+              "per_row": lambda: dict(weights=torch.rand(B, C, C, generator=generator)),
+              }[source]()
+    with pytest.raises(ReachedKernel), dispatch_counter() as counter:
+        gkl_loss(student, teacher, **kwargs)
+    assert counter.host_syncs == 0
+    assert device_side  # the values were checked, on the device
+
+
+def test_prior_check_gathers_no_batch_by_classes_rows(generator):
+    """The picked rows' verdicts are gathered, not the rows: no op writes anything near B x C."""
+    batch, classes = 256, 8
+    prior = valid_prior(generator, classes)
+    labels = valid_labels(generator, batch, classes)
+    with dispatch_counter() as counter:
+        validation.check_prior(prior, labels, classes, CPU, True)
+    largest = max(op.bytes_written for op in counter.ops)
+    assert largest < batch * classes * prior.element_size() // 4, counter.per_op()
+
+
+def test_prior_check_skips_rows_outside_keep(generator):
+    prior = _set(valid_prior(generator), (2, 0), math.nan)
+    labels = torch.tensor([0, 2, 1, 2])
+    with pytest.raises(ValueError, match=r"class_prior must be finite.*row 2"):
+        validation.check_prior(prior, labels, C, CPU, True)
+    validation.check_prior(prior, labels, C, CPU, True,
+                           keep=torch.tensor([True, False, True, False]))
+    with pytest.raises(ValueError, match="class_prior"):
+        validation.check_prior(prior, labels, C, CPU, True,
+                               keep=torch.tensor([False, False, False, True]))
+
+
+# --------------------------------------------------------------------------- temperatures
+
+
+@pytest.mark.parametrize("value", [1e-39, 2.9e-39, 1e-40, 1.4e-45, 5e-324])
+@pytest.mark.parametrize("name", ["temperature", "weight_temperature"])
+def test_temperature_whose_inverse_overflows_float32_is_refused(name, value):
+    assert math.isinf(torch.tensor(1.0 / value, dtype=torch.float32).item())  # the hazard
+    with pytest.raises(ValueError, match=rf"{name} must be >= 1 / float32 max"):
+        GKLOptions(**{name: value})
+
+
+@pytest.mark.parametrize("name", ["temperature", "weight_temperature"])
+def test_smallest_temperature_is_accepted(name, generator):
+    value = validation.MIN_TEMPERATURE
+    assert math.isfinite(torch.tensor(1.0 / value, dtype=torch.float32).item())
+    GKLOptions(**{name: value})
+    student, teacher = logits(generator)
+    loss = gkl_loss(student, teacher, backend="torch", **{name: value})
+    assert loss.dim() == 0  # it runs (logits / T may overflow: the loss need not be finite)
+
+
+# --------------------------------------------------------------- TRITON_INTERPRET set too late
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("entry", ["gkl_loss", "GKLLoss", "pairwise_wmse"])
+def test_interpreter_requested_but_not_in_effect_is_refused(entry, backend, generator,
+                                                            monkeypatch, no_kernel):
+    monkeypatch.setattr(validation, "triton_interpreter_active", lambda: True)
+    monkeypatch.setattr(validation, "triton_functions_interpreted", lambda: False)
+    student, teacher = logits(generator)
+    with pytest.raises(ValueError, match=names("backend") + r"[\s\S]*TRITON_INTERPRET must be "
+                       r"set before triton is imported"):
+        ENTRIES[entry](student, teacher, generator, backend=backend)
+
+
+def test_interpreter_requested_but_not_in_effect_leaves_torch_and_cuda_alone(generator,
+                                                                           monkeypatch):
+    monkeypatch.setattr(validation, "triton_interpreter_active", lambda: True)
+    monkeypatch.setattr(validation, "triton_functions_interpreted", lambda: False)
+    student, teacher = logits(generator)
+    assert validation.use_triton_for("torch", CPU) is False
+    assert torch.isfinite(gkl_loss(student, teacher, backend="torch"))
+    for backend in ("auto", "triton"):  # GPU kernels are what CUDA tensors need
+        assert validation.use_triton_for(backend, torch.device("cuda"))
+
+
+def test_triton_functions_are_interpreted_under_the_test_setup(monkeypatch):
+    """conftest sets TRITON_INTERPRET=1 before triton is imported."""
+    assert validation.triton_functions_interpreted()
+    from triton.language import standard
+    monkeypatch.setattr(standard, "sigmoid", type("JITFunction", (), {})())
+    assert not validation.triton_functions_interpreted()
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False), ("", False),
+                                             ("true", False), ("2", False)])
+def test_interpreter_variable_without_triton_knobs(value, expected, monkeypatch):
+    """triton < 3.4 has no ``triton.knobs``; its ``@jit`` interprets for TRITON_INTERPRET == "1"."""
+    import triton
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    monkeypatch.setitem(sys.modules, "triton.knobs", None)
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert validation.triton_interpreter_active() is expected
+
+
+LATE_INTERPRETER_SCRIPT = """
+import json, os, sys
+if sys.argv[1] == "triton":
+    import triton
+else:
+    import gkl_kernels
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+import gkl_kernels
+student, teacher = torch.randn(4, 10), torch.randn(4, 10)
+labels, prior = torch.tensor([0, 3, 9, 2]), torch.full((10, 10), 0.1)
+outcome = {}
+for backend in ("triton", "auto", "torch"):
+    try:
+        loss = gkl_kernels.gkl_loss(student, teacher, labels=labels, class_prior=prior,
+                                    backend=backend)
+        outcome[backend] = "finite" if bool(torch.isfinite(loss)) else "not finite"
+    except Exception as error:
+        outcome[backend] = f"{type(error).__name__}: {error}"
+print(json.dumps(outcome))
+"""
+
+
+@pytest.mark.parametrize("first", ["triton", "gkl_kernels"])
+def test_interpreter_set_after_triton_import_in_a_fresh_process(first):
+    """The real thing: TRITON_INTERPRET=1 set after ``import triton`` (or ``import gkl_kernels``),
+    then a CPU call; without the check it ends in "0 active drivers" or "Cannot call
+    @triton.jit'd outside of the scope of a kernel"."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", LATE_INTERPRETER_SCRIPT, first], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    for backend in ("triton", "auto"):
+        assert outcome[backend].startswith(f"ValueError: backend={backend!r}"), outcome[backend]
+        assert "TRITON_INTERPRET must be set before triton is imported" in outcome[backend]
+    assert outcome["torch"] == "finite"
+
+
+# --------------------------------------------------------------------------- meta tensors
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+META_SOURCES = {
+    "teacher": lambda: {},
+    "prior": lambda: dict(labels=_meta(B, dtype=torch.int64), class_prior=_meta(C, C)),
+    "prior_int32_labels": lambda: dict(labels=_meta(B, dtype=torch.int32),
+                                       class_prior=_meta(C, C)),
+    "labels_only": lambda: dict(labels=_meta(B, dtype=torch.int64)),
+    "factor": lambda: dict(weights=_meta(B, C), weights_kind="factor"),
+    "shared": lambda: dict(weights=_meta(C, C)),
+    "per_row": lambda: dict(weights=_meta(B, C, C)),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("source", META_SOURCES)
+@pytest.mark.parametrize("entry", MODULE_ENTRIES)
+def test_meta_tensors_give_a_meta_loss_and_gradients(entry, source, backend):
+    """Shapes without values (e.g. to plan memory): the torch path runs on meta tensors, labels
+    and priors included; value checks are skipped, there are no values."""
+    student = _meta(B, C).requires_grad_()
+    teacher = _meta(B, C).requires_grad_()
+    loss = MODULE_ENTRIES[entry](student, teacher, backend=backend, **META_SOURCES[source]())
+    assert loss.device.type == "meta" and loss.shape == ()
+    loss.backward()
+    for x in (student, teacher):
+        assert x.grad.device.type == "meta" and x.grad.shape == (B, C)
+
+
+def test_meta_tensors_in_pairwise_wmse_and_dkl_loss():
+    rows = pairwise_wmse(_meta(B, C), _meta(B, C), _meta(B, C), reduction="none")
+    assert rows.device.type == "meta" and rows.shape == (B,)
+    loss = compat.dkl_loss(_meta(B, C), _meta(B, C), 4.0, 1.0, 16.0, 0.5,
+                           CLASS_PRIOR=_meta(B, C), GI=True)
+    assert loss.device.type == "meta"
+
+
+@pytest.mark.parametrize("source", ["teacher", "prior"])
+def test_meta_tensors_with_the_triton_backend_are_refused(source, no_kernel):
+    with pytest.raises(ValueError, match=names("backend", "meta")):
+        gkl_loss(_meta(B, C), _meta(B, C), backend="triton", **META_SOURCES[source]())

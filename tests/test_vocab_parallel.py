@@ -103,7 +103,8 @@ def sharded_loss_and_grads(name, columns, process_group=None):
     shard_weights = {("class_prior_shard" if key == "class_prior" else key): value[:, columns]
                      for key, value in weights.items()}
     loss = vocab_parallel_gkl_loss(student, teacher, labels=labels, **shard_weights,
-                                   process_group=process_group, **options_of(case))
+                                   process_group=process_group, backend="torch",
+                                   **options_of(case))
     loss.backward()
     return loss.detach(), student.grad, teacher.grad
 

@@ -18,9 +18,10 @@ SOURCE_NONE = 3  # no wMSE: the cross-entropy only
 # normalisers ``z = sum exp((x - m) / T)``, ``a = sum exp((t - m_t) / T) (m_s - s)``; teacher
 # weights: ``z_w = sum exp((t - m_t) / T2)``. The factor is held as ``v' = v 2^-L`` (teacher:
 # ``exp(gamma (t - m_t) / T2)``): the wMSE moments ``W' = sum v'``, the mean of ``d = t - s`` as
-# an unevaluated pair ``mh + ml`` and ``M2' = sum v' (d - mean)^2``.
-(STAT_MS, STAT_ZS, STAT_MT, STAT_ZT, STAT_A, STAT_ZW, STAT_L, STAT_W, STAT_MH, STAT_ML, STAT_M2,
- STAT_KEPT, STAT_ERROR) = range(13)
+# a pivot (an exact pair ``ph + pl``, the heaviest class's ``d``) plus an offset ``dm``, and
+# ``M2' = sum v' (d - mean)^2``.
+(STAT_MS, STAT_ZS, STAT_MT, STAT_ZT, STAT_A, STAT_ZW, STAT_L, STAT_W, STAT_PH, STAT_PL, STAT_M2,
+ STAT_KEPT, STAT_ERROR, STAT_DM) = range(14)
 NUM_STATS = 16  # padded: 64-byte rows
 ERROR_LABEL = 1.0  # a label outside [0, C) that is not ignore_index
 ERROR_WEIGHT = 2.0  # a weight (explicit factor or prior entry) negative, inf or NaN

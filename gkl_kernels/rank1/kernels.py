@@ -12,9 +12,10 @@ program per row, one more pass) writes the logits' gradients from the incoming g
 totals and the row's statistics.
 
 Exactness in float32: softmaxes relative to running maxima; ``d`` as the exact pair ``hi + lo``
-(TwoSum), so per-row offsets cost nothing; per tile a corrected mean (mean, then the mean of the
-deviations) kept as a pair ``mh + ml``; tiles merged by Chan's rule anchored on the heavier side
-(a dominant weight keeps its exact mean); the factor scaled by ``2^-L`` (its largest entry's
+(TwoSum), so per-row offsets cost nothing; per tile the mean as the heaviest class's exact ``d``
+plus a corrected weighted offset from it (so a dominant class's deviation is its own small
+number, not a difference of rounded means); tiles merged by Chan's rule anchored on the heavier
+side; the factor scaled by ``2^-L`` (its largest entry's
 exponent, or the teacher's running maximum) and the batch normaliser kept as ``DEN 2^(2K)``.
 Classes with ``s_j = -inf`` or ``t_j = -inf`` are left out of the wMSE; ``t_j = -inf`` gives
 ``p_j = 0``; masked-off lanes are loaded as ``-inf`` and so are absent. Rows whose label is
@@ -64,22 +65,15 @@ def _two_sum(a, b):
 
 
 @triton.jit
-def _fast_two_sum(a, b):
-    """``(h, e)``, ``h + e == a + b``, for ``|a| >= |b|``."""
-    h = a + b
-    return h, b - (h - a)
-
-
-@triton.jit
 def _ref(m):
     """A running maximum as a finite reference point: ``m``, or 0 while it is ``-inf``."""
-    return tl.where(m > NEG_INF, m, 0.0)
+    return tl.where(m != NEG_INF, m, 0.0)
 
 
 @triton.jit
 def _rescale(m_part, m, inv_temperature):
     """``exp((m_part - m) / T)`` for ``m >= m_part``, 0 for an empty part (``m_part = -inf``)."""
-    return tl.where(m_part > NEG_INF, tl.exp((m_part - m) * inv_temperature), 0.0)
+    return tl.where(m_part != NEG_INF, tl.exp((m_part - m) * inv_temperature), 0.0)
 
 
 @triton.jit
@@ -90,33 +84,34 @@ def merge_cross_entropy(ms_a, zs_a, mt_a, zt_a, a_a, ms_b, zs_b, mt_b, zt_b, a_b
     mt = tl.maximum(mt_a, mt_b)
     rt_a = _rescale(mt_a, mt, inv_t)
     rt_b = _rescale(mt_b, mt, inv_t)
-    shift_a = tl.where(zt_a > 0.0, zt_a * (_ref(ms) - _ref(ms_a)), 0.0)
-    shift_b = tl.where(zt_b > 0.0, zt_b * (_ref(ms) - _ref(ms_b)), 0.0)
-    a = tl.where(rt_a > 0.0, rt_a * (a_a + shift_a), 0.0) + \
-        tl.where(rt_b > 0.0, rt_b * (a_b + shift_b), 0.0)
+    shift_a = tl.where(zt_a != 0.0, zt_a * (_ref(ms) - _ref(ms_a)), 0.0)
+    shift_b = tl.where(zt_b != 0.0, zt_b * (_ref(ms) - _ref(ms_b)), 0.0)
+    a = tl.where(rt_a != 0.0, rt_a * (a_a + shift_a), 0.0) + \
+        tl.where(rt_b != 0.0, rt_b * (a_b + shift_b), 0.0)
     zs = zs_a * _rescale(ms_a, ms, inv_t) + zs_b * _rescale(ms_b, ms, inv_t)
     return ms, zs, mt, zt_a * rt_a + zt_b * rt_b, a
 
 
 @triton.jit
-def merge_moments(f_a, w_a, mh_a, ml_a, m2_a, f_b, w_b, mh_b, ml_b, m2_b):
-    """Weight, mean pair and M2 of two parts, part ``x``'s weights rescaled by ``f_x``: Chan's
-    rule, the mean moved from the heavier part's by the lighter part's share."""
+def merge_moments(f_a, w_a, ph_a, pl_a, dm_a, m2_a, f_b, w_b, ph_b, pl_b, dm_b, m2_b):
+    """Weight, mean and M2 of two parts, part ``x``'s weights rescaled by ``f_x``; a mean is a
+    pivot pair plus an offset, ``(ph + pl) + dm``. Chan's rule, anchored on the heavier part: its
+    pivot is kept and the offset moves by the lighter part's share."""
     w_a = w_a * f_a
     w_b = w_b * f_b
     weight = w_a + w_b
     a_heavy = w_a >= w_b
-    heavy_h = tl.where(a_heavy, mh_a, mh_b)
-    heavy_l = tl.where(a_heavy, ml_a, ml_b)
+    ph = tl.where(a_heavy, ph_a, ph_b)
+    pl = tl.where(a_heavy, pl_a, pl_b)
+    dm = tl.where(a_heavy, dm_a, dm_b)
     w_heavy = tl.where(a_heavy, w_a, w_b)
     w_light = tl.where(a_heavy, w_b, w_a)
-    delta = (tl.where(a_heavy, mh_b, mh_a) - heavy_h) + (tl.where(a_heavy, ml_b, ml_a) - heavy_l)
-    frac = w_light / tl.where(weight > 0.0, weight, 1.0)
-    step = tl.where(w_light > 0.0, delta * frac, 0.0)
-    h, e = _two_sum(heavy_h, step)
-    mh, ml = _fast_two_sum(h, heavy_l + e)
-    m2 = m2_a * f_a + m2_b * f_b + tl.where(w_light > 0.0, delta * delta * w_heavy * frac, 0.0)
-    return weight, mh, ml, m2
+    delta = ((tl.where(a_heavy, ph_b, ph_a) - ph) + (tl.where(a_heavy, pl_b, pl_a) - pl)) + \
+        (tl.where(a_heavy, dm_b, dm_a) - dm)
+    frac = w_light / tl.where(weight == 0.0, 1.0, weight)
+    spread = tl.where(w_light == 0.0, 0.0, delta * delta * w_heavy * frac)
+    dm = dm + tl.where(w_light == 0.0, 0.0, delta * frac)
+    return weight, ph, pl, dm, m2_a * f_a + m2_b * f_b + spread
 
 
 @triton.jit
@@ -126,12 +121,12 @@ def moment_factors(mt_a, l_a, mt_b, l_b, gamma_t2, SOURCE: tl.constexpr):
     weights to ``2^L``."""
     if SOURCE == 0:
         mt = tl.maximum(mt_a, mt_b)
-        f_a = tl.where(mt_a > NEG_INF, tl.exp2((mt_a - mt) * gamma_t2), 0.0)
-        f_b = tl.where(mt_b > NEG_INF, tl.exp2((mt_b - mt) * gamma_t2), 0.0)
+        f_a = tl.where(mt_a != NEG_INF, tl.exp2((mt_a - mt) * gamma_t2), 0.0)
+        f_b = tl.where(mt_b != NEG_INF, tl.exp2((mt_b - mt) * gamma_t2), 0.0)
         return l_a, f_a, f_b
     scale = tl.maximum(l_a, l_b)
-    f_a = tl.where(l_a > NEG_INF, tl.exp2(l_a - scale), 0.0)
-    f_b = tl.where(l_b > NEG_INF, tl.exp2(l_b - scale), 0.0)
+    f_a = tl.where(l_a != NEG_INF, tl.exp2(l_a - scale), 0.0)
+    f_b = tl.where(l_b != NEG_INF, tl.exp2(l_b - scale), 0.0)
     return scale, f_a, f_b
 
 
@@ -143,16 +138,20 @@ def _difference(s, t, in_wmse):
 
 
 @triton.jit
-def _tile_moments(v, hi, lo, in_wmse):
-    """``(W, mh, ml, M2)`` of one tile: the mean, corrected once by the mean deviation."""
+def _tile_moments(v, hi, lo, in_wmse, BLOCK_C: tl.constexpr):
+    """``(W, ph, pl, dm, M2)`` of one tile: the mean as the heaviest class's ``d`` (exact pair)
+    plus the weighted mean offset from it, corrected once; M2 about that mean."""
     weight = tl.sum(v, axis=0)
-    safe = tl.where(weight > 0.0, weight, 1.0)
-    rough = tl.sum(v * hi, axis=0) / safe
-    dev = tl.where(in_wmse, (hi - rough) + lo, 0.0)
+    safe = tl.where(weight == 0.0, 1.0, weight)
+    heaviest = tl.arange(0, BLOCK_C) == tl.argmax(v, axis=0)
+    ph = tl.sum(tl.where(heaviest, hi, 0.0), axis=0)
+    pl = tl.sum(tl.where(heaviest, lo, 0.0), axis=0)
+    dev = tl.where(in_wmse, (hi - ph) + (lo - pl), 0.0)
+    rough = tl.sum(v * dev, axis=0) / safe
+    dev = tl.where(in_wmse, dev - rough, 0.0)
     residual = tl.sum(v * dev, axis=0) / safe
     dev = dev - residual
-    mh, ml = _fast_two_sum(rough, residual)
-    return weight, mh, ml, tl.sum(v * dev * dev, axis=0)
+    return weight, ph, pl, rough + residual, tl.sum(v * dev * dev, axis=0)
 
 
 @triton.jit
@@ -233,8 +232,9 @@ def row_stats_kernel(
     z_w = zero
     scale = zero + NEG_INF
     weight = zero
-    mh = zero
-    ml = zero
+    ph = zero
+    pl = zero
+    dm = zero
     m2 = zero
     bad_weight = row < 0
     live_cols = tl.where(live, C, 0)
@@ -256,15 +256,16 @@ def row_stats_kernel(
                 scale_tile = tl.where(top > 0.0, tl.floor(tl.log2(top)), NEG_INF)
             v = _scaled_factor(t, raw, in_wmse, mt_tile, scale_tile, gamma_t2, SOURCE)
             hi, lo = _difference(s, t, in_wmse)
-            w_tile, mh_tile, ml_tile, m2_tile = _tile_moments(v, hi, lo, in_wmse)
+            w_tile, ph_tile, pl_tile, dm_tile, m2_tile = _tile_moments(v, hi, lo, in_wmse,
+                                                                       BLOCK_C)
             scale, f_old, f_tile = moment_factors(mt, scale, mt_tile, scale_tile, gamma_t2,
                                                   SOURCE)
-            weight, mh, ml, m2 = merge_moments(f_old, weight, mh, ml, m2, f_tile, w_tile, mh_tile,
-                                               ml_tile, m2_tile)
+            weight, ph, pl, dm, m2 = merge_moments(f_old, weight, ph, pl, dm, m2, f_tile, w_tile,
+                                                   ph_tile, pl_tile, dm_tile, m2_tile)
         if WITH_CE:
             ms_tile = tl.max(s, axis=0)
             e_t = tl.exp((t - _ref(mt_tile)) * inv_t)
-            a_tile = tl.sum(tl.where(e_t > 0.0, e_t * (_ref(ms_tile) - s), 0.0), axis=0)
+            a_tile = tl.sum(tl.where(e_t != 0.0, e_t * (_ref(ms_tile) - s), 0.0), axis=0)
             zs_tile = tl.sum(tl.exp((s - _ref(ms_tile)) * inv_t), axis=0)
             ms, zs, mt, zt, a = merge_cross_entropy(ms, zs, mt, zt, a, ms_tile, zs_tile, mt_tile,
                                                     tl.sum(e_t, axis=0), a_tile, inv_t)
@@ -280,11 +281,14 @@ def row_stats_kernel(
     tl.store(out + 5, z_w)
     tl.store(out + 6, scale)
     tl.store(out + 7, weight)
-    tl.store(out + 8, mh)
-    tl.store(out + 9, ml)
+    tl.store(out + 8, ph)
+    tl.store(out + 9, pl)
     tl.store(out + 10, m2)
     tl.store(out + 11, tl.where(kept, 1.0, 0.0))
     tl.store(out + 12, error)
+    tl.store(out + 13, dm)
+    tl.store(out + 14, zero)
+    tl.store(out + 15, zero)
 
 
 @triton.jit
@@ -294,9 +298,9 @@ def finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE: tl.const
     has mass, and 0 for a row without teacher mass."""
     exponent = scale
     if SOURCE == 0:
-        exponent = -gamma * tl.log2(tl.where(z_w > 0.0, z_w, 1.0))
-    ce = tl.where(a < float("inf"), inv_t * a / tl.where(zt > 0.0, zt, 1.0) + tl.log(zs), a)
-    return exponent, 2.0 * weight * m2, tl.where(zt > 0.0, ce, 0.0)
+        exponent = -gamma * tl.log2(tl.where(z_w != 0.0, z_w, 1.0))
+    ce = tl.where(a != float("inf"), inv_t * a / tl.where(zt != 0.0, zt, 1.0) + tl.log(zs), a)
+    return exponent, 2.0 * weight * m2, tl.where(zt != 0.0, ce, 0.0)
 
 
 @triton.jit
@@ -308,7 +312,7 @@ def _load_row_stats(stats_ptr, rows, mask):
             tl.load(base + 6, mask=mask, other=NEG_INF), tl.load(base + 7, mask=mask, other=0.0),
             tl.load(base + 8, mask=mask, other=0.0), tl.load(base + 9, mask=mask, other=0.0),
             tl.load(base + 10, mask=mask, other=0.0), tl.load(base + 11, mask=mask, other=0.0),
-            tl.load(base + 12, mask=mask, other=0.0))
+            tl.load(base + 12, mask=mask, other=0.0), tl.load(base + 13, mask=mask, other=0.0))
 
 
 @triton.jit(debug=True)
@@ -328,10 +332,10 @@ def finish_loss_kernel(
     error = zero
     for r0 in range(0, B, BLOCK_R):
         rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        (ms, zs, mt, zt, a, z_w, scale, weight, mh, ml, m2, kept,
-         err) = _load_row_stats(stats_ptr, rows, rows < B)
+        (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
+         err, dm) = _load_row_stats(stats_ptr, rows, rows < B)
         exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
-        counted = (kept > 0.0) & (weight > 0.0)
+        counted = (kept > 0.0) & (weight != 0.0)
         top = tl.maximum(top, tl.max(tl.where(counted, exponent, NEG_INF), axis=0))
         rows_kept += tl.sum(kept, axis=0)
         error = tl.maximum(error, tl.max(err, axis=0))
@@ -340,16 +344,16 @@ def finish_loss_kernel(
     tl.device_assert(error < 2.0, "gkl_loss: weights and class_prior rows must be finite, >= 0")
     if NORMALIZE_BATCH:
         top = zero
-    top = tl.where(top > NEG_INF, top, 0.0)
+    top = tl.where(top != NEG_INF, top, 0.0)
     wmse_sum = zero
     den = zero
     ce_sum = zero
     for r0 in range(0, B, BLOCK_R):
         rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        (ms, zs, mt, zt, a, z_w, scale, weight, mh, ml, m2, kept,
-         err) = _load_row_stats(stats_ptr, rows, rows < B)
+        (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
+         err, dm) = _load_row_stats(stats_ptr, rows, rows < B)
         exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
-        counted = (kept > 0.0) & (weight > 0.0)
+        counted = (kept > 0.0) & (weight != 0.0)
         f = tl.exp2(tl.where(counted, exponent, top) - top)
         wmse_sum += tl.sum(tl.where(counted, f * f * wmse, 0.0), axis=0)
         den += tl.sum(tl.where(counted, (f * weight) * (f * weight), 0.0), axis=0)
@@ -359,7 +363,7 @@ def finish_loss_kernel(
         if NORMALIZE_BATCH:
             loss = mse_weight * 0.25 * wmse_sum / tl.maximum(rows_kept, 1.0)
         else:
-            loss = tl.where(den > 0.0, mse_weight * 0.25 * wmse_sum / tl.where(den > 0.0, den, 1.0),
+            loss = tl.where(den != 0.0, mse_weight * 0.25 * wmse_sum / tl.where(den != 0.0, den, 1.0),
                             0.0)
     if WITH_CE:
         loss += ce_weight * ce_sum / tl.maximum(rows_kept, 1.0)
@@ -388,8 +392,8 @@ def loss_backward_kernel(
     the incoming gradient (``grad_loss[b * grad_stride]``: 0-dim, or one per row). Ignored rows:
     zeros, logits unread."""
     row = tl.program_id(0).to(tl.int64)
-    (ms, zs, mt, zt, a, z_w, scale, weight, mh, ml, m2, kept,
-     err) = _load_row_stats(stats_ptr, row, row >= 0)
+    (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
+     err, dm) = _load_row_stats(stats_ptr, row, row >= 0)
     live = kept > 0.0
     exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
     grad = tl.load(grad_loss_ptr + row * grad_stride).to(tl.float32)
@@ -399,12 +403,12 @@ def loss_backward_kernel(
     if WITH_WMSE:
         top = tl.load(totals_ptr + 0)
         den = tl.load(totals_ptr + 1)
-        f = tl.exp2(tl.where(weight > 0.0, exponent, top) - top)
+        f = tl.exp2(tl.where(weight != 0.0, exponent, top) - top)
         if NORMALIZE_BATCH:
             norm = 1.0 / rows_kept
         else:
-            norm = tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)
-        coef_d = tl.where(live & (weight > 0.0), grad * mse_weight * norm * (f * weight) * f,
+            norm = tl.where(den != 0.0, 1.0 / tl.where(den != 0.0, den, 1.0), 0.0)
+        coef_d = tl.where(live & (weight != 0.0), grad * mse_weight * norm * (f * weight) * f,
                           0.0)
     if SOURCE == 1:
         label = tl.load(labels_ptr + row).to(tl.int64)
@@ -413,8 +417,8 @@ def loss_backward_kernel(
         v_row = v_ptr + row * v_stride_b
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
-    log_zs = tl.log(tl.where(zs > 0.0, zs, 1.0))
-    log_zt = tl.log(tl.where(zt > 0.0, zt, 1.0))
+    log_zs = tl.log(tl.where(zs != 0.0, zs, 1.0))
+    log_zt = tl.log(tl.where(zt != 0.0, zt, 1.0))
     gamma_t2 = gamma * inv_t2 * LOG2E
     live_cols = tl.where(live, C, 0)
     for c0 in range(0, C, BLOCK_C):
@@ -427,15 +431,15 @@ def loss_backward_kernel(
                 raw, valid = _given_factor(v_row, cols * v_stride_c, load, gamma, SOURCE)
             v = _scaled_factor(t, raw, in_wmse, mt, scale, gamma_t2, SOURCE)
             hi, lo = _difference(s, t, in_wmse)
-            g_d = tl.where(in_wmse, coef_d * v * (((hi - mh) + lo) - ml), 0.0)
+            g_d = tl.where(in_wmse, coef_d * v * (((hi - ph) + (lo - pl)) - dm), 0.0)
         if NEED_DS:
             if SYMMETRIC:
                 ds = -g_d
             else:
                 ds = tl.zeros([BLOCK_C], dtype=tl.float32)
             if WITH_CE:
-                q = tl.where(s > NEG_INF, tl.exp((s - _ref(ms)) * inv_t - log_zs), 0.0)
-                p = tl.where(t > NEG_INF, tl.exp((t - _ref(mt)) * inv_t - log_zt), 0.0)
+                q = tl.where(s != NEG_INF, tl.exp((s - _ref(ms)) * inv_t - log_zs), 0.0)
+                p = tl.where(t != NEG_INF, tl.exp((t - _ref(mt)) * inv_t - log_zt), 0.0)
                 ds += coef_ce * (q - p)
             tl.store(ds_ptr + row * C + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
         if NEED_DT:

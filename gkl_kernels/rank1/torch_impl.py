@@ -14,10 +14,10 @@ import math
 import torch
 
 from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PRIOR,
-                                      SOURCE_TEACHER, STAT_A, STAT_ERROR, STAT_KEPT, STAT_L, STAT_M2, STAT_MH,
-                                      STAT_ML, STAT_MS, STAT_MT, STAT_W, STAT_ZS, STAT_ZT,
-                                      STAT_ZW, TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS,
-                                      TOTAL_WMSE)
+                                      SOURCE_TEACHER, STAT_A, STAT_DM, STAT_ERROR, STAT_KEPT,
+                                      STAT_L, STAT_M2, STAT_MS, STAT_MT, STAT_PH, STAT_PL, STAT_W,
+                                      STAT_ZS, STAT_ZT, STAT_ZW, TOTAL_CE, TOTAL_DEN, TOTAL_K,
+                                      TOTAL_ROWS, TOTAL_WMSE)
 
 INF = float("inf")
 
@@ -28,17 +28,12 @@ def _two_sum(a, b):
     return h, (a - (h - bb)) + (b - bb)
 
 
-def _fast_two_sum(a, b):
-    h = a + b
-    return h, b - (h - a)
-
-
 def _ref(m):
-    return torch.where(m > -INF, m, 0.0)
+    return torch.where(m != -INF, m, 0.0)
 
 
 def _rescale(m_part, m, inv_temperature):
-    return torch.where(m_part > -INF, ((m_part - m) * inv_temperature).exp(), 0.0)
+    return torch.where(m_part != -INF, ((m_part - m) * inv_temperature).exp(), 0.0)
 
 
 def given_factor(factor, labels, config):
@@ -53,12 +48,20 @@ def given_factor(factor, labels, config):
 
 
 def _kept_logits(student, teacher, labels, config):
-    """s, t in float32, ``-inf`` on ignored rows (never read as values); the kept mask (B,)."""
+    """s, t in float32, ``-inf`` on rows not read (ignored, or with a bad label); the kept mask
+    and the bad-label mask (B,), None without labels."""
     s, t = student.float(), teacher.float()
     if not config.has_labels:
-        return s, t, None
+        return s, t, None, None
     kept = labels != config.ignore_index
-    return torch.where(kept[:, None], s, -INF), torch.where(kept[:, None], t, -INF), kept
+    bad = kept & ((labels < 0) | (labels >= (config.num_labels or s.shape[1])))
+    live = (kept & ~bad)[:, None]
+    return torch.where(live, s, -INF), torch.where(live, t, -INF), kept, bad
+
+
+def _usable_labels(labels, kept, bad):
+    """Labels to gather prior rows with: 0 where a row is not read."""
+    return labels if kept is None else torch.where(kept & ~bad, labels, 0)
 
 
 def _scaled_factor(t, v, in_wmse, mt, scale, config):
@@ -73,10 +76,12 @@ def _scaled_factor(t, v, in_wmse, mt, scale, config):
 def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
     """``(stats (B, NUM_STATS), softmax_difference, weighted_deviation)``: the kernels' statistics
     and, when ``keep_directions``, ``q - p`` and ``v' (d - mu)`` (else empty)."""
-    s, t, kept = _kept_logits(student, teacher, labels, config)
+    s, t, kept, bad = _kept_logits(student, teacher, labels, config)
     zeros = s.new_zeros(s.shape[0])
     columns = [zeros] * NUM_STATS
     columns[STAT_KEPT] = zeros + 1.0 if kept is None else kept.float()
+    if bad is not None:
+        columns[STAT_ERROR] = bad.float()
     mt = t.amax(dim=1)
     columns[STAT_MT] = mt
     columns[STAT_MS] = columns[STAT_L] = zeros - INF
@@ -88,7 +93,7 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
         e_t = ((t - _ref(mt)[:, None]) * inv_t).exp_()
         zs, zt = e_s.sum(dim=1), e_t.sum(dim=1)
         spread = (_ref(ms)[:, None] - s).mul_(e_t)
-        columns[STAT_A] = torch.where(e_t > 0, spread, 0.0).sum(dim=1)
+        columns[STAT_A] = torch.where(e_t != 0, spread, 0.0).sum(dim=1)
         columns[STAT_MS], columns[STAT_ZS], columns[STAT_ZT] = ms, zs, zt
         if keep_directions:
             softmax_difference = e_s.div_(zs.clamp_min(1e-45)[:, None]).sub_(
@@ -99,22 +104,27 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
         if config.source == SOURCE_TEACHER:
             columns[STAT_ZW] = ((t - _ref(mt)[:, None]) / config.weight_temperature).exp_().sum(1)
         else:
-            v = given_factor(factor, labels if kept is None else torch.where(kept, labels, 0),
-                             config)
+            v = given_factor(factor, _usable_labels(labels, kept, bad), config)
+            invalid = ~((v >= 0) & (v <= torch.finfo(torch.float32).max)).all(dim=1)
+            columns[STAT_ERROR] = columns[STAT_ERROR] + 2.0 * invalid
             top = torch.where(in_wmse & (v <= torch.finfo(torch.float32).max), v, 0.0).amax(1)
             columns[STAT_L] = torch.where(top > 0, torch.floor(torch.log2(top)), -INF)
         v = _scaled_factor(t, v, in_wmse, mt, columns[STAT_L], config)
         hi, lo = _two_sum(t, -s)
         hi, lo = torch.where(in_wmse, hi, 0.0), torch.where(in_wmse, lo, 0.0)
         weight = v.sum(dim=1)
-        safe = torch.where(weight > 0, weight, 1.0)
-        rough = torch.linalg.vecdot(v, hi) / safe
-        dev = torch.where(in_wmse, (hi - rough[:, None]) + lo, 0.0)
+        safe = torch.where(weight != 0, weight, 1.0)
+        heaviest = v.argmax(dim=1, keepdim=True)
+        ph, pl = hi.gather(1, heaviest), lo.gather(1, heaviest)
+        dev = torch.where(in_wmse, (hi - ph) + (lo - pl), 0.0)
+        rough = torch.linalg.vecdot(v, dev) / safe
+        dev = torch.where(in_wmse, dev - rough[:, None], 0.0)
         residual = torch.linalg.vecdot(v, dev) / safe
         dev = dev.sub_(residual[:, None])
         weighted = v.mul_(dev)
         columns[STAT_W] = weight
-        columns[STAT_MH], columns[STAT_ML] = _fast_two_sum(rough, residual)
+        columns[STAT_PH], columns[STAT_PL] = ph[:, 0], pl[:, 0]
+        columns[STAT_DM] = rough + residual
         columns[STAT_M2] = torch.linalg.vecdot(weighted, dev)
         if keep_directions:
             weighted_deviation = weighted
@@ -125,13 +135,13 @@ def finish_rows_torch(stats, config):
     """``(E, wmse', ce)`` per row (B,), as ``kernels.finish_row``."""
     if config.source == SOURCE_TEACHER:
         z_w = stats[:, STAT_ZW]
-        exponent = -config.gamma * torch.log2(torch.where(z_w > 0, z_w, 1.0))
+        exponent = -config.gamma * torch.log2(torch.where(z_w != 0, z_w, 1.0))
     else:
         exponent = stats[:, STAT_L]
     zt, a = stats[:, STAT_ZT], stats[:, STAT_A]
-    ce = torch.where(a < INF, a / (config.temperature * torch.where(zt > 0, zt, 1.0))
+    ce = torch.where(a != INF, a / (config.temperature * torch.where(zt != 0, zt, 1.0))
                      + stats[:, STAT_ZS].log(), a)
-    return exponent, 2.0 * stats[:, STAT_W] * stats[:, STAT_M2], torch.where(zt > 0, ce, 0.0)
+    return exponent, 2.0 * stats[:, STAT_W] * stats[:, STAT_M2], torch.where(zt != 0, ce, 0.0)
 
 
 def finish_loss_torch(stats, config):
@@ -139,11 +149,11 @@ def finish_loss_torch(stats, config):
     exponent, wmse, ce = finish_rows_torch(stats, config)
     kept = stats[:, STAT_KEPT] > 0
     rows = kept.sum(dtype=torch.float32)
-    counted = kept & (stats[:, STAT_W] > 0)
+    counted = kept & (stats[:, STAT_W] != 0)
     top = torch.zeros_like(rows)
     if not config.normalize_batch:
         top = torch.where(counted, exponent, -INF).amax()
-        top = torch.where(top > -INF, top, 0.0)
+        top = torch.where(top != -INF, top, 0.0)
     f = torch.exp2(torch.where(counted, exponent, top) - top)
     wmse_sum = torch.where(counted, f * f * wmse, 0.0).sum()
     fw = f * stats[:, STAT_W]
@@ -151,7 +161,7 @@ def finish_loss_torch(stats, config):
     ce_sum = torch.where(kept, ce, 0.0).sum()
     loss = torch.zeros_like(rows)
     if config.with_wmse:
-        norm = rows.clamp_min(1.0) if config.normalize_batch else torch.where(den > 0, den, INF)
+        norm = rows.clamp_min(1.0) if config.normalize_batch else torch.where(den != 0, den, INF)
         loss = (config.mse_weight * 0.25) * wmse_sum / norm
     if config.with_ce:
         loss = loss + config.ce_weight * ce_sum / rows.clamp_min(1.0)
@@ -171,9 +181,9 @@ def row_coefficients_torch(grad_loss, stats, totals, config):
         return None, coef_ce
     exponent, _, _ = finish_rows_torch(stats, config)
     weight, top, den = stats[:, STAT_W], totals[TOTAL_K], totals[TOTAL_DEN]
-    f = torch.exp2(torch.where(weight > 0, exponent, top) - top)
-    norm = 1.0 / rows if config.normalize_batch else torch.where(den > 0, 1.0 / den, 0.0)
-    coef_d = torch.where(kept & (weight > 0), grad * config.mse_weight * norm * (f * weight) * f,
+    f = torch.exp2(torch.where(weight != 0, exponent, top) - top)
+    norm = 1.0 / rows if config.normalize_batch else torch.where(den != 0, 1.0 / den, 0.0)
+    coef_d = torch.where(kept & (weight != 0), grad * config.mse_weight * norm * (f * weight) * f,
                          0.0)
     return coef_d, coef_ce
 
@@ -204,23 +214,24 @@ def loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, tota
 def gradient_directions_torch(student, teacher, factor, labels, stats, config):
     """``(q - p, v' (d - mu))`` (B, C) float32 from the logits and merged statistics (each
     empty when the loss has no such term); ignored rows give zeros."""
-    s, t, kept = _kept_logits(student, teacher, labels, config)
+    s, t, kept, bad = _kept_logits(student, teacher, labels, config)
     softmax_difference, weighted_deviation = s.new_empty(0), s.new_empty(0)
     mt = stats[:, STAT_MT]
     if config.with_ce:
         ms, inv_t = stats[:, STAT_MS], 1.0 / config.temperature
-        log_zs = torch.where(stats[:, STAT_ZS] > 0, stats[:, STAT_ZS], 1.0).log()
-        log_zt = torch.where(stats[:, STAT_ZT] > 0, stats[:, STAT_ZT], 1.0).log()
-        q = torch.where(s > -INF, ((s - _ref(ms)[:, None]) * inv_t - log_zs[:, None]).exp(), 0.0)
-        p = torch.where(t > -INF, ((t - _ref(mt)[:, None]) * inv_t - log_zt[:, None]).exp(), 0.0)
+        log_zs = torch.where(stats[:, STAT_ZS] != 0, stats[:, STAT_ZS], 1.0).log()
+        log_zt = torch.where(stats[:, STAT_ZT] != 0, stats[:, STAT_ZT], 1.0).log()
+        q = torch.where(s != -INF, ((s - _ref(ms)[:, None]) * inv_t - log_zs[:, None]).exp(), 0.0)
+        p = torch.where(t != -INF, ((t - _ref(mt)[:, None]) * inv_t - log_zt[:, None]).exp(), 0.0)
         softmax_difference = q.sub_(p)
     if config.with_wmse:
         in_wmse = (s != -INF) & (t != -INF)
         v = None if config.source == SOURCE_TEACHER else given_factor(
-            factor, labels if kept is None else torch.where(kept, labels, 0), config)
+            factor, _usable_labels(labels, kept, bad), config)
         v = _scaled_factor(t, v, in_wmse, mt, stats[:, STAT_L], config)
         hi, lo = _two_sum(t, -s)
-        dev = ((hi - stats[:, STAT_MH, None]) + lo) - stats[:, STAT_ML, None]
+        dev = ((hi - stats[:, STAT_PH, None]) + (lo - stats[:, STAT_PL, None])) - \
+            stats[:, STAT_DM, None]
         weighted_deviation = torch.where(in_wmse, v * dev, 0.0)
     return softmax_difference, weighted_deviation
 
@@ -233,10 +244,10 @@ def merge_row_stats(a, b, config):
     ms = torch.maximum(a[:, STAT_MS], b[:, STAT_MS])
     mt = torch.maximum(a[:, STAT_MT], b[:, STAT_MT])
     rt_a, rt_b = _rescale(a[:, STAT_MT], mt, inv_t), _rescale(b[:, STAT_MT], mt, inv_t)
-    shifted = [torch.where(x[:, STAT_ZT] > 0, x[:, STAT_ZT] * (_ref(ms) - _ref(x[:, STAT_MS])),
+    shifted = [torch.where(x[:, STAT_ZT] != 0, x[:, STAT_ZT] * (_ref(ms) - _ref(x[:, STAT_MS])),
                            0.0) for x in (a, b)]
-    out[:, STAT_A] = torch.where(rt_a > 0, rt_a * (a[:, STAT_A] + shifted[0]), 0.0) + \
-        torch.where(rt_b > 0, rt_b * (b[:, STAT_A] + shifted[1]), 0.0)
+    out[:, STAT_A] = torch.where(rt_a != 0, rt_a * (a[:, STAT_A] + shifted[0]), 0.0) + \
+        torch.where(rt_b != 0, rt_b * (b[:, STAT_A] + shifted[1]), 0.0)
     out[:, STAT_ZS] = a[:, STAT_ZS] * _rescale(a[:, STAT_MS], ms, inv_t) + \
         b[:, STAT_ZS] * _rescale(b[:, STAT_MS], ms, inv_t)
     out[:, STAT_ZT] = a[:, STAT_ZT] * rt_a + b[:, STAT_ZT] * rt_b
@@ -246,11 +257,11 @@ def merge_row_stats(a, b, config):
     out[:, STAT_MS], out[:, STAT_MT] = ms, mt
     if config.source == SOURCE_TEACHER:
         gamma_t2 = config.gamma * inv_t2 * math.log2(math.e)
-        f_a, f_b = (torch.where(x[:, STAT_MT] > -INF, torch.exp2((x[:, STAT_MT] - mt) * gamma_t2),
+        f_a, f_b = (torch.where(x[:, STAT_MT] != -INF, torch.exp2((x[:, STAT_MT] - mt) * gamma_t2),
                                 0.0) for x in (a, b))
     else:
         scale = torch.maximum(a[:, STAT_L], b[:, STAT_L])
-        f_a, f_b = (torch.where(x[:, STAT_L] > -INF, torch.exp2(x[:, STAT_L] - scale), 0.0)
+        f_a, f_b = (torch.where(x[:, STAT_L] != -INF, torch.exp2(x[:, STAT_L] - scale), 0.0)
                     for x in (a, b))
         out[:, STAT_L] = scale
     w_a, w_b = a[:, STAT_W] * f_a, b[:, STAT_W] * f_b
@@ -258,13 +269,13 @@ def merge_row_stats(a, b, config):
     a_heavy = w_a >= w_b
     heavy, light = torch.where(a_heavy[:, None], a, b), torch.where(a_heavy[:, None], b, a)
     w_heavy, w_light = torch.where(a_heavy, w_a, w_b), torch.where(a_heavy, w_b, w_a)
-    delta = (light[:, STAT_MH] - heavy[:, STAT_MH]) + (light[:, STAT_ML] - heavy[:, STAT_ML])
-    frac = w_light / torch.where(weight > 0, weight, 1.0)
-    step = torch.where(w_light > 0, delta * frac, 0.0)
-    h, e = _two_sum(heavy[:, STAT_MH], step)
-    out[:, STAT_MH], out[:, STAT_ML] = _fast_two_sum(h, heavy[:, STAT_ML] + e)
+    delta = ((light[:, STAT_PH] - heavy[:, STAT_PH]) + (light[:, STAT_PL] - heavy[:, STAT_PL])) + \
+        (light[:, STAT_DM] - heavy[:, STAT_DM])
+    frac = w_light / torch.where(weight == 0, 1.0, weight)
+    out[:, STAT_PH], out[:, STAT_PL] = heavy[:, STAT_PH], heavy[:, STAT_PL]
+    out[:, STAT_DM] = heavy[:, STAT_DM] + torch.where(w_light == 0, 0.0, delta * frac)
     out[:, STAT_W] = weight
     out[:, STAT_M2] = a[:, STAT_M2] * f_a + b[:, STAT_M2] * f_b + \
-        torch.where(w_light > 0, delta * delta * w_heavy * frac, 0.0)
+        torch.where(w_light == 0, 0.0, delta * delta * w_heavy * frac)
     out[:, STAT_ERROR] = torch.maximum(a[:, STAT_ERROR], b[:, STAT_ERROR])
     return out
