@@ -4,9 +4,18 @@
    case (``bench.cases``): the literal ``B x C x C`` reference eager and under ``torch.compile``,
    the package's plain-PyTorch path, ``F.kl_div`` as the cost of plain distillation, and on a GPU
    the package's Triton kernels; then the headline ratios at B=256, C=1000.
-2. The memory traffic and launches of the Triton kernels and the torch path, counted under
+   Each provider's kernel launches and host syncs per step (forward, backward) are counted too:
+   in this process after its timed steps, or for ``gkl_loss[triton]`` under Triton's
+   interpreter (``python -m bench.traffic --steps``, a subprocess; on CPU the Triton provider is
+   counted, not timed).
+2. The overhead: ``gkl_loss[torch]`` against ``F.kl_div`` at B=32, C=10 and B=64, C=100, where a
+   step's time is overhead, and the Python time of one call (``bench.overhead``; always run).
+3. The MODELLED (not measured) H100 time of one step of ``gkl_loss[triton]`` against
+   ``F.kl_div`` at the ImageNet shape, from counted bytes and launches (``bench.traffic``; always
+   run).
+4. The memory traffic and launches of the Triton kernels and the torch path, counted under
    Triton's interpreter and a dispatch mode, with a modelled H100 time (``bench.traffic``).
-3. The ahead-of-time compile report of every kernel configuration (``bench.compile_report``).
+5. The ahead-of-time compile report of every kernel configuration (``bench.compile_report``).
 
 Run from the repository root: ``python -m bench [--quick] [--json PATH] [--plot PATH]
 [--cases NAME ...] [--providers NAME ...] [--max-reference-pairs N] [--threads N] [--gpu-dry-run]
@@ -33,10 +42,13 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from bench import cases as case_lists  # noqa: E402
+from bench import overhead as overhead_part  # noqa: E402
 from bench import report  # noqa: E402
 from bench.devices import pick_meter  # noqa: E402
-from bench.measure import QuadraticScaling, Settings, format_seconds, run_case  # noqa: E402
+from bench.measure import (QuadraticScaling, Settings, format_seconds,  # noqa: E402
+                           record_interpreted_launches, run_case)
 from bench.providers import PROVIDERS, select_providers  # noqa: E402
+from bench.traffic import format_modelled_step  # noqa: E402
 
 DEFAULT_MAX_REFERENCE_PAIRS = 256 * 1000 * 1000
 
@@ -59,9 +71,9 @@ def parse_args(argv=None):
                         help="run the GPU code path on CPU with stand-ins for the CUDA calls "
                         "(a test of that path; its figures are CPU figures)")
     parser.add_argument("--skip-traffic", action="store_true",
-                        help="leave out the traffic counts (part 2)")
+                        help="leave out the traffic counts (part 4)")
     parser.add_argument("--skip-compile-report", action="store_true",
-                        help="leave out the compile report (part 3)")
+                        help="leave out the compile report (part 5)")
     return parser.parse_args(argv)
 
 
@@ -72,6 +84,23 @@ def run_module_for_json(module, options):
         path = Path(workdir, "rows.json")
         status = subprocess.call([sys.executable, "-m", module, *options, "--json", str(path)])
         return status, json.loads(path.read_text()) if path.exists() else None
+
+
+def count_interpreted(args, cases, providers):
+    """``python -m bench.traffic --steps``: the launches of the providers counted under Triton's
+    interpreter (``gkl_loss[triton]``) on ``cases``, and the modelled H100 step; its JSON
+    (``None`` if it failed)."""
+    names = [p.name for p in providers if p.interpreted_counts]
+    counted = [case.name for case in cases] if names else []  # none: the modelled step only
+    options = [*(["--quick"] if args.quick else []), "--cases", *counted,
+               *(["--providers", *names] if names else [])]
+    if names:
+        print(f"counting the launches of {', '.join(names)} under Triton's interpreter "
+              f"(python -m bench.traffic --steps):", flush=True)
+    status, payload = run_module_for_json("bench.traffic", ["--steps", *options])
+    if status:
+        print(f"python -m bench.traffic --steps failed (exit status {status})", flush=True)
+    return payload
 
 
 def main(argv=None):
@@ -107,6 +136,8 @@ def main(argv=None):
         results.extend(case_results)
         print(report.case_line(index, len(cases), case, case_results, oracles[case.name],
                                time.perf_counter() - started), flush=True)
+    interpreted = count_interpreted(args, cases, providers) or {}
+    record_interpreted_launches(results, interpreted.get("launches", []))
     print()
     print(report.format_table(cases, results, oracles, meter))
     headlines = [(case, report.headline_ratios(case, results))
@@ -114,20 +145,29 @@ def main(argv=None):
     for case, ratios in headlines:
         print()
         print(report.format_ratios(case, ratios))
+    print(f"\n2. Overhead at shapes where a step is all overhead: {overhead_part.PACKAGE} "
+          f"(gkl_loss's default options and value checks) against {overhead_part.KL_DIV}, "
+          f"forward+backward, measured: {meter.label}", flush=True)
+    overhead = overhead_part.run_overhead(meter, settings.target_seconds)
+    print(overhead_part.format_overhead(overhead), flush=True)
+    modelled_step = interpreted.get("modelled_h100_step")
+    print("\n3. Modelled H100 step at the ImageNet shape (a model, not a measurement)")
+    print(format_modelled_step(modelled_step) if modelled_step
+          else "not counted: python -m bench.traffic --steps failed")
     quick = ["--quick"] if args.quick else []
     traffic = compile_rows = None
     if not args.skip_traffic:
-        print("\n2. Memory traffic and launches, counted", flush=True)
+        print("\n4. Memory traffic and launches, counted", flush=True)
         _, traffic = run_module_for_json("bench.traffic", quick)
     if not args.skip_compile_report:
-        print("\n3. Compile report (ahead of time, sm_80 and sm_90a)", flush=True)
+        print("\n5. Compile report (ahead of time, sm_80 and sm_90a)", flush=True)
         _, compile_rows = run_module_for_json("bench.compile_report", quick)
     wall_seconds = time.perf_counter() - started
     info["load_average_at_end"] = report.load_average()
     print(f"\nload average at the end: {info['load_average_at_end'][0]:.2f} (1 min)")
     if args.json:
         report.write_json(args.json, info, settings, cases, results, oracles, headlines,
-                          traffic, compile_rows, wall_seconds)
+                          traffic, compile_rows, wall_seconds, overhead, modelled_step)
         print(f"wrote {args.json}")
     if args.plot:
         report.write_plot(args.plot, cases, results, meter)

@@ -59,6 +59,18 @@ class Result:
     predicted_seconds: Optional[float] = None
     floor_bandwidth: Optional[float] = None  # GPU: floor bytes / forward+backward seconds
     copy_fraction: Optional[float] = None  # GPU: floor_bandwidth / device-to-device copy's
+    # kernel launches and host syncs (``.item()``) of one step, per pass and in all
+    # (``bench.traffic.StepLaunches.fields``), counted at B = ``counted_batch`` by
+    # ``counted_with``; ``None``: not counted (a skipped run)
+    forward_launches: Optional[int] = None
+    backward_launches: Optional[int] = None
+    launches: Optional[int] = None
+    forward_host_syncs: Optional[int] = None
+    backward_host_syncs: Optional[int] = None
+    host_syncs: Optional[int] = None
+    launch_kinds: Optional[dict] = None  # per pass: aten, triton and compiled kernels
+    counted_batch: Optional[int] = None
+    counted_with: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -160,7 +172,34 @@ def run_provider(provider, case, input_sets, oracle, scaling, settings, meter):
     record_timing(result, meter.time(passes, retained))
     if provider.quadratic:
         scaling.record(provider.name, case.pairs, result.peak_bytes, result.seconds)
+    if not provider.interpreted_counts:
+        from bench.traffic import count_step  # bench.traffic imports this module
+        record_launches(result, count_step(passes[0]).fields(), case.batch, COUNTED_HERE)
     return result
+
+
+COUNTED_HERE = "this process, one more step after the timed ones"
+COUNTED_INTERPRETED = "Triton's interpreter (python -m bench.traffic --steps), CPU tensors"
+
+
+def record_launches(result, fields, batch, how):
+    """Copy a step's launch and host-sync counts (``StepLaunches.fields()``) into ``result``,
+    counted at B = ``batch`` by ``how``."""
+    for name, value in fields.items():
+        setattr(result, name, value)
+    result.counted_batch, result.counted_with = batch, how
+
+
+def record_interpreted_launches(results, rows):
+    """Copy the rows of ``python -m bench.traffic --steps`` (``case``, ``provider``, ``batch``
+    and the ``StepLaunches.fields()``) into the results of the same case and provider."""
+    by_key = {(row["case"], row["provider"]): row for row in rows}
+    for result in results:
+        row = by_key.get((result.case, result.provider))
+        if row:
+            fields = {key: value for key, value in row.items()
+                      if key not in ("case", "provider", "batch", "seconds")}
+            record_launches(result, fields, row["batch"], COUNTED_INTERPRETED)
 
 
 def record_timing(result, timing):
@@ -171,13 +210,26 @@ def record_timing(result, timing):
     result.forward_seconds, result.backward_seconds = timing.forward, timing.backward
 
 
+def untimed(provider, case, meter):
+    """The result of a provider timed on a GPU only, on CPU: not timed (its launches are counted
+    all the same, under Triton's interpreter)."""
+    return Result(case.name, case.batch, case.classes, provider.name, case.dtype,
+                  skipped=f"not timed on {meter.device} (Triton's interpreter)")
+
+
+def timed_here(provider, meter):
+    """Whether ``meter`` times ``provider``: providers timed on a GPU only are not timed on CPU
+    (except in the GPU path's dry run)."""
+    return meter.device != "cpu" or not provider.gpu_only or meter.dry_run
+
+
 def run_case(case, providers, scaling, settings, meter):
-    """All providers on one case: ``(results, oracle)``. Providers timed on a GPU only are left
-    out on CPU."""
+    """All providers on one case: ``(results, oracle)``. Providers timed on a GPU only are not
+    timed on CPU: their results say so (``untimed``)."""
     input_sets = [inputs_on(meter.device, case, seed) for seed in range(meter.input_sets(case))]
     oracle = compute_oracle(case, input_sets[0], scaling, settings, meter)
     results = [run_provider(p, case, input_sets, oracle, scaling, settings, meter)
-               for p in providers if meter.device != "cpu" or not p.gpu_only or meter.dry_run]
+               if timed_here(p, meter) else untimed(p, case, meter) for p in providers]
     return results, oracle
 
 

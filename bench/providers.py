@@ -31,13 +31,15 @@ class Provider:
     called once per case (so a compiled provider compiles for that case's shapes only).
     ``quadratic``: needs ``B x C x C`` tensors (skipped where they would not fit).
     ``exact``: computes the GKL loss (compared with the float64 reference). ``gpu_only``: timed
-    on a GPU only."""
+    on a GPU only. ``interpreted_counts``: its launches are counted under Triton's interpreter
+    (``bench.traffic --steps``, a subprocess, on CPU tensors), not in the timing process."""
 
     name: str
     build: object
     quadratic: bool
     exact: bool = True
     gpu_only: bool = False
+    interpreted_counts: bool = False
 
 
 def _reference():
@@ -72,7 +74,8 @@ PROVIDERS = (
     Provider(REFERENCE, _reference, quadratic=True),
     Provider(REFERENCE_COMPILED, _reference_compiled, quadratic=True),
     Provider(PACKAGE, _package("torch"), quadratic=False),
-    Provider(PACKAGE_TRITON, _package("triton"), quadratic=False, gpu_only=True),
+    Provider(PACKAGE_TRITON, _package("triton"), quadratic=False, gpu_only=True,
+             interpreted_counts=True),
     Provider(KL_DIV, _kl_div, quadratic=False, exact=False),
 )
 

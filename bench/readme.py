@@ -78,26 +78,96 @@ def result_note(result):
     return f"not run: {result['skipped']}"
 
 
+def launches_cell(result):
+    """``fwd 2 + bwd 1, 0 syncs`` (``at B=16`` where counted at fewer rows); ``-``: not
+    counted."""
+    if result.get("launches") is None:
+        return "-"
+    at = f" at B={result['counted_batch']}" if result["counted_batch"] != result["batch"] else ""
+    return (f"fwd {result['forward_launches']} + bwd {result['backward_launches']}, "
+            f"{result['host_syncs']} syncs{at}")
+
+
 def timings_section(payload):
-    """Every provider on every case."""
+    """Every provider on every case; the launches per step where the JSON has them (JSON files
+    written before they were counted have not)."""
     shapes = {case["name"]: (case["batch"], case["classes"]) for case in payload["cases"]}
+    with_launches = any("launches" in r for r in payload["results"])
     rows = []
     for r in payload["results"]:
         batch, classes = shapes[r["case"]]
         peak = "-" if r["peak_bytes"] is None else format_bytes(r["peak_bytes"])
+        launches = (launches_cell(r),) if with_launches else ()
         rows.append((r["case"], batch, classes, r["dtype"], r["provider"],
                      _seconds(r["forward_seconds"]), _seconds(r["backward_seconds"]),
                      _seconds(r["seconds"]), peak, _error(r["loss_error"]),
-                     _error(r["student_grad_error"]), result_note(r)))
+                     _error(r["student_grad_error"]), *launches, result_note(r)))
     oracles = collections.defaultdict(list)
     for name, oracle in payload["oracles"].items():
         oracles[oracle["kind"]].append(name)
     errors = "; ".join(f"against the {kind} for {', '.join(names)}"
                        for kind, names in oracles.items())
+    launches_note = launches_header = ""
+    if with_launches:
+        launches_header = ("launches per step",)
+        launches_note = (" Launches per step: kernel launches (aten kernels, the kernels "
+                         "`torch.compile` generated, Triton launches) and host syncs of one "
+                         "forward and one backward pass, counted (`bench.traffic.count_step`); "
+                         "`gkl_loss[triton]` under Triton's interpreter on CPU tensors, at fewer "
+                         "rows where the cell says so (launches do not depend on B).")
     return ("Times are medians; errors are the largest absolute differences from the float64 "
-            f"oracle ({errors}).\n\n"
+            f"oracle ({errors}).{launches_note}\n\n"
             + table(("case", "B", "C", "dtype", "provider", "forward", "backward",
-                     "fwd+bwd", "peak memory", "loss error", "grad s error", "note"), rows))
+                     "fwd+bwd", "peak memory", "loss error", "grad s error", *launches_header,
+                     "note"), rows))
+
+
+def overhead_section(overhead):
+    """Part 2: gkl_loss[torch] against F.kl_div where a step is all overhead."""
+    rows = []
+    for row in overhead["rows"]:
+        package, kl_div = row["package"], row["kl_div"]
+        rows.append((row["weights_label"], row["batch"], row["classes"],
+                     format_seconds(package["seconds"]), format_seconds(kl_div["seconds"]),
+                     f"{row['ratio']:.2f}x", f"{row['ratio_min']:.2f}x", f"<= {row['target']:g}x",
+                     "met" if row["met"] else "missed",
+                     f"{package['launches']} vs {kl_div['launches']}",
+                     f"{package['host_syncs']} vs {kl_div['host_syncs']}"))
+    per_call = overhead["python_seconds_per_call"]
+    seconds = per_call["seconds"]
+    return (f"Overhead: `{overhead['package']}` with {overhead['options']} against "
+            f"`{overhead['kl_div']}` at shapes where a step is all overhead, forward plus "
+            f"backward ({overhead['label']}). Python time per call (wall time of one forward "
+            f"call under `torch.no_grad()` at B={per_call['batch']}, C={per_call['classes']}): "
+            f"{format_seconds(seconds['package_prior'])} with a class prior, "
+            f"{format_seconds(seconds['package_teacher'])} with teacher weights, "
+            f"`{overhead['kl_div']}` {format_seconds(seconds['kl_div'])}.\n\n"
+            + table(("weights", "B", "C", f"{overhead['package']} fwd+bwd",
+                     f"{overhead['kl_div']} fwd+bwd", "ratio", "ratio, fastest steps",
+                     "target", "verdict",
+                     "launches per step",
+                     "host syncs per step"), rows))
+
+
+def modelled_step_section(step):
+    """Part 3: the modelled H100 step, labelled as a model."""
+    package, kl_div = step["steps"]
+    model = step["model"]
+    rows = [(f"`{s['provider']}`", format_bytes(s["bytes"]),
+             f"{s['launches']} (fwd {s['forward_launches']} + bwd {s['backward_launches']})",
+             s["host_syncs"], format_seconds(s["modelled_seconds"])) for s in step["steps"]]
+    verdict = "met" if step["met"] else "missed"
+    return (f"**Modelled, not measured**: one H100 step (forward plus backward) at "
+            f"B={step['batch']}, C={step['classes']}, {step['dtype']}, {step['weights']} weights: "
+            f"`{package['provider']}` {format_seconds(package['modelled_seconds'])} vs "
+            f"`{kl_div['provider']}` {format_seconds(kl_div['modelled_seconds'])} = "
+            f"{step['ratio']:.2f}x (target: at most {step['target']:g}x, {verdict}). The model is "
+            f"counted bytes / {model['bandwidth_bytes_per_second'] / 1e12:.2f} TB/s (H100 SXM "
+            f"HBM3) + counted launches x {model['launch_latency_seconds'] * 1e6:g} us (an "
+            "assumed launch latency); bytes and launches of the whole step are counted under "
+            "Triton's interpreter and a dispatch mode on CPU, at that shape.\n\n"
+            + table(("loss", "bytes", "launches", "host syncs", "modelled H100 time (model)"),
+                    rows))
 
 
 def traffic_section(rows):
@@ -166,7 +236,12 @@ def render(payload, json_path=DEFAULT_JSON, plot_path=None):
     """The results section (Markdown, without the markers)."""
     if payload["machine"].get("dry_run"):
         raise ValueError("a dry run of the GPU path: its figures are CPU figures, not results")
-    parts = [provenance(payload, json_path), headline_section(payload), timings_section(payload)]
+    parts = [provenance(payload, json_path), headline_section(payload)]
+    if payload.get("overhead"):
+        parts.append(overhead_section(payload["overhead"]))
+    if payload.get("modelled_h100_step"):
+        parts.append(modelled_step_section(payload["modelled_h100_step"]))
+    parts.append(timings_section(payload))
     if plot_path:
         parts.append(f"![time and memory against C]({plot_path})")
     if payload.get("traffic"):

@@ -38,7 +38,15 @@ HEADLINE_RATIOS = {
     ),
 }
 COLUMNS = ("case", "shape", "dtype", "provider", "fwd", "bwd", "fwd+bwd", "peak mem", "|d loss|",
-           "|d grad s|", "|d grad t|", "note")
+           "|d grad s|", "|d grad t|", "launches f+b", "syncs f+b", "note")
+LAUNCH_LEGEND = (
+    "launches f+b, syncs f+b: kernel launches and host syncs (.item()) of one forward + one "
+    "backward pass, counted, not timed (bench.traffic.count_step): aten kernels by "
+    "DispatchCounter, the kernels torch.compile generated (C++ on CPU, Triton on a GPU) by "
+    "InductorKernelCounter, gkl_loss[triton]'s Triton launches and the torch ops around them "
+    "under Triton's interpreter on CPU tensors (python -m bench.traffic --steps, a subprocess); "
+    "at the case's shape, or at the B after @ (fewer rows, the same C and code path: launches do "
+    "not depend on B).")
 
 
 def machine_info(meter):
@@ -163,8 +171,18 @@ def table_rows(cases, results):
                         f"{r.copy_fraction:.0%} of the device copy's")
         rows.append((r.case, shapes[r.case], r.dtype, r.provider, forward, backward, timing, peak,
                      _error(r.loss_error), _error(r.student_grad_error),
-                     _error(r.teacher_grad_error), note))
+                     _error(r.teacher_grad_error), *launch_cells(r), note))
     return rows
+
+
+def launch_cells(result):
+    """``("2+1", "0+0")``: the forward and backward launches (with ``@B=...`` where counted at
+    fewer rows) and host syncs of a result; dashes where not counted."""
+    if result.launches is None:
+        return "-", "-"
+    at = f" @B={result.counted_batch}" if result.counted_batch != result.batch else ""
+    return (f"{result.forward_launches}+{result.backward_launches}{at}",
+            f"{result.forward_host_syncs}+{result.backward_host_syncs}")
 
 
 def format_table(cases, results, oracles, meter):
@@ -180,11 +198,12 @@ def format_table(cases, results, oracles, meter):
     for kind in sorted({oracle.kind for oracle in oracles.values()}):
         names = ", ".join(case.name for case in cases if oracles[case.name].kind == kind)
         lines.append(f"errors against the {kind}: {names}")
-    timed = {r.provider for r in results}
+    timed = {r.provider for r in results if r.seconds is not None}
     untimed = [p.name for p in PROVIDERS if p.gpu_only and p.name not in timed]
     if untimed:
         lines.append(f"not timed on {meter.device}: {', '.join(untimed)} (runs in Triton's "
-                     f"interpreter here; see its counted traffic below)")
+                     f"interpreter here: its launches are counted there, its traffic in part 4)")
+    lines.append(LAUNCH_LEGEND)
     return "\n".join(lines)
 
 
@@ -230,9 +249,11 @@ def format_ratios(case, ratios):
 
 
 def write_json(path, info, settings, cases, results, oracles, headlines, traffic, compile_rows,
-               wall_seconds):
+               wall_seconds, overhead=None, modelled_step=None):
     """Everything measured, with the machine description, as JSON: ``traffic`` the rows of
-    ``bench.traffic``, ``compile_rows`` those of ``bench.compile_report`` (``None``: not run)."""
+    ``bench.traffic``, ``compile_rows`` those of ``bench.compile_report`` (``None``: not run),
+    ``overhead`` part 2 (``bench.overhead.run_overhead``), ``modelled_step`` part 3
+    (``bench.traffic.modelled_step``, a model)."""
     payload = {
         "machine": info,
         "settings": dataclasses.asdict(settings),
@@ -245,6 +266,8 @@ def write_json(path, info, settings, cases, results, oracles, headlines, traffic
                        "ratios": [{"ratio": label, "value": value, "target": target}
                                   for label, value, target in ratios]}
                       for case, ratios in headlines],
+        "overhead": overhead,
+        "modelled_h100_step": modelled_step,
         "traffic": traffic,
         "compile_report": compile_rows,
     }

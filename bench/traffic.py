@@ -32,8 +32,16 @@ the loss cannot avoid: forward read ``s`` and ``t``; backward read ``s`` and ``t
 gradients (of ``s``, and of ``t`` in adversarial cases). Weight inputs are left out of the floor
 and counted in the measured bytes (``weight_bytes`` says how large they are).
 
-Run from the repository root: ``python -m bench.traffic [--quick] [--json PATH]``. Without
-``TRITON_INTERPRET=1`` it runs itself again in a subprocess with that variable set.
+Launches per training step (``count_step``): the counters above and ``InductorKernelCounter``
+(the kernels ``torch.compile`` generated) around one forward and one backward pass of any loss.
+``python -m bench`` counts each provider on each case it times this way: in its own process, or
+for ``gkl_loss[triton]`` under the interpreter by ``--steps`` (also the MODELLED H100 time of one
+step at the ImageNet shape, ``modelled_step``).
+
+Run from the repository root: ``python -m bench.traffic [--quick] [--json PATH]``, or
+``python -m bench.traffic --steps [--quick] [--cases NAME ...] [--providers NAME ...] [--json
+PATH]``. Without ``TRITON_INTERPRET=1`` it runs itself again in a subprocess with that variable
+set.
 """
 
 import os
@@ -55,6 +63,7 @@ if __name__ == "__main__" and os.environ.get(INTERPRET_VARIABLE) != "1":
     sys.exit(rerun_with_interpreter())
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import inspect  # noqa: E402
@@ -74,10 +83,13 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 import gkl_kernels  # noqa: E402
+from gkl_kernels import functional as gkl_functional  # noqa: E402
 from bench.cases import (CIFAR100_ADV, EXPLICIT, IMAGENET, PER_ROW, PRIOR, SHARED,  # noqa: E402
-                         TEACHER, TOKEN_KD, Case, make_inputs)
+                         TEACHER, TOKEN_KD, Case, full_cases, make_inputs, quick_cases,
+                         select_cases)
 from bench.measure import format_bytes, format_seconds  # noqa: E402
-from bench.providers import KL_DIV, select_providers  # noqa: E402
+from bench.providers import (KL_DIV, PACKAGE_TRITON, make_passes,  # noqa: E402
+                             select_providers)
 from gkl_kernels.validation import triton_interpreter_active  # noqa: E402
 
 H100_BANDWIDTH_BYTES_PER_SECOND = 3.35e12  # H100 SXM, HBM3
@@ -602,6 +614,148 @@ class DispatchCounter(TorchDispatchMode):
             self.ops.append(OpTraffic(str(func), read, written, False))
 
 
+class CompiledCodeDispatchCounter(DispatchCounter):
+    """A ``DispatchCounter`` that ``torch.compile``'s code runs under. Under a plain one Dynamo
+    runs the compiled function eagerly (a dispatch mode sees every op of eager execution), and
+    skips it for good from then on (later calls run eagerly too); this one asks it
+    (``ignore_compile_internals``) to be off while Dynamo compiles and on while the compiled
+    graphs run, so it counts the aten ops they call (extern kernels such as ``mm``, fallbacks).
+    The kernels inductor generated are no aten ops: ``InductorKernelCounter`` counts them. On
+    eager code it counts exactly what a ``DispatchCounter`` counts."""
+
+    @classmethod
+    def ignore_compile_internals(cls):
+        return True
+
+
+# the names inductor gives the kernels it generates, in its output code modules: C++ kernels on
+# CPU (``cpp_fused_...``, called), Triton kernels on a GPU (``triton_poi_...``, ``.run(...)``)
+_GENERATED_KERNEL_PREFIXES = ("cpp_", "triton_")
+
+
+class _CountedKernel:
+    """Stands in for a generated kernel in its output code module while it is counted: a call
+    of it (a C++ kernel) or of its ``run`` (a Triton kernel) is one launch."""
+
+    def __init__(self, kernel, name, tally):
+        self._kernel, self._name, self._tally = kernel, name, tally
+
+    def __call__(self, *args, **kwargs):
+        self._tally.add(self._name, launches=1)
+        return self._kernel(*args, **kwargs)
+
+    def run(self, *args, **kwargs):
+        self._tally.add(self._name, launches=1)
+        return self._kernel.run(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._kernel, name)
+
+
+class InductorKernelCounter:
+    """While active, counts the launches of the kernels that ``torch.compile`` (inductor)
+    generated: each output code module that inductor has loaded so far
+    (``torch._inductor.codecache.PyCodeCache``) calls its kernels through module globals, which
+    are replaced by counting stand-ins and restored on exit. Compile before counting: a module
+    loaded while the counter is active is not counted. ``per_kernel``: launches per kernel
+    name."""
+
+    def __init__(self):
+        self._tally = _Tally()
+        self._patched = []  # (module, name, original)
+
+    @property
+    def per_kernel(self):
+        return {name: counts.launches for name, counts in self._tally.by_name().items()}
+
+    @property
+    def launches(self):
+        return self._tally.total().launches
+
+    def __enter__(self):
+        from torch._inductor.codecache import PyCodeCache
+        for module in list(PyCodeCache.modules):
+            for name, value in list(vars(module).items()):
+                if name.startswith(_GENERATED_KERNEL_PREFIXES) and (
+                        callable(value) or hasattr(value, "run")):
+                    self._patched.append((module, name, value))
+                    setattr(module, name, _CountedKernel(value, name, self._tally))
+        return self
+
+    def __exit__(self, *exc_info):
+        for module, name, original in reversed(self._patched):
+            setattr(module, name, original)
+        self._patched.clear()
+
+
+class PassLaunches(NamedTuple):
+    """Kernel launches and host syncs of one pass: aten kernels (``DispatchCounter``), Triton
+    launches (``TritonTrafficCounter``, under Triton's interpreter), kernels ``torch.compile``
+    generated (``InductorKernelCounter``); host syncs are ``.item()`` calls."""
+
+    aten: int
+    triton: int
+    compiled: int
+    host_syncs: int
+
+    @property
+    def launches(self):
+        return self.aten + self.triton + self.compiled
+
+
+class StepLaunches(NamedTuple):
+    """``PassLaunches`` of a training step's forward and backward passes."""
+
+    forward: PassLaunches
+    backward: PassLaunches
+
+    @property
+    def launches(self):
+        return self.forward.launches + self.backward.launches
+
+    @property
+    def host_syncs(self):
+        return self.forward.host_syncs + self.backward.host_syncs
+
+    def fields(self):
+        """The JSON fields of ``python -m bench``'s results: launches and host syncs per pass
+        and per step, and the launches by kind per pass."""
+        return {
+            "forward_launches": self.forward.launches,
+            "backward_launches": self.backward.launches,
+            "launches": self.launches,
+            "forward_host_syncs": self.forward.host_syncs,
+            "backward_host_syncs": self.backward.host_syncs,
+            "host_syncs": self.host_syncs,
+            "launch_kinds": {name: {kind: getattr(counts, kind)
+                                    for kind in ("aten", "triton", "compiled")}
+                             for name, counts in zip(("forward", "backward"), self)},
+        }
+
+
+def count_launches(run):
+    """Run ``run()`` under the launch counters: ``(its result, PassLaunches)``. Triton launches
+    are counted when Triton's interpreter runs them (``TRITON_INTERPRET=1``); a Triton kernel
+    run on a GPU would be missed."""
+    with contextlib.ExitStack() as stack:
+        triton_counter = (stack.enter_context(TritonTrafficCounter())
+                          if triton_interpreter_active() else None)
+        compiled = stack.enter_context(InductorKernelCounter())
+        aten = stack.enter_context(CompiledCodeDispatchCounter())
+        result = run()
+    triton_launches = triton_counter.launches if triton_counter else 0
+    return result, PassLaunches(aten.launches, triton_launches, compiled.launches,
+                                aten.host_syncs)
+
+
+def count_step(passes):
+    """``StepLaunches`` of one more step of ``passes`` (``bench.providers.Passes``): the forward
+    pass, then the backward pass of its loss. Run a step first (warm-up, compiles)."""
+    loss, forward = count_launches(passes.forward)
+    _, backward = count_launches(lambda: passes.backward(loss))
+    return StepLaunches(forward, backward)
+
+
 # ---- one case ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -707,6 +861,22 @@ def loss_function(backend):
     return functools.partial(gkl_kernels.gkl_loss, backend=backend)
 
 
+@contextlib.contextmanager
+def value_checks_as_on_a_gpu(triton_path=True):
+    """While counting the Triton path, its value checks where a GPU run has them: in the kernels
+    (the finishing kernel's device assertion), not on the host as for the interpreter's CPU
+    tensors (``gkl_kernels.functional.kernels_check_values``)."""
+    if not triton_path:
+        yield
+        return
+    original = gkl_functional.kernels_check_values
+    gkl_functional.kernels_check_values = lambda use_triton, device: use_triton
+    try:
+        yield
+    finally:
+        gkl_functional.kernels_check_values = original
+
+
 def count_case(case, backend):
     """Count the loss of ``backend`` (``loss_function``) on ``make_inputs(case)``: the forward
     pass, then ``torch.autograd.grad`` w.r.t. the logits that require gradients. Needs Triton's
@@ -718,8 +888,9 @@ def count_case(case, backend):
     classify = argument_category(case.elements, weights)
     loss_fn = loss_function(backend)
     forward_floor, backward_floor = case.floor_bytes
-    loss, forward = _counted_pass(lambda: loss_fn(student, teacher, **loss_kwargs), forward_floor,
-                                  classify)
+    with value_checks_as_on_a_gpu(backend == "triton"):
+        loss, forward = _counted_pass(lambda: loss_fn(student, teacher, **loss_kwargs),
+                                      forward_floor, classify)
     _, backward = _counted_pass(lambda: torch.autograd.grad(loss, needs_grad), backward_floor,
                                 classify)
     weight_bytes = sum(w.nbytes for w in weights)
@@ -869,11 +1040,131 @@ def format_traffic_table(rows):
     return "\n".join(text)
 
 
+# ---- launches per step of python -m bench's cases, and the modelled H100 step -------------------
+
+STEP_COUNT_ROWS = 8  # the interpreter counts a case's launches at most at this many rows
+STEP_COUNT_ELEMENTS = 4096  # and at fewer where B x C would be larger than this
+H100_STEP_CASE = Case("imagenet", 256, 1000, PRIOR, IMAGENET)  # the bench's ImageNet case
+H100_STEP_TARGET = 0.3  # gkl_loss[triton]'s modelled step at most this share of F.kl_div's
+
+
+def step_count_batch(case):
+    """The ``B`` at which the interpreter counts a case's launches: the case's own, or fewer rows
+    (``C`` kept): at most ``STEP_COUNT_ROWS``, and fewer (at least 2) where ``B x C`` would pass
+    ``STEP_COUNT_ELEMENTS``. Triton's interpreter runs each program of a grid in Python (tens of
+    milliseconds per row), and the launches (the number of kernels and of torch ops around them,
+    not their grids) do not depend on ``B`` (``tests/test_traffic_counters.py`` checks it)."""
+    return min(case.batch, STEP_COUNT_ROWS, max(2, STEP_COUNT_ELEMENTS // case.classes))
+
+
+def count_provider_step(case, provider_name, batch=None):
+    """``StepLaunches`` of the provider named ``provider_name`` (``bench.providers``) on
+    ``make_inputs(case)`` at ``batch`` rows (default: the case's), after a warm-up step."""
+    student, teacher, loss_kwargs = make_inputs(dataclasses.replace(case,
+                                                                    batch=batch or case.batch))
+    passes = make_passes(select_providers([provider_name])[0].build(), student, teacher,
+                         loss_kwargs)
+    with value_checks_as_on_a_gpu(provider_name == PACKAGE_TRITON):
+        passes.step()
+        return count_step(passes)
+
+
+def step_line(prefix, fields):
+    """``fwd 2 + bwd 1 launches, 0 syncs`` after ``prefix``."""
+    return (f"{prefix}: fwd {fields['forward_launches']} + bwd {fields['backward_launches']} "
+            f"launches, {fields['host_syncs']} syncs")
+
+
+def run_steps(cases, provider_names, progress=print):
+    """Launches per step of each provider named in ``provider_names`` on each case, at
+    ``step_count_batch(case)`` rows: rows ``{case, provider, batch, seconds,
+    **StepLaunches.fields()}``, one ``progress`` line each."""
+    rows = []
+    for case in cases:
+        batch = step_count_batch(case)
+        for name in provider_names:
+            start = time.perf_counter()
+            fields = count_provider_step(case, name, batch).fields()
+            rows.append({"case": case.name, "provider": name, "batch": batch,
+                         "seconds": time.perf_counter() - start, **fields})
+            progress(step_line(f"  {name} on {case.name} at B={batch} C={case.classes}", fields)
+                     + f" (counted in {rows[-1]['seconds']:.1f} s)")
+    return rows
+
+
+def modelled_step(case=H100_STEP_CASE):
+    """The modelled H100 time (``modelled_h100_seconds``, a MODEL) of one training step of
+    ``gkl_loss[triton]`` and of ``F.kl_div`` on ``case``, from the bytes and launches of the
+    whole step (forward and backward) that ``count_case`` counts at the case's shape, and their
+    ratio with its target ``H100_STEP_TARGET``."""
+    steps = []
+    for provider, backend in ((PACKAGE_TRITON, "triton"), (KL_DIV, KL_DIV_BACKEND)):
+        counted = count_case(case, backend)
+        total = counted.total
+        steps.append({"provider": provider, "bytes": total.bytes, "launches": total.launches,
+                      "forward_launches": counted.forward.launches,
+                      "backward_launches": counted.backward.launches,
+                      "host_syncs": total.host_syncs,
+                      "modelled_seconds": modelled_h100_seconds(total.bytes, total.launches)})
+    ratio = steps[0]["modelled_seconds"] / steps[1]["modelled_seconds"]
+    return {"case": case.name, "batch": case.batch, "classes": case.classes,
+            "dtype": case.dtype, "weights": case.weights, "steps": steps, "ratio": ratio,
+            "target": H100_STEP_TARGET, "met": ratio <= H100_STEP_TARGET,
+            "model": {"label": MODEL_LABEL,
+                      "bandwidth_bytes_per_second": H100_BANDWIDTH_BYTES_PER_SECOND,
+                      "launch_latency_seconds": LAUNCH_LATENCY_SECONDS}}
+
+
+def format_modelled_step(row):
+    """The modelled step as two lines: the ratio, then what the model is made of."""
+    package, kl_div = row["steps"]
+    verdict = "met" if row["met"] else "MISSED"
+    details = "; ".join(
+        f"{step['provider']} {format_bytes(step['bytes'])} in {step['launches']} launches "
+        f"(fwd {step['forward_launches']} + bwd {step['backward_launches']}), "
+        f"{step['host_syncs']} syncs" for step in row["steps"])
+    model = row["model"]
+    return (f"modelled (not measured) H100 step at B={row['batch']} C={row['classes']} "
+            f"{row['dtype']}, {row['weights']} weights, forward+backward: {package['provider']} "
+            f"{format_seconds(package['modelled_seconds'])} vs {kl_div['provider']} "
+            f"{format_seconds(kl_div['modelled_seconds'])} = {row['ratio']:.2f}x "
+            f"(target: at most {row['target']:g}x: {verdict})\n"
+            f"  a MODEL, no GPU was timed: bytes / {model['bandwidth_bytes_per_second'] / 1e12:.2f}"
+            f" TB/s (H100 SXM HBM3) + launches x {model['launch_latency_seconds'] * 1e6:g} us "
+            f"(assumed); bytes and launches of the whole step counted under Triton's interpreter "
+            f"and DispatchCounter at that shape: {details}")
+
+
+def main_steps(args):
+    """``--steps``: the launches of ``--providers`` (default: gkl_loss[triton]) on python -m
+    bench's cases (``--quick``'s list, those named by ``--cases``), and the modelled H100
+    step; the JSON ``{"launches": rows, "modelled_h100_step": row}``."""
+    listed = quick_cases() if args.quick else full_cases()
+    if args.cases is None:
+        cases = listed
+    else:
+        cases = select_cases(listed, args.cases) if args.cases else []
+    rows = run_steps(cases, args.providers, progress=lambda line: print(line, flush=True))
+    step = modelled_step()
+    if args.json:
+        args.json.write_text(json.dumps({"launches": rows, "modelled_h100_step": step},
+                                        indent=1))
+    return 0
+
+
 def parse_args():
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (tests, CI)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--steps", action="store_true",
+                        help="instead: launches per step of python -m bench's cases, and the "
+                        "modelled H100 step")
+    parser.add_argument("--cases", nargs="*", metavar="NAME",
+                        help="--steps: these of python -m bench's cases (default: all; none "
+                        "when given without a name)")
+    parser.add_argument("--providers", nargs="+", default=[PACKAGE_TRITON], metavar="NAME",
+                        help=f"--steps: count these providers (default: {PACKAGE_TRITON})")
     return parser.parse_args()
 
 
@@ -882,6 +1173,8 @@ def main():
     args = parse_args()
     # masked-off lanes compute on placeholder values (log(0), ...): numpy warns, nothing is wrong
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
+    if args.steps:
+        return main_steps(args)
     start = time.perf_counter()
     rows = run_traffic(args.quick, progress=lambda line: print(line, flush=True))
     print()

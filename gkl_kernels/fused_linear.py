@@ -17,7 +17,6 @@ with ``gamma != 1`` need a first pass over the teacher's chunks (one more teache
 """
 
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,10 @@
 import os
 import zlib
 
-os.environ["TRITON_INTERPRET"] = "1"  # every Triton test runs in the interpreter
+# every Triton test runs in the interpreter, except tools/gpu_tests.py (compiled, on CUDA), which
+# tools/gpu_check.sh runs with GKL_COMPILED_TRITON=1
+if os.environ.get("GKL_COMPILED_TRITON") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,40 +1,219 @@
 """``python -m bench`` end to end on small cases: the CPU path, the GPU path's dry run, the input
 rotation of the GPU meter, and the README's results section against the committed JSON."""
 
+import contextlib
+import io
 import json
+import re
 
 import pytest
 import torch
 
 from bench import fused_linear, readme
 from bench.__main__ import main
-from bench.cases import IMAGENET, TEACHER, Case
+from bench.cases import IMAGENET, TEACHER, Case, make_inputs, quick_cases
 from bench.devices import CudaCalls, GpuMeter
-from bench.providers import KL_DIV, PACKAGE, PACKAGE_TRITON, REFERENCE, Passes
+from bench.measure import format_seconds
+from bench.overhead import SHAPES, TARGET_RATIO, overhead_case
+from bench.providers import (KL_DIV, PACKAGE, PACKAGE_TRITON, REFERENCE, Passes, make_passes,
+                             select_providers)
+from bench.traffic import (H100_STEP_CASE, DispatchCounter, TritonTrafficCounter,
+                           modelled_h100_seconds, step_count_batch)
+
+QUICK_CASES = ["sweep C=10", "sweep C=100", "adv per-row C=50"]
+SECONDS = r"([0-9.]+ (?:us|ms|s))"
 
 
-def test_cpu_command_writes_table_json_plot_traffic_and_compile_report(tmp_path, capsys):
-    json_path, plot_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    main(["--quick", "--cases", "sweep C=10", "sweep C=100", "adv per-row C=50",
-          "--providers", REFERENCE, PACKAGE, PACKAGE_TRITON, KL_DIV,
-          "--json", str(json_path), "--plot", str(plot_path)])
-    printed = capsys.readouterr().out
+def parse_seconds(text):
+    """``412.6 us`` -> 4.126e-4 (``bench.measure.format_seconds``'s units)."""
+    value, unit = text.split()
+    return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+
+
+def counted_by_hand(provider_name, case):
+    """``(forward launches, backward launches, host syncs)`` of one step after a warm-up step,
+    counted here with the two counters, not with ``count_step``: ``DispatchCounter`` and, where
+    Triton's interpreter runs kernels (``conftest.py`` sets it), ``TritonTrafficCounter``."""
+    student, teacher, kwargs = make_inputs(case)
+    passes = make_passes(select_providers([provider_name])[0].build(), student, teacher, kwargs)
+    passes.step()
+    counts = []
+    with TritonTrafficCounter() as kernels, DispatchCounter() as ops:
+        loss = passes.forward()
+    counts.append((kernels.launches + ops.launches, ops.host_syncs))
+    with TritonTrafficCounter() as kernels, DispatchCounter() as ops:
+        passes.backward(loss)
+    counts.append((kernels.launches + ops.launches, ops.host_syncs))
+    return counts[0][0], counts[1][0], counts[0][1] + counts[1][1]
+
+
+def table_cells(printed, case, provider):
+    """The cells of the timings table's row of ``case`` and ``provider``."""
+    for line in printed.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) > 4 and cells[0] == case and cells[3] == provider:
+            return cells
+    raise AssertionError(f"no row for {case}, {provider}")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``python -m bench --quick`` on three cases, every provider, with the JSON and the plot:
+    ``(printed, JSON payload, plot path)``."""
+    folder = tmp_path_factory.mktemp("bench")
+    json_path, plot_path = folder / "bench.json", folder / "bench.png"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["--quick", "--cases", *QUICK_CASES, "--json", str(json_path),
+              "--plot", str(plot_path)])
+    return out.getvalue(), json.loads(json_path.read_text()), plot_path
+
+
+def test_cpu_command_writes_table_json_plot_traffic_and_compile_report(quick_run):
+    printed, payload, plot_path = quick_run
     assert "Ratios at" in printed and "wall time" in printed
     assert f"not timed on cpu: {PACKAGE_TRITON}" in printed
-    payload = json.loads(json_path.read_text())
     assert payload["machine"]["torch"] == torch.__version__
     assert payload["machine"]["dry_run"] is False and payload["machine"]["gpu"] is None
     results = payload["results"]
-    assert {r["provider"] for r in results} == {REFERENCE, PACKAGE, KL_DIV}
-    assert len(results) == 3 * 3
-    for r in results:
+    assert {r["provider"] for r in results} == {p.name for p in select_providers([])}
+    timed = [r for r in results if r["provider"] != PACKAGE_TRITON]
+    assert len(timed) == 3 * 4 and len(results) == 3 * 5
+    for r in timed:
         assert r["skipped"] is None and r["peak_bytes"] > 0
         assert 0 < r["forward_seconds"] < r["seconds"] and 0 < r["backward_seconds"] < r["seconds"]
         if r["provider"] != KL_DIV:
             assert r["loss_error"] < 1e-4 and r["student_grad_error"] < 1e-5
+    for r in results:
+        if r["provider"] == PACKAGE_TRITON:  # on CPU: counted under the interpreter, not timed
+            assert r["seconds"] is None and r["skipped"].startswith("not timed on cpu")
+            assert "interpreter" in r["counted_with"]
+            assert all(r["launch_kinds"][name]["triton"] >= 1 for name in ("forward", "backward"))
+        else:
+            assert r["counted_with"].startswith("this process")
     assert payload["traffic"] and payload["compile_report"]
     assert all(not row["error"] for row in payload["compile_report"])
     assert plot_path.stat().st_size > 0
+    for part in ("1. Timings", "2. Overhead", "3. Modelled H100 step", "4. Memory traffic",
+                 "5. Compile report"):
+        assert f"\n{part}" in printed
+    # the README's section renders from this JSON: the new parts and the launches column
+    section = readme.render(payload)
+    assert "Overhead: `gkl_loss[torch]`" in section and "**Modelled, not measured**" in section
+    assert "| launches per step |" in section
+
+
+def test_launches_per_step_of_every_provider_match_a_count_by_hand(quick_run):
+    """Every provider on every case has launches and host syncs per pass, in the JSON and in the
+    table, and they are what the two counters count when run here (F.kl_div, the reference and
+    the package's torch path in this process; gkl_loss[triton] in the interpreter's
+    subprocess). torch.compile's kernels are fused: fewer launches than the eager reference."""
+    printed, payload, _ = quick_run
+    cases = {case.name: case for case in quick_cases()}
+    results = payload["results"]
+    assert {r["provider"] for r in results} == {p.name for p in select_providers([])}
+    for r in results:
+        case = cases[r["case"]]
+        assert r["launches"] == r["forward_launches"] + r["backward_launches"]
+        assert r["host_syncs"] == r["forward_host_syncs"] + r["backward_host_syncs"]
+        for name in ("forward", "backward"):
+            assert sum(r["launch_kinds"][name].values()) == r[f"{name}_launches"] > 0
+        # the interpreter counts at fewer rows (launches do not depend on B); the rest at B
+        assert r["counted_batch"] == (step_count_batch(case) if r["provider"] == PACKAGE_TRITON
+                                      else case.batch)
+        at = f" @B={r['counted_batch']}" if r["counted_batch"] != case.batch else ""
+        cells = table_cells(printed, r["case"], r["provider"])
+        assert cells[-3:-1] == [f"{r['forward_launches']}+{r['backward_launches']}{at}",
+                                f"{r['forward_host_syncs']}+{r['backward_host_syncs']}"]
+        if r["provider"] == "reference+compile":
+            eager = next(e for e in results
+                         if e["case"] == r["case"] and e["provider"] == REFERENCE)
+            assert r["launch_kinds"]["forward"]["compiled"] >= 1
+            assert r["launches"] < eager["launches"]
+        else:
+            assert (r["forward_launches"], r["backward_launches"], r["host_syncs"]) == \
+                counted_by_hand(r["provider"], case), r["provider"]
+    assert "launches f+b, syncs f+b: kernel launches and host syncs" in printed
+
+
+def test_overhead_section_lines_parse_and_match_the_json(quick_run):
+    printed, payload, _ = quick_run
+    overhead = payload["overhead"]
+    assert [(row["weights"], row["batch"], row["classes"]) for row in overhead["rows"]] == [
+        (weights, batch, classes) for batch, classes in SHAPES for weights in ("prior", "teacher")]
+    pattern = re.compile(
+        rf"  (class prior \(labels\)|teacher weights), B=(\d+) C=(\d+): "
+        rf"{re.escape(PACKAGE)} fwd\+bwd {SECONDS} vs {re.escape(KL_DIV)} {SECONDS}: "
+        rf"([0-9.]+)x {re.escape(KL_DIV)}'s time \(target: at most 2x: (met|MISSED)\)\n"
+        rf"    fastest steps {SECONDS} vs {SECONDS}: ([0-9.]+)x; "
+        rf"launches per step (\d+) \(fwd (\d+) \+ bwd (\d+)\) vs (\d+), "
+        rf"host syncs (\d+) vs (\d+)$", re.MULTILINE)
+    lines = pattern.findall(printed)
+    assert len(lines) == len(overhead["rows"]) == 4
+    for line, row in zip(lines, overhead["rows"]):
+        label, batch, classes, package_time, kl_div_time, ratio, verdict = line[:7]
+        package, kl_div = row["package"], row["kl_div"]
+        assert (label, int(batch), int(classes)) == (row["weights_label"], row["batch"],
+                                                     row["classes"])
+        assert (package_time, kl_div_time) == (format_seconds(package["seconds"]),
+                                               format_seconds(kl_div["seconds"]))
+        assert row["ratio"] == pytest.approx(package["seconds"] / kl_div["seconds"])
+        assert float(ratio) == pytest.approx(parse_seconds(package_time)
+                                             / parse_seconds(kl_div_time), rel=0.01, abs=0.01)
+        assert float(ratio) == pytest.approx(row["ratio"], abs=0.005)
+        assert verdict == ("met" if row["ratio"] <= TARGET_RATIO else "MISSED")
+        assert row["met"] == (row["ratio"] <= TARGET_RATIO == row["target"])
+        fastest_package, fastest_kl_div, ratio_min = line[7:10]
+        assert (fastest_package, fastest_kl_div) == (format_seconds(package["seconds_min"]),
+                                                     format_seconds(kl_div["seconds_min"]))
+        assert package["seconds_min"] <= package["seconds"]
+        assert float(ratio_min) == pytest.approx(
+            package["seconds_min"] / kl_div["seconds_min"], abs=0.005)
+        assert [int(n) for n in line[10:]] == [
+            package["launches"], package["forward_launches"], package["backward_launches"],
+            kl_div["launches"], package["host_syncs"], kl_div["host_syncs"]]
+        assert package["forward_seconds"] > 0 and package["backward_seconds"] > 0
+        case = overhead_case(row["weights"], row["batch"], row["classes"])
+        assert (package["forward_launches"], package["backward_launches"],
+                package["host_syncs"]) == counted_by_hand(PACKAGE, case)
+        forward, backward, syncs = counted_by_hand(KL_DIV, case)
+        assert (kl_div["forward_launches"], kl_div["backward_launches"]) == (forward, backward)
+    per_call = re.search(
+        rf"Python time per call \(wall time of one forward call under torch.no_grad\(\), "
+        rf"B=32 C=10, median of at least \d+ calls\): {re.escape(PACKAGE)} {SECONDS} with a "
+        rf"class prior, {SECONDS} with teacher weights; {re.escape(KL_DIV)} {SECONDS}", printed)
+    seconds = overhead["python_seconds_per_call"]["seconds"]
+    assert per_call.groups() == tuple(format_seconds(seconds[key]) for key in
+                                      ("package_prior", "package_teacher", "kl_div"))
+    assert all(value > 0 for value in seconds.values())
+
+
+def test_modelled_h100_step_line_parses_and_matches_the_json(quick_run):
+    printed, payload, _ = quick_run
+    step = payload["modelled_h100_step"]
+    assert (step["batch"], step["classes"], step["dtype"], step["weights"]) == (
+        256, 1000, "float32", "prior")
+    match = re.search(
+        rf"modelled \(not measured\) H100 step at B=256 C=1000 float32, prior weights, "
+        rf"forward\+backward: {re.escape(PACKAGE_TRITON)} {SECONDS} vs {re.escape(KL_DIV)} "
+        rf"{SECONDS} = ([0-9.]+)x \(target: at most 0.3x: (met|MISSED)\)\n  a MODEL, no GPU was "
+        rf"timed", printed)
+    assert match, printed
+    package, kl_div = step["steps"]
+    assert (package["provider"], kl_div["provider"]) == (PACKAGE_TRITON, KL_DIV)
+    for row in step["steps"]:
+        assert row["modelled_seconds"] == modelled_h100_seconds(row["bytes"], row["launches"])
+        assert row["launches"] == row["forward_launches"] + row["backward_launches"]
+    assert match.group(1, 2) == (format_seconds(package["modelled_seconds"]),
+                                 format_seconds(kl_div["modelled_seconds"]))
+    assert float(match.group(3)) == pytest.approx(step["ratio"], abs=0.005)
+    assert step["ratio"] == pytest.approx(package["modelled_seconds"] / kl_div["modelled_seconds"])
+    assert match.group(4) == ("met" if step["ratio"] <= 0.3 else "MISSED")
+    # the launches of the whole step at the ImageNet shape, as counted here (F.kl_div: cheap)
+    forward, backward, _ = counted_by_hand(KL_DIV, H100_STEP_CASE)
+    assert (kl_div["forward_launches"], kl_div["backward_launches"]) == (forward, backward)
+    assert kl_div["bytes"] >= 5 * H100_STEP_CASE.elements * 4  # at least the floor
+    assert package["forward_launches"] >= 1 and package["backward_launches"] >= 1
 
 
 def test_gpu_path_dry_run_times_every_pass_and_refuses_the_readme(tmp_path, capsys):
@@ -47,7 +226,12 @@ def test_gpu_path_dry_run_times_every_pass_and_refuses_the_readme(tmp_path, caps
     assert payload["machine"]["copy_bandwidth"] > 0
     results = {r["provider"]: r for r in payload["results"]}
     assert set(results) == {PACKAGE, PACKAGE_TRITON}
+    # the Triton provider is timed here and counted in the interpreter's subprocess all the same
+    assert "interpreter" in results[PACKAGE_TRITON]["counted_with"]
+    assert results[PACKAGE]["counted_with"].startswith("this process")
+    assert payload["overhead"]["rows"] and payload["modelled_h100_step"]["steps"]
     for r in results.values():
+        assert r["launches"] == r["forward_launches"] + r["backward_launches"] > 0
         assert r["forward_seconds"] > 0 and r["backward_seconds"] > 0 and r["seconds"] > 0
         assert r["peak_bytes"] > 0 and r["floor_bandwidth"] > 0 and 0 < r["copy_fraction"]
         assert r["loss_error"] < 1e-4 and r["student_grad_error"] < 1e-5

@@ -141,6 +141,7 @@ def _counted(fn):
     return ops.launches + triton_launches.launches, ops.host_syncs, out
 
 
+@pytest.mark.newest_triton
 @pytest.mark.parametrize("source, with_ignored", BUDGET_CASES)
 def test_triton_step_launches_and_host_syncs(source, with_ignored, generator, monkeypatch):
     """Default options, as on a GPU (where the kernels check values): 2 launches forward, 1

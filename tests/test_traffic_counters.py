@@ -11,10 +11,17 @@ import triton.language as tl
 from triton.runtime import interpreter
 
 import gkl_kernels
-from bench.cases import CIFAR100_ADV, IMAGENET, PER_ROW, TEACHER, Case, make_inputs
-from bench.traffic import (LAUNCH_LATENCY_SECONDS, PASSES, DispatchCounter, KernelTraffic,
-                           OpTraffic, TritonTrafficCounter, count_case, format_traffic_table,
-                           modelled_h100_seconds, run_traffic, traffic_cases)
+from bench.cases import (CIFAR100_ADV, EXPLICIT, IMAGENET, PER_ROW, PRIOR, SHARED, TEACHER,
+                         Case, make_inputs)
+from bench.providers import (KL_DIV, PACKAGE, PACKAGE_TRITON, REFERENCE_COMPILED, make_passes,
+                             select_providers)
+from bench.traffic import (LAUNCH_LATENCY_SECONDS, PASSES, STEP_COUNT_ELEMENTS, STEP_COUNT_ROWS,
+                           DispatchCounter,
+                           InductorKernelCounter, KernelTraffic, OpTraffic, PassLaunches,
+                           TritonTrafficCounter, count_case, count_provider_step, count_step,
+                           format_modelled_step, format_traffic_table, modelled_h100_seconds,
+                           value_checks_as_on_a_gpu,
+                           modelled_step, run_steps, run_traffic, step_count_batch, traffic_cases)
 
 BLOCK = 16
 LENGTH = 37  # three programs, the last one with 5 active lanes of 16
@@ -198,36 +205,37 @@ def test_triton_path_counts_kernels_once_and_torch_ops_around_them():
     with TritonTrafficCounter() as kernels, DispatchCounter() as ops:
         gkl_kernels.gkl_loss(student, teacher, backend="triton", **kwargs)
     rows, logits = case.batch, student.nbytes
-    # s and t, each row's first element again (the pivots); 7 float32 values per row written
+    # the row kernel: s and t, 16 float32 statistics per row written; the finishing kernel: 14
+    # of them read twice, the loss and 8 totals written
     assert kernels.per_kernel == {
-        "gkl_rank1_fwd_kernel": KernelTraffic(1, 2 * logits + 2 * 4 * rows, 7 * 4 * rows)}
-    assert ops.launches > 0
-    assert max(op.bytes_read + op.bytes_written for op in ops.ops) < logits
+        "row_stats_kernel": KernelTraffic(1, 2 * logits, 16 * 4 * rows),
+        "finish_loss_kernel": KernelTraffic(1, 2 * 14 * 4 * rows, 4 + 8 * 4)}
+    assert ops.launches == 0  # nothing around the kernels: the loss is finished in them
 
 
 def test_rank_one_triton_moves_five_transfers_and_row_statistics():
-    """Student gradient only: forward reads s, t; backward reads s, t and writes grad s. Per row
-    the kernels also read the two pivots per pass and pass 7 float32 values from forward to
-    backward (written, then read)."""
+    """Student gradient only: forward reads s, t; backward reads s, t and writes grad s: 5
+    transfers, each element once. Per row: 16 float32 statistics written forward, 14 of them
+    read twice by the finishing kernel and once by the backward kernel with 3 totals and the
+    incoming gradient."""
     case = Case("teacher", 8, 1000, TEACHER, IMAGENET)
     counted = count_case(case, "triton")
     transfer, rows = case.elements * 4, case.batch
     per_row = 4 * rows
-    assert counted.forward.triton == KernelTraffic(1, 2 * transfer + 2 * per_row, 7 * per_row)
-    assert counted.backward.triton == KernelTraffic(1, 2 * transfer + 9 * per_row, transfer)
+    finished = 4 + 8 * 4  # the loss and the totals
+    assert counted.forward.triton == KernelTraffic(2, 2 * transfer + 28 * per_row,
+                                                   16 * per_row + finished)
+    assert counted.backward.triton == KernelTraffic(1, 2 * transfer + 18 * per_row, transfer)
     assert (counted.forward.floor_bytes, counted.backward.floor_bytes) == (
         2 * transfer, 3 * transfer)
     total = counted.total
     assert 5 * transfer == total.floor_bytes <= total.bytes
-    assert total.triton.bytes == 5 * transfer + 18 * per_row
-    # by argument: the B x C tensors 5 times plus the pivots' re-reads (the same addresses as
-    # the first tile: distinct addresses give exactly 5 transfers), the row statistics 14 values
-    assert total.category_bytes("B x C") == 5 * transfer + 4 * per_row
-    assert total.category_bytes("B x C", unique=True) == 5 * transfer
-    assert total.category_bytes("rows") == total.category_bytes("rows", unique=True) == \
-        14 * per_row
+    assert total.triton.bytes == 5 * transfer + 62 * per_row + finished
+    assert total.category_bytes("B x C") == total.category_bytes("B x C", unique=True) == \
+        5 * transfer
+    assert total.category_bytes("rows") == 62 * per_row + finished
     assert total.category_bytes("weights") == total.category_bytes("unknown") == 0
-    assert total.torch.bytes < 0.02 * transfer  # row-sized ops around the kernels
+    assert total.torch.bytes <= 4  # autograd's own: the incoming gradient of the loss
 
 
 def test_per_row_weights_are_counted_each_pass():
@@ -267,3 +275,136 @@ def test_quick_run_rows_and_table():
     json.dumps(rows)
     table = format_traffic_table(rows).splitlines()
     assert len(table) == len(rows) + 2 and table[0].startswith("case")
+
+
+# ---- launches per step (python -m bench's launch columns, part 3's modelled step) ------------
+
+def kl_div_passes(case):
+    student, teacher, kwargs = make_inputs(case)
+    return make_passes(select_providers([KL_DIV])[0].build(), student, teacher, kwargs)
+
+
+def test_count_step_of_kl_div_matches_a_dispatch_counter_run():
+    """``count_step`` on an eager loss counts what a plain ``DispatchCounter`` counts, per pass:
+    ``F.kl_div`` with both log-softmaxes, forward and backward."""
+    case = Case("prior", 16, 100, PRIOR, IMAGENET)
+    passes = kl_div_passes(case)
+    passes.step()
+    counted = count_step(passes)
+    with DispatchCounter() as forward:
+        loss = passes.forward()
+    with DispatchCounter() as backward:
+        passes.backward(loss)
+    assert counted.forward == PassLaunches(forward.launches, 0, 0, 0)
+    assert counted.backward == PassLaunches(backward.launches, 0, 0, 0)
+    assert forward.launches >= 3 and backward.launches >= 2  # two log-softmaxes and the KL
+    fields = counted.fields()
+    assert (fields["forward_launches"], fields["backward_launches"], fields["launches"]) == (
+        forward.launches, backward.launches, forward.launches + backward.launches)
+    assert fields["host_syncs"] == 0
+
+
+def test_count_step_counts_host_syncs_and_triton_launches():
+    """The Triton path under the interpreter, its value checks where a GPU has them (in the
+    kernels): its kernels and the torch ops around them, as the two counters see them when run
+    by hand; no host sync (on the interpreter's CPU tensors the checks would be host reads)."""
+    case = Case("prior", 8, 50, PRIOR, IMAGENET)
+    counted = count_provider_step(case, PACKAGE_TRITON)
+    student, teacher, kwargs = make_inputs(case)
+    with value_checks_as_on_a_gpu(), TritonTrafficCounter() as kernels, \
+            DispatchCounter() as ops:
+        loss = gkl_kernels.gkl_loss(student, teacher, backend="triton", **kwargs)
+    with TritonTrafficCounter() as backward_kernels, DispatchCounter() as backward_ops:
+        torch.autograd.grad(loss, [student])
+    assert counted.forward == PassLaunches(ops.launches, kernels.launches, 0, ops.host_syncs)
+    assert counted.backward == PassLaunches(backward_ops.launches, backward_kernels.launches, 0,
+                                            backward_ops.host_syncs)
+    assert (kernels.launches, backward_kernels.launches) == (2, 1)
+    assert counted.host_syncs == ops.host_syncs + backward_ops.host_syncs == 0
+
+
+def test_compiled_code_is_counted_by_its_generated_kernels():
+    """Under a plain ``DispatchCounter`` Dynamo runs the compiled reference eagerly (every aten
+    op of the reference); ``count_step`` counts the compiled graphs' own kernels instead (C++ on
+    CPU), a handful, and leaves inductor's output code as it was."""
+    case = Case("teacher", 8, 20, TEACHER, IMAGENET)
+    student, teacher, kwargs = make_inputs(case)
+    passes = make_passes(select_providers([REFERENCE_COMPILED])[0].build(), student, teacher,
+                         kwargs)
+    expected_loss, _ = passes.step()  # compiles
+    from torch._inductor.codecache import PyCodeCache
+    before = [dict(vars(module)) for module in PyCodeCache.modules]
+    counted = count_step(passes)
+    assert [dict(vars(module)) for module in PyCodeCache.modules] == before
+    assert counted.forward.compiled >= 1 and counted.backward.compiled >= 1
+    assert counted.forward.triton == counted.backward.triton == 0
+    with InductorKernelCounter() as kernels:
+        loss = passes.forward()
+    torch.testing.assert_close(loss.detach(), expected_loss)
+    assert kernels.launches == counted.forward.compiled == sum(kernels.per_kernel.values())
+    # last: after a call under a plain dispatch mode Dynamo skips the function for good
+    with DispatchCounter() as eager:
+        loss = passes.forward()
+    assert eager.launches > counted.forward.launches  # the fallback: the reference's ops
+    torch.testing.assert_close(loss.detach(), expected_loss)
+
+
+@pytest.mark.parametrize("provider", [PACKAGE_TRITON, PACKAGE])
+@pytest.mark.parametrize("weights", [PRIOR, TEACHER, EXPLICIT, SHARED, PER_ROW])
+def test_launches_do_not_depend_on_the_batch(provider, weights):
+    """What ``step_count_batch`` relies on: the same launches and host syncs at 2 rows as at 24
+    (C kept), for every weight source."""
+    case = Case(weights, 24, 64, weights, CIFAR100_ADV, adversarial=weights == PER_ROW)
+    assert count_provider_step(case, provider, batch=2) == count_provider_step(case, provider)
+
+
+def test_step_count_batch():
+    assert step_count_batch(Case("small", 4, 100, TEACHER, IMAGENET)) == 4
+    assert step_count_batch(Case("small", 32, 100, TEACHER, IMAGENET)) == STEP_COUNT_ROWS
+    assert step_count_batch(Case("imagenet", 256, 1000, PRIOR, IMAGENET)) == \
+        STEP_COUNT_ELEMENTS // 1000 < STEP_COUNT_ROWS
+    assert step_count_batch(Case("vocabulary", 64, 262144, TEACHER, IMAGENET)) == 2
+
+
+def test_run_steps_rows():
+    cases = [Case("teacher", 4, 30, TEACHER, IMAGENET),
+             Case("adv per-row", 4, 16, PER_ROW, CIFAR100_ADV, adversarial=True)]
+    lines = []
+    rows = run_steps(cases, [PACKAGE_TRITON, KL_DIV], progress=lines.append)
+    assert [(row["case"], row["provider"]) for row in rows] == [
+        (case.name, name) for case in cases for name in (PACKAGE_TRITON, KL_DIV)]
+    for row, line in zip(rows, lines):
+        assert row["batch"] == 4
+        assert row["launches"] == row["forward_launches"] + row["backward_launches"]
+        assert row["host_syncs"] == row["forward_host_syncs"] + row["backward_host_syncs"]
+        kinds = row["launch_kinds"]
+        assert row["forward_launches"] == sum(kinds["forward"].values())
+        assert (kinds["forward"]["triton"] > 0) == (row["provider"] == PACKAGE_TRITON)
+        assert f"fwd {row['forward_launches']} + bwd {row['backward_launches']} launches, " \
+               f"{row['host_syncs']} syncs" in line
+    json.dumps(rows)
+
+
+def test_modelled_step_is_the_model_of_the_counted_step():
+    case = Case("small prior", 16, 100, PRIOR, IMAGENET)
+    step = modelled_step(case)
+    package, kl_div = step["steps"]
+    assert (package["provider"], kl_div["provider"]) == (PACKAGE_TRITON, KL_DIV)
+    for counted, row in ((count_case(case, "triton"), package),
+                         (count_case(case, "F.kl_div"), kl_div)):
+        total = counted.total
+        assert (row["bytes"], row["launches"]) == (total.bytes, total.launches)
+        assert row["launches"] == row["forward_launches"] + row["backward_launches"]
+        assert row["modelled_seconds"] == modelled_h100_seconds(total.bytes, total.launches)
+    assert step["ratio"] == pytest.approx(package["modelled_seconds"] / kl_div["modelled_seconds"])
+    assert step["met"] == (step["ratio"] <= step["target"] == 0.3)
+    # F.kl_div's launches as a plain DispatchCounter counts them
+    passes = kl_div_passes(case)
+    with DispatchCounter() as forward:
+        loss = passes.forward()
+    with DispatchCounter() as backward:
+        passes.backward(loss)
+    assert kl_div["launches"] == forward.launches + backward.launches
+    line = format_modelled_step(step).splitlines()[0]
+    assert line.startswith("modelled (not measured) H100 step at B=16 C=100 float32")
+    assert f"= {step['ratio']:.2f}x (target: at most 0.3x: " in line

@@ -17,14 +17,14 @@ import torch
 
 from gkl_kernels import GKLLoss, compat, functional, gkl_loss, pairwise_wmse, validation
 from gkl_kernels.options import GKLOptions
+from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, RowConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 B, C = 4, 6  # nominal shape of the (valid) inputs that every case starts from
 KERNEL_BACKENDS = ["triton", "torch"]
-# the ops through which functional reaches a kernel (rank1_rows before the rank-one rewrite,
-# rank1_loss after it); each one that functional lacks is added for the test, and never called
-KERNEL_ENTRIES = ("rank1_rows", "rank1_loss", "pair_rows")
+# the ops through which functional reaches a kernel
+KERNEL_ENTRIES = ("rank1_loss", "rank1_row_stats", "pair_rows")
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -44,13 +44,18 @@ def recorded_kernel(monkeypatch):
     """Replace the op with a stub that records its arguments and returns well-shaped zeros."""
     calls = []
 
-    def record(student, teacher, factor, labels, source, gamma, temperature, weight_temperature,
-               with_ce, symmetric, use_triton, block_c, keep_directions):
-        calls.append(dict(source=source, use_triton=use_triton, block_c=block_c))
+    def record(student, teacher, factor, labels, floats, ints, keep_directions):
+        config = RowConfig.unpack(floats, ints)
+        calls.append(dict(source=config.source, use_triton=config.use_triton,
+                          block_c=config.block_c))
         rows = student.shape[0]
-        return (torch.zeros(rows), torch.zeros(rows), torch.ones(rows, 5), torch.empty(0),
-                torch.empty(0))
-    monkeypatch.setattr(functional, "rank1_rows", record)
+        return (torch.zeros(()), torch.zeros(rows, NUM_STATS), torch.zeros(NUM_TOTALS),
+                torch.empty(0), torch.empty(0))
+
+    def record_stats(student, teacher, factor, labels, floats, ints):
+        return record(student, teacher, factor, labels, floats, ints, False)[1]
+    monkeypatch.setattr(functional, "rank1_loss", record)
+    monkeypatch.setattr(functional, "rank1_row_stats", record_stats)
     return calls
 
 
@@ -660,13 +665,16 @@ def _poison(x, value, row):
     return x
 
 
-POISON = [pytest.param(math.nan, id="nan"), pytest.param(math.inf, id="inf"),
-          pytest.param(-math.inf, id="minus_inf")]
+POISON = [pytest.param(math.nan, id="nan"), pytest.param(math.inf, id="inf")]
+# -inf is a masked class (README): non-finite only where the student puts -inf under teacher mass
+POISONED_SIDES = [pytest.param(value, side, id=f"{name}-{side}")
+                  for value, name in ((math.nan, "nan"), (math.inf, "inf"))
+                  for side in ("student", "teacher")] + [
+    pytest.param(-math.inf, "student", id="minus_inf-student")]
 
 
 @pytest.mark.parametrize("interpreter", [True, False], ids=["triton", "torch"])
-@pytest.mark.parametrize("side", ["student", "teacher"])
-@pytest.mark.parametrize("value", POISON)
+@pytest.mark.parametrize("value, side", POISONED_SIDES)
 @pytest.mark.parametrize("entry", ["gkl_loss", "GKLLoss", "dkl_loss", "dkl_loss_GI"])
 def test_non_finite_logits_propagate(entry, value, side, interpreter, generator, monkeypatch):
     """Not an error: a NaN/inf logit makes the loss non-finite, on both backends (the backend is
@@ -679,6 +687,16 @@ def test_non_finite_logits_propagate(entry, value, side, interpreter, generator,
         teacher = _poison(teacher, value, 1)
     loss = ENTRIES[entry](student, teacher, generator)
     assert loss.dim() == 0 and not torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("interpreter", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("entry", ["gkl_loss", "GKLLoss", "dkl_loss", "dkl_loss_GI"])
+def test_minus_inf_teacher_logit_is_a_masked_class(entry, interpreter, generator, monkeypatch):
+    """-inf in the teacher: p = 0 there and the class leaves the wMSE; the loss stays finite."""
+    monkeypatch.setattr(validation, "triton_interpreter_active", lambda: interpreter)
+    student, teacher = logits(generator)
+    loss = ENTRIES[entry](student, _poison(teacher, -math.inf, 1), generator)
+    assert loss.dim() == 0 and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

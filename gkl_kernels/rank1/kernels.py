@@ -159,7 +159,7 @@ def _given_factor(v_row, cols, mask, gamma, SOURCE: tl.constexpr):
     """The given weights on one tile, ``p ** gamma`` for a prior row (``0 ** 0 = 1``) or ``v``,
     and whether each entry is finite and >= 0."""
     raw = tl.load(v_row + cols, mask=mask, other=0.0).to(tl.float32)
-    valid = ((raw >= 0.0) & (raw <= FINITE_MAX)) | ~mask
+    valid = ((raw >= 0.0) & (raw <= FINITE_MAX)) | (mask == 0)
     if SOURCE == 1:
         raw = tl.where(raw > 0.0, tl.exp2(gamma * tl.log2(raw)),
                        tl.where(gamma == 0.0, 1.0, 0.0))
@@ -188,7 +188,7 @@ def _row_start(labels_ptr, row, num_labels, ignore_index, HAS_LABELS: tl.constex
         label = tl.load(labels_ptr + row).to(tl.int64)
         kept = label != ignore_index
         bad = kept & ((label < 0) | (label >= num_labels))
-    return kept, bad, tl.where(bad | ~kept, 0, label)
+    return kept, bad, tl.where(bad | (kept == 0), 0, label)
 
 
 @triton.jit
@@ -215,7 +215,7 @@ def row_stats_kernel(
     is the explicit (B, C) factor, the (C, C) prior (row of the label) or unused."""
     row = tl.program_id(0).to(tl.int64)
     kept, bad_label, label = _row_start(labels_ptr, row, num_labels, ignore_index, HAS_LABELS)
-    live = kept & ~bad_label
+    live = kept & (bad_label == 0)
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
     if SOURCE == 1:

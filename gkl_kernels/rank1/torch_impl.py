@@ -16,8 +16,7 @@ import torch
 from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PRIOR,
                                       SOURCE_TEACHER, STAT_A, STAT_DM, STAT_ERROR, STAT_KEPT,
                                       STAT_L, STAT_M2, STAT_MS, STAT_MT, STAT_PH, STAT_PL, STAT_W,
-                                      STAT_ZS, STAT_ZT, STAT_ZW, TOTAL_CE, TOTAL_DEN, TOTAL_K,
-                                      TOTAL_ROWS, TOTAL_WMSE)
+                                      STAT_ZS, STAT_ZT, STAT_ZW, TOTAL_DEN, TOTAL_K, TOTAL_ROWS)
 
 INF = float("inf")
 
