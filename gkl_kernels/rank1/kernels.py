@@ -315,6 +315,17 @@ def _load_row_stats(stats_ptr, rows, mask):
             tl.load(base + 12, mask=mask, other=0.0), tl.load(base + 13, mask=mask, other=0.0))
 
 
+@triton.jit
+def _finished_rows(stats_ptr, r0, B, gamma, inv_t, SOURCE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows ``r0 ..`` of the statistics finished (``finish_row``), their weights, kept flags,
+    error flags, and which of them count in the normaliser (kept, with weight)."""
+    rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+    (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
+     err, dm) = _load_row_stats(stats_ptr, rows, rows < B)
+    exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
+    return exponent, wmse, ce, weight, kept, err, (kept > 0.0) & (weight != 0.0)
+
+
 @triton.jit(debug=True)
 def finish_loss_kernel(
     stats_ptr, loss_ptr, totals_ptr, B, gamma, inv_t, mse_weight, ce_weight,
@@ -331,11 +342,8 @@ def finish_loss_kernel(
     rows_kept = zero
     error = zero
     for r0 in range(0, B, BLOCK_R):
-        rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
-         err, dm) = _load_row_stats(stats_ptr, rows, rows < B)
-        exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
-        counted = (kept > 0.0) & (weight != 0.0)
+        exponent, wmse, ce, weight, kept, err, counted = _finished_rows(stats_ptr, r0, B, gamma,
+                                                                        inv_t, SOURCE, BLOCK_R)
         top = tl.maximum(top, tl.max(tl.where(counted, exponent, NEG_INF), axis=0))
         rows_kept += tl.sum(kept, axis=0)
         error = tl.maximum(error, tl.max(err, axis=0))
@@ -349,11 +357,8 @@ def finish_loss_kernel(
     den = zero
     ce_sum = zero
     for r0 in range(0, B, BLOCK_R):
-        rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
-         err, dm) = _load_row_stats(stats_ptr, rows, rows < B)
-        exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
-        counted = (kept > 0.0) & (weight != 0.0)
+        exponent, wmse, ce, weight, kept, err, counted = _finished_rows(stats_ptr, r0, B, gamma,
+                                                                        inv_t, SOURCE, BLOCK_R)
         f = tl.exp2(tl.where(counted, exponent, top) - top)
         wmse_sum += tl.sum(tl.where(counted, f * f * wmse, 0.0), axis=0)
         den += tl.sum(tl.where(counted, (f * weight) * (f * weight), 0.0), axis=0)
