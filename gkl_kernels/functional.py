@@ -14,8 +14,8 @@ from gkl_kernels.pairs.op import pair_rows
 from gkl_kernels.rank1.config import (SOURCE_EXPLICIT, SOURCE_NONE, SOURCE_PRIOR, SOURCE_TEACHER,
                                       STAT_W, TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS,
                                       TOTAL_WMSE, NUM_TOTALS, RowConfig)
-from gkl_kernels.rank1.op import (rank1_finish, rank1_loss, rank1_loss_backward,
-                                  rank1_row_stats)
+from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
+                                  rank1_loss_backward, rank1_row_stats)
 from gkl_kernels.rank1.torch_impl import finish_rows_torch
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -104,6 +104,8 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     if options.sync_normalizer:
         return _SyncedRankOneLoss.apply(student, teacher, factor, labels, config,
                                         options.process_group)
+    if not use_triton and not torch.compiler.is_compiling():
+        return TorchRankOneLoss.apply(student, teacher, factor, labels, config)
     return rank1_loss(student, teacher, factor, labels, config.floats, config.ints,
                       _gradients_wanted(student, teacher))[0]
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 B, C = 4, 6  # nominal shape of the (valid) inputs that every case starts from
 KERNEL_BACKENDS = ["triton", "torch"]
 # the ops through which functional reaches a kernel
-KERNEL_ENTRIES = ("rank1_loss", "rank1_row_stats", "pair_rows")
+KERNEL_ENTRIES = ("rank1_loss", "rank1_row_stats", "pair_rows", "TorchRankOneLoss")
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -35,6 +35,7 @@ def no_kernel(monkeypatch):
     """Replace the op with one that fails the test: validation must reject the input first."""
     def forbidden(*args, **kwargs):
         pytest.fail("a kernel ran although the input is invalid")
+    forbidden.apply = forbidden  # TorchRankOneLoss.apply
     for name in KERNEL_ENTRIES:
         monkeypatch.setattr(functional, name, forbidden, raising=False)
 
@@ -54,8 +55,14 @@ def recorded_kernel(monkeypatch):
 
     def record_stats(student, teacher, factor, labels, floats, ints):
         return record(student, teacher, factor, labels, floats, ints, False)[1]
+
+    class RecordedTorchLoss:  # the eager plain-PyTorch path's autograd function
+        @staticmethod
+        def apply(student, teacher, factor, labels, config):
+            return record(student, teacher, factor, labels, config.floats, config.ints, False)[0]
     monkeypatch.setattr(functional, "rank1_loss", record)
     monkeypatch.setattr(functional, "rank1_row_stats", record_stats)
+    monkeypatch.setattr(functional, "TorchRankOneLoss", RecordedTorchLoss)
     return calls
 
 

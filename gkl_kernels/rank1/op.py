@@ -10,6 +10,10 @@ for eager mode, ``torch.compile(fullgraph=True)`` and ``opcheck``.
   several chunks.
 - ``gkl_kernels::rank1_loss_backward(grad_loss, ..., stats, totals, ...) -> (ds, dt)``.
 
+``TorchRankOneLoss`` is ``rank1_loss`` with its autograd for the plain-PyTorch path in eager
+mode, without the custom op's dispatch: its forward also forms the gradients for a unit incoming
+gradient, so that its backward is one product per logit tensor.
+
 ``floats``/``ints`` are a ``RowConfig`` (``RowConfig.floats``, ``.ints``): its ``use_triton``
 picks the Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or the
 plain-PyTorch path.
@@ -25,7 +29,7 @@ from gkl_kernels.buffers import fake_gradients
 from gkl_kernels.rank1 import kernels
 from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, SOURCE_NONE, RowConfig
 from gkl_kernels.rank1.torch_impl import (finish_loss_torch, loss_backward_torch,
-                                          row_stats_torch)
+                                          loss_gradients_torch, row_stats_torch)
 
 
 @lru_cache(maxsize=256)
@@ -146,3 +150,30 @@ def _backward(ctx, grad_loss, *_grads_of_statistics):
 
 
 rank1_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+class TorchRankOneLoss(torch.autograd.Function):
+    """The loss on the plain-PyTorch path in eager mode, ``rank1_loss``'s first output: the
+    forward keeps ``d loss / d s`` and ``d loss / d t`` (float32) for the inputs that need them,
+    the backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, factor, labels, config):
+        need_ds = ctx.needs_input_grad[0]
+        need_dt = ctx.needs_input_grad[1] and config.source != SOURCE_NONE
+        stats, softmax_difference, weighted_deviation = row_stats_torch(
+            student, teacher, factor, labels, config, need_ds or need_dt)
+        loss, totals = finish_loss_torch(stats, config)
+        if need_ds or need_dt:
+            ds, dt = loss_gradients_torch(loss.new_ones(()), student, teacher, factor, labels,
+                                          stats, totals, config, need_ds, need_dt,
+                                          softmax_difference, weighted_deviation)
+            ctx.save_for_backward(ds, dt)
+        ctx.dtypes = need_ds and student.dtype, need_dt and teacher.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        return (*((g * grad_loss).to(dtype) if dtype else None
+                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)), None, None, None)

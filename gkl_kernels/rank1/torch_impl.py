@@ -31,6 +31,11 @@ def _ref(m):
     return torch.where(m != -INF, m, 0.0)
 
 
+def _scaled(x, factor):
+    """``x * factor``, in place (``x`` is a temporary), skipped for a factor of 1."""
+    return x if factor == 1.0 else x.mul_(factor)
+
+
 def _rescale(m_part, m, inv_temperature):
     return torch.where(m_part != -INF, ((m_part - m) * inv_temperature).exp(), 0.0)
 
@@ -65,11 +70,12 @@ def _usable_labels(labels, kept, bad):
 
 
 def _scaled_factor(t, v, in_wmse, mt, scale, config):
-    """``v'``: ``exp(gamma (t - m_t) / T2)`` (teacher) or ``v 2^-L``, 0 outside the wMSE."""
+    """``v'``: ``exp(gamma (t - m_t) / T2)``, 0 outside the wMSE (teacher), or ``v 2^-L`` (``v``
+    given; the caller masks it)."""
     if config.source == SOURCE_TEACHER:
-        v = ((t - _ref(mt)[:, None]) * (config.gamma / config.weight_temperature)).exp()
+        v = _scaled(t - _ref(mt)[:, None], config.gamma / config.weight_temperature).exp_()
         return torch.where(in_wmse, v, 0.0)
-    return torch.where(in_wmse, v, 0.0) * torch.exp2(-_ref(scale))[:, None]
+    return v * torch.exp2(-_ref(scale))[:, None]
 
 
 def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
@@ -86,12 +92,13 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
     columns[STAT_MS] = columns[STAT_L] = zeros - INF
     softmax_difference, weighted_deviation = s.new_empty(0), s.new_empty(0)
     inv_t = 1.0 / config.temperature
+    ref_t = _ref(mt)[:, None]
     if config.with_ce:
         ms = s.amax(dim=1)
-        e_s = ((s - _ref(ms)[:, None]) * inv_t).exp_()
-        e_t = ((t - _ref(mt)[:, None]) * inv_t).exp_()
+        ref_s = _ref(ms)[:, None]
+        e_s, e_t = _scaled(s - ref_s, inv_t).exp_(), _scaled(t - ref_t, inv_t).exp_()
         zs, zt = e_s.sum(dim=1), e_t.sum(dim=1)
-        spread = (_ref(ms)[:, None] - s).mul_(e_t)
+        spread = (ref_s - s).mul_(e_t)
         columns[STAT_A] = torch.where(e_t != 0, spread, 0.0).sum(dim=1)
         columns[STAT_MS], columns[STAT_ZS], columns[STAT_ZT] = ms, zs, zt
         if keep_directions:
@@ -101,7 +108,7 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
         in_wmse = (s != -INF) & (t != -INF)
         v = None
         if config.source == SOURCE_TEACHER:
-            columns[STAT_ZW] = ((t - _ref(mt)[:, None]) / config.weight_temperature).exp_().sum(1)
+            columns[STAT_ZW] = _scaled(t - ref_t, 1.0 / config.weight_temperature).exp_().sum(1)
         else:
             # the weights' values are checked before (host or device-side assertions)
             v = torch.where(in_wmse, given_factor(factor, _usable_labels(labels, kept, bad),
@@ -190,8 +197,16 @@ def row_coefficients_torch(grad_loss, stats, totals, config):
 
 def loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, totals, config,
                         need_ds, need_dt, softmax_difference, weighted_deviation):
-    """``(grad_student, grad_teacher)`` (empty when not needed), from the kept directions when
-    there are some, else recomputed from the logits and the statistics."""
+    """``(grad_student, grad_teacher)`` in the logits' dtypes (empty when not needed), from the
+    kept directions when there are some, else recomputed from the logits and the statistics."""
+    ds, dt = loss_gradients_torch(grad_loss, student, teacher, factor, labels, stats, totals,
+                                  config, need_ds, need_dt, softmax_difference, weighted_deviation)
+    return ds.to(student.dtype), dt.to(teacher.dtype)
+
+
+def loss_gradients_torch(grad_loss, student, teacher, factor, labels, stats, totals, config,
+                         need_ds, need_dt, softmax_difference, weighted_deviation):
+    """``loss_backward_torch``'s gradients in float32."""
     coef_d, coef_ce = row_coefficients_torch(grad_loss, stats, totals, config)
     if (config.with_ce and not softmax_difference.numel()) or (
             config.with_wmse and not weighted_deviation.numel()):
@@ -204,10 +219,8 @@ def loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, tota
             else torch.zeros(student.shape, dtype=torch.float32, device=student.device)
         if config.symmetric and g_d is not None:
             ds = ds - g_d
-        ds = ds.to(student.dtype)
     if need_dt:
-        dt = (g_d if g_d is not None else torch.zeros_like(teacher, dtype=torch.float32))
-        dt = dt.to(teacher.dtype)
+        dt = g_d if g_d is not None else torch.zeros_like(teacher, dtype=torch.float32)
     return ds, dt
 
 
