@@ -264,8 +264,7 @@ def rank1_flags(case):
 
 def shared_cases():
     """The launch cases of the shared ``(C, C)`` kernels: float32 inputs, both gradients and
-    ``tf32x3`` (three ``tl.dot`` per step, the most registers at most tiles) where not said
-    otherwise.
+    ``ieee`` (the direct sums, the default) where not said otherwise.
 
     1. Every ``(BLOCK_B, BLOCK_C)`` tile the launcher picks, both passes, at the largest batch
        that picks ``BLOCK_B`` and the class count of ``UNALIGNED_CLASSES`` that picks
@@ -278,14 +277,14 @@ def shared_cases():
         lambda batch: shared_kernels.pick_shared_blocks(batch, ALIGNED_CLASSES)[0], SHARED_BATCHES)
     classes = {shared_kernels.pick_shared_blocks(1, num_classes)[1]: num_classes
                for num_classes in UNALIGNED_CLASSES}
-    case = functools.partial(LaunchCase, "shared", weights=torch.float32, dot_precision="tf32x3")
+    case = functools.partial(LaunchCase, "shared", weights=torch.float32, dot_precision="ieee")
     cases = [case(kernel, torch.float32, torch.float32, num_classes, batch)
              for batch in batches.values() for num_classes in classes.values()
              for kernel in PASSES]
     widest = functools.partial(case, batch=batches[max(batches)])
     cases += [widest(kernel, torch.float32, torch.float32, classes[max(classes)],
                      dot_precision=dot_precision)
-              for dot_precision in DOT_PRECISIONS if dot_precision != "tf32x3"
+              for dot_precision in DOT_PRECISIONS if dot_precision != "ieee"
               for kernel in PASSES]
     return cases + dtype_and_gradient_cases(widest, ALIGNED_CLASSES)
 

@@ -202,15 +202,16 @@ class _SyncedRankOneLoss(torch.autograd.Function):
 def _general_pair_loss(student, teacher, weights, per_row, labels, options, use_triton):
     """Shared ``(C, C)`` or per-row ``(B, C, C)`` weights: the wMSE from ``pair_rows`` and the
     cross-entropy from the rank-one op without pair weights."""
-    wmse, weight_sums = pair_rows(student, teacher, weights.detach(), per_row, options.symmetric,
-                                  use_triton, options.block_c or 0, options.dot_precision)
+    wmse, weight_sums, _ = pair_rows(student, teacher, weights.detach(), per_row,
+                                     options.symmetric, use_triton, options.block_c or 0,
+                                     options.dot_precision)
     kept = None if labels is None else labels != options.ignore_index
     if kept is None:
         rows = weight_sums.new_tensor(float(student.shape[0]))
     else:
         wmse, weight_sums = torch.where(kept, wmse, 0.0), torch.where(kept, weight_sums, 0.0)
         rows = kept.sum(dtype=torch.float32)
-    normaliser = weight_sums.detach().sum() if options.normalize == "weights" else rows
+    normaliser = weight_sums.sum() if options.normalize == "weights" else rows
     wmse_sum = wmse.sum()
     ce_sum = None
     if options.ce_weight != 0:

@@ -119,7 +119,7 @@ def test_pair_weight_sweep_covers_tiles_dtypes_and_flags(report_rows, arch, fami
     forward, backward = KERNELS[family]
     for kernel in (forward, backward):
         rows = select(report_rows, arch, kernel)
-        tiles = {tuple(row["tile"].values()) for row in rows}
+        tiles = {tuple(row["tile"].values())[:2] for row in rows}  # (rows, classes) of a tile
         assert tiles >= expected_pair_tiles(family), f"{kernel}: {sorted(tiles)}"
         assert {(row["student"], row["teacher"]) for row in rows} >= LOGIT_DTYPE_PAIRS, kernel
         assert {row["weights"] for row in rows} >= DTYPES, kernel

@@ -45,9 +45,10 @@ def test_opcheck_pair_rows(kind, use_triton, symmetric, inputs, need_ds, need_dt
     args = (student.requires_grad_(), teacher.requires_grad_(), weights, kind == "per_row",
             symmetric, use_triton, 0, "ieee")
     assert_opcheck(torch.ops.gkl_kernels.pair_rows.default, args)
+    g = pair_rows(*args)[2].detach()  # the torch path's kept half-gradient (empty on Triton)
     grad_wmse = torch.rand(student.shape[0], generator=generator)
-    args = (grad_wmse, student.detach(), teacher.detach(), weights, kind == "per_row", need_ds,
-            need_dt, use_triton, 0, "ieee")
+    args = (grad_wmse, student.detach(), teacher.detach(), weights, g, kind == "per_row",
+            need_ds, need_dt, use_triton, 0, "ieee")
     assert_opcheck(torch.ops.gkl_kernels.pair_rows_backward.default, args)
 
 

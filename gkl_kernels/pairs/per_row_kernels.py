@@ -1,7 +1,10 @@
 """Triton kernels and launchers for the pairwise wMSE with a full per-row weight tensor
 ``w`` of shape ``(B, C, C)``.
 
-With ``d = t - s`` per row (relative to the row's first element, an exact float32 shift),
+Over the classes present in the row (neither logit ``-inf``; absent ones drop out of every pair),
+with ``d = t - s`` held as an exact float32 pair ``hi + lo`` (TwoSum) and the pair differences
+``d_j - d_k = (hi_j - hi_k) + (lo_j - lo_k)`` (exact where the two are within a factor of 2: a
+cluster of classes at a common offset stays exact),
 
     wmse_b = sum_{j,k} w[b,j,k] (d_j - d_k)^2
     d wmse_b / d d_n = 2 g_n,   g_n = sum_k w[b,n,k] (d_n - d_k) - sum_j w[b,j,n] (d_j - d_n)
@@ -23,6 +26,7 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
+from gkl_kernels.rank1.kernels import NEG_INF, two_sum
 
 BLOCK_J = 32  # rows j of a weight tile
 MAX_BLOCK_K = 64  # columns k of a weight tile (contiguous in memory)
@@ -43,36 +47,30 @@ def per_row_num_warps(block_j, block_k):
 
 
 @triton.jit
-def relative_row_tiles(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot,
-                       BLOCK_C: tl.constexpr):
-    """Columns ``c0 .. c0 + BLOCK_C`` (int64) of s and t, their mask, and both tiles in float32
-    relative to the row pivots (0 in masked-off lanes)."""
-    cols64 = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask = cols64 < C
-    s = tl.load(s_row + cols64 * s_stride_c, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_row + cols64 * t_stride_c, mask=mask, other=0.0).to(tl.float32)
-    return cols64, mask, tl.where(mask, s - s_pivot, 0.0), tl.where(mask, t - t_pivot, 0.0)
+def _row_difference_pairs(s_row, t_row, c0, C, s_stride_c, t_stride_c, BLOCK: tl.constexpr):
+    """Columns ``c0 .. c0 + BLOCK`` (int64), the present ones (inside the row, neither logit
+    ``-inf``) and ``t - s = hi + lo`` there in float32, 0 elsewhere."""
+    cols = (c0 + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = cols < C
+    s = tl.load(s_row + cols * s_stride_c, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_row + cols * t_stride_c, mask=mask, other=0.0).to(tl.float32)
+    present = mask & (s != NEG_INF) & (t != NEG_INF)
+    hi, lo = two_sum(t, -s)
+    return cols, present, tl.where(present, hi, 0.0), tl.where(present, lo, 0.0)
 
 
 @triton.jit
-def _row_differences(s_row, t_row, c0, C, s_stride_c, t_stride_c, s_pivot, t_pivot,
-                     BLOCK: tl.constexpr):
-    """Columns ``c0 .. c0 + BLOCK`` (int64), their mask and ``d = (t - t_0) - (s - s_0)``."""
-    cols, mask, s_rel, t_rel = relative_row_tiles(s_row, t_row, c0, C, s_stride_c, t_stride_c,
-                                               s_pivot, t_pivot, BLOCK)
-    return cols, mask, t_rel - s_rel
-
-
-@triton.jit
-def _weight_tile(s_row, t_row, w_row, j_cols, j_mask, d_j, k0, C, s_stride_c, t_stride_c,
-                 w_stride_j, w_stride_k, s_pivot, t_pivot, BLOCK_K: tl.constexpr):
-    """Columns ``k0 .. k0 + BLOCK_K`` (int64) and their mask, the weight tile ``w[j, k]`` in float32
-    (0 outside the row's ``C x C``) and the differences ``d_j - d_k`` on it."""
-    k_cols, k_mask, d_k = _row_differences(s_row, t_row, k0, C, s_stride_c, t_stride_c, s_pivot,
-                                           t_pivot, BLOCK_K)
+def _weight_tile(s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, C, s_stride_c, t_stride_c,
+                 w_stride_j, w_stride_k, BLOCK_K: tl.constexpr):
+    """Columns ``k0 .. k0 + BLOCK_K`` (int64) and the present ones, the weight tile ``w[j, k]`` in
+    float32 (0 outside the present pairs) and the differences ``d_j - d_k`` on it."""
+    k_cols, in_k, hi_k, lo_k = _row_difference_pairs(s_row, t_row, k0, C, s_stride_c, t_stride_c,
+                                                     BLOCK_K)
+    both = in_j[:, None] & in_k[None, :]
     w = tl.load(w_row + j_cols[:, None] * w_stride_j + k_cols[None, :] * w_stride_k,
-                mask=j_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-    return k_cols, k_mask, w, d_j[:, None] - d_k[None, :]
+                mask=both, other=0.0).to(tl.float32)
+    delta = (hi_j[:, None] - hi_k[None, :]) + (lo_j[:, None] - lo_k[None, :])
+    return k_cols, in_k, w, delta
 
 
 @triton.jit
@@ -89,15 +87,13 @@ def wmse_per_row_fwd_kernel(
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
     w_row = w_ptr + row * w_stride_b
-    s_pivot = tl.load(s_row).to(tl.float32)
-    t_pivot = tl.load(t_row).to(tl.float32)
-    j_cols, j_mask, d_j = _row_differences(s_row, t_row, tile * BLOCK_J, C, s_stride_c, t_stride_c,
-                                           s_pivot, t_pivot, BLOCK_J)
+    j_cols, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, tile * BLOCK_J, C, s_stride_c,
+                                                     t_stride_c, BLOCK_J)
     wmse_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
     wsum_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        _, _, w, diff = _weight_tile(s_row, t_row, w_row, j_cols, j_mask, d_j, k0, C, s_stride_c,
-                                     t_stride_c, w_stride_j, w_stride_k, s_pivot, t_pivot, BLOCK_K)
+        _, _, w, diff = _weight_tile(s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, C,
+                                     s_stride_c, t_stride_c, w_stride_j, w_stride_k, BLOCK_K)
         wmse_acc += w * diff * diff
         wsum_acc += w
     out = tile.to(tl.int64) * B + row
@@ -118,24 +114,23 @@ def wmse_per_row_bwd_kernel(
     t_row = t_ptr + row * t_stride_b
     w_row = w_ptr + row * w_stride_b
     acc_row = acc_ptr + row * C
-    s_pivot = tl.load(s_row).to(tl.float32)
-    t_pivot = tl.load(t_row).to(tl.float32)
     for j0 in range(0, C, BLOCK_J):
-        j_cols, j_mask, d_j = _row_differences(s_row, t_row, j0, C, s_stride_c, t_stride_c,
-                                               s_pivot, t_pivot, BLOCK_J)
+        j_cols, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, j0, C, s_stride_c,
+                                                         t_stride_c, BLOCK_J)
         row_part = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, C, BLOCK_K):
-            k_cols, k_mask, w, diff = _weight_tile(
-                s_row, t_row, w_row, j_cols, j_mask, d_j, k0, C, s_stride_c, t_stride_c,
-                w_stride_j, w_stride_k, s_pivot, t_pivot, BLOCK_K)
+            k_cols, in_k, w, diff = _weight_tile(
+                s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, C, s_stride_c, t_stride_c,
+                w_stride_j, w_stride_k, BLOCK_K)
             w_diff = w * diff
             row_part += w_diff
             # g_k -= sum_j w[j, k] (d_j - d_k): this k tile's accumulator, this program only
-            k_acc = tl.load(acc_row + k_cols, mask=k_mask, other=0.0)
-            tl.store(acc_row + k_cols, k_acc - tl.sum(w_diff, axis=0), mask=k_mask)
+            # absent classes (w = 0 on their pairs) keep their 0
+            k_acc = tl.load(acc_row + k_cols, mask=in_k, other=0.0)
+            tl.store(acc_row + k_cols, k_acc - tl.sum(w_diff, axis=0), mask=in_k)
         tl.debug_barrier()
-        j_acc = tl.load(acc_row + j_cols, mask=j_mask, other=0.0)
-        tl.store(acc_row + j_cols, j_acc + tl.sum(row_part, axis=1), mask=j_mask)
+        j_acc = tl.load(acc_row + j_cols, mask=in_j, other=0.0)
+        tl.store(acc_row + j_cols, j_acc + tl.sum(row_part, axis=1), mask=in_j)
         tl.debug_barrier()
     coef = 2.0 * tl.load(grad_wmse_ptr + row).to(tl.float32)
     for c0 in range(0, C, BLOCK_K):

@@ -1,88 +1,98 @@
 """Plain-PyTorch paths for general pair weights, the same row outputs as the Triton kernels.
 
-With ``d = t - s`` centred per row (an exact identity: the pairwise sum ignores per-row offsets),
-``g_n = sum_k (w[n,k] + w[k,n]) (d_n - d_k) = (r_n + c_n) d_n - (W d)_n - (W^T d)_n`` with row
-sums ``r`` and column sums ``c``; ``wmse = sum_n d_n g_n`` and ``d wmse / d d = 2 g``. Shared
-``(C, C)`` weights cost one ``(B, C) @ (C, C)`` product and ``C x C`` temporaries; per-row
-``(B, C, C)`` weights two batched matrix-vector products; half-precision weights go in chunks of at
-most an eighth of the rows and ``CHUNK_ELEMENTS`` weights, so that their float32 copy stays small.
-No ``B x C x C`` temporary exists.
+A class is present in a row when neither logit is ``-inf`` (``in_j``); absent classes drop out of
+every pair (``w[j, k] in_j in_k``). On the present classes ``d = t - s`` is formed in float64
+(exact for float32 logits) and centred on its row mean (an exact identity: the pairwise sum ignores
+per-row offsets). With ``S = M + M^T`` (shared) or ``w + w^T`` (per row) on the present pairs:
+
+    g_n = sum_k S[n, k] (d_n - d_k) = deg_n d_n - (S d)_n,   deg = S in
+    wmse = sum_n d_n g_n = sum_{j,k} w[j, k] (d_j - d_k)^2,   d wmse / d d = 2 g
+
+The expansion cancels when a cluster of weighted classes sits at an offset ``c`` from the row mean
+(its relative error is about ``eps c / spread``); in float64 that stays below float32 rounding for
+offsets to 1e6, where a float32 product loses everything. Shared ``(C, C)`` weights cost one
+float64 ``(B, C) @ (C, C)`` product (``2 B C^2`` FLOPs; twice that on CUDA, and on CPU when a
+class is absent somewhere, for the degree rows ``in @ S``), taken in row blocks of ``S`` so
+that no float64 copy of ``M`` exists; per-row ``(B, C, C)`` weights two batched matrix-vector
+products per chunk of rows (at most ``CHUNK_ELEMENTS`` weights), each converted to float64 once.
+No ``B x C x C`` temporary exists. The forward also returns ``g``
+(float32), so that the backward is one product.
 """
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 18  # float64 elements of one per-row weight chunk (2 MiB)
+SHARED_BLOCK_ELEMENTS = 1 << 17  # float64 elements of one row block of S (1 MiB)
+NEG_INF = float("-inf")
 
 
-def relative_logits(student, teacher):
-    """``(s - s_0, t - t_0)`` in float32, the pivot being each row's first element."""
-    s = student.float()
-    t = teacher.float()
-    return s - s[:, :1], t - t[:, :1]
+def _present_differences(student, teacher):
+    """``(d, present)``: ``d = t - s`` in float64, 0 on absent classes and centred on the present
+    ones' row mean, (B, C); ``present`` the float64 mask ``in``, or None when every class of every
+    row is present (known for free on CPU; on CUDA it is never assumed)."""
+    d = teacher.double().sub_(student)
+    present = (student != NEG_INF) & (teacher != NEG_INF)
+    if d.device.type == "cpu" and bool(present.all()):
+        return d.sub_(d.mean(dim=1, keepdim=True)), None
+    d.masked_fill_(~present, 0.0)
+    count = present.sum(dim=1, keepdim=True).clamp_min(1)
+    d.sub_(d.sum(dim=1, keepdim=True) / count).masked_fill_(~present, 0.0)
+    return d, present.double()
 
 
-def _centred_differences(student, teacher):
-    """``d = t - s`` in float32 minus its row mean, (B, C)."""
-    s_rel, t_rel = relative_logits(student, teacher)
-    d = t_rel.sub_(s_rel)
-    return d.sub_(d.mean(dim=1, keepdim=True))
-
-
-def _shared_gradient(d, weights):
-    """``g = deg * d - d @ S`` with ``S = M + M^T`` and ``deg = S 1``, (B, C) float32."""
-    pair = weights.float()
-    pair = pair + pair.T
-    return torch.addmm(d * pair.sum(dim=0), d, pair, alpha=-1.0)
-
-
-def _per_row_chunk_gradient(w, d):
-    """``g`` and the row weight sums for a chunk of rows: ``w`` float32 ``(b, C, C)``, ``d``
-    ``(b, C)``. Two passes over ``w``: ``w [1, d]`` gives the row sums and ``W d``, ``[1, d]^T w``
-    the column sums and ``W^T d``."""
-    ones_and_d = torch.stack([torch.ones_like(d), d], dim=2)  # (b, C, 2)
-    rows = torch.bmm(w, ones_and_d)  # (b, C, 2): r, W d
-    cols = torch.bmm(ones_and_d.transpose(1, 2), w)  # (b, 2, C): c, W^T d
-    degree = rows[:, :, 0] + cols[:, 0, :]
-    return degree.mul_(d).sub_(rows[:, :, 1]).sub_(cols[:, 1, :]), rows[:, :, 0].sum(dim=1)
-
-
-def _per_row_gradient(d, weights):
-    """``g`` (B, C) and the row weight sums ``sum_{j,k} w[b,j,k]`` (B,), both float32."""
+def _shared_terms(d, present, weights):
+    """``(g (B, C), weight_sum (B,))`` in float64 for shared ``(C, C)`` weights (``present``
+    None: every class present, one set of degrees for all rows)."""
     batch, num_classes = d.shape
+    operand = d if present is None else torch.cat([d, present])
+    product = torch.zeros_like(operand)
+    block = max(1, SHARED_BLOCK_ELEMENTS // num_classes)
+    for start in range(0, num_classes, block):
+        rows = slice(start, start + block)
+        pair = weights[rows].double()
+        pair += weights[:, rows].T  # S[rows, :]
+        product.addmm_(operand[:, rows], pair)
+    if present is None:
+        degree = weights.sum(dim=0, dtype=torch.float64) + weights.sum(dim=1, dtype=torch.float64)
+        return product.neg_().addcmul_(d, degree), (0.5 * degree.sum()).expand(batch)
+    degree, g = product[batch:], product[:batch]
+    weight_sum = 0.5 * torch.linalg.vecdot(present, degree)
+    return g.neg_().addcmul_(degree, d).mul_(present), weight_sum
+
+
+def _per_row_terms(d, present, weights):
+    """``(g (B, C), weight_sum (B,))`` in float64 for per-row ``(B, C, C)`` weights (``present``
+    None: every class present): per chunk of rows, ``w [in, d]`` gives the present row sums and ``w d``, ``[in, d]^T w`` the column sums and
+    ``w^T d``."""
+    batch, num_classes = d.shape
+    present = torch.ones_like(d) if present is None else present
     g = torch.empty_like(d)
     weight_sum = d.new_empty(batch)
-    chunk = batch  # float32 weights are used in place
-    if weights.dtype != torch.float32:
-        chunk = max(1, min(CHUNK_ELEMENTS // (num_classes * num_classes), -(-batch // 8)))
+    chunk = max(1, CHUNK_ELEMENTS // (num_classes * num_classes))
     for start in range(0, batch, chunk):
         rows = slice(start, start + chunk)
-        # one float32 chunk alive at a time: it is freed when the helper returns
-        g[rows], weight_sum[rows] = _per_row_chunk_gradient(weights[rows].float(), d[rows])
+        w = weights[rows].double()  # one float64 chunk alive at a time
+        operand = torch.stack([present[rows], d[rows]], dim=2)  # (b, C, 2)
+        by_rows = torch.bmm(w, operand)  # r, w d
+        by_cols = torch.bmm(operand.transpose(1, 2), w)  # c, w^T d
+        degree = by_rows[:, :, 0] + by_cols[:, 0, :]
+        g[rows] = present[rows] * (degree * d[rows] - by_rows[:, :, 1] - by_cols[:, 1, :])
+        weight_sum[rows] = torch.linalg.vecdot(present[rows], by_rows[:, :, 0])
     return g, weight_sum
 
 
-def shared_weight_sums(weights, batch):
-    """``sum_{j,k} M[j,k]`` for each of the ``batch`` rows, (B,) float32."""
-    return weights.sum(dtype=torch.float32).expand(batch).clone()
-
-
 def pair_rows_forward_torch(student, teacher, weights, per_row):
-    """``(wmse (B,), weight_sum (B,))`` in float32, as the Triton launchers."""
-    d = _centred_differences(student, teacher)
-    if per_row:
-        g, weight_sum = _per_row_gradient(d, weights)
-    else:
-        g = _shared_gradient(d, weights)
-        weight_sum = shared_weight_sums(weights, d.shape[0])
-    return torch.linalg.vecdot(d, g), weight_sum
+    """``(wmse (B,), weight_sum (B,), g (B, C))`` in float32, the first two as the Triton
+    launchers; ``g`` for ``pair_rows_backward_torch``."""
+    d, present = _present_differences(student, teacher)
+    g, weight_sum = (_per_row_terms if per_row else _shared_terms)(d, present, weights)
+    return torch.linalg.vecdot(d, g).float(), weight_sum.float(), g.float()
 
 
-def pair_rows_backward_torch(grad_wmse, student, teacher, weights, per_row, need_ds, need_dt):
+def pair_rows_backward_torch(grad_wmse, student, teacher, g, need_ds, need_dt):
     """``(grad_student, grad_teacher)``: ``dt = 2 g_wmse g``, ``ds = -dt`` (empty when not
     needed)."""
-    d = _centred_differences(student, teacher)
-    g = _per_row_gradient(d, weights)[0] if per_row else _shared_gradient(d, weights)
-    g_d = g.mul_((2.0 * grad_wmse.float())[:, None])
+    g_d = g * (2.0 * grad_wmse.float())[:, None]
     ds = (-g_d).to(student.dtype) if need_ds else student.new_empty(0)
     dt = g_d.to(teacher.dtype) if need_dt else teacher.new_empty(0)
     return ds, dt

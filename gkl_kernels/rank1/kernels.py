@@ -57,7 +57,7 @@ def pick_num_warps(block_c):
 
 
 @triton.jit
-def _two_sum(a, b):
+def two_sum(a, b):
     """``(h, e)`` with ``h = fl(a + b)`` and ``h + e == a + b`` exactly."""
     h = a + b
     bb = h - a
@@ -133,7 +133,7 @@ def moment_factors(mt_a, l_a, mt_b, l_b, gamma_t2, SOURCE: tl.constexpr):
 @triton.jit
 def _difference(s, t, in_wmse):
     """``d = t - s`` as the exact pair ``(hi, lo)``, 0 outside the wMSE's classes."""
-    hi, lo = _two_sum(t, -s)
+    hi, lo = two_sum(t, -s)
     return tl.where(in_wmse, hi, 0.0), tl.where(in_wmse, lo, 0.0)
 
 
