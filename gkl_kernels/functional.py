@@ -11,9 +11,9 @@ from torch import distributed
 from gkl_kernels import validation as check
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
-from gkl_kernels.rank1.config import (SOURCE_EXPLICIT, SOURCE_NONE, SOURCE_PRIOR, SOURCE_TEACHER,
-                                      STAT_W, TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS,
-                                      TOTAL_WMSE, NUM_TOTALS, RowConfig)
+from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE, SOURCE_PAIRS,
+                                      SOURCE_PRIOR, SOURCE_TEACHER, STAT_W, TOTAL_CE, TOTAL_DEN,
+                                      TOTAL_K, TOTAL_ROWS, TOTAL_WMSE, RowConfig)
 from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
                                   rank1_loss_backward, rank1_row_stats)
 from gkl_kernels.rank1.torch_impl import finish_rows_torch
@@ -91,16 +91,18 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
         kept = labels != options.ignore_index if host_values else None
         check.check_prior(class_prior, torch.where(kept, labels, 0) if host_values else labels,
                           student.shape[1], student.device, host_values, keep=kept)
+    pairs = {}
     if kind in ("shared", "per_row"):
-        return _general_pair_loss(student, teacher, weights, kind == "per_row", labels, options,
-                                  use_triton)
-    if weights is not None:
+        source, factor = SOURCE_PAIRS, weights.detach()
+        pairs = dict(per_row=kind == "per_row",
+                     dot_precision=check.DOT_PRECISIONS.index(options.dot_precision))
+    elif weights is not None:
         source, factor = SOURCE_EXPLICIT, weights.detach()
     elif class_prior is not None:
         source, factor = SOURCE_PRIOR, class_prior.detach()
     else:
         source, factor = SOURCE_TEACHER, None
-    config = row_config(options, source, labels is not None, use_triton)
+    config = row_config(options, source, labels is not None, use_triton, **pairs)
     if options.sync_normalizer:
         return _SyncedRankOneLoss.apply(student, teacher, factor, labels, config,
                                         options.process_group)
@@ -197,45 +199,6 @@ class _SyncedRankOneLoss(torch.autograd.Function):
         ds, dt = rank1_loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
                                      empty, empty, config.floats, config.ints, need_ds, need_dt)
         return ds if need_ds else None, dt if need_dt else None, None, None, None, None
-
-
-def _general_pair_loss(student, teacher, weights, per_row, labels, options, use_triton):
-    """Shared ``(C, C)`` or per-row ``(B, C, C)`` weights: the wMSE from ``pair_rows`` and the
-    cross-entropy from the rank-one op without pair weights."""
-    wmse, weight_sums, _ = pair_rows(student, teacher, weights.detach(), per_row,
-                                     options.symmetric, use_triton, options.block_c or 0,
-                                     options.dot_precision)
-    kept = None if labels is None else labels != options.ignore_index
-    if kept is None:
-        rows = weight_sums.new_tensor(float(student.shape[0]))
-    else:
-        wmse, weight_sums = torch.where(kept, wmse, 0.0), torch.where(kept, weight_sums, 0.0)
-        rows = kept.sum(dtype=torch.float32)
-    normaliser = weight_sums.sum() if options.normalize == "weights" else rows
-    wmse_sum = wmse.sum()
-    ce_sum = None
-    if options.ce_weight != 0:
-        config = row_config(options, SOURCE_NONE, labels is not None, use_triton, ce_weight=1.0)
-        ce_mean = rank1_loss(student, teacher, None, labels, config.floats, config.ints,
-                             _gradients_wanted(student, teacher))[0]
-        ce_sum = ce_mean * rows.clamp(min=1.0)
-    if options.sync_normalizer and _distributed():
-        local = torch.stack([wmse_sum, ce_sum if ce_sum is not None else rows * 0, normaliser,
-                             rows]).detach()
-        distributed.all_reduce(local, group=options.process_group)
-        all_wmse, all_ce, all_normaliser, all_rows = local.unbind()
-        share = _pair_loss_from_sums(wmse_sum, ce_sum, all_normaliser, all_rows, options)
-        total = _pair_loss_from_sums(all_wmse, all_ce if ce_sum is not None else None,
-                                     all_normaliser, all_rows, options)
-        return share + (total - share).detach()
-    return _pair_loss_from_sums(wmse_sum, ce_sum, normaliser, rows, options)
-
-
-def _pair_loss_from_sums(wmse_sum, ce_sum, normaliser, rows, options):
-    loss = (options.mse_weight / 4) * safe_ratio(wmse_sum, normaliser)
-    if ce_sum is not None:
-        loss = loss + options.ce_weight * ce_sum / rows.clamp(min=1.0)
-    return loss
 
 
 def _checked_weights_kind(weights, student, weights_kind, options, check_values):

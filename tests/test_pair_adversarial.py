@@ -191,3 +191,38 @@ def test_every_class_of_a_row_absent(kind, backend, block_c, generator):
     assert rows[1] == 0 and torch.isfinite(rows).all()
     assert torch.equal(grad_s[1], torch.zeros(CLASSES))
     assert torch.equal(grad_t[1], torch.zeros(CLASSES))
+
+
+IGNORED = [1, 4]
+
+
+@pytest.mark.parametrize("backend, block_c", BACKEND_TILES)
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_ignored_rows_hold_nan_and_inf(kind, fill, backend, block_c, generator):
+    """Rows labelled ``ignore_index`` are not read: NaN / inf there change nothing, their
+    gradients are exactly 0, the loss (wMSE and cross-entropy) is that of the kept rows."""
+    rows = 6
+    student, teacher, weights = general_inputs(kind, generator, rows=rows)
+    labels = torch.randint(0, CLASSES, (rows,), generator=generator)
+    labels[IGNORED] = -100
+    kept = [r for r in range(rows) if r not in IGNORED]
+    options = dict(backend=backend, block_c=block_c, weights_kind=kind, mse_weight=20.0,
+                   ce_weight=4.0, temperature=4.0)
+    poisoned_s, poisoned_t = student.clone(), teacher.clone()
+    poisoned_s[IGNORED] = fill
+    poisoned_t[IGNORED] = fill
+    s = poisoned_s.requires_grad_()
+    t = poisoned_t.requires_grad_()
+    loss = gkl_kernels.gkl_loss(s, t, weights=weights, labels=labels, **options)
+    grad_s, grad_t = torch.autograd.grad(loss, (s, t))
+    assert torch.equal(grad_s[IGNORED], torch.zeros_like(grad_s[IGNORED]))
+    assert torch.equal(grad_t[IGNORED], torch.zeros_like(grad_t[IGNORED]))
+    s_kept = student[kept].clone().requires_grad_()
+    t_kept = teacher[kept].clone().requires_grad_()
+    kept_weights = weights if kind == "shared" else weights[kept]
+    expected = gkl_kernels.gkl_loss(s_kept, t_kept, weights=kept_weights, **options)
+    expected_grads = torch.autograd.grad(expected, (s_kept, t_kept))
+    assert relative_error(loss, expected) <= 1e-6
+    for actual, wanted in zip((grad_s[kept], grad_t[kept]), expected_grads):
+        assert relative_error(actual, wanted) <= 1e-6

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.traffic import DispatchCounter, TritonTrafficCounter
 from gkl_kernels import GKLLoss, compat, functional, gkl_loss, pairwise_wmse
 from gkl_kernels.pairs.op import pair_rows
+from gkl_kernels.rank1.config import SOURCE_PAIRS
 from tests.conftest import assert_close_rel, loss_and_grads, oracle
 
 KINDS = ("shared", "per_row")
@@ -172,9 +174,11 @@ def test_adv_dkl_loss_matches_first_paper(weight_source, backend, generator, mon
     """CIFAR adversarial training (alpha = 4, beta = 20): both logits get gradients; a rank-one
     ``weight`` still runs through the per-row (B, C, C) kernel."""
     monkeypatch.setattr(functional.check, "triton_interpreter_active", lambda: backend == "triton")
-    calls = []
-    monkeypatch.setattr(functional, "pair_rows",
-                        lambda *args: calls.append(args[3]) or pair_rows(*args))
+    configs = []
+    row_config = functional.row_config
+    monkeypatch.setattr(functional, "row_config",
+                        lambda *args, **kwargs: configs.append(row_config(*args, **kwargs))
+                        or configs[-1])
     batch, num_classes = 8, 10
     logits_nat = 3 * torch.randn(batch, num_classes, generator=generator)
     logits_adv = logits_nat + torch.randn(batch, num_classes, generator=generator)
@@ -190,4 +194,34 @@ def test_adv_dkl_loss_matches_first_paper(weight_source, backend, generator, mon
     expected = first_paper_loss(logits_adv, logits_nat, weight, 1.0, 4.0, 20.0)
     for name, a, e in zip(("loss", "grad_adv", "grad_nat"), actual, expected):
         assert_close_rel(a, e, 2e-5, name)
-    assert calls == [True]  # per_row, no silent rank-one detection
+    # the per-row pair weights, no silent rank-one detection
+    assert [(config.source, config.per_row) for config in configs] == [(SOURCE_PAIRS, True)]
+
+
+# --------------------------------------------------------------------------- launches, host syncs
+
+
+@pytest.mark.newest_triton
+@pytest.mark.parametrize("with_ignored", [False, True], ids=["all_rows", "ignore_index"])
+@pytest.mark.parametrize("kind", ["shared", "per_row"])
+def test_triton_step_launches_and_host_syncs(kind, with_ignored, generator):
+    """With the weights' value check off (on a GPU it is a device-side assertion over the
+    weights, a few launches more): 3 launches forward (the cross-entropy statistics, the pair
+    kernel, the finishing kernel), 1 backward (the per-row kernel also zeroes its accumulator),
+    no host synchronisation."""
+    student, teacher, weights = pair_inputs(kind, generator)
+    labels = None
+    if with_ignored:
+        labels = torch.randint(0, student.shape[1], (student.shape[0],), generator=generator)
+        labels[1] = -100
+    student.requires_grad_()
+    grad = torch.ones(())  # autograd's own seed, made outside the count
+    with DispatchCounter() as ops, TritonTrafficCounter() as kernels:
+        loss = gkl_loss(student, teacher, weights=weights, weights_kind=kind, labels=labels,
+                        backend="triton", check_values=False)
+    assert (ops.launches + kernels.launches, ops.host_syncs) == (3, 0)
+    with DispatchCounter() as ops, TritonTrafficCounter() as kernels:
+        loss.backward(grad)
+    expected = {"shared": 1, "per_row": 2}[kind]
+    assert (ops.launches + kernels.launches, ops.host_syncs) == (expected, 0)
+    assert torch.isfinite(student.grad).all()

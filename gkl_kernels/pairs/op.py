@@ -8,15 +8,72 @@ classes present in the row (neither logit ``-inf``) for shared ``(C, C)`` weight
 (empty on the Triton path, which recomputes it). The weights and their sums are constants;
 ``symmetric=False`` gives the student no gradient (DKL). ``block_c = 0`` lets the launchers choose
 the tiles.
+
+The whole loss with pair weights (``RowConfig.source = SOURCE_PAIRS``) runs through the rank-one
+loss ops (``rank1.op``), which call ``pair_loss_triton`` / ``pair_loss_backward_triton`` here: the
+cross-entropy statistics from the rank-one row kernel, the wMSE parts from the pair kernel, both
+finished by the rank-one finishing kernel; the backward is one pair kernel that also forms the
+cross-entropy's gradient.
 """
 
 import torch
 from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
+from gkl_kernels.pairs.loss_terms import PairLossTerms
 from gkl_kernels.pairs.per_row_kernels import per_row_rows_backward, per_row_rows_forward
 from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_forward
 from gkl_kernels.pairs.torch_impl import pair_rows_backward_torch, pair_rows_forward_torch
+from gkl_kernels.rank1 import kernels as rank1_kernels
+from gkl_kernels.rank1.config import STAT_M2, STAT_W
+from gkl_kernels.validation import DOT_PRECISIONS
+
+
+def pair_parts(student, teacher, weights, labels, per_row, block_c, dot_precision,
+               ignore_index=-100):
+    """The Triton forward: ``(2, P, B)`` column parts of the rows' wMSE and weight sums."""
+    if per_row:
+        return per_row_rows_forward(student, teacher, weights, block_c or None, labels,
+                                    ignore_index)
+    return shared_rows_forward(student, teacher, weights, dot_precision, block_c or None, labels,
+                               ignore_index)
+
+
+def pair_backward(grad, student, teacher, weights, need_ds, need_dt, per_row, block_c,
+                  dot_precision, loss=None):
+    """The Triton backward of the rows' wMSE (``loss`` None) or of the whole loss."""
+    if per_row:
+        return per_row_rows_backward(grad, student, teacher, weights, need_ds, need_dt,
+                                     block_c or None, loss)
+    return shared_rows_backward(grad, student, teacher, weights, need_ds, need_dt, dot_precision,
+                                block_c or None, loss)
+
+
+def pair_loss_triton(student, teacher, weights, labels, config):
+    """``(loss, stats, totals)`` of the loss with pair weights under Triton: the rank-one row
+    kernel's cross-entropy statistics, the pair kernel's wMSE parts, the finishing kernel."""
+    stats = rank1_kernels.row_stats(student, teacher, None, labels, config)
+    parts = pair_parts(student, teacher, weights, labels, config.per_row, config.block_c,
+                       DOT_PRECISIONS[config.dot_precision], config.ignore_index)
+    loss, totals = rank1_kernels.finish_loss(stats, config, parts)
+    return loss, stats, totals
+
+
+def pair_stats_triton(student, teacher, weights, labels, config):
+    """The rows' statistics with their pair wMSE and weight sums in ``M2`` and ``W``."""
+    stats = rank1_kernels.row_stats(student, teacher, None, labels, config)
+    parts = pair_parts(student, teacher, weights, labels, config.per_row, config.block_c,
+                       DOT_PRECISIONS[config.dot_precision], config.ignore_index)
+    stats[:, STAT_M2], stats[:, STAT_W] = parts.sum(dim=1)
+    return stats
+
+
+def pair_loss_backward_triton(grad_loss, student, teacher, weights, labels, stats, totals, config,
+                              need_ds, need_dt):
+    """``(ds, dt)`` of the loss with pair weights under Triton: one pair backward kernel."""
+    return pair_backward(grad_loss, student, teacher, weights, need_ds, need_dt, config.per_row,
+                         config.block_c, DOT_PRECISIONS[config.dot_precision],
+                         PairLossTerms(stats, totals, labels, config))
 
 
 @torch.library.custom_op("gkl_kernels::pair_rows", mutates_args=())
@@ -27,10 +84,8 @@ def pair_rows(student: Tensor, teacher: Tensor, weights: Tensor, per_row: bool, 
     ``symmetric`` only affects backward, ``dot_precision`` only shared weights under Triton."""
     if not use_triton:
         return pair_rows_forward_torch(student, teacher, weights, per_row)
-    empty = student.new_empty(0, dtype=torch.float32)
-    if per_row:
-        return *per_row_rows_forward(student, teacher, weights, block_c or None), empty
-    return *shared_rows_forward(student, teacher, weights, dot_precision, block_c or None), empty
+    parts = pair_parts(student, teacher, weights, None, per_row, block_c, dot_precision)
+    return parts[0].sum(dim=0), parts[1].sum(dim=0), student.new_empty(0, dtype=torch.float32)
 
 
 @pair_rows.register_fake
@@ -48,11 +103,8 @@ def pair_rows_backward(grad_wmse: Tensor, student: Tensor, teacher: Tensor, weig
     """Gradients of ``pair_rows``'s wMSE w.r.t. student and teacher (empty when not needed)."""
     if not use_triton:
         return pair_rows_backward_torch(grad_wmse, student, teacher, g, need_ds, need_dt)
-    if per_row:
-        return per_row_rows_backward(grad_wmse, student, teacher, weights, need_ds, need_dt,
-                                     block_c or None)
-    return shared_rows_backward(grad_wmse, student, teacher, weights, need_ds, need_dt,
-                                dot_precision, block_c or None)
+    return pair_backward(grad_wmse, student, teacher, weights, need_ds, need_dt, per_row, block_c,
+                         dot_precision)
 
 
 @pair_rows_backward.register_fake

@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.rank1.kernels import NEG_INF, two_sum
+from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars
+from gkl_kernels.rank1.kernels import (NEG_INF, load_row_stats, pair_loss_coefficients,
+                                       softmax_difference, two_sum)
 
 BLOCK_J = 32  # rows j of a weight tile
 MAX_BLOCK_K = 64  # columns k of a weight tile (contiguous in memory)
@@ -74,57 +76,74 @@ def _weight_tile(s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, C, s_stride_
 
 
 @triton.jit
+def _read_columns(labels_ptr, row, C, ignore_index, HAS_LABELS: tl.constexpr):
+    """The columns of a row that are read: ``C``, or 0 when its label is ``ignore_index``."""
+    if HAS_LABELS:
+        return tl.where(tl.load(labels_ptr + row) != ignore_index, C, 0)
+    return C
+
+
+@triton.jit
 def wmse_per_row_fwd_kernel(
-    s_ptr, t_ptr, w_ptr, wmse_part_ptr, wsum_part_ptr,
+    s_ptr, t_ptr, w_ptr, labels_ptr, parts_ptr,
     B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, w_stride_b, w_stride_j, w_stride_k,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    ignore_index, HAS_LABELS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid ``(B, cdiv(C, BLOCK_J))``: program ``(b, i)`` reduces the weight rows ``j`` of tile
-    ``i`` into ``wmse_part[i, b] = sum w (d_j - d_k)^2`` and ``wsum_part[i, b] = sum w`` (float32
-    ``(cdiv(C, BLOCK_J), B)``; their column sums are ``wmse_b`` and ``sum_{j,k} w[b,j,k]``)."""
+    """Grid ``(B, P = cdiv(C, BLOCK_J))``: program ``(b, i)`` reduces the weight rows ``j`` of
+    tile ``i`` into ``parts[0, i, b] = sum w (d_j - d_k)^2`` and ``parts[1, i, b] = sum w``
+    (float32 ``(2, P, B)``; their sums over ``P`` are ``wmse_b`` and ``sum_{j,k} w[b,j,k]``); 0 for
+    a row labelled ``ignore_index``, which is not read."""
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
     w_row = w_ptr + row * w_stride_b
-    j_cols, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, tile * BLOCK_J, C, s_stride_c,
-                                                     t_stride_c, BLOCK_J)
+    read = _read_columns(labels_ptr, row, C, ignore_index, HAS_LABELS)
+    j_cols, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, tile * BLOCK_J, read,
+                                                     s_stride_c, t_stride_c, BLOCK_J)
     wmse_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
     wsum_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        _, _, w, diff = _weight_tile(s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, C,
+    for k0 in range(0, read, BLOCK_K):
+        _, _, w, diff = _weight_tile(s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, read,
                                      s_stride_c, t_stride_c, w_stride_j, w_stride_k, BLOCK_K)
         wmse_acc += w * diff * diff
         wsum_acc += w
     out = tile.to(tl.int64) * B + row
-    tl.store(wmse_part_ptr + out, tl.sum(tl.sum(wmse_acc, axis=1), axis=0))
-    tl.store(wsum_part_ptr + out, tl.sum(tl.sum(wsum_acc, axis=1), axis=0))
+    tl.store(parts_ptr + out, tl.sum(tl.sum(wmse_acc, axis=1), axis=0))
+    tl.store(parts_ptr + tl.num_programs(1).to(tl.int64) * B + out,
+             tl.sum(tl.sum(wsum_acc, axis=1), axis=0))
 
 
 @triton.jit
 def wmse_per_row_bwd_kernel(
-    s_ptr, t_ptr, w_ptr, grad_wmse_ptr, acc_ptr, ds_ptr, dt_ptr,
+    s_ptr, t_ptr, w_ptr, labels_ptr, stats_ptr, totals_ptr, grad_ptr, acc_ptr, ds_ptr, dt_ptr,
     C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, w_stride_b, w_stride_j, w_stride_k,
-    NEED_DS: tl.constexpr, NEED_DT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    ignore_index, inv_t, mse_weight, ce_weight,
+    LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, WITH_CE: tl.constexpr,
+    NORMALIZE_BATCH: tl.constexpr, SYMMETRIC: tl.constexpr, NEED_DS: tl.constexpr,
+    NEED_DT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid ``(B,)``: ``dt = 2 g_wmse g``, ``ds = -dt`` for row ``b`` (contiguous ``(B, C)`` in the
-    inputs' dtypes). ``acc_ptr`` is a zeroed float32 ``(B, C)`` buffer that collects ``g``."""
+    """Grid ``(B,)``, row ``b`` (contiguous ``(B, C)`` outputs in the inputs' dtypes; 0 for a row
+    labelled ``ignore_index``, which is not read): ``dt = c_b g``, ``ds = -[SYMMETRIC] c_b g +
+    [LOSS] g_ce (q - p)``, with ``c_b``, ``g_ce`` as in ``wmse_shared_bwd_kernel``. ``acc_ptr`` is
+    a zeroed float32 ``(B, C)`` buffer that collects ``g``."""
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
     w_row = w_ptr + row * w_stride_b
     acc_row = acc_ptr + row * C
-    for j0 in range(0, C, BLOCK_J):
-        j_cols, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, j0, C, s_stride_c,
+    read = _read_columns(labels_ptr, row, C, ignore_index, HAS_LABELS)
+    for j0 in range(0, read, BLOCK_J):
+        j_cols, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, j0, read, s_stride_c,
                                                          t_stride_c, BLOCK_J)
         row_part = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, C, BLOCK_K):
+        for k0 in range(0, read, BLOCK_K):
             k_cols, in_k, w, diff = _weight_tile(
-                s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, C, s_stride_c, t_stride_c,
+                s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, read, s_stride_c, t_stride_c,
                 w_stride_j, w_stride_k, BLOCK_K)
             w_diff = w * diff
             row_part += w_diff
-            # g_k -= sum_j w[j, k] (d_j - d_k): this k tile's accumulator, this program only
+            # g_k -= sum_j w[j, k] (d_j - d_k): this k tile's accumulator, this program only;
             # absent classes (w = 0 on their pairs) keep their 0
             k_acc = tl.load(acc_row + k_cols, mask=in_k, other=0.0)
             tl.store(acc_row + k_cols, k_acc - tl.sum(w_diff, axis=0), mask=in_k)
@@ -132,13 +151,31 @@ def wmse_per_row_bwd_kernel(
         j_acc = tl.load(acc_row + j_cols, mask=in_j, other=0.0)
         tl.store(acc_row + j_cols, j_acc + tl.sum(row_part, axis=1), mask=in_j)
         tl.debug_barrier()
-    coef = 2.0 * tl.load(grad_wmse_ptr + row).to(tl.float32)
+    if LOSS:
+        (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
+         err, dm) = load_row_stats(stats_ptr, row, row >= 0)
+        coef, coef_ce = pair_loss_coefficients(kept, totals_ptr, tl.load(grad_ptr).to(tl.float32),
+                                               mse_weight, ce_weight, inv_t, NORMALIZE_BATCH)
+        log_zs = tl.log(tl.where(zs != 0.0, zs, 1.0))
+        log_zt = tl.log(tl.where(zt != 0.0, zt, 1.0))
+    else:
+        coef = 2.0 * tl.load(grad_ptr + row).to(tl.float32)
     for c0 in range(0, C, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask = cols < C
         g_d = coef * tl.load(acc_row + cols, mask=mask, other=0.0)
         if NEED_DS:
-            tl.store(ds_ptr + row * C + cols, (-g_d).to(ds_ptr.dtype.element_ty), mask=mask)
+            if SYMMETRIC:
+                ds = -g_d
+            else:
+                ds = tl.zeros([BLOCK_K], dtype=tl.float32)
+            if LOSS and WITH_CE:
+                s = tl.load(s_row + cols * s_stride_c, mask=cols < read,
+                            other=NEG_INF).to(tl.float32)
+                t = tl.load(t_row + cols * t_stride_c, mask=cols < read,
+                            other=NEG_INF).to(tl.float32)
+                ds += coef_ce * softmax_difference(s, t, ms, log_zs, mt, log_zt, inv_t)
+            tl.store(ds_ptr + row * C + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
         if NEED_DT:
             tl.store(dt_ptr + row * C + cols, g_d.to(dt_ptr.dtype.element_ty), mask=mask)
 
@@ -148,30 +185,33 @@ def _launch_args(student, teacher, weights):
             teacher.stride(1), weights.stride(0), weights.stride(1), weights.stride(2))
 
 
-def per_row_rows_forward(student, teacher, weights, block_c=None):
-    """``(wmse (B,), weight_sum (B,))`` in float32 for per-row ``(B, C, C)`` pair weights."""
+def per_row_rows_forward(student, teacher, weights, block_c=None, labels=None, ignore_index=-100):
+    """``parts`` float32 ``(2, P, B)``: column parts of each row's wMSE (``[0]``) and weight sum
+    (``[1]``) for per-row ``(B, C, C)`` pair weights; rows labelled ``ignore_index`` are not
+    read."""
     batch, num_classes = student.shape
     block_j, block_k = pick_per_row_blocks(num_classes, block_c)
     grid = (batch, triton.cdiv(num_classes, block_j))
-    wmse_part, wsum_part = (torch.empty(grid[1], batch, dtype=torch.float32, device=student.device)
-                            for _ in range(2))
+    parts = torch.empty(2, grid[1], batch, dtype=torch.float32, device=student.device)
     wmse_per_row_fwd_kernel[grid](
-        student, teacher, weights, wmse_part, wsum_part, batch,
-        *_launch_args(student, teacher, weights), BLOCK_J=block_j, BLOCK_K=block_k,
-        num_warps=per_row_num_warps(block_j, block_k))
-    return wmse_part.sum(dim=0), wsum_part.sum(dim=0)
+        student, teacher, weights, student if labels is None else labels, parts, batch,
+        *_launch_args(student, teacher, weights), ignore_index, HAS_LABELS=labels is not None,
+        BLOCK_J=block_j, BLOCK_K=block_k, num_warps=per_row_num_warps(block_j, block_k))
+    return parts
 
 
-def per_row_rows_backward(grad_wmse, student, teacher, weights, need_ds, need_dt, block_c=None):
-    """``(grad_student, grad_teacher)`` of ``per_row_rows_forward``, each ``(B, C)`` in its input's
-    dtype or an empty tensor when not needed."""
+def per_row_rows_backward(grad, student, teacher, weights, need_ds, need_dt, block_c=None,
+                          loss=None):
+    """``(grad_student, grad_teacher)`` of the per-row wMSE, each ``(B, C)`` in its input's dtype
+    or an empty tensor when not needed; ``loss`` as in ``shared_rows_backward``."""
     batch, num_classes = student.shape
     ds, dt = empty_gradients(student, teacher, need_ds, need_dt)
     acc = torch.zeros(batch, num_classes, dtype=torch.float32, device=student.device)
     block_j, block_k = pick_per_row_blocks(num_classes, block_c)
     wmse_per_row_bwd_kernel[(batch,)](
-        student, teacher, weights, grad_wmse, acc, ds if need_ds else student,
-        dt if need_dt else teacher, *_launch_args(student, teacher, weights),
-        NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_J=block_j, BLOCK_K=block_k,
+        student, teacher, weights, *loss_arguments(loss, student, grad), acc,
+        ds if need_ds else student, dt if need_dt else teacher,
+        *_launch_args(student, teacher, weights), *loss_scalars(loss), NEED_DS=need_ds,
+        NEED_DT=need_dt, BLOCK_J=block_j, BLOCK_K=block_k, **loss_flags(loss),
         num_warps=per_row_num_warps(block_j, block_k))
     return ds, dt

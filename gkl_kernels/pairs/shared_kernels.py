@@ -30,7 +30,9 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.rank1.kernels import NEG_INF, two_sum
+from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars
+from gkl_kernels.rank1.kernels import (NEG_INF, load_row_stats, pair_loss_coefficients,
+                                       softmax_difference, two_sum)
 from gkl_kernels.validation import MIN_DOT_BLOCK
 
 MAX_BLOCK_ROWS = 64
@@ -83,15 +85,20 @@ def present_difference_pairs(s_ptr, t_ptr, rows, row_mask, cols, C, s_stride_b, 
 
 @triton.jit
 def _shared_pair_tile(
-    s_ptr, t_ptr, m_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j,
-    m_stride_k, FORWARD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
+    m_stride_j, m_stride_k, ignore_index, FORWARD: tl.constexpr, HAS_LABELS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """This program's tile (rows ``BLOCK_B * pid0 ..``, output classes ``n = BLOCK_C * pid1 ..``):
-    its rows and their mask, ``in_n`` and, float32 ``(BLOCK_B, BLOCK_C)``: ``g_n`` (backward) or
-    the per-class parts of ``wmse`` and of the weight sum (forward; ``g`` is then not formed)."""
+    its rows and those that are read (inside the batch, label not ``ignore_index``), ``in_n`` and,
+    float32 ``(BLOCK_B, BLOCK_C)``: ``g_n`` (backward) or the per-class parts of ``wmse`` and of
+    the weight sum (forward; ``g`` is then not formed); 0 on rows not read."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
+    if HAS_LABELS:
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+        row_mask = row_mask & (labels != ignore_index)
     n_cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_n, hi_n, lo_n = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, n_cols, C,
                                                 s_stride_b, s_stride_c, t_stride_b, t_stride_c)
@@ -131,40 +138,71 @@ def _shared_pair_tile(
 
 @triton.jit
 def wmse_shared_fwd_kernel(
-    s_ptr, t_ptr, m_ptr, wmse_part_ptr, wsum_part_ptr,
-    B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    s_ptr, t_ptr, m_ptr, labels_ptr, parts_ptr,
+    B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, ignore_index,
+    HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid ``(cdiv(B, BLOCK_B), cdiv(C, BLOCK_C))``: ``wmse_part[pid1, b]`` and
-    ``wsum_part[pid1, b]``, this tile's parts of ``wmse_b`` and of the row's weight sum (float32
-    ``(cdiv(C, BLOCK_C), B)``; their column sums are the rows' values)."""
+    """Grid ``(cdiv(B, BLOCK_B), P = cdiv(C, BLOCK_C))``: ``parts[0, pid1, b]`` and ``parts[1,
+    pid1, b]``, this tile's parts of ``wmse_b`` and of the row's weight sum (float32 ``(2, P,
+    B)``; their sums over ``P`` are the rows' values)."""
     rows, row_mask, _, _, _, square, weight = _shared_pair_tile(
-        s_ptr, t_ptr, m_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j,
-        m_stride_k, True, BLOCK_B, BLOCK_C, BLOCK_K, DOT_PRECISION)
+        s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
+        m_stride_j, m_stride_k, ignore_index, True, HAS_LABELS, BLOCK_B, BLOCK_C, BLOCK_K,
+        DOT_PRECISION)
     out = tl.program_id(1).to(tl.int64) * B + rows
-    tl.store(wmse_part_ptr + out, tl.sum(square, axis=1), mask=row_mask)
-    tl.store(wsum_part_ptr + out, tl.sum(weight, axis=1), mask=row_mask)
+    in_batch = rows < B
+    tl.store(parts_ptr + out, tl.sum(square, axis=1), mask=in_batch)
+    tl.store(parts_ptr + tl.num_programs(1).to(tl.int64) * B + out, tl.sum(weight, axis=1),
+             mask=in_batch)
 
 
 @triton.jit
 def wmse_shared_bwd_kernel(
-    s_ptr, t_ptr, m_ptr, grad_wmse_ptr, ds_ptr, dt_ptr,
-    B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k,
-    NEED_DS: tl.constexpr, NEED_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    s_ptr, t_ptr, m_ptr, labels_ptr, stats_ptr, totals_ptr, grad_ptr, ds_ptr, dt_ptr,
+    B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, ignore_index,
+    inv_t, mse_weight, ce_weight,
+    LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, WITH_CE: tl.constexpr,
+    NORMALIZE_BATCH: tl.constexpr, SYMMETRIC: tl.constexpr, NEED_DS: tl.constexpr,
+    NEED_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Same grid: ``dt = 2 g_wmse g``, ``ds = -dt`` on the tile (contiguous ``(B, C)`` outputs in
-    the inputs' dtypes, 0 on absent classes); ``g_wmse`` is the (B,) gradient of ``wmse``."""
+    """Same grid, on the tile (contiguous ``(B, C)`` outputs in the inputs' dtypes, 0 on absent
+    classes and on rows not read): ``dt = c_b g``, ``ds = -[SYMMETRIC] c_b g + [LOSS] g_ce (q -
+    p)``. ``LOSS``: ``grad`` is the loss's 0-dim gradient, ``c_b`` and ``g_ce`` come from the
+    rows' statistics and the totals (``pair_loss_coefficients``); else ``grad`` is the (B,)
+    gradient of the rows' wMSE and ``c_b = 2 grad_b``."""
     rows, row_mask, n_cols, _, g, _, _ = _shared_pair_tile(
-        s_ptr, t_ptr, m_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j,
-        m_stride_k, False, BLOCK_B, BLOCK_C, BLOCK_K, DOT_PRECISION)
-    coef = 2.0 * tl.load(grad_wmse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
+        m_stride_j, m_stride_k, ignore_index, False, HAS_LABELS, BLOCK_B, BLOCK_C, BLOCK_K,
+        DOT_PRECISION)
+    in_batch = rows < B
+    mask = in_batch[:, None] & (n_cols[None, :] < C)
+    if LOSS:
+        (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
+         err, dm) = load_row_stats(stats_ptr, rows, in_batch)
+        coef, coef_ce = pair_loss_coefficients(kept, totals_ptr, tl.load(grad_ptr).to(tl.float32),
+                                               mse_weight, ce_weight, inv_t, NORMALIZE_BATCH)
+    else:
+        coef = 2.0 * tl.load(grad_ptr + rows, mask=in_batch, other=0.0).to(tl.float32)
     g_d = coef[:, None] * g
-    mask = row_mask[:, None] & (n_cols[None, :] < C)
     offsets = rows[:, None] * C + n_cols[None, :]
     if NEED_DS:
-        tl.store(ds_ptr + offsets, (-g_d).to(ds_ptr.dtype.element_ty), mask=mask)
+        if SYMMETRIC:
+            ds = -g_d
+        else:
+            ds = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        if LOSS and WITH_CE:
+            read = row_mask[:, None] & (n_cols[None, :] < C)
+            s = tl.load(s_ptr + rows[:, None] * s_stride_b + n_cols[None, :] * s_stride_c,
+                        mask=read, other=NEG_INF).to(tl.float32)
+            t = tl.load(t_ptr + rows[:, None] * t_stride_b + n_cols[None, :] * t_stride_c,
+                        mask=read, other=NEG_INF).to(tl.float32)
+            log_zs = tl.log(tl.where(zs != 0.0, zs, 1.0))
+            log_zt = tl.log(tl.where(zt != 0.0, zt, 1.0))
+            ds += coef_ce[:, None] * softmax_difference(s, t, ms[:, None], log_zs[:, None],
+                                                        mt[:, None], log_zt[:, None], inv_t)
+        tl.store(ds_ptr + offsets, ds.to(ds_ptr.dtype.element_ty), mask=mask)
     if NEED_DT:
         tl.store(dt_ptr + offsets, g_d.to(dt_ptr.dtype.element_ty), mask=mask)
 
@@ -175,32 +213,36 @@ def _launch_args(student, teacher, weights):
             teacher.stride(1), weights.stride(0), weights.stride(1))
 
 
-def shared_rows_forward(student, teacher, weights, dot_precision="ieee", block_c=None):
-    """``(wmse (B,), weight_sum (B,))`` float32 for shared ``(C, C)`` pair weights."""
+def shared_rows_forward(student, teacher, weights, dot_precision="ieee", block_c=None,
+                        labels=None, ignore_index=-100):
+    """``parts`` float32 ``(2, P, B)``: column parts of each row's wMSE (``[0]``) and weight sum
+    (``[1]``) for shared ``(C, C)`` pair weights; rows labelled ``ignore_index`` are not read."""
     batch, num_classes = student.shape
     block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(num_classes, block))
-    wmse_part, wsum_part = (torch.empty(grid[1], batch, dtype=torch.float32,
-                                        device=student.device) for _ in range(2))
+    parts = torch.empty(2, grid[1], batch, dtype=torch.float32, device=student.device)
     wmse_shared_fwd_kernel[grid](
-        student, teacher, weights, wmse_part, wsum_part, *_launch_args(student, teacher, weights),
+        student, teacher, weights, student if labels is None else labels, parts,
+        *_launch_args(student, teacher, weights), ignore_index, HAS_LABELS=labels is not None,
         BLOCK_B=block_b, BLOCK_C=block, BLOCK_K=reduction_block(block_b, block, dot_precision),
         DOT_PRECISION=dot_precision, **shared_launch_options(block_b, block))
-    return wmse_part.sum(dim=0), wsum_part.sum(dim=0)
+    return parts
 
 
-def shared_rows_backward(grad_wmse, student, teacher, weights, need_ds, need_dt,
-                         dot_precision="ieee", block_c=None):
-    """``(grad_student, grad_teacher)`` of ``shared_rows_forward``, each ``(B, C)`` in its input's
-    dtype or an empty tensor when not needed."""
+def shared_rows_backward(grad, student, teacher, weights, need_ds, need_dt, dot_precision="ieee",
+                         block_c=None, loss=None):
+    """``(grad_student, grad_teacher)`` of the shared wMSE, each ``(B, C)`` in its input's dtype
+    or an empty tensor when not needed. ``loss``: ``PairLossTerms`` of the loss's gradient
+    (``grad`` 0-dim), else ``grad`` is the (B,) gradient of the rows' wMSE."""
     batch, num_classes = student.shape
     ds, dt = empty_gradients(student, teacher, need_ds, need_dt)
     block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(num_classes, block))
     wmse_shared_bwd_kernel[grid](
-        student, teacher, weights, grad_wmse, ds if need_ds else student,
-        dt if need_dt else teacher, *_launch_args(student, teacher, weights),
+        student, teacher, weights, *loss_arguments(loss, student, grad),
+        ds if need_ds else student, dt if need_dt else teacher,
+        *_launch_args(student, teacher, weights), *loss_scalars(loss),
         NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_B=block_b, BLOCK_C=block,
         BLOCK_K=reduction_block(block_b, block, dot_precision), DOT_PRECISION=dot_precision,
-        **shared_launch_options(block_b, block))
+        **loss_flags(loss), **shared_launch_options(block_b, block))
     return ds, dt

@@ -21,17 +21,23 @@ No ``B x C x C`` temporary exists. The forward also returns ``g``
 
 import torch
 
+from gkl_kernels.rank1.config import STAT_ERROR, STAT_KEPT, STAT_M2, STAT_W
+from gkl_kernels.rank1.torch_impl import row_stats_torch
+
 CHUNK_ELEMENTS = 1 << 18  # float64 elements of one per-row weight chunk (2 MiB)
 SHARED_BLOCK_ELEMENTS = 1 << 17  # float64 elements of one row block of S (1 MiB)
 NEG_INF = float("-inf")
 
 
-def _present_differences(student, teacher):
+def _present_differences(student, teacher, live_rows):
     """``(d, present)``: ``d = t - s`` in float64, 0 on absent classes and centred on the present
     ones' row mean, (B, C); ``present`` the float64 mask ``in``, or None when every class of every
-    row is present (known for free on CPU; on CUDA it is never assumed)."""
+    row is present (known for free on CPU; on CUDA it is never assumed). Rows where ``live_rows``
+    (B,) is False have no class present."""
     d = teacher.double().sub_(student)
     present = (student != NEG_INF) & (teacher != NEG_INF)
+    if live_rows is not None:
+        present &= live_rows[:, None]
     if d.device.type == "cpu" and bool(present.all()):
         return d.sub_(d.mean(dim=1, keepdim=True)), None
     d.masked_fill_(~present, 0.0)
@@ -81,12 +87,25 @@ def _per_row_terms(d, present, weights):
     return g, weight_sum
 
 
-def pair_rows_forward_torch(student, teacher, weights, per_row):
+def pair_rows_forward_torch(student, teacher, weights, per_row, live_rows=None):
     """``(wmse (B,), weight_sum (B,), g (B, C))`` in float32, the first two as the Triton
-    launchers; ``g`` for ``pair_rows_backward_torch``."""
-    d, present = _present_differences(student, teacher)
+    launchers; ``g`` for ``pair_rows_backward_torch``. Rows where ``live_rows`` is False give
+    zeros."""
+    d, present = _present_differences(student, teacher, live_rows)
     g, weight_sum = (_per_row_terms if per_row else _shared_terms)(d, present, weights)
     return torch.linalg.vecdot(d, g).float(), weight_sum.float(), g.float()
+
+
+def pair_loss_stats_torch(student, teacher, weights, labels, config, keep_directions):
+    """``(stats, softmax_difference, g)`` of the loss with pair weights (``SOURCE_PAIRS``): the
+    rank-one path's cross-entropy statistics with the rows' wMSE and pair-weight sums in ``M2``
+    and ``W`` (0 on rows not kept); the last two as ``row_stats_torch``'s directions."""
+    stats, softmax_difference, _ = row_stats_torch(student, teacher, None, labels, config,
+                                                   keep_directions)
+    live = None if labels is None else (stats[:, STAT_KEPT] > 0) & (stats[:, STAT_ERROR] == 0)
+    wmse, weight_sum, g = pair_rows_forward_torch(student, teacher, weights, config.per_row, live)
+    stats[:, STAT_M2], stats[:, STAT_W] = wmse, weight_sum
+    return stats, softmax_difference, g if keep_directions else g.new_empty(0)
 
 
 def pair_rows_backward_torch(grad_wmse, student, teacher, g, need_ds, need_dt):

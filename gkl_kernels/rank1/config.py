@@ -12,6 +12,7 @@ SOURCE_TEACHER = 0  # v = softmax(t / T2) ** gamma
 SOURCE_PRIOR = 1  # v = prior[label] ** gamma
 SOURCE_EXPLICIT = 2  # v given, (B, C)
 SOURCE_NONE = 3  # no wMSE: the cross-entropy only
+SOURCE_PAIRS = 4  # general pair weights (C, C) or (B, C, C): the wMSE from ``pairs``
 
 # Per-row statistics, float32 (B, NUM_STATS), mergeable over any split of a row's columns
 # (``merge_row_stats``). Softmaxes at T of raw logits: maxima ``m_s``, ``m_t`` of s and t,
@@ -19,7 +20,8 @@ SOURCE_NONE = 3  # no wMSE: the cross-entropy only
 # weights: ``z_w = sum exp((t - m_t) / T2)``. The factor is held as ``v' = v 2^-L`` (teacher:
 # ``exp(gamma (t - m_t) / T2)``): the wMSE moments ``W' = sum v'``, the mean of ``d = t - s`` as
 # a pivot (an exact pair ``ph + pl``, the heaviest class's ``d``) plus an offset ``dm``, and
-# ``M2' = sum v' (d - mean)^2``.
+# ``M2' = sum v' (d - mean)^2``. General pair weights (``SOURCE_PAIRS``) hold the row's pair-weight
+# sum in ``W`` and its wMSE in ``M2`` (sums over column parts: they add).
 (STAT_MS, STAT_ZS, STAT_MT, STAT_ZT, STAT_A, STAT_ZW, STAT_L, STAT_W, STAT_PH, STAT_PL, STAT_M2,
  STAT_KEPT, STAT_ERROR, STAT_DM) = range(14)
 NUM_STATS = 16  # padded: 64-byte rows
@@ -50,6 +52,8 @@ class RowConfig:
     num_labels: int = 0  # labels index [0, num_labels); 0: the columns C
     use_triton: bool = False
     block_c: int = 0
+    per_row: bool = False  # SOURCE_PAIRS: (B, C, C) weights, else (C, C)
+    dot_precision: int = 0  # SOURCE_PAIRS, (C, C) under Triton: index in DOT_PRECISIONS
 
     @property
     def with_ce(self):

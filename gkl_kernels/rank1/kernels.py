@@ -242,7 +242,7 @@ def row_stats_kernel(
         cols, mask, load, s, t, in_wmse = _load_tile(s_row, t_row, c0, C, live_cols, s_stride_c,
                                                      t_stride_c, BLOCK_C)
         mt_tile = tl.max(t, axis=0)
-        if SOURCE != 3:
+        if SOURCE < 3:  # rank-one weights (pairs: the wMSE is the pair kernels')
             if SOURCE == 0:
                 raw = t
                 scale_tile = scale
@@ -297,14 +297,18 @@ def finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE: tl.const
     ``wmse = 2^(2E) wmse'``; ``ce`` is ``inf`` when the student puts ``-inf`` where the teacher
     has mass, and 0 for a row without teacher mass."""
     exponent = scale
+    wmse = 2.0 * weight * m2
     if SOURCE == 0:
         exponent = -gamma * tl.log2(tl.where(z_w != 0.0, z_w, 1.0))
+    if SOURCE == 4:  # pair weights: the wMSE itself, weights unscaled
+        exponent = weight * 0.0
+        wmse = m2
     ce = tl.where(a != float("inf"), inv_t * a / tl.where(zt != 0.0, zt, 1.0) + tl.log(zs), a)
-    return exponent, 2.0 * weight * m2, tl.where(zt != 0.0, ce, 0.0)
+    return exponent, wmse, tl.where(zt != 0.0, ce, 0.0)
 
 
 @triton.jit
-def _load_row_stats(stats_ptr, rows, mask):
+def load_row_stats(stats_ptr, rows, mask):
     base = stats_ptr + rows * 16
     return (tl.load(base + 0, mask=mask, other=NEG_INF), tl.load(base + 1, mask=mask, other=0.0),
             tl.load(base + 2, mask=mask, other=NEG_INF), tl.load(base + 3, mask=mask, other=0.0),
@@ -316,19 +320,28 @@ def _load_row_stats(stats_ptr, rows, mask):
 
 
 @triton.jit
-def _finished_rows(stats_ptr, r0, B, gamma, inv_t, SOURCE: tl.constexpr, BLOCK_R: tl.constexpr):
+def _finished_rows(stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
     """Rows ``r0 ..`` of the statistics finished (``finish_row``), their weights, kept flags,
-    error flags, and which of them count in the normaliser (kept, with weight)."""
+    error flags, and which of them count in the normaliser (kept, with weight). Pair weights:
+    ``num_parts`` column parts of each row's wMSE and weight sum (``parts_ptr``, float32
+    ``(2, num_parts, B)``) add to the statistics' ``M2`` and ``W``."""
     rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
     (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
-     err, dm) = _load_row_stats(stats_ptr, rows, rows < B)
+     err, dm) = load_row_stats(stats_ptr, rows, rows < B)
+    if SOURCE == 4:
+        for part in range(0, num_parts):
+            m2 += tl.load(parts_ptr + part * B + rows, mask=rows < B, other=0.0)
+            weight += tl.load(parts_ptr + (num_parts + part) * B + rows, mask=rows < B,
+                              other=0.0)
     exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
     return exponent, wmse, ce, weight, kept, err, (kept > 0.0) & (weight != 0.0)
 
 
 @triton.jit(debug=True)
 def finish_loss_kernel(
-    stats_ptr, loss_ptr, totals_ptr, B, gamma, inv_t, mse_weight, ce_weight,
+    stats_ptr, parts_ptr, loss_ptr, totals_ptr, B, num_parts, gamma, inv_t, mse_weight,
+    ce_weight,
     SOURCE: tl.constexpr, WITH_CE: tl.constexpr, WITH_WMSE: tl.constexpr,
     NORMALIZE_BATCH: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -342,8 +355,8 @@ def finish_loss_kernel(
     rows_kept = zero
     error = zero
     for r0 in range(0, B, BLOCK_R):
-        exponent, wmse, ce, weight, kept, err, counted = _finished_rows(stats_ptr, r0, B, gamma,
-                                                                        inv_t, SOURCE, BLOCK_R)
+        exponent, wmse, ce, weight, kept, err, counted = _finished_rows(
+            stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE, BLOCK_R)
         top = tl.maximum(top, tl.max(tl.where(counted, exponent, NEG_INF), axis=0))
         rows_kept += tl.sum(kept, axis=0)
         error = tl.maximum(error, tl.max(err, axis=0))
@@ -357,11 +370,14 @@ def finish_loss_kernel(
     den = zero
     ce_sum = zero
     for r0 in range(0, B, BLOCK_R):
-        exponent, wmse, ce, weight, kept, err, counted = _finished_rows(stats_ptr, r0, B, gamma,
-                                                                        inv_t, SOURCE, BLOCK_R)
+        exponent, wmse, ce, weight, kept, err, counted = _finished_rows(
+            stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE, BLOCK_R)
         f = tl.exp2(tl.where(counted, exponent, top) - top)
         wmse_sum += tl.sum(tl.where(counted, f * f * wmse, 0.0), axis=0)
-        den += tl.sum(tl.where(counted, (f * weight) * (f * weight), 0.0), axis=0)
+        if SOURCE == 4:
+            den += tl.sum(tl.where(counted, weight, 0.0), axis=0)
+        else:
+            den += tl.sum(tl.where(counted, (f * weight) * (f * weight), 0.0), axis=0)
         ce_sum += tl.sum(tl.where(kept > 0.0, ce, 0.0), axis=0)
     loss = zero
     if WITH_WMSE:
@@ -384,6 +400,31 @@ def finish_loss_kernel(
 
 
 @triton.jit
+def pair_loss_coefficients(kept, totals_ptr, grad, mse_weight, ce_weight, inv_t,
+                           NORMALIZE_BATCH: tl.constexpr):
+    """``(coef_g, coef_ce)`` of rows under pair weights (``kept``: their flags): ``dL/dd =
+    coef_g g`` (``2 mse_weight / 4N``) and the cross-entropy's ``dL/ds = coef_ce (q - p)``,
+    scaled by the incoming ``grad``; 0 for rows not kept."""
+    rows_kept = tl.maximum(tl.load(totals_ptr + 2), 1.0)
+    if NORMALIZE_BATCH:
+        norm = 1.0 / rows_kept
+    else:
+        den = tl.load(totals_ptr + 1)
+        norm = tl.where(den != 0.0, 1.0 / tl.where(den != 0.0, den, 1.0), 0.0)
+    live = kept > 0.0
+    return (tl.where(live, grad * 0.5 * mse_weight * norm, 0.0),
+            tl.where(live, grad * ce_weight * inv_t / rows_kept, 0.0))
+
+
+@triton.jit
+def softmax_difference(s, t, ms, log_zs, mt, log_zt, inv_t):
+    """``softmax(s / T) - softmax(t / T)`` on a tile from the row's maxima and log-normalisers."""
+    q = tl.where(s != NEG_INF, tl.exp((s - _ref(ms)) * inv_t - log_zs), 0.0)
+    p = tl.where(t != NEG_INF, tl.exp((t - _ref(mt)) * inv_t - log_zt), 0.0)
+    return q - p
+
+
+@triton.jit
 def loss_backward_kernel(
     s_ptr, t_ptr, v_ptr, labels_ptr, stats_ptr, totals_ptr, grad_loss_ptr, ds_ptr, dt_ptr,
     C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, v_stride_b, v_stride_c, grad_stride,
@@ -398,7 +439,7 @@ def loss_backward_kernel(
     zeros, logits unread."""
     row = tl.program_id(0).to(tl.int64)
     (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
-     err, dm) = _load_row_stats(stats_ptr, row, row >= 0)
+     err, dm) = load_row_stats(stats_ptr, row, row >= 0)
     live = kept > 0.0
     exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
     grad = tl.load(grad_loss_ptr + row * grad_stride).to(tl.float32)
@@ -443,9 +484,7 @@ def loss_backward_kernel(
             else:
                 ds = tl.zeros([BLOCK_C], dtype=tl.float32)
             if WITH_CE:
-                q = tl.where(s != NEG_INF, tl.exp((s - _ref(ms)) * inv_t - log_zs), 0.0)
-                p = tl.where(t != NEG_INF, tl.exp((t - _ref(mt)) * inv_t - log_zt), 0.0)
-                ds += coef_ce * (q - p)
+                ds += coef_ce * softmax_difference(s, t, ms, log_zs, mt, log_zt, inv_t)
             tl.store(ds_ptr + row * C + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
         if NEED_DT:
             tl.store(dt_ptr + row * C + cols, g_d.to(dt_ptr.dtype.element_ty), mask=mask)
@@ -477,13 +516,16 @@ def row_stats(student, teacher, factor, labels, config):
     return stats
 
 
-def finish_loss(stats, config):
-    """Launch ``finish_loss_kernel``: ``(loss (), totals (NUM_TOTALS,))`` float32."""
+def finish_loss(stats, config, pair_parts=None):
+    """Launch ``finish_loss_kernel``: ``(loss (), totals (NUM_TOTALS,))`` float32; ``pair_parts``:
+    the pair kernels' ``(2, parts, B)`` wMSE and weight-sum parts, added to the statistics."""
     loss = torch.empty((), dtype=torch.float32, device=stats.device)
     totals = torch.empty(NUM_TOTALS, dtype=torch.float32, device=stats.device)
+    parts = stats if pair_parts is None else pair_parts
     finish_loss_kernel[(1,)](
-        stats, loss, totals, stats.shape[0], config.gamma, 1.0 / config.temperature,
-        config.mse_weight, config.ce_weight,
+        stats, parts, loss, totals, stats.shape[0],
+        0 if pair_parts is None else pair_parts.shape[1], config.gamma,
+        1.0 / config.temperature, config.mse_weight, config.ce_weight,
         SOURCE=config.source, WITH_CE=config.with_ce, WITH_WMSE=config.with_wmse,
         NORMALIZE_BATCH=config.normalize_batch, BLOCK_R=FINISH_BLOCK_ROWS, num_warps=4)
     return loss, totals

@@ -27,7 +27,9 @@ from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
 from gkl_kernels.rank1 import kernels
-from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, SOURCE_NONE, RowConfig
+from gkl_kernels.pairs.op import pair_loss_backward_triton, pair_loss_triton, pair_stats_triton
+from gkl_kernels.pairs.torch_impl import pair_loss_stats_torch
+from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS, RowConfig
 from gkl_kernels.rank1.torch_impl import (finish_loss_torch, loss_backward_torch,
                                           loss_gradients_torch, row_stats_torch)
 
@@ -42,14 +44,24 @@ def config_of(floats, ints):
     return _config(tuple(floats), tuple(ints))
 
 
+def _torch_stats(student, teacher, factor, labels, config, keep_directions):
+    """The plain-PyTorch statistics and directions: rank-one, or pair weights (``factor`` the
+    ``(C, C)`` / ``(B, C, C)`` weights)."""
+    if config.source == SOURCE_PAIRS:
+        return pair_loss_stats_torch(student, teacher, factor, labels, config, keep_directions)
+    return row_stats_torch(student, teacher, factor, labels, config, keep_directions)
+
+
 @torch.library.custom_op("gkl_kernels::rank1_row_stats", mutates_args=())
 def rank1_row_stats(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
                     labels: Optional[Tensor], floats: list[float], ints: list[int]) -> Tensor:
     """Per-row statistics ``(B, NUM_STATS)`` float32."""
     config = config_of(floats, ints)
+    if config.use_triton and config.source == SOURCE_PAIRS:
+        return pair_stats_triton(student, teacher, factor, labels, config)
     if config.use_triton:
         return kernels.row_stats(student, teacher, factor, labels, config)
-    return row_stats_torch(student, teacher, factor, labels, config, False)[0]
+    return _torch_stats(student, teacher, factor, labels, config, False)[0]
 
 
 @rank1_row_stats.register_fake
@@ -79,11 +91,14 @@ def rank1_loss(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
     directions; one row kernel and one finishing kernel on the Triton path."""
     config = config_of(floats, ints)
     if config.use_triton:
-        stats = kernels.row_stats(student, teacher, factor, labels, config)
-        loss, totals = kernels.finish_loss(stats, config)
+        if config.source == SOURCE_PAIRS:
+            loss, stats, totals = pair_loss_triton(student, teacher, factor, labels, config)
+        else:
+            stats = kernels.row_stats(student, teacher, factor, labels, config)
+            loss, totals = kernels.finish_loss(stats, config)
         empty = stats.new_empty(0)
         return loss, stats, totals, empty, torch.empty_like(empty)
-    stats, softmax_difference, weighted_deviation = row_stats_torch(
+    stats, softmax_difference, weighted_deviation = _torch_stats(
         student, teacher, factor, labels, config, keep_directions)
     loss, totals = finish_loss_torch(stats, config)
     return loss, stats, totals, softmax_difference, weighted_deviation
@@ -110,9 +125,16 @@ def rank1_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor,
     """Gradients of the loss w.r.t. student and teacher (empty when not needed), scaled by the
     0-dim ``grad_loss``; one kernel on the Triton path."""
     config = config_of(floats, ints)
+    if config.use_triton and config.source == SOURCE_PAIRS:
+        return pair_loss_backward_triton(grad_loss, student, teacher, factor, labels, stats,
+                                         totals, config, need_ds, need_dt)
     if config.use_triton:
         return kernels.loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
                                      config, need_ds, need_dt)
+    if config.source == SOURCE_PAIRS and not weighted_deviation.numel():
+        # pair weights' directions are not recomputed from the statistics: form them again
+        _, softmax_difference, weighted_deviation = pair_loss_stats_torch(
+            student, teacher, factor, labels, config, True)
     return loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, totals,
                                config, need_ds, need_dt, softmax_difference, weighted_deviation)
 
@@ -161,7 +183,7 @@ class TorchRankOneLoss(torch.autograd.Function):
     def forward(ctx, student, teacher, factor, labels, config):
         need_ds = ctx.needs_input_grad[0]
         need_dt = ctx.needs_input_grad[1] and config.source != SOURCE_NONE
-        stats, softmax_difference, weighted_deviation = row_stats_torch(
+        stats, softmax_difference, weighted_deviation = _torch_stats(
             student, teacher, factor, labels, config, need_ds or need_dt)
         loss, totals = finish_loss_torch(stats, config)
         if need_ds or need_dt:

@@ -13,10 +13,11 @@ import math
 
 import torch
 
-from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PRIOR,
-                                      SOURCE_TEACHER, STAT_A, STAT_DM, STAT_ERROR, STAT_KEPT,
-                                      STAT_L, STAT_M2, STAT_MS, STAT_MT, STAT_PH, STAT_PL, STAT_W,
-                                      STAT_ZS, STAT_ZT, STAT_ZW, TOTAL_DEN, TOTAL_K, TOTAL_ROWS)
+from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS,
+                                      SOURCE_PRIOR, SOURCE_TEACHER, STAT_A, STAT_DM, STAT_ERROR,
+                                      STAT_KEPT, STAT_L, STAT_M2, STAT_MS, STAT_MT, STAT_PH,
+                                      STAT_PL, STAT_W, STAT_ZS, STAT_ZT, STAT_ZW, TOTAL_DEN,
+                                      TOTAL_K, TOTAL_ROWS)
 
 INF = float("inf")
 
@@ -104,7 +105,7 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
         if keep_directions:
             softmax_difference = e_s.div_(zs.clamp_min(1e-45)[:, None]).sub_(
                 e_t.div_(zt.clamp_min(1e-45)[:, None]))
-    if config.source != SOURCE_NONE:
+    if config.source < SOURCE_NONE:
         in_wmse = (s != -INF) & (t != -INF)
         v = None
         if config.source == SOURCE_TEACHER:
@@ -140,15 +141,18 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
 
 def finish_rows_torch(stats, config):
     """``(E, wmse', ce)`` per row (B,), as ``kernels.finish_row``."""
+    wmse = 2.0 * stats[:, STAT_W] * stats[:, STAT_M2]
     if config.source == SOURCE_TEACHER:
         z_w = stats[:, STAT_ZW]
         exponent = -config.gamma * torch.log2(torch.where(z_w != 0, z_w, 1.0))
+    elif config.source == SOURCE_PAIRS:  # the wMSE itself, weights unscaled
+        exponent, wmse = torch.zeros_like(stats[:, STAT_W]), stats[:, STAT_M2]
     else:
         exponent = stats[:, STAT_L]
     zt, a = stats[:, STAT_ZT], stats[:, STAT_A]
     ce = torch.where(a != INF, a / (config.temperature * torch.where(zt != 0, zt, 1.0))
                      + stats[:, STAT_ZS].log(), a)
-    return exponent, 2.0 * stats[:, STAT_W] * stats[:, STAT_M2], torch.where(zt != 0, ce, 0.0)
+    return exponent, wmse, torch.where(zt != 0, ce, 0.0)
 
 
 def finish_loss_torch(stats, config):
@@ -164,7 +168,7 @@ def finish_loss_torch(stats, config):
     f = torch.exp2(torch.where(counted, exponent, top) - top)
     wmse_sum = torch.where(counted, f * f * wmse, 0.0).sum()
     fw = f * stats[:, STAT_W]
-    den = torch.where(counted, fw * fw, 0.0).sum()
+    den = torch.where(counted, fw if config.source == SOURCE_PAIRS else fw * fw, 0.0).sum()
     ce_sum = torch.where(kept, ce, 0.0).sum()
     loss = torch.zeros_like(rows)
     if config.with_wmse:
@@ -190,6 +194,8 @@ def row_coefficients_torch(grad_loss, stats, totals, config):
     weight, top, den = stats[:, STAT_W], totals[TOTAL_K], totals[TOTAL_DEN]
     f = torch.exp2(torch.where(weight != 0, exponent, top) - top)
     norm = 1.0 / rows if config.normalize_batch else torch.where(den != 0, 1.0 / den, 0.0)
+    if config.source == SOURCE_PAIRS:  # d loss / d d = (mse_weight / 4N) 2 g
+        return torch.where(kept, grad * (0.5 * config.mse_weight) * norm, 0.0), coef_ce
     coef_d = torch.where(kept & (weight != 0), grad * config.mse_weight * norm * (f * weight) * f,
                          0.0)
     return coef_d, coef_ce

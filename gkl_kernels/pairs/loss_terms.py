@@ -1,0 +1,48 @@
+"""What the pair-weight backward kernels need to form the whole loss's gradient (the wMSE's and the
+cross-entropy's, ignored rows 0) rather than the rows' wMSE gradient alone: ``PairLossTerms`` and
+the kernel arguments made from it."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import Tensor
+
+from gkl_kernels.rank1.config import RowConfig
+
+
+@dataclass(frozen=True)
+class PairLossTerms:
+    """The rows' statistics ``(B, NUM_STATS)`` (cross-entropy, kept flags), the batch totals, the
+    labels (None: every row kept) and the loss's options."""
+
+    stats: Tensor
+    totals: Tensor
+    labels: Optional[Tensor]
+    config: RowConfig
+
+
+def loss_arguments(loss, like, grad):
+    """Pointers ``(labels, stats, totals, grad)`` (``like`` where unused)."""
+    if loss is None:
+        return like, like, like, grad
+    labels = like if loss.labels is None else loss.labels
+    return labels, loss.stats, loss.totals, grad
+
+
+def loss_scalars(loss):
+    """``(ignore_index, 1 / T, mse_weight, ce_weight)``."""
+    if loss is None:
+        return -100, 1.0, 0.0, 0.0
+    config = loss.config
+    return config.ignore_index, 1.0 / config.temperature, config.mse_weight, config.ce_weight
+
+
+def loss_flags(loss):
+    """The constexpr flags ``LOSS``, ``HAS_LABELS``, ``WITH_CE``, ``NORMALIZE_BATCH``,
+    ``SYMMETRIC``."""
+    if loss is None:
+        return dict(LOSS=False, HAS_LABELS=False, WITH_CE=False, NORMALIZE_BATCH=False,
+                    SYMMETRIC=True)
+    config = loss.config
+    return dict(LOSS=True, HAS_LABELS=loss.labels is not None, WITH_CE=config.with_ce,
+                NORMALIZE_BATCH=config.normalize_batch, SYMMETRIC=config.symmetric)
