@@ -52,14 +52,16 @@ def _shared_terms(d, present, weights):
     batch, num_classes = d.shape
     operand = d if present is None else torch.cat([d, present])
     product = torch.zeros_like(operand)
+    degree = d.new_empty(num_classes)  # S 1 (S is symmetric)
     block = max(1, SHARED_BLOCK_ELEMENTS // num_classes)
     for start in range(0, num_classes, block):
         rows = slice(start, start + block)
         pair = weights[rows].double()
         pair += weights[:, rows].T  # S[rows, :]
         product.addmm_(operand[:, rows], pair)
+        if present is None:
+            degree[rows] = pair.sum(dim=1)
     if present is None:
-        degree = weights.sum(dim=0, dtype=torch.float64) + weights.sum(dim=1, dtype=torch.float64)
         return product.neg_().addcmul_(d, degree), (0.5 * degree.sum()).expand(batch)
     degree, g = product[batch:], product[:batch]
     weight_sum = 0.5 * torch.linalg.vecdot(present, degree)
