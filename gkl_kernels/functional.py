@@ -202,12 +202,10 @@ class _SyncedRankOneLoss(torch.autograd.Function):
 
 
 def _checked_weights_kind(weights, student, weights_kind, options, check_values):
-    """The weights' kind, their values checked: a rank-one factor as ``check_values`` says (the
-    rank-one kernels check it themselves on CUDA), pair weights always when ``options`` asks
-    (their kernels do not; on CUDA a device-side assertion)."""
+    """The weights' kind, their values checked when ``check_values`` (``gkl_loss``: not where its
+    kernels check the weights they read themselves, compiled Triton on CUDA)."""
     kind = check.check_weights(weights, student, weights_kind, False)
-    check.check_nonnegative_finite("weights", weights,
-                                   check_values if kind == "factor" else options.check_values)
+    check.check_nonnegative_finite("weights", weights, check_values)
     if kind == "shared":
         check.check_dot_block(options.block_c)
     return kind

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from bench.traffic import DispatchCounter, TritonTrafficCounter
 from gkl_kernels import GKLLoss, compat, functional, gkl_loss, pairwise_wmse
 from gkl_kernels.pairs.op import pair_rows
-from gkl_kernels.rank1.config import SOURCE_PAIRS
+from gkl_kernels.rank1.config import SOURCE_PAIRS, STAT_ERROR, TOTAL_ERROR, RowConfig
+from gkl_kernels.rank1.op import rank1_loss, rank1_row_stats
 from tests.conftest import assert_close_rel, loss_and_grads, oracle
 
 KINDS = ("shared", "per_row")
@@ -204,11 +205,11 @@ def test_adv_dkl_loss_matches_first_paper(weight_source, backend, generator, mon
 @pytest.mark.newest_triton
 @pytest.mark.parametrize("with_ignored", [False, True], ids=["all_rows", "ignore_index"])
 @pytest.mark.parametrize("kind", ["shared", "per_row"])
-def test_triton_step_launches_and_host_syncs(kind, with_ignored, generator):
-    """With the weights' value check off (on a GPU it is a device-side assertion over the
-    weights, a few launches more): 3 launches forward (the cross-entropy statistics, the pair
-    kernel, the finishing kernel), 1 backward (the per-row kernel also zeroes its accumulator),
-    no host synchronisation."""
+def test_triton_step_launches_and_host_syncs(kind, with_ignored, generator, monkeypatch):
+    """Default options, as on a GPU (where the kernels check the labels and weights): 3 launches
+    forward (the cross-entropy statistics, the pair kernel, the finishing kernel), 1 backward
+    (the per-row kernel also zeroes its accumulator), no host synchronisation."""
+    monkeypatch.setattr(functional, "kernels_check_values", lambda use_triton, device: use_triton)
     student, teacher, weights = pair_inputs(kind, generator)
     labels = None
     if with_ignored:
@@ -218,10 +219,32 @@ def test_triton_step_launches_and_host_syncs(kind, with_ignored, generator):
     grad = torch.ones(())  # autograd's own seed, made outside the count
     with DispatchCounter() as ops, TritonTrafficCounter() as kernels:
         loss = gkl_loss(student, teacher, weights=weights, weights_kind=kind, labels=labels,
-                        backend="triton", check_values=False)
+                        backend="triton")
     assert (ops.launches + kernels.launches, ops.host_syncs) == (3, 0)
     with DispatchCounter() as ops, TritonTrafficCounter() as kernels:
         loss.backward(grad)
     expected = {"shared": 1, "per_row": 2}[kind]
     assert (ops.launches + kernels.launches, ops.host_syncs) == (expected, 0)
     assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")], ids=["negative", "nan", "inf"])
+@pytest.mark.parametrize("kind", ["shared", "per_row"])
+def test_pair_kernels_flag_invalid_weights(kind, bad, generator):
+    """On a GPU the pair kernels check the weights they read (the finishing kernel's device
+    assertion then fails), so the weights are not read a second time: their error flags in the
+    statistics and the totals (the interpreter runs no device assertion)."""
+    student, teacher, weights = pair_inputs(kind, generator, batch=4, num_classes=20)
+    labels = torch.tensor([3, -100, 5, 7])
+    if kind == "shared":
+        weights[17, 2] = bad
+        flagged = [2.0] * 4  # M is every row's: each row tile's programs read all of it
+    else:
+        weights[2, 17, 2] = bad
+        flagged = [0.0, 0.0, 2.0, 0.0]
+    config = RowConfig(source=SOURCE_PAIRS, per_row=kind == "per_row", has_labels=True,
+                       use_triton=True, block_c=16)
+    outputs = rank1_loss(student, teacher, weights, labels, config.floats, config.ints, False)
+    assert outputs[2][TOTAL_ERROR] == 2.0
+    stats = rank1_row_stats(student, teacher, weights, labels, config.floats, config.ints)
+    assert stats[:, STAT_ERROR].tolist() == flagged

@@ -25,13 +25,14 @@ from gkl_kernels.pairs.per_row_kernels import per_row_rows_backward, per_row_row
 from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_forward
 from gkl_kernels.pairs.torch_impl import pair_rows_backward_torch, pair_rows_forward_torch
 from gkl_kernels.rank1 import kernels as rank1_kernels
-from gkl_kernels.rank1.config import STAT_M2, STAT_W
+from gkl_kernels.rank1.config import STAT_ERROR, STAT_M2, STAT_W
 from gkl_kernels.validation import DOT_PRECISIONS
 
 
 def pair_parts(student, teacher, weights, labels, per_row, block_c, dot_precision,
                ignore_index=-100):
-    """The Triton forward: ``(2, P, B)`` column parts of the rows' wMSE and weight sums."""
+    """The Triton forward: ``(3, P, B)`` column parts of the rows' wMSE and weight sums and
+    invalid-weight flags."""
     if per_row:
         return per_row_rows_forward(student, teacher, weights, block_c or None, labels,
                                     ignore_index)
@@ -64,7 +65,8 @@ def pair_stats_triton(student, teacher, weights, labels, config):
     stats = rank1_kernels.row_stats(student, teacher, None, labels, config)
     parts = pair_parts(student, teacher, weights, labels, config.per_row, config.block_c,
                        DOT_PRECISIONS[config.dot_precision], config.ignore_index)
-    stats[:, STAT_M2], stats[:, STAT_W] = parts.sum(dim=1)
+    stats[:, STAT_M2], stats[:, STAT_W] = parts[:2].sum(dim=1)
+    stats[:, STAT_ERROR] += 2.0 * parts[2].amax(dim=0)
     return stats
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
 from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars
-from gkl_kernels.rank1.kernels import (NEG_INF, load_row_stats, pair_loss_coefficients,
+from gkl_kernels.rank1.kernels import (FINITE_MAX, NEG_INF, load_row_stats, pair_loss_coefficients,
                                        softmax_difference, two_sum)
 
 BLOCK_J = 32  # rows j of a weight tile
@@ -91,8 +91,9 @@ def wmse_per_row_fwd_kernel(
 ):
     """Grid ``(B, P = cdiv(C, BLOCK_J))``: program ``(b, i)`` reduces the weight rows ``j`` of
     tile ``i`` into ``parts[0, i, b] = sum w (d_j - d_k)^2`` and ``parts[1, i, b] = sum w``
-    (float32 ``(2, P, B)``; their sums over ``P`` are ``wmse_b`` and ``sum_{j,k} w[b,j,k]``); 0 for
-    a row labelled ``ignore_index``, which is not read."""
+    (float32 ``(3, P, B)``; their sums over ``P`` are ``wmse_b`` and ``sum_{j,k} w[b,j,k]``), and
+    ``parts[2, i, b]`` 1 where a weight it read (those of the present pairs) is negative, inf or
+    NaN; 0 for a row labelled ``ignore_index``, which is not read."""
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     s_row = s_ptr + row * s_stride_b
@@ -103,15 +104,18 @@ def wmse_per_row_fwd_kernel(
                                                      s_stride_c, t_stride_c, BLOCK_J)
     wmse_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
     wsum_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
+    invalid = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, read, BLOCK_K):
         _, _, w, diff = _weight_tile(s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, read,
                                      s_stride_c, t_stride_c, w_stride_j, w_stride_k, BLOCK_K)
         wmse_acc += w * diff * diff
         wsum_acc += w
+        invalid = tl.maximum(invalid, tl.where((w >= 0.0) & (w <= FINITE_MAX), 0.0, 1.0))
     out = tile.to(tl.int64) * B + row
+    plane = tl.num_programs(1).to(tl.int64) * B
     tl.store(parts_ptr + out, tl.sum(tl.sum(wmse_acc, axis=1), axis=0))
-    tl.store(parts_ptr + tl.num_programs(1).to(tl.int64) * B + out,
-             tl.sum(tl.sum(wsum_acc, axis=1), axis=0))
+    tl.store(parts_ptr + plane + out, tl.sum(tl.sum(wsum_acc, axis=1), axis=0))
+    tl.store(parts_ptr + 2 * plane + out, tl.max(tl.max(invalid, axis=1), axis=0))
 
 
 @triton.jit
@@ -186,13 +190,13 @@ def _launch_args(student, teacher, weights):
 
 
 def per_row_rows_forward(student, teacher, weights, block_c=None, labels=None, ignore_index=-100):
-    """``parts`` float32 ``(2, P, B)``: column parts of each row's wMSE (``[0]``) and weight sum
-    (``[1]``) for per-row ``(B, C, C)`` pair weights; rows labelled ``ignore_index`` are not
-    read."""
+    """``parts`` float32 ``(3, P, B)``: column parts of each row's wMSE (``[0]``) and weight sum
+    (``[1]``) for per-row ``(B, C, C)`` pair weights, and invalid-weight flags (``[2]``); rows
+    labelled ``ignore_index`` are not read."""
     batch, num_classes = student.shape
     block_j, block_k = pick_per_row_blocks(num_classes, block_c)
     grid = (batch, triton.cdiv(num_classes, block_j))
-    parts = torch.empty(2, grid[1], batch, dtype=torch.float32, device=student.device)
+    parts = torch.empty(3, grid[1], batch, dtype=torch.float32, device=student.device)
     wmse_per_row_fwd_kernel[grid](
         student, teacher, weights, student if labels is None else labels, parts, batch,
         *_launch_args(student, teacher, weights), ignore_index, HAS_LABELS=labels is not None,

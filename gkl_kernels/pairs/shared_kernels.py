@@ -31,8 +31,8 @@ import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
 from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars
-from gkl_kernels.rank1.kernels import (NEG_INF, load_row_stats, pair_loss_coefficients,
-                                       softmax_difference, two_sum)
+from gkl_kernels.rank1.kernels import (FINITE_MAX, NEG_INF, load_row_stats,
+                                       pair_loss_coefficients, softmax_difference, two_sum)
 from gkl_kernels.validation import MIN_DOT_BLOCK
 
 MAX_BLOCK_ROWS = 64
@@ -106,16 +106,20 @@ def _shared_pair_tile(
     g = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
     square = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)  # sum_k S delta^2 (forward)
     weight = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)  # sum_k S in_k (degree)
+    invalid = tl.max(tl.zeros((BLOCK_C,), dtype=tl.float32), axis=0)  # 1: a weight < 0, inf, NaN
     for k0 in range(0, C, BLOCK_K):
         k_cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         in_k, hi_k, lo_k = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, k_cols, C,
                                                     s_stride_b, s_stride_c, t_stride_b,
                                                     t_stride_c)
         m_mask = (k_cols[:, None] < C) & n_in[None, :]
-        pair = tl.load(m_ptr + k_cols[:, None] * m_stride_j + n_cols[None, :] * m_stride_k,
-                       mask=m_mask, other=0.0).to(tl.float32) + \
-            tl.load(m_ptr + n_cols[None, :] * m_stride_j + k_cols[:, None] * m_stride_k,
-                    mask=m_mask, other=0.0).to(tl.float32)  # S[k, n], (BLOCK_K, BLOCK_C)
+        m_kn = tl.load(m_ptr + k_cols[:, None] * m_stride_j + n_cols[None, :] * m_stride_k,
+                       mask=m_mask, other=0.0).to(tl.float32)
+        # the programs of one row tile read every entry once as M[k, n]: check them there
+        invalid = tl.maximum(invalid, tl.max(tl.max(
+            tl.where((m_kn >= 0.0) & (m_kn <= FINITE_MAX), 0.0, 1.0), axis=1), axis=0))
+        pair = m_kn + tl.load(m_ptr + n_cols[None, :] * m_stride_j + k_cols[:, None] * m_stride_k,
+                              mask=m_mask, other=0.0).to(tl.float32)  # S[k, n]
         if DOT_PRECISION == "ieee":
             both = in_k[:, :, None] & in_n[:, None, :]
             w = tl.where(both, pair[None, :, :], 0.0)  # (BLOCK_B, BLOCK_K, BLOCK_C)
@@ -133,7 +137,7 @@ def _shared_pair_tile(
         g = tl.where(in_n, hi_n * weight - g, 0.0)
         weight = tl.where(in_n, weight, 0.0)
         square = 2.0 * hi_n * g  # wmse = sum_n d_n g_n
-    return rows, row_mask, n_cols, in_n, g, 0.5 * square, 0.5 * weight
+    return rows, row_mask, n_cols, in_n, g, 0.5 * square, 0.5 * weight, invalid
 
 
 @triton.jit
@@ -144,16 +148,19 @@ def wmse_shared_fwd_kernel(
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid ``(cdiv(B, BLOCK_B), P = cdiv(C, BLOCK_C))``: ``parts[0, pid1, b]`` and ``parts[1,
-    pid1, b]``, this tile's parts of ``wmse_b`` and of the row's weight sum (float32 ``(2, P,
-    B)``; their sums over ``P`` are the rows' values)."""
-    rows, row_mask, _, _, _, square, weight = _shared_pair_tile(
+    pid1, b]``, this tile's parts of ``wmse_b`` and of the row's weight sum, ``parts[2, pid1, b]``
+    1 where a weight this program read is negative, inf or NaN (float32 ``(3, P, B)``; the sums
+    over ``P`` are the rows' values)."""
+    rows, row_mask, _, _, _, square, weight, invalid = _shared_pair_tile(
         s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
         m_stride_j, m_stride_k, ignore_index, True, HAS_LABELS, BLOCK_B, BLOCK_C, BLOCK_K,
         DOT_PRECISION)
     out = tl.program_id(1).to(tl.int64) * B + rows
     in_batch = rows < B
     tl.store(parts_ptr + out, tl.sum(square, axis=1), mask=in_batch)
-    tl.store(parts_ptr + tl.num_programs(1).to(tl.int64) * B + out, tl.sum(weight, axis=1),
+    plane = tl.num_programs(1).to(tl.int64) * B
+    tl.store(parts_ptr + plane + out, tl.sum(weight, axis=1), mask=in_batch)
+    tl.store(parts_ptr + 2 * plane + out, tl.zeros((BLOCK_B,), dtype=tl.float32) + invalid,
              mask=in_batch)
 
 
@@ -172,7 +179,7 @@ def wmse_shared_bwd_kernel(
     p)``. ``LOSS``: ``grad`` is the loss's 0-dim gradient, ``c_b`` and ``g_ce`` come from the
     rows' statistics and the totals (``pair_loss_coefficients``); else ``grad`` is the (B,)
     gradient of the rows' wMSE and ``c_b = 2 grad_b``."""
-    rows, row_mask, n_cols, _, g, _, _ = _shared_pair_tile(
+    rows, row_mask, n_cols, _, g, _, _, _ = _shared_pair_tile(
         s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
         m_stride_j, m_stride_k, ignore_index, False, HAS_LABELS, BLOCK_B, BLOCK_C, BLOCK_K,
         DOT_PRECISION)
@@ -215,12 +222,13 @@ def _launch_args(student, teacher, weights):
 
 def shared_rows_forward(student, teacher, weights, dot_precision="ieee", block_c=None,
                         labels=None, ignore_index=-100):
-    """``parts`` float32 ``(2, P, B)``: column parts of each row's wMSE (``[0]``) and weight sum
-    (``[1]``) for shared ``(C, C)`` pair weights; rows labelled ``ignore_index`` are not read."""
+    """``parts`` float32 ``(3, P, B)``: column parts of each row's wMSE (``[0]``) and weight sum
+    (``[1]``) for shared ``(C, C)`` pair weights, and invalid-weight flags (``[2]``); rows
+    labelled ``ignore_index`` are not read."""
     batch, num_classes = student.shape
     block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(num_classes, block))
-    parts = torch.empty(2, grid[1], batch, dtype=torch.float32, device=student.device)
+    parts = torch.empty(3, grid[1], batch, dtype=torch.float32, device=student.device)
     wmse_shared_fwd_kernel[grid](
         student, teacher, weights, student if labels is None else labels, parts,
         *_launch_args(student, teacher, weights), ignore_index, HAS_LABELS=labels is not None,

@@ -325,7 +325,8 @@ def _finished_rows(stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE:
     """Rows ``r0 ..`` of the statistics finished (``finish_row``), their weights, kept flags,
     error flags, and which of them count in the normaliser (kept, with weight). Pair weights:
     ``num_parts`` column parts of each row's wMSE and weight sum (``parts_ptr``, float32
-    ``(2, num_parts, B)``) add to the statistics' ``M2`` and ``W``."""
+    ``(3, num_parts, B)``) add to the statistics' ``M2`` and ``W``, their invalid-weight flags to
+    the error flags."""
     rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
     (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
      err, dm) = load_row_stats(stats_ptr, rows, rows < B)
@@ -334,6 +335,9 @@ def _finished_rows(stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE:
             m2 += tl.load(parts_ptr + part * B + rows, mask=rows < B, other=0.0)
             weight += tl.load(parts_ptr + (num_parts + part) * B + rows, mask=rows < B,
                               other=0.0)
+            invalid = tl.load(parts_ptr + (2 * num_parts + part) * B + rows, mask=rows < B,
+                              other=0.0)
+            err += tl.where((invalid != 0.0) & (err < 2.0), 2.0, 0.0)
     exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
     return exponent, wmse, ce, weight, kept, err, (kept > 0.0) & (weight != 0.0)
 
@@ -518,7 +522,7 @@ def row_stats(student, teacher, factor, labels, config):
 
 def finish_loss(stats, config, pair_parts=None):
     """Launch ``finish_loss_kernel``: ``(loss (), totals (NUM_TOTALS,))`` float32; ``pair_parts``:
-    the pair kernels' ``(2, parts, B)`` wMSE and weight-sum parts, added to the statistics."""
+    the pair kernels' ``(3, parts, B)`` wMSE, weight-sum and invalid-weight parts."""
     loss = torch.empty((), dtype=torch.float32, device=stats.device)
     totals = torch.empty(NUM_TOTALS, dtype=torch.float32, device=stats.device)
     parts = stats if pair_parts is None else pair_parts
