@@ -1,6 +1,7 @@
-"""What the pair-weight backward kernels need to form the whole loss's gradient (the wMSE's and the
-cross-entropy's, ignored rows 0) rather than the rows' wMSE gradient alone: ``PairLossTerms`` and
-the kernel arguments made from it."""
+"""What the pair-weight kernels need of the loss around the wMSE: the backward's ``PairLossTerms``
+(to form the whole loss's gradient, the wMSE's and the cross-entropy's, ignored rows 0, rather
+than the rows' wMSE gradient alone) and the kernel arguments made from it; the forward's
+scalars."""
 
 from dataclasses import dataclass
 from typing import Optional
@@ -46,3 +47,9 @@ def loss_flags(loss):
     config = loss.config
     return dict(LOSS=True, HAS_LABELS=loss.labels is not None, WITH_CE=config.with_ce,
                 NORMALIZE_BATCH=config.normalize_batch, SYMMETRIC=config.symmetric)
+
+
+def part_scalars(config, num_classes):
+    """The forward kernels' ``(ignore_index, num_labels, 1 / T)`` (``config`` None: defaults)."""
+    config = config or RowConfig()
+    return config.ignore_index, config.num_labels or num_classes, 1.0 / config.temperature

@@ -11,9 +11,9 @@ the tiles.
 
 The whole loss with pair weights (``RowConfig.source = SOURCE_PAIRS``) runs through the rank-one
 loss ops (``rank1.op``), which call ``pair_loss_triton`` / ``pair_loss_backward_triton`` here: the
-cross-entropy statistics from the rank-one row kernel, the wMSE parts from the pair kernel, both
-finished by the rank-one finishing kernel; the backward is one pair kernel that also forms the
-cross-entropy's gradient.
+pair kernel writes column parts of every row (wMSE, weight sums, the cross-entropy statistics,
+flags), the rank-one finishing kernel merges them into the loss and the rows' statistics; the
+backward is one pair kernel that also forms the cross-entropy's gradient.
 """
 
 import torch
@@ -25,19 +25,17 @@ from gkl_kernels.pairs.per_row_kernels import per_row_rows_backward, per_row_row
 from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_forward
 from gkl_kernels.pairs.torch_impl import pair_rows_backward_torch, pair_rows_forward_torch
 from gkl_kernels.rank1 import kernels as rank1_kernels
-from gkl_kernels.rank1.config import STAT_ERROR, STAT_M2, STAT_W
+from gkl_kernels.rank1.config import NUM_STATS, PART_WMSE, PART_WSUM
 from gkl_kernels.validation import DOT_PRECISIONS
 
 
-def pair_parts(student, teacher, weights, labels, per_row, block_c, dot_precision,
-               ignore_index=-100):
-    """The Triton forward: ``(3, P, B)`` column parts of the rows' wMSE and weight sums and
-    invalid-weight flags."""
+def pair_parts(student, teacher, weights, labels, per_row, block_c, dot_precision, config=None):
+    """The Triton forward: ``(NUM_PART_PLANES, P, B)`` column parts of the rows
+    (``config.PART_*``)."""
     if per_row:
-        return per_row_rows_forward(student, teacher, weights, block_c or None, labels,
-                                    ignore_index)
+        return per_row_rows_forward(student, teacher, weights, block_c or None, labels, config)
     return shared_rows_forward(student, teacher, weights, dot_precision, block_c or None, labels,
-                               ignore_index)
+                               config)
 
 
 def pair_backward(grad, student, teacher, weights, need_ds, need_dt, per_row, block_c,
@@ -51,23 +49,14 @@ def pair_backward(grad, student, teacher, weights, need_ds, need_dt, per_row, bl
 
 
 def pair_loss_triton(student, teacher, weights, labels, config):
-    """``(loss, stats, totals)`` of the loss with pair weights under Triton: the rank-one row
-    kernel's cross-entropy statistics, the pair kernel's wMSE parts, the finishing kernel."""
-    stats = rank1_kernels.row_stats(student, teacher, None, labels, config)
+    """``(loss, stats, totals)`` of the loss with pair weights under Triton: the pair kernel's
+    column parts (wMSE, weight sums, cross-entropy statistics, flags), finished by the rank-one
+    finishing kernel, which also writes the rows' statistics."""
     parts = pair_parts(student, teacher, weights, labels, config.per_row, config.block_c,
-                       DOT_PRECISIONS[config.dot_precision], config.ignore_index)
+                       DOT_PRECISIONS[config.dot_precision], config)
+    stats = torch.empty(student.shape[0], NUM_STATS, dtype=torch.float32, device=student.device)
     loss, totals = rank1_kernels.finish_loss(stats, config, parts)
     return loss, stats, totals
-
-
-def pair_stats_triton(student, teacher, weights, labels, config):
-    """The rows' statistics with their pair wMSE and weight sums in ``M2`` and ``W``."""
-    stats = rank1_kernels.row_stats(student, teacher, None, labels, config)
-    parts = pair_parts(student, teacher, weights, labels, config.per_row, config.block_c,
-                       DOT_PRECISIONS[config.dot_precision], config.ignore_index)
-    stats[:, STAT_M2], stats[:, STAT_W] = parts[:2].sum(dim=1)
-    stats[:, STAT_ERROR] += 2.0 * parts[2].amax(dim=0)
-    return stats
 
 
 def pair_loss_backward_triton(grad_loss, student, teacher, weights, labels, stats, totals, config,
@@ -87,7 +76,8 @@ def pair_rows(student: Tensor, teacher: Tensor, weights: Tensor, per_row: bool, 
     if not use_triton:
         return pair_rows_forward_torch(student, teacher, weights, per_row)
     parts = pair_parts(student, teacher, weights, None, per_row, block_c, dot_precision)
-    return parts[0].sum(dim=0), parts[1].sum(dim=0), student.new_empty(0, dtype=torch.float32)
+    return (parts[PART_WMSE].sum(dim=0), parts[PART_WSUM].sum(dim=0),
+            student.new_empty(0, dtype=torch.float32))
 
 
 @pair_rows.register_fake

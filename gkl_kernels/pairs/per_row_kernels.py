@@ -26,9 +26,11 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars
-from gkl_kernels.rank1.kernels import (FINITE_MAX, NEG_INF, load_row_stats, pair_loss_coefficients,
-                                       softmax_difference, two_sum)
+from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars, part_scalars
+from gkl_kernels.rank1.config import NUM_PART_PLANES
+from gkl_kernels.rank1.kernels import (FINITE_MAX, NEG_INF, load_row_stats,
+                                       pair_loss_coefficients, row_flags, softmax_difference,
+                                       store_pair_parts, tile_cross_entropy, two_sum)
 
 BLOCK_J = 32  # rows j of a weight tile
 MAX_BLOCK_K = 64  # columns k of a weight tile (contiguous in memory)
@@ -87,13 +89,15 @@ def _read_columns(labels_ptr, row, C, ignore_index, HAS_LABELS: tl.constexpr):
 def wmse_per_row_fwd_kernel(
     s_ptr, t_ptr, w_ptr, labels_ptr, parts_ptr,
     B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, w_stride_b, w_stride_j, w_stride_k,
-    ignore_index, HAS_LABELS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    ignore_index, num_labels, inv_t, HAS_LABELS: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """Grid ``(B, P = cdiv(C, BLOCK_J))``: program ``(b, i)`` reduces the weight rows ``j`` of
-    tile ``i`` into ``parts[0, i, b] = sum w (d_j - d_k)^2`` and ``parts[1, i, b] = sum w``
-    (float32 ``(3, P, B)``; their sums over ``P`` are ``wmse_b`` and ``sum_{j,k} w[b,j,k]``), and
-    ``parts[2, i, b]`` 1 where a weight it read (those of the present pairs) is negative, inf or
-    NaN; 0 for a row labelled ``ignore_index``, which is not read."""
+    """Grid ``(B, P = cdiv(C, BLOCK_J))``: program ``(b, i)`` writes part ``i`` of row ``b``
+    (``config.PART_*``, float32 ``(NUM_PART_PLANES, P, B)``): ``sum w (d_j - d_k)^2`` and ``sum
+    w`` over the weight rows ``j`` of tile ``i`` (their sums over ``P`` are ``wmse_b`` and ``sum_{j,k}
+    w[b,j,k]``), a flag for an invalid weight read (those of the present pairs: negative, inf,
+    NaN), the cross-entropy statistics of the columns ``j``, the row's kept and label-error
+    flags; 0 for a row labelled ``ignore_index``, which is not read."""
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     s_row = s_ptr + row * s_stride_b
@@ -111,11 +115,14 @@ def wmse_per_row_fwd_kernel(
         wmse_acc += w * diff * diff
         wsum_acc += w
         invalid = tl.maximum(invalid, tl.where((w >= 0.0) & (w <= FINITE_MAX), 0.0, 1.0))
-    out = tile.to(tl.int64) * B + row
-    plane = tl.num_programs(1).to(tl.int64) * B
-    tl.store(parts_ptr + out, tl.sum(tl.sum(wmse_acc, axis=1), axis=0))
-    tl.store(parts_ptr + plane + out, tl.sum(tl.sum(wsum_acc, axis=1), axis=0))
-    tl.store(parts_ptr + 2 * plane + out, tl.max(tl.max(invalid, axis=1), axis=0))
+    kept, bad = row_flags(labels_ptr, row, row >= 0, ignore_index, num_labels, HAS_LABELS)
+    s = tl.load(s_row + j_cols * s_stride_c, mask=j_cols < read, other=NEG_INF).to(tl.float32)
+    t = tl.load(t_row + j_cols * t_stride_c, mask=j_cols < read, other=NEG_INF).to(tl.float32)
+    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 0)
+    store_pair_parts(parts_ptr, tile.to(tl.int64) * B + row, tl.num_programs(1).to(tl.int64) * B,
+                     row >= 0, tl.sum(tl.sum(wmse_acc, axis=1), axis=0),
+                     tl.sum(tl.sum(wsum_acc, axis=1), axis=0),
+                     tl.max(tl.max(invalid, axis=1), axis=0), ms, zs, mt, zt, a, kept, bad)
 
 
 @triton.jit
@@ -189,17 +196,18 @@ def _launch_args(student, teacher, weights):
             teacher.stride(1), weights.stride(0), weights.stride(1), weights.stride(2))
 
 
-def per_row_rows_forward(student, teacher, weights, block_c=None, labels=None, ignore_index=-100):
-    """``parts`` float32 ``(3, P, B)``: column parts of each row's wMSE (``[0]``) and weight sum
-    (``[1]``) for per-row ``(B, C, C)`` pair weights, and invalid-weight flags (``[2]``); rows
-    labelled ``ignore_index`` are not read."""
+def per_row_rows_forward(student, teacher, weights, block_c=None, labels=None, config=None):
+    """``parts`` float32 ``(NUM_PART_PLANES, P, B)`` (``config.PART_*``) for per-row
+    ``(B, C, C)`` pair weights; ``labels``, ``config`` as in ``shared_rows_forward``."""
     batch, num_classes = student.shape
     block_j, block_k = pick_per_row_blocks(num_classes, block_c)
     grid = (batch, triton.cdiv(num_classes, block_j))
-    parts = torch.empty(3, grid[1], batch, dtype=torch.float32, device=student.device)
+    parts = torch.empty(NUM_PART_PLANES, grid[1], batch, dtype=torch.float32,
+                        device=student.device)
     wmse_per_row_fwd_kernel[grid](
         student, teacher, weights, student if labels is None else labels, parts, batch,
-        *_launch_args(student, teacher, weights), ignore_index, HAS_LABELS=labels is not None,
+        *_launch_args(student, teacher, weights), *part_scalars(config, num_classes),
+        HAS_LABELS=labels is not None,
         BLOCK_J=block_j, BLOCK_K=block_k, num_warps=per_row_num_warps(block_j, block_k))
     return parts
 

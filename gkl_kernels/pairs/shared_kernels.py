@@ -30,9 +30,11 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars
+from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars, part_scalars
+from gkl_kernels.rank1.config import NUM_PART_PLANES
 from gkl_kernels.rank1.kernels import (FINITE_MAX, NEG_INF, load_row_stats,
-                                       pair_loss_coefficients, softmax_difference, two_sum)
+                                       pair_loss_coefficients, row_flags, softmax_difference,
+                                       store_pair_parts, tile_cross_entropy, two_sum)
 from gkl_kernels.validation import MIN_DOT_BLOCK
 
 MAX_BLOCK_ROWS = 64
@@ -144,24 +146,29 @@ def _shared_pair_tile(
 def wmse_shared_fwd_kernel(
     s_ptr, t_ptr, m_ptr, labels_ptr, parts_ptr,
     B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, ignore_index,
-    HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    num_labels, inv_t, HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid ``(cdiv(B, BLOCK_B), P = cdiv(C, BLOCK_C))``: ``parts[0, pid1, b]`` and ``parts[1,
-    pid1, b]``, this tile's parts of ``wmse_b`` and of the row's weight sum, ``parts[2, pid1, b]``
-    1 where a weight this program read is negative, inf or NaN (float32 ``(3, P, B)``; the sums
-    over ``P`` are the rows' values)."""
-    rows, row_mask, _, _, _, square, weight, invalid = _shared_pair_tile(
+    """Grid ``(cdiv(B, BLOCK_B), P = cdiv(C, BLOCK_C))``: part ``pid1`` of each of its rows
+    (``config.PART_*``, float32 ``(NUM_PART_PLANES, P, B)``): this tile's parts of ``wmse_b`` and
+    of the row's weight sum, a flag for an invalid weight read (negative, inf, NaN), the
+    cross-entropy statistics of the tile's columns, the row's kept and label-error flags."""
+    rows, row_mask, n_cols, _, _, square, weight, invalid = _shared_pair_tile(
         s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
         m_stride_j, m_stride_k, ignore_index, True, HAS_LABELS, BLOCK_B, BLOCK_C, BLOCK_K,
         DOT_PRECISION)
-    out = tl.program_id(1).to(tl.int64) * B + rows
     in_batch = rows < B
-    tl.store(parts_ptr + out, tl.sum(square, axis=1), mask=in_batch)
-    plane = tl.num_programs(1).to(tl.int64) * B
-    tl.store(parts_ptr + plane + out, tl.sum(weight, axis=1), mask=in_batch)
-    tl.store(parts_ptr + 2 * plane + out, tl.zeros((BLOCK_B,), dtype=tl.float32) + invalid,
-             mask=in_batch)
+    kept, bad = row_flags(labels_ptr, rows, in_batch, ignore_index, num_labels, HAS_LABELS)
+    read = row_mask[:, None] & (n_cols[None, :] < C)
+    s = tl.load(s_ptr + rows[:, None] * s_stride_b + n_cols[None, :] * s_stride_c, mask=read,
+                other=NEG_INF).to(tl.float32)
+    t = tl.load(t_ptr + rows[:, None] * t_stride_b + n_cols[None, :] * t_stride_c, mask=read,
+                other=NEG_INF).to(tl.float32)
+    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 1)
+    store_pair_parts(parts_ptr, tl.program_id(1).to(tl.int64) * B + rows,
+                     tl.num_programs(1).to(tl.int64) * B, in_batch, tl.sum(square, axis=1),
+                     tl.sum(weight, axis=1), tl.zeros((BLOCK_B,), dtype=tl.float32) + invalid,
+                     ms, zs, mt, zt, a, kept, bad)
 
 
 @triton.jit
@@ -221,17 +228,19 @@ def _launch_args(student, teacher, weights):
 
 
 def shared_rows_forward(student, teacher, weights, dot_precision="ieee", block_c=None,
-                        labels=None, ignore_index=-100):
-    """``parts`` float32 ``(3, P, B)``: column parts of each row's wMSE (``[0]``) and weight sum
-    (``[1]``) for shared ``(C, C)`` pair weights, and invalid-weight flags (``[2]``); rows
-    labelled ``ignore_index`` are not read."""
+                        labels=None, config=None):
+    """``parts`` float32 ``(NUM_PART_PLANES, P, B)`` (``config.PART_*``) for shared ``(C, C)``
+    pair weights; rows labelled ``config.ignore_index`` are not read (``config``: the loss's
+    options, for the cross-entropy's temperature and the labels; None: defaults)."""
     batch, num_classes = student.shape
     block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(num_classes, block))
-    parts = torch.empty(3, grid[1], batch, dtype=torch.float32, device=student.device)
+    parts = torch.empty(NUM_PART_PLANES, grid[1], batch, dtype=torch.float32,
+                        device=student.device)
     wmse_shared_fwd_kernel[grid](
         student, teacher, weights, student if labels is None else labels, parts,
-        *_launch_args(student, teacher, weights), ignore_index, HAS_LABELS=labels is not None,
+        *_launch_args(student, teacher, weights), *part_scalars(config, num_classes),
+        HAS_LABELS=labels is not None,
         BLOCK_B=block_b, BLOCK_C=block, BLOCK_K=reduction_block(block_b, block, dot_precision),
         DOT_PRECISION=dot_precision, **shared_launch_options(block_b, block))
     return parts

@@ -28,6 +28,14 @@ NUM_STATS = 16  # padded: 64-byte rows
 ERROR_LABEL = 1.0  # a label outside [0, C) that is not ignore_index
 ERROR_WEIGHT = 2.0  # a weight (explicit factor or prior entry) negative, inf or NaN
 
+# Column parts of pair-weight rows, float32 (NUM_PART_PLANES, P, B): the pair kernels' forward
+# writes, for each of the P column tiles of each row, the tile's wMSE and pair-weight sums, a flag
+# for an invalid weight read there, the cross-entropy statistics of the tile's columns (as above),
+# and the row's kept and label-error flags; the finishing kernel merges them into the statistics.
+(PART_WMSE, PART_WSUM, PART_INVALID, PART_MS, PART_ZS, PART_MT, PART_ZT, PART_A, PART_KEPT,
+ PART_LABEL_ERROR) = range(10)
+NUM_PART_PLANES = 10
+
 # Batch totals, float32 (NUM_TOTALS,): the normaliser ``N = DEN 2^(2K)`` kept as an exponent
 # ``K`` (the largest row scale) and a mantissa, so that no weight scale overflows or underflows.
 (TOTAL_K, TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE, TOTAL_CE, TOTAL_ERROR) = range(6)

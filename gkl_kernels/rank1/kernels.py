@@ -93,6 +93,18 @@ def merge_cross_entropy(ms_a, zs_a, mt_a, zt_a, a_a, ms_b, zs_b, mt_b, zt_b, a_b
 
 
 @triton.jit
+def tile_cross_entropy(s, t, inv_t, AXIS: tl.constexpr):
+    """``(m_s, z_s, m_t, z_t, a)``: the cross-entropy statistics of a tile's columns, reduced
+    along ``AXIS`` (``-inf`` marks absent entries)."""
+    ms = tl.max(s, axis=AXIS, keep_dims=True)
+    mt = tl.max(t, axis=AXIS, keep_dims=True)
+    e_t = tl.exp((t - _ref(mt)) * inv_t)
+    a = tl.sum(tl.where(e_t != 0.0, e_t * (_ref(ms) - s), 0.0), axis=AXIS)
+    zs = tl.sum(tl.exp((s - _ref(ms)) * inv_t), axis=AXIS)
+    return tl.max(s, axis=AXIS), zs, tl.max(t, axis=AXIS), tl.sum(e_t, axis=AXIS), a
+
+
+@triton.jit
 def merge_moments(f_a, w_a, ph_a, pl_a, dm_a, m2_a, f_b, w_b, ph_b, pl_b, dm_b, m2_b):
     """Weight, mean and M2 of two parts, part ``x``'s weights rescaled by ``f_x``; a mean is a
     pivot pair plus an offset, ``(ph + pl) + dm``. Chan's rule, anchored on the heavier part: its
@@ -181,13 +193,10 @@ def _scaled_factor(t, raw, in_wmse, mt, scale, gamma_t2, SOURCE: tl.constexpr):
 def _row_start(labels_ptr, row, num_labels, ignore_index, HAS_LABELS: tl.constexpr):
     """``(kept, label error, label)`` of one row: kept unless its label is ``ignore_index``, an
     error when a kept label is outside ``[0, num_labels)`` (the label is then 0)."""
-    kept = row >= 0
-    bad = row < 0
+    kept, bad = row_flags(labels_ptr, row, row >= 0, ignore_index, num_labels, HAS_LABELS)
     label = row * 0
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
-        kept = label != ignore_index
-        bad = kept & ((label < 0) | (label >= num_labels))
     return kept, bad, tl.where(bad | (kept == 0), 0, label)
 
 
@@ -263,32 +272,14 @@ def row_stats_kernel(
             weight, ph, pl, dm, m2 = merge_moments(f_old, weight, ph, pl, dm, m2, f_tile, w_tile,
                                                    ph_tile, pl_tile, dm_tile, m2_tile)
         if WITH_CE:
-            ms_tile = tl.max(s, axis=0)
-            e_t = tl.exp((t - _ref(mt_tile)) * inv_t)
-            a_tile = tl.sum(tl.where(e_t != 0.0, e_t * (_ref(ms_tile) - s), 0.0), axis=0)
-            zs_tile = tl.sum(tl.exp((s - _ref(ms_tile)) * inv_t), axis=0)
+            ms_tile, zs_tile, mt_tile, zt_tile, a_tile = tile_cross_entropy(s, t, inv_t, 0)
             ms, zs, mt, zt, a = merge_cross_entropy(ms, zs, mt, zt, a, ms_tile, zs_tile, mt_tile,
-                                                    tl.sum(e_t, axis=0), a_tile, inv_t)
+                                                    zt_tile, a_tile, inv_t)
         else:
             mt = tl.maximum(mt, mt_tile)
     error = tl.where(bad_label, 1.0, 0.0) + tl.where(bad_weight, 2.0, 0.0)
-    out = stats_ptr + row * 16
-    tl.store(out + 0, ms)
-    tl.store(out + 1, zs)
-    tl.store(out + 2, mt)
-    tl.store(out + 3, zt)
-    tl.store(out + 4, a)
-    tl.store(out + 5, z_w)
-    tl.store(out + 6, scale)
-    tl.store(out + 7, weight)
-    tl.store(out + 8, ph)
-    tl.store(out + 9, pl)
-    tl.store(out + 10, m2)
-    tl.store(out + 11, tl.where(kept, 1.0, 0.0))
-    tl.store(out + 12, error)
-    tl.store(out + 13, dm)
-    tl.store(out + 14, zero)
-    tl.store(out + 15, zero)
+    store_row_stats(stats_ptr, row, row >= 0, ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2,
+                    tl.where(kept, 1.0, 0.0), error, dm)
 
 
 @triton.jit
@@ -308,6 +299,29 @@ def finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE: tl.const
 
 
 @triton.jit
+def store_row_stats(stats_ptr, rows, mask, ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2,
+                    kept, err, dm):
+    """Write rows of the statistics (``config.STAT_*``; the two padding columns 0)."""
+    base = stats_ptr + rows * 16
+    tl.store(base + 0, ms, mask=mask)
+    tl.store(base + 1, zs, mask=mask)
+    tl.store(base + 2, mt, mask=mask)
+    tl.store(base + 3, zt, mask=mask)
+    tl.store(base + 4, a, mask=mask)
+    tl.store(base + 5, z_w, mask=mask)
+    tl.store(base + 6, scale, mask=mask)
+    tl.store(base + 7, weight, mask=mask)
+    tl.store(base + 8, ph, mask=mask)
+    tl.store(base + 9, pl, mask=mask)
+    tl.store(base + 10, m2, mask=mask)
+    tl.store(base + 11, kept, mask=mask)
+    tl.store(base + 12, err, mask=mask)
+    tl.store(base + 13, dm, mask=mask)
+    tl.store(base + 14, dm * 0.0, mask=mask)
+    tl.store(base + 15, dm * 0.0, mask=mask)
+
+
+@triton.jit
 def load_row_stats(stats_ptr, rows, mask):
     base = stats_ptr + rows * 16
     return (tl.load(base + 0, mask=mask, other=NEG_INF), tl.load(base + 1, mask=mask, other=0.0),
@@ -320,24 +334,88 @@ def load_row_stats(stats_ptr, rows, mask):
 
 
 @triton.jit
+def store_pair_parts(parts_ptr, out, plane, mask, wmse, weight, invalid, ms, zs, mt, zt, a,
+                     kept, bad_label):
+    """Write one column part of rows (``out``: part ``p``'s offset ``p B + b``; ``plane = P B``)
+    in the layout ``_merged_parts`` reads (``config.PART_*``)."""
+    tl.store(parts_ptr + out, wmse, mask=mask)
+    tl.store(parts_ptr + plane + out, weight, mask=mask)
+    tl.store(parts_ptr + 2 * plane + out, invalid, mask=mask)
+    tl.store(parts_ptr + 3 * plane + out, ms, mask=mask)
+    tl.store(parts_ptr + 4 * plane + out, zs, mask=mask)
+    tl.store(parts_ptr + 5 * plane + out, mt, mask=mask)
+    tl.store(parts_ptr + 6 * plane + out, zt, mask=mask)
+    tl.store(parts_ptr + 7 * plane + out, a, mask=mask)
+    tl.store(parts_ptr + 8 * plane + out, tl.where(kept, 1.0, 0.0), mask=mask)
+    tl.store(parts_ptr + 9 * plane + out, tl.where(bad_label, 1.0, 0.0), mask=mask)
+
+
+@triton.jit
+def row_flags(labels_ptr, rows, mask, ignore_index, num_labels, HAS_LABELS: tl.constexpr):
+    """``(kept, bad label)`` of rows: kept unless labelled ``ignore_index``; a kept label outside
+    ``[0, num_labels)`` is an error."""
+    kept = mask
+    bad = mask & (rows < 0)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=mask, other=ignore_index).to(tl.int64)
+        kept = mask & (label != ignore_index)
+        bad = kept & ((label < 0) | (label >= num_labels))
+    return kept, bad
+
+
+@triton.jit
+def _merged_parts(parts_ptr, num_parts, B, rows, mask, inv_t, BLOCK_R: tl.constexpr):
+    """Pair weights: ``(ms, zs, mt, zt, a, W, M2, kept, error)`` of rows from the pair kernels'
+    ``num_parts`` column parts (float32 ``(NUM_PART_PLANES, num_parts, B)``, ``config.PART_*``):
+    the cross-entropy merged, wMSE and weight sums added, the kept and label-error flags of the
+    first part, an invalid weight in any part an error."""
+    zero = tl.zeros([BLOCK_R], dtype=tl.float32)
+    ms = zero + NEG_INF
+    zs = zero
+    mt = zero + NEG_INF
+    zt = zero
+    a = zero
+    m2 = zero
+    weight = zero
+    invalid = zero
+    plane = num_parts * B
+    for part in range(0, num_parts):
+        at = parts_ptr + part * B + rows
+        m2 += tl.load(at, mask=mask, other=0.0)
+        weight += tl.load(at + plane, mask=mask, other=0.0)
+        invalid = tl.maximum(invalid, tl.load(at + 2 * plane, mask=mask, other=0.0))
+        ms, zs, mt, zt, a = merge_cross_entropy(
+            ms, zs, mt, zt, a, tl.load(at + 3 * plane, mask=mask, other=NEG_INF),
+            tl.load(at + 4 * plane, mask=mask, other=0.0),
+            tl.load(at + 5 * plane, mask=mask, other=NEG_INF),
+            tl.load(at + 6 * plane, mask=mask, other=0.0),
+            tl.load(at + 7 * plane, mask=mask, other=0.0), inv_t)
+    kept = tl.load(parts_ptr + 8 * plane + rows, mask=mask, other=0.0)
+    err = tl.load(parts_ptr + 9 * plane + rows, mask=mask, other=0.0) + \
+        tl.where(invalid != 0.0, 2.0, 0.0)
+    return ms, zs, mt, zt, a, weight, m2, kept, err
+
+
+@triton.jit
 def _finished_rows(stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+                   FROM_PARTS: tl.constexpr, STORE: tl.constexpr, BLOCK_R: tl.constexpr):
     """Rows ``r0 ..`` of the statistics finished (``finish_row``), their weights, kept flags,
-    error flags, and which of them count in the normaliser (kept, with weight). Pair weights:
-    ``num_parts`` column parts of each row's wMSE and weight sum (``parts_ptr``, float32
-    ``(3, num_parts, B)``) add to the statistics' ``M2`` and ``W``, their invalid-weight flags to
-    the error flags."""
+    error flags, and which of them count in the normaliser (kept, with weight). ``FROM_PARTS``
+    (pair weights): the statistics come from the pair kernels' parts (``_merged_parts``), and
+    with ``STORE`` they are written to ``stats_ptr``."""
     rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-    (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
-     err, dm) = load_row_stats(stats_ptr, rows, rows < B)
-    if SOURCE == 4:
-        for part in range(0, num_parts):
-            m2 += tl.load(parts_ptr + part * B + rows, mask=rows < B, other=0.0)
-            weight += tl.load(parts_ptr + (num_parts + part) * B + rows, mask=rows < B,
-                              other=0.0)
-            invalid = tl.load(parts_ptr + (2 * num_parts + part) * B + rows, mask=rows < B,
-                              other=0.0)
-            err += tl.where((invalid != 0.0) & (err < 2.0), 2.0, 0.0)
+    mask = rows < B
+    if FROM_PARTS:
+        ms, zs, mt, zt, a, weight, m2, kept, err = _merged_parts(parts_ptr, num_parts, B, rows,
+                                                                 mask, inv_t, BLOCK_R)
+        z_w = weight * 0.0
+        scale = z_w + NEG_INF
+        if STORE:
+            store_row_stats(stats_ptr, rows, mask, ms, zs, mt, zt, a, z_w, scale, weight, z_w,
+                            z_w, m2, kept, err, z_w)
+    else:
+        (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
+         err, dm) = load_row_stats(stats_ptr, rows, mask)
     exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
     return exponent, wmse, ce, weight, kept, err, (kept > 0.0) & (weight != 0.0)
 
@@ -347,7 +425,7 @@ def finish_loss_kernel(
     stats_ptr, parts_ptr, loss_ptr, totals_ptr, B, num_parts, gamma, inv_t, mse_weight,
     ce_weight,
     SOURCE: tl.constexpr, WITH_CE: tl.constexpr, WITH_WMSE: tl.constexpr,
-    NORMALIZE_BATCH: tl.constexpr, BLOCK_R: tl.constexpr,
+    NORMALIZE_BATCH: tl.constexpr, FROM_PARTS: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One program: ``loss = mse_weight wmse_sum / (4 N) + ce_weight ce_sum / R`` over the kept
     rows and the totals (``config.TOTAL_*``); ``N = DEN 2^(2K)`` (``normalize="weights"``) or
@@ -360,7 +438,8 @@ def finish_loss_kernel(
     error = zero
     for r0 in range(0, B, BLOCK_R):
         exponent, wmse, ce, weight, kept, err, counted = _finished_rows(
-            stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE, BLOCK_R)
+            stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE, FROM_PARTS, FROM_PARTS,
+            BLOCK_R)
         top = tl.maximum(top, tl.max(tl.where(counted, exponent, NEG_INF), axis=0))
         rows_kept += tl.sum(kept, axis=0)
         error = tl.maximum(error, tl.max(err, axis=0))
@@ -375,7 +454,8 @@ def finish_loss_kernel(
     ce_sum = zero
     for r0 in range(0, B, BLOCK_R):
         exponent, wmse, ce, weight, kept, err, counted = _finished_rows(
-            stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE, BLOCK_R)
+            stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE, FROM_PARTS, False,
+            BLOCK_R)
         f = tl.exp2(tl.where(counted, exponent, top) - top)
         wmse_sum += tl.sum(tl.where(counted, f * f * wmse, 0.0), axis=0)
         if SOURCE == 4:
@@ -521,8 +601,9 @@ def row_stats(student, teacher, factor, labels, config):
 
 
 def finish_loss(stats, config, pair_parts=None):
-    """Launch ``finish_loss_kernel``: ``(loss (), totals (NUM_TOTALS,))`` float32; ``pair_parts``:
-    the pair kernels' ``(3, parts, B)`` wMSE, weight-sum and invalid-weight parts."""
+    """Launch ``finish_loss_kernel``: ``(loss (), totals (NUM_TOTALS,))`` float32 from the
+    statistics, or (``pair_parts``: the pair kernels' ``(NUM_PART_PLANES, parts, B)`` parts) from
+    those, writing the rows' statistics to ``stats``."""
     loss = torch.empty((), dtype=torch.float32, device=stats.device)
     totals = torch.empty(NUM_TOTALS, dtype=torch.float32, device=stats.device)
     parts = stats if pair_parts is None else pair_parts
@@ -531,7 +612,8 @@ def finish_loss(stats, config, pair_parts=None):
         0 if pair_parts is None else pair_parts.shape[1], config.gamma,
         1.0 / config.temperature, config.mse_weight, config.ce_weight,
         SOURCE=config.source, WITH_CE=config.with_ce, WITH_WMSE=config.with_wmse,
-        NORMALIZE_BATCH=config.normalize_batch, BLOCK_R=FINISH_BLOCK_ROWS, num_warps=4)
+        NORMALIZE_BATCH=config.normalize_batch, FROM_PARTS=pair_parts is not None,
+        BLOCK_R=FINISH_BLOCK_ROWS, num_warps=4)
     return loss, totals
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
 from gkl_kernels.rank1 import kernels
-from gkl_kernels.pairs.op import pair_loss_backward_triton, pair_loss_triton, pair_stats_triton
+from gkl_kernels.pairs.op import pair_loss_backward_triton, pair_loss_triton
 from gkl_kernels.pairs.torch_impl import pair_loss_stats_torch
 from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS, RowConfig
 from gkl_kernels.rank1.torch_impl import (finish_loss_torch, loss_backward_torch,
@@ -58,7 +58,7 @@ def rank1_row_stats(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
     """Per-row statistics ``(B, NUM_STATS)`` float32."""
     config = config_of(floats, ints)
     if config.use_triton and config.source == SOURCE_PAIRS:
-        return pair_stats_triton(student, teacher, factor, labels, config)
+        return pair_loss_triton(student, teacher, factor, labels, config)[1]
     if config.use_triton:
         return kernels.row_stats(student, teacher, factor, labels, config)
     return _torch_stats(student, teacher, factor, labels, config, False)[0]
