@@ -137,13 +137,17 @@ def wmse_per_row_bwd_kernel(
     """Grid ``(B,)``, row ``b`` (contiguous ``(B, C)`` outputs in the inputs' dtypes; 0 for a row
     labelled ``ignore_index``, which is not read): ``dt = c_b g``, ``ds = -[SYMMETRIC] c_b g +
     [LOSS] g_ce (q - p)``, with ``c_b``, ``g_ce`` as in ``wmse_shared_bwd_kernel``. ``acc_ptr`` is
-    a zeroed float32 ``(B, C)`` buffer that collects ``g``."""
+    a float32 ``(B, C)`` buffer that collects ``g`` (each program zeroes its row first)."""
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
     w_row = w_ptr + row * w_stride_b
     acc_row = acc_ptr + row * C
     read = _read_columns(labels_ptr, row, C, ignore_index, HAS_LABELS)
+    for c0 in range(0, C, BLOCK_K):  # this row's accumulator starts at 0
+        cols = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        tl.store(acc_row + cols, tl.zeros([BLOCK_K], dtype=tl.float32), mask=cols < C)
+    tl.debug_barrier()
     for j0 in range(0, read, BLOCK_J):
         j_cols, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, j0, read, s_stride_c,
                                                          t_stride_c, BLOCK_J)
@@ -218,7 +222,7 @@ def per_row_rows_backward(grad, student, teacher, weights, need_ds, need_dt, blo
     or an empty tensor when not needed; ``loss`` as in ``shared_rows_backward``."""
     batch, num_classes = student.shape
     ds, dt = empty_gradients(student, teacher, need_ds, need_dt)
-    acc = torch.zeros(batch, num_classes, dtype=torch.float32, device=student.device)
+    acc = torch.empty(batch, num_classes, dtype=torch.float32, device=student.device)
     block_j, block_k = pick_per_row_blocks(num_classes, block_c)
     wmse_per_row_bwd_kernel[(batch,)](
         student, teacher, weights, *loss_arguments(loss, student, grad), acc,
