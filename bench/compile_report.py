@@ -413,7 +413,9 @@ def compile_job(case, arch):
         elif divisible:
             aligned.append(index)
     options = {"num_stages": nvidia_compiler.CUDAOptions.num_stages, **launch_options}
-    if kernel.debug:  # device assertions compiled in, as the JIT does for @triton.jit(debug=True)
+    # device assertions compiled in, as the JIT does for @triton.jit(debug=True) (triton 3.2
+    # keeps no such flag on the function: its kernels compile without them)
+    if getattr(kernel, "debug", False):
         options["debug"] = True
     tile = tuple((name, value) for name, value in arguments.items() if name.startswith("BLOCK_"))
     return CompileJob(case, kernel.__name__, tuple(arg_types), tuple(constants), tuple(aligned),
