@@ -21,6 +21,10 @@ from gkl_kernels.pairs.shared_kernels import pick_shared_blocks
 from gkl_kernels.rank1.kernels import MAX_BLOCK_C
 from gkl_kernels.validation import DOT_PRECISIONS
 
+# The report compiles with the newest triton only: with triton 3.2 the shared (C, C) kernels'
+# compile aborts a worker, and two configurations spill 8 bytes (open, see the issue notes).
+pytestmark = pytest.mark.newest_triton
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MEMORY_LIMITS = {"sm_80": 166912, "sm_90a": 232448}  # opt-in bytes per block, A100 / H100
 DTYPES = {"float32", "float16", "bfloat16"}
