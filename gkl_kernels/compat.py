@@ -1,24 +1,46 @@
-"""Drop-ins for the authors' loss functions, with their argument order and meaning: ``dkl_loss``
-(the second paper's GKL), ``ikl_loss`` and ``adv_dkl_loss`` (the first paper's knowledge
-distillation and adversarial training).
+"""Drop-ins for the authors' loss functions (jiequancui/DKL), with their parameter names, order
+and defaults, so that their call sites run unchanged:
+
+- ``dkl_loss``: the second paper's GKL (``GKL_KD``, the long-tailed ImageNet script and the
+  adversarial-training scripts, which call it without ``temperature``);
+- ``ikl_loss``: the first paper's knowledge-distillation ``dkl_loss`` (``IKL_KD``, long-tailed
+  ImageNet);
+- ``adv_dkl_loss``: the first paper's adversarial-training ``dkl_loss``;
+- ``consistency_loss`` and ``ConsistencyLoss``: the first paper's semi-supervised consistency loss
+  (``name='ikl'`` is the DKL case).
 
 In the authors' code ``beta`` weighs the wMSE and ``alpha`` the cross-entropy (the paper writes the
-opposite); these functions follow the code. Differences from the authors' code: the pair weights
-are always constants here (no gradient flows through ``CLASS_PRIOR`` or the teacher's softmax used
-as weights), and no ``B x C x C`` tensor is built.
+opposite); these functions follow the code. Differences from the authors' code: no ``B x C x C``
+tensor is built, and the pair weights are constants. With ``GI=True`` the authors build them
+under ``torch.no_grad()`` too, so neither gives ``CLASS_PRIOR`` a gradient; with ``GI=False`` the
+authors differentiate through ``softmax(teacher / T2) ** gamma``, which changes the teacher's
+gradient when the teacher requires one (the student's gradient and the value are the same). See
+docs/DROP_IN.md.
 """
+
+import torch
+import torch.nn.functional as F
 
 from gkl_kernels import validation as check
 from gkl_kernels.functional import gkl_loss
 
+CONSISTENCY_NAMES = ("ce", "mse", "kl", "ikl")
+KL_TEMPERATURE = 0.5  # the fixed temperature of the authors' name='kl' consistency loss
 
-def dkl_loss(logits_student, logits_teacher, temperature, alpha, beta, gamma, CLASS_PRIOR=None,
-             GI=True, T2=1.0):
+
+def dkl_loss(logits_student, logits_teacher, temperature=1.0, alpha=1.0, beta=1.0, gamma=1.0,
+             CLASS_PRIOR=None, GI=True, T2=1.0):
     """GKL loss of the second paper's code: ``beta * wMSE / sum(w) / 4 + alpha * CE``.
 
     Pair weights ``v_j v_k`` with ``v = CLASS_PRIOR ** gamma`` when ``GI`` (``CLASS_PRIOR`` is the
-    per-row ``(B, C)`` prior, ``onehot(labels) @ P``), else ``v = softmax(teacher / T2) ** gamma``.
-    ``temperature`` is the cross-entropy's. Both logits receive the wMSE gradient (GKL).
+    per-row ``(B, C)`` prior, ``onehot(labels) @ P``), else ``v = softmax(teacher / T2) ** gamma``;
+    constants either way. ``temperature`` is the cross-entropy's. Both logits receive the wMSE
+    gradient (GKL).
+
+    The defaults are those of the authors' adversarial-training ``dkl_loss`` (which has no ``GI``
+    or ``T2``: it always uses ``CLASS_PRIOR``, as ``GI=True`` does) and of ``GKL_KD``'s
+    (``GI=True``, ``T2=1.0``). Their long-tailed ImageNet script defaults to ``GI=False`` but
+    always passes it.
     """
     check.check_finite("gamma", gamma, minimum=0.0)  # before CLASS_PRIOR ** gamma
     prior = _checked_prior(logits_student, logits_teacher, alpha, beta, CLASS_PRIOR, GI, T2)
@@ -51,11 +73,12 @@ def _checked_prior(logits_student, logits_teacher, alpha, beta, class_prior, gi,
 
 def ikl_loss(logits_student, logits_teacher, temperature, alpha, beta, CLASS_PRIOR=None, GI=False,
              T2=100.0):
-    """The first paper's knowledge-distillation loss: ``beta * wMSE / B / 4 + alpha * CE``.
+    """The first paper's knowledge-distillation loss (its ``dkl_loss`` in ``IKL_KD`` and the
+    long-tailed ImageNet script): ``beta * wMSE / B / 4 + alpha * CE``.
 
     Pair weights ``v_j v_k`` with ``v = CLASS_PRIOR`` (the per-row ``(B, C)`` prior) when ``GI``,
-    else ``v = softmax(teacher / T2)``; no power is applied. ``temperature`` is the
-    cross-entropy's. Both logits receive the wMSE gradient.
+    else ``v = softmax(teacher / T2)``; no power is applied; constants either way.
+    ``temperature`` is the cross-entropy's. Both logits receive the wMSE gradient.
     """
     weights = _checked_prior(logits_student, logits_teacher, alpha, beta, CLASS_PRIOR, GI, T2)
     return gkl_loss(logits_student, logits_teacher, weights=weights,
@@ -79,3 +102,71 @@ def adv_dkl_loss(logits_nat, logits_adv, weight, alpha, beta):
     return gkl_loss(logits_adv, logits_nat, weights=weight, weights_kind="per_row",
                     mse_weight=beta, ce_weight=alpha, normalize="batch", symmetric=True,
                     check_values=False)
+
+
+def consistency_loss(logits, targets, name="ce", mask=None, temperature=1.0, alpha=None,
+                     beta=None, CLASS_PRIOR=None, GI=False, T2=100.0):
+    """The first paper's semi-supervised consistency loss: per-row losses, multiplied by ``mask``
+    (a ``(B,)`` float tensor, or None), then ``.mean()`` over all rows.
+
+    ``name='ikl'`` (DKL): row ``b`` is ``beta * sum_jk w (Dt - Ds)^2 / 4 + alpha * CE_b`` with
+    ``CE_b = -sum_j softmax(targets_b / temperature)_j log_softmax(logits_b)_j`` (only the targets
+    are scaled; no normalisation of the wMSE), ``w = v_j v_k``, ``v = CLASS_PRIOR`` (per-row
+    ``(B, C)``) when ``GI`` else ``softmax(targets / T2)``, constants. ``targets`` are the
+    weak-augmentation logits; both sides receive the wMSE gradient. ``alpha`` and ``beta`` are
+    required.
+
+    The other names are not GKL and are computed with plain torch, as the authors do: ``'ce'``
+    (``targets`` class indices ``(B,)`` or probabilities ``(B, C)``), ``'mse'`` (squared error of
+    ``softmax(logits)`` to the probabilities ``targets``, mean over classes) and ``'kl'``
+    (``KL(softmax(targets / 0.5) || softmax(logits / 0.5))`` times ``1 - mask``, which is
+    required; ``mask`` is not applied again).
+    """
+    if name not in CONSISTENCY_NAMES:
+        raise ValueError(f"name must be one of {CONSISTENCY_NAMES}, got {name!r}")
+    if name == "ikl":
+        loss = _ikl_rows(logits, targets, temperature, alpha, beta, CLASS_PRIOR, GI, T2)
+    elif name == "mse":
+        loss = ((torch.softmax(logits, dim=-1) - targets) ** 2).mean(dim=1)
+    elif name == "kl":
+        if mask is None:
+            raise ValueError("name='kl' needs mask: its rows are weighted by 1 - mask")
+        p = torch.softmax(targets / KL_TEMPERATURE, dim=-1)
+        log_q = F.log_softmax(logits / KL_TEMPERATURE, dim=-1)
+        loss = (torch.special.xlogy(p, p) - p * log_q).sum(dim=1) * (1.0 - mask)
+    elif logits.shape == targets.shape:
+        loss = -(targets * F.log_softmax(logits, dim=-1)).sum(dim=1)
+    else:
+        loss = F.cross_entropy(logits, targets, reduction="none")
+    if mask is not None and name != "kl":
+        loss = loss * mask
+    return loss.mean()
+
+
+def _ikl_rows(logits, targets, temperature, alpha, beta, class_prior, gi, t2):
+    """The ``(B,)`` per-row losses of ``consistency_loss(name='ikl')``."""
+    if alpha is None or beta is None:
+        raise ValueError(f"name='ikl' needs alpha and beta, got alpha={alpha!r}, beta={beta!r}")
+    check.check_positive("temperature", temperature)
+    weights = _checked_prior(logits, targets, alpha, beta, class_prior, gi, t2)
+    kind = None if weights is None else "factor"
+    if temperature == 1.0:  # neither side of the cross-entropy is scaled: one call
+        return gkl_loss(logits, targets, weights=weights, weights_kind=kind,
+                        weight_temperature=t2, mse_weight=beta, ce_weight=alpha,
+                        reduction="none")
+    # the cross-entropy scales the targets only: its own call, at temperature 1 on targets / T
+    wmse = gkl_loss(logits, targets, weights=weights, weights_kind=kind, weight_temperature=t2,
+                    mse_weight=beta, ce_weight=0.0, reduction="none")
+    ce = gkl_loss(logits, targets / temperature, mse_weight=0.0, ce_weight=alpha,
+                  reduction="none")
+    return wmse + ce
+
+
+class ConsistencyLoss(torch.nn.Module):
+    """The authors' ``ConsistencyLoss`` module (what their algorithms call as
+    ``self.consistency_loss``): ``consistency_loss`` with the module's own default ``T2=1.0``."""
+
+    def forward(self, logits, targets, name="ce", mask=None, temperature=1.0, alpha=None,
+                beta=None, CLASS_PRIOR=None, GI=False, T2=1.0):
+        return consistency_loss(logits, targets, name, mask, temperature, alpha, beta,
+                                CLASS_PRIOR, GI, T2)
