@@ -58,7 +58,9 @@ def _check_loss_weights(alpha, beta):
 
 def _checked_prior(logits_student, logits_teacher, alpha, beta, class_prior, gi, t2):
     """Check the arguments the code names differently from ``gkl_loss``; the detached per-row
-    ``(B, C)`` prior when ``gi``, else None."""
+    ``(B, C)`` prior when ``gi``, else None. The logits are ``(B, C)``, as the authors' code
+    reads them."""
+    check.check_logits(logits_student, logits_teacher)
     check.check_positive("T2", t2)
     _check_loss_weights(alpha, beta)
     check.check_bool("GI", gi)
@@ -66,7 +68,6 @@ def _checked_prior(logits_student, logits_teacher, alpha, beta, class_prior, gi,
         return None
     if class_prior is None:
         raise ValueError("GI=True needs CLASS_PRIOR, the per-row (B, C) class prior")
-    check.check_logits(logits_student, logits_teacher)
     check.check_weights(class_prior, logits_student, "factor", True, name="CLASS_PRIOR")
     return class_prior.detach()
 

@@ -5,8 +5,10 @@ weights ``v_j v_k`` run in O(C) per row (``rank1``); shared ``(C, C)`` and per-r
 weights in tiled kernels (``pairs``). No ``B x C x C`` tensor is ever built.
 """
 
+from typing import Any, Literal, Optional
+
 import torch
-from torch import distributed
+from torch import Tensor, distributed
 
 from gkl_kernels import validation as check
 from gkl_kernels.options import GKLOptions
@@ -16,64 +18,91 @@ from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE, 
                                       TOTAL_K, TOTAL_ROWS, TOTAL_WMSE, RowConfig)
 from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
                                   rank1_loss_backward, rank1_row_stats)
-from gkl_kernels.rank1.torch_impl import finish_rows_torch
+from gkl_kernels.rank1.torch_impl import compute_dtype, row_losses_torch
 
-REDUCTIONS = ("none", "sum", "mean")
+WeightsKind = Literal["factor", "shared", "per_row"]
+Normalize = Literal["weights", "batch"]
+Reduction = Literal["mean", "sum", "none"]
+Backend = Literal["auto", "triton", "torch"]
+DotPrecision = Literal["ieee", "tf32x3", "tf32"]
 
 
-def gkl_loss(student, teacher, *, labels=None, class_prior=None, weights=None, weights_kind=None,
-             gamma=1.0, temperature=1.0, weight_temperature=1.0, mse_weight=1.0, ce_weight=1.0,
-             normalize="weights", symmetric=True, backend="auto", check_values=True,
-             block_c=None, dot_precision="ieee", sync_normalizer=False, process_group=None,
-             ignore_index=-100):
+def gkl_loss(student: Tensor, teacher: Tensor, *, labels: Optional[Tensor] = None,
+             class_prior: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+             weights_kind: Optional[WeightsKind] = None, gamma: float = 1.0,
+             temperature: float = 1.0, weight_temperature: float = 1.0, mse_weight: float = 1.0,
+             ce_weight: float = 1.0, normalize: Normalize = "weights", symmetric: bool = True,
+             reduction: Reduction = "mean", backend: Backend = "auto",
+             check_values: bool = True, block_c: Optional[int] = None,
+             dot_precision: DotPrecision = "ieee", sync_normalizer: bool = False,
+             process_group: Optional[Any] = None, ignore_index: int = -100) -> Tensor:
     """The GKL loss (``symmetric=True``) or DKL (``symmetric=False``: only the teacher gets the
-    wMSE gradient), a 0-dim float32 tensor.
+    wMSE gradient): ``mse_weight sum_b wmse_b / (4 N) + ce_weight mean_b CE_b`` with
+    ``wmse_b = sum_{j,k} w_bjk ((t_j - t_k) - (s_j - s_k))^2`` and
+    ``CE_b = -sum_j softmax(t_b / T)_j log_softmax(s_b / T)_j`` (``docs/MATH.md``).
 
-    student, teacher: ``(B, C)`` logits, float32/float16/bfloat16 (the dtypes may differ).
-    Pair weights, in this order: ``weights`` as given, of shape ``(B, C)`` (a rank-one factor
-    ``v``, ``w = v_j v_k``), ``(C, C)`` (one matrix for every row) or ``(B, C, C)`` (one per row);
-    when ``B == C`` a 2-D ``weights`` needs ``weights_kind="factor"`` or ``"shared"``
-    (``"per_row"`` names the 3-D form). Else ``v = class_prior[labels] ** gamma``
-    (``class_prior`` ``(C, C)``, ``labels`` ``(B,)`` int); else ``v = softmax(teacher /
-    weight_temperature) ** gamma``. Weights are constants; explicit weights are used as given.
-    temperature: ``T`` of the cross-entropy ``-sum_j softmax(t/T)_j log_softmax(s/T)_j``.
-    normalize: ``"weights"`` divides the wMSE by ``N = sum_{b,j,k} w`` (GKL; a batch whose weights
-    sum to 0 gives a wMSE term of 0), ``"batch"`` by ``B`` (IKL).
-    backend: ``"auto"`` (Triton for CUDA tensors and for CPU tensors under ``TRITON_INTERPRET=1``,
-    else ``"torch"``), ``"triton"`` or ``"torch"``.
-    check_values: check label range and weight values (a host synchronisation on CUDA); skipped
-    while ``torch.compile`` traces. block_c: force the kernels' tile width (a power of two; >= 16
-    for ``(C, C)`` weights). dot_precision: ``tl.dot`` operands for ``(C, C)`` weights under Triton,
-    ``"ieee"`` (float32), ``"tf32x3"`` or ``"tf32"`` (tensor cores; see ``pairs.shared_kernels``).
-    sync_normalizer: under ``torch.distributed``, the loss of the batch of every process of
-    ``process_group`` (None: the default group) concatenated, as one process would compute it:
-    one all-reduce of four numbers (this batch's wMSE and CE sums, ``N`` and ``B``). The value is
-    that loss on every process; the gradient reaches this process's logits only, exactly its rows
-    of the one-process gradient (so the parameter gradients summed over processes are the
-    one-process ones; DDP averages them instead: scale the loss by the world size to train as one
-    process would). Off (default): each process normalises by its own ``N`` and ``B``, as the
-    authors' multi-GPU training does. Without an initialised process group both are the same.
-    ignore_index: rows whose label equals it (token-level distillation: padding, prompt tokens)
-    add nothing to the loss, to ``N`` or ``B`` (which count the kept rows) or to the gradient
-    (theirs is 0); with the class prior they need no valid label. A batch with every row ignored
-    gives a loss of 0 and zero gradients. Without ``labels`` every row is kept.
+    Args:
+        student, teacher: logits ``(..., C)`` of one shape (rows: every leading index),
+            float32 / float16 / bfloat16 (the dtypes may differ) or float64 (``backend="torch"``
+            or ``"auto"``: computed in float64).
+        labels: ``(...)`` int64 / int32 class indices, for ``class_prior`` and ``ignore_index``.
+        class_prior: ``(C, C)``; row ``b`` uses ``v = class_prior[labels[b]] ** gamma``.
+        weights: pair weights, constants: ``(..., C)`` a rank-one factor ``v`` (``w = v_j v_k``),
+            ``(C, C)`` one matrix for every row, or ``(..., C, C)`` one per row. Without
+            ``weights`` and ``class_prior``: ``v = softmax(teacher / weight_temperature) ** gamma``.
+        weights_kind: ``"factor"``, ``"shared"`` or ``"per_row"``; needed when ``B == C`` makes a
+            2-D ``weights`` ambiguous.
+        gamma: power of the rank-one factor. temperature: ``T`` of the cross-entropy.
+        weight_temperature: ``T2`` of the teacher weights. mse_weight, ce_weight: the two terms'
+            factors.
+        normalize: ``"weights"`` divides the wMSE by ``N = sum_{b,j,k} w`` (GKL; weights summing
+            to 0 give a wMSE term of 0), ``"batch"`` by the row count (IKL).
+        reduction: ``"mean"`` the loss above (0-dim); ``"none"`` the per-row losses
+            ``mse_weight wmse_b / 4 + ce_weight CE_b`` of shape ``(...)``, not normalised (0 for
+            ignored rows); ``"sum"`` their sum. With ``normalize="batch"`` ``"mean"`` is the sum
+            over the kept rows' count.
+        backend: ``"auto"`` (Triton for CUDA tensors and for CPU tensors under
+            ``TRITON_INTERPRET=1``, else PyTorch), ``"triton"`` or ``"torch"``.
+        check_values: check label and weight values: free on CPU; device-side assertions or the
+            kernels' own flags on CUDA (no host synchronisation); skipped under
+            ``torch.compile``.
+        block_c: force the kernels' tile width (a power of two; >= 16 for ``(C, C)`` weights).
+        dot_precision: ``(C, C)`` weights under Triton: ``"ieee"`` (float32 FMA, exact) or
+            ``"tf32x3"`` / ``"tf32"`` (tensor cores; error relative to ``max |t - s|``).
+        sync_normalizer: under ``torch.distributed``, the loss of every process's rows together
+            (one all-reduce of four numbers); each process gets its own rows' gradient (DDP
+            averages: scale the loss by the world size). Off: each process normalises by its own
+            rows, as the authors' multi-GPU training does. ``reduction="mean"`` only.
+        process_group: the group of ``sync_normalizer`` (None: the default group).
+        ignore_index: rows whose label equals it add nothing to the loss, to ``N`` or the row
+            count, and get a zero gradient; an all-ignored (or empty) batch gives 0.
+
+    Returns:
+        float32: 0-dim for ``"mean"`` and ``"sum"``, ``(...)`` for ``"none"``.
     """
     options = GKLOptions(gamma=gamma, temperature=temperature,
                          weight_temperature=weight_temperature, mse_weight=mse_weight,
                          ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
-                         backend=backend, check_values=check_values, block_c=block_c,
-                         dot_precision=dot_precision, sync_normalizer=sync_normalizer,
-                         process_group=process_group, ignore_index=ignore_index)
+                         reduction=reduction, backend=backend, check_values=check_values,
+                         block_c=block_c, dot_precision=dot_precision,
+                         sync_normalizer=sync_normalizer, process_group=process_group,
+                         ignore_index=ignore_index)
     return gkl_loss_with_options(student, teacher, options, labels=labels,
                                  class_prior=class_prior, weights=weights,
                                  weights_kind=weights_kind)
 
 
-def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior=None,
-                          weights=None, weights_kind=None):
+def gkl_loss_with_options(student: Tensor, teacher: Tensor, options: GKLOptions, *,
+                          labels: Optional[Tensor] = None, class_prior: Optional[Tensor] = None,
+                          weights: Optional[Tensor] = None,
+                          weights_kind: Optional[WeightsKind] = None) -> Tensor:
     """``gkl_loss`` with its scalar options given as a checked ``GKLOptions``."""
-    check.check_logits(student, teacher)
-    use_triton = check.use_triton_for(options.backend, student.device)
+    check.check_logits(student, teacher, any_rows=True)
+    lead = student.shape[:-1]
+    if student.dim() != 2:
+        student, teacher, labels, weights = _as_rows(student, teacher, labels, weights)
+    use_triton = check.use_triton_for(options.backend, student.device,
+                                      compute_dtype(student, teacher))
     host_values = options.check_values and not kernels_check_values(use_triton, student.device)
     if labels is not None:
         check.check_labels(labels, *student.shape, student.device, host_values,
@@ -91,6 +120,12 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
         kept = labels != options.ignore_index if host_values else None
         check.check_prior(class_prior, torch.where(kept, labels, 0) if host_values else labels,
                           student.shape[1], student.device, host_values, keep=kept)
+    if student.shape[0] == 0:
+        if options.sync_normalizer:
+            raise ValueError("sync_normalizer needs at least one row on every process, got an "
+                             "empty batch")
+        rows = (student.sum(1) + teacher.sum(1)).float() * 0.0  # zeros, gradients of zeros
+        return rows.reshape(lead) if options.reduction == "none" else rows.sum()
     pairs = {}
     if kind in ("shared", "per_row"):
         source, factor = SOURCE_PAIRS, weights.detach()
@@ -103,6 +138,9 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
     else:
         source, factor = SOURCE_TEACHER, None
     config = row_config(options, source, labels is not None, use_triton, **pairs)
+    if options.reduction != "mean":
+        rows = _RowLosses.apply(student, teacher, factor, labels, config)
+        return rows.reshape(lead) if options.reduction == "none" else rows.sum()
     if options.sync_normalizer:
         return _SyncedRankOneLoss.apply(student, teacher, factor, labels, config,
                                         options.process_group)
@@ -110,6 +148,28 @@ def gkl_loss_with_options(student, teacher, options, *, labels=None, class_prior
         return TorchRankOneLoss.apply(student, teacher, factor, labels, config)
     return rank1_loss(student, teacher, factor, labels, config.floats, config.ints,
                       _gradients_wanted(student, teacher))[0]
+
+
+def _as_rows(student, teacher, labels, weights):
+    """Logits ``(..., C)`` as ``(B, C)`` rows, and ``labels`` ``(...)`` and row-wise ``weights``
+    (``(..., C)``, ``(..., C, C)``) with them; ``(C, C)`` weights as given."""
+    lead, num_classes = student.shape[:-1], student.shape[-1]
+    if isinstance(labels, Tensor):
+        if labels.shape != lead:
+            raise ValueError(f"labels must have the logits' leading shape {tuple(lead)}, got "
+                             f"{tuple(labels.shape)}")
+        labels = labels.reshape(-1)
+    if isinstance(weights, Tensor):
+        if weights.shape == student.shape:
+            weights = weights.reshape(-1, num_classes)
+        elif weights.shape == (*student.shape, num_classes):
+            weights = weights.reshape(-1, num_classes, num_classes)
+        elif weights.shape != (num_classes, num_classes):
+            raise ValueError(f"weights must have shape (..., C) = {tuple(student.shape)}, (C, C) "
+                             f"= {(num_classes, num_classes)} or (..., C, C) = "
+                             f"{(*student.shape, num_classes)}, got {tuple(weights.shape)}")
+    return (student.reshape(-1, num_classes), teacher.reshape(-1, num_classes), labels,
+            weights)
 
 
 def kernels_check_values(use_triton, device):
@@ -222,16 +282,16 @@ def pairwise_wmse(student, teacher, weights, *, weights_kind=None, reduction="su
     Gradients go to student and teacher. backend, check_values, block_c, dot_precision: as in
     ``gkl_loss``.
     """
-    check.check_choice("reduction", reduction, REDUCTIONS)
+    check.check_choice("reduction", reduction, check.REDUCTIONS)
     options = GKLOptions(backend=backend, check_values=check_values, block_c=block_c,
                          dot_precision=dot_precision)
     check.check_logits(student, teacher)
-    use_triton = check.use_triton_for(backend, student.device)
+    use_triton = check.use_triton_for(backend, student.device, compute_dtype(student, teacher))
     kind = _checked_weights_kind(weights, student, weights_kind, options, check_values)
     if kind == "factor":
         config = RowConfig(source=SOURCE_EXPLICIT, mse_weight=4.0, ce_weight=0.0,
                            normalize_batch=True, use_triton=use_triton, block_c=block_c or 0)
-        wmse = _RowWmse.apply(student, teacher, weights.detach(), config)
+        wmse = _RowLosses.apply(student, teacher, weights.detach(), None, config)
     else:
         wmse = pair_rows(student, teacher, weights.detach(), kind == "per_row", True, use_triton,
                          block_c or 0, dot_precision)[0]
@@ -242,29 +302,28 @@ def pairwise_wmse(student, teacher, weights, *, weights_kind=None, reduction="su
     return wmse
 
 
-class _RowWmse(torch.autograd.Function):
-    """Per-row rank-one wMSE ``(B,)`` of an explicit factor: the row kernel's statistics, and the
-    loss's backward kernel fed one gradient per row (``N = R = 1``, ``mse_weight = 4``)."""
+class _RowLosses(torch.autograd.Function):
+    """Per-row losses ``(B,)`` (``row_losses_torch``): the row kernel's statistics, and the loss's
+    backward kernel fed one gradient per row with totals ``N = R = 1``."""
 
     @staticmethod
-    def forward(ctx, student, teacher, factor, config):
-        stats = rank1_row_stats(student, teacher, factor, None, config.floats, config.ints)
-        exponent, wmse, _ = finish_rows_torch(stats, config)
-        ctx.save_for_backward(student, teacher, factor, stats)
+    def forward(ctx, student, teacher, factor, labels, config):
+        stats = rank1_row_stats(student, teacher, factor, labels, config.floats, config.ints)
+        ctx.save_for_backward(student, teacher, factor, labels, stats)
         ctx.config = config
-        f = torch.exp2(exponent)
-        return torch.where(stats[:, STAT_W] > 0, f * f * wmse, 0.0)
+        return row_losses_torch(stats, config)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rows):
-        student, teacher, factor, stats = ctx.saved_tensors
+        student, teacher, factor, labels, stats = ctx.saved_tensors
+        config = ctx.config
+        need_ds = ctx.needs_input_grad[0]
+        need_dt = ctx.needs_input_grad[1] and config.source != SOURCE_NONE
         totals = stats.new_zeros(NUM_TOTALS)
-        totals[TOTAL_ROWS] = 1.0
+        totals[TOTAL_DEN] = totals[TOTAL_ROWS] = 1.0
         empty = stats.new_empty(0)
-        ds, dt = rank1_loss_backward(grad_rows.contiguous(), student, teacher, factor, None,
-                                     stats, totals, empty, empty, ctx.config.floats,
-                                     ctx.config.ints, ctx.needs_input_grad[0],
-                                     ctx.needs_input_grad[1])
-        return (ds if ctx.needs_input_grad[0] else None,
-                dt if ctx.needs_input_grad[1] else None, None, None)
+        ds, dt = rank1_loss_backward(grad_rows.contiguous(), student, teacher, factor, labels,
+                                     stats, totals, empty, empty, config.floats, config.ints,
+                                     need_ds, need_dt)
+        return ds if need_ds else None, dt if need_dt else None, None, None, None

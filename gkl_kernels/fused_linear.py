@@ -29,6 +29,7 @@ from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SO
                                       SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS, RowConfig)
 from gkl_kernels.rank1.op import rank1_finish, rank1_loss, rank1_loss_backward, rank1_row_stats
 
+UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GKLOptions
 # default chunk: the largest power of two of rows with c * V <= this (a 32 MiB float32 block, about
 # an L3 cache: on 2 CPU cores 256 rows at V = 32000 ran 15% faster than 1024; not tuned on a GPU)
 CHUNK_ELEMENTS = 2**23
@@ -102,7 +103,7 @@ class FusedLinearGKLLoss(nn.Module):
 
     def extra_repr(self):
         return f"chunk_size={self.chunk_size}, teacher_grad={self.teacher_grad}, " + ", ".join(
-            f"{k}={v!r}" for k, v in vars(self.options).items())
+            f"{k}={v!r}" for k, v in vars(self.options).items() if k not in UNSUPPORTED_OPTIONS)
 
 
 class FusedLinearGKLFunction(torch.autograd.Function):
@@ -236,12 +237,12 @@ def _fold_back(grad_logits, linear, grads, chunk):
 
 
 def _options_from(gkl_options):
-    """A checked ``GKLOptions`` from ``gkl_loss``'s keyword options (``sync_normalizer`` and
-    ``process_group`` are not for this loss)."""
-    for name in ("sync_normalizer", "process_group"):
+    """A checked ``GKLOptions`` from ``gkl_loss``'s keyword options (``sync_normalizer``,
+    ``process_group`` and ``reduction`` are not for this loss: one process's mean loss)."""
+    for name in UNSUPPORTED_OPTIONS:
         if name in gkl_options:
             raise ValueError(f"fused_linear_gkl does not support {name}: it computes one "
-                             f"process's loss")
+                             f"process's mean loss")
     try:
         return GKLOptions(**gkl_options)
     except TypeError as error:

@@ -1,33 +1,58 @@
 """``GKLLoss``: the ``nn.Module`` form of ``gkl_loss``, holding its options."""
 
-from torch import nn
+from typing import Any, Optional
 
-from gkl_kernels.functional import gkl_loss_with_options
+from torch import Tensor, nn
+
+from gkl_kernels.functional import (Backend, DotPrecision, Normalize, Reduction, WeightsKind,
+                                    gkl_loss_with_options)
 from gkl_kernels.options import GKLOptions
 
 
 class GKLLoss(nn.Module):
-    """``GKLLoss(gamma=1.0, temperature=1.0, ...)(student, teacher, labels=None, class_prior=None,
-    weights=None, weights_kind=None)``: see ``gkl_kernels.gkl_loss`` for every option (checked
-    here, at construction); returns a 0-dim float32 loss."""
+    """The GKL / DKL loss with its options fixed at construction (checked there); every option
+    means what it means in ``gkl_kernels.gkl_loss``.
 
-    def __init__(self, *, gamma=1.0, temperature=1.0, weight_temperature=1.0, mse_weight=1.0,
-                 ce_weight=1.0, normalize="weights", symmetric=True, backend="auto",
-                 check_values=True, block_c=None, dot_precision="ieee", sync_normalizer=False,
-                 process_group=None, ignore_index=-100):
+    Example::
+
+        criterion = GKLLoss(temperature=4.0, mse_weight=16.0, gamma=0.05)
+        loss = criterion(student_logits, teacher_logits, labels=y, class_prior=prior.matrix())
+    """
+
+    def __init__(self, *, gamma: float = 1.0, temperature: float = 1.0,
+                 weight_temperature: float = 1.0, mse_weight: float = 1.0,
+                 ce_weight: float = 1.0, normalize: Normalize = "weights",
+                 symmetric: bool = True, reduction: Reduction = "mean",
+                 backend: Backend = "auto", check_values: bool = True,
+                 block_c: Optional[int] = None, dot_precision: DotPrecision = "ieee",
+                 sync_normalizer: bool = False, process_group: Optional[Any] = None,
+                 ignore_index: int = -100) -> None:
         super().__init__()
         self.options = GKLOptions(gamma=gamma, temperature=temperature,
                                   weight_temperature=weight_temperature, mse_weight=mse_weight,
                                   ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
-                                  backend=backend, check_values=check_values, block_c=block_c,
+                                  reduction=reduction, backend=backend,
+                                  check_values=check_values, block_c=block_c,
                                   dot_precision=dot_precision, sync_normalizer=sync_normalizer,
                                   process_group=process_group, ignore_index=ignore_index)
 
-    def forward(self, student, teacher, labels=None, class_prior=None, weights=None,
-                weights_kind=None):
+    def forward(self, student: Tensor, teacher: Tensor, labels: Optional[Tensor] = None,
+                class_prior: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                weights_kind: Optional[WeightsKind] = None) -> Tensor:
+        """The loss of ``student`` against ``teacher``.
+
+        Args:
+            student, teacher: logits ``(..., C)``.
+            labels: ``(...)`` class indices (the class prior's rows, ``ignore_index``).
+            class_prior: ``(C, C)`` prior; weights: ``(..., C)``, ``(C, C)`` or ``(..., C, C)``
+                pair weights; weights_kind: as in ``gkl_loss``.
+
+        Returns:
+            float32, 0-dim (``reduction`` ``"mean"`` / ``"sum"``) or ``(...)`` (``"none"``).
+        """
         return gkl_loss_with_options(student, teacher, self.options, labels=labels,
                                      class_prior=class_prior, weights=weights,
                                      weights_kind=weights_kind)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self.options).items())

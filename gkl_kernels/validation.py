@@ -12,14 +12,17 @@ no values: their value checks are skipped.
 """
 
 import math
+import numbers
 import os
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the Triton kernels' inputs
+LOGIT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64: the PyTorch path, in float64
 INDEX_DTYPES = (torch.int64, torch.int32)
 BACKENDS = ("auto", "triton", "torch")
 NORMALIZERS = ("weights", "batch")
+REDUCTIONS = ("mean", "sum", "none")
 WEIGHT_KINDS = ("factor", "shared", "per_row")  # (B, C) rank-one factor, (C, C), (B, C, C)
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot operands for shared (C, C) weights
 MIN_DOT_BLOCK = 16  # tl.dot needs tiles of at least 16 when compiled
@@ -61,7 +64,7 @@ def triton_functions_interpreted():
     return type(probe).__name__ == "InterpretedFunction"
 
 
-def use_triton_for(backend, device):
+def use_triton_for(backend, device, dtype=torch.float32):
     """Resolve ``backend`` for tensors on ``device``: True for the Triton kernels, False for torch.
 
     ``"torch"``: never Triton. ``"triton"``: CUDA tensors, or CPU tensors under Triton's
@@ -74,10 +77,17 @@ def use_triton_for(backend, device):
     ``backend="triton"`` and also with ``backend="auto"``: the variable says that Triton should
     run on the CPU, and falling back to torch silently would hide that it does not (a test of the
     kernels would test the torch path). Set the variable before triton is imported, unset it, or
-    pass ``backend="torch"``."""
+    pass ``backend="torch"``. float64 logits (``dtype``) run the PyTorch path (``"auto"``); the
+    Triton kernels compute in float32, so ``"triton"`` refuses them with a ``TypeError``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
+        return False
+    if dtype == torch.float64:
+        if backend == "triton":
+            raise TypeError("backend='triton' takes float32, float16 or bfloat16 logits (its "
+                            "kernels compute in float32), got float64: use backend='torch' or "
+                            "'auto', which compute in float64")
         return False
     interpreter = device.type == "cpu" and triton_interpreter_active()
     if interpreter and not triton_functions_interpreted():
@@ -96,20 +106,26 @@ def use_triton_for(backend, device):
     return runnable
 
 
-def check_logits(student, teacher):
-    """``student`` and ``teacher``: 2-D float tensors of one shape ``(B, C)``, B, C > 0, one device."""
+def check_logits(student, teacher, *, any_rows=False):
+    """``student`` and ``teacher``: float tensors of one shape on one device, ``(B, C)`` with
+    B, C > 0; with ``any_rows``, ``(..., C)`` with C > 0 and any number of rows (0 included)."""
     for name, x in (("student", student), ("teacher", teacher)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (B, C), got shape {tuple(x.shape)}")
+        if x.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got "
+                            f"{x.dtype}")
+        if any_rows and x.dim() == 0:
+            raise ValueError(f"{name} must have a class dimension (..., C), got a 0-dim tensor")
+        if not any_rows and x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (B, C), got shape {tuple(x.shape)} (gkl_loss "
+                             f"takes (..., C) logits)")
     if student.shape != teacher.shape:
         raise ValueError(f"student and teacher must have the same shape, got "
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")
-    if student.shape[0] == 0 or student.shape[1] == 0:
-        raise ValueError(f"student and teacher must have B > 0 rows and C > 0 classes, got shape "
+    if student.shape[-1] == 0 or (not any_rows and student.shape[0] == 0):
+        rows = "C > 0 classes" if any_rows else "B > 0 rows and C > 0 classes"
+        raise ValueError(f"student and teacher must have {rows}, got shape "
                          f"{tuple(student.shape)}")
     if student.device != teacher.device:
         raise ValueError(f"student and teacher must be on one device, got {student.device} and "
@@ -202,7 +218,7 @@ def check_weights(weights, student, weights_kind, check_values, name="weights"):
                              f"{tuple(weights.shape)}")
         weights_kind = kinds[0]
     check_choice("weights_kind", weights_kind, WEIGHT_KINDS)
-    check_tensor(name, weights, shapes[weights_kind], FLOAT_DTYPES, student.device)
+    check_tensor(name, weights, shapes[weights_kind], LOGIT_DTYPES, student.device)
     check_nonnegative_finite(name, weights, check_values)
     return weights_kind
 
@@ -218,6 +234,10 @@ def check_labels(labels, rows, num_classes, device, check_values, ignore_index=N
                  device_side=None):
     """Class labels: int64/int32 ``(rows,)`` on ``device``, each in ``[0, num_classes)`` or equal
     to ``ignore_index`` (when one is given); the values as ``assert_values`` checks them."""
+    if isinstance(labels, torch.Tensor) and labels.is_floating_point():
+        raise TypeError(f"labels must be class indices (int64 or int32, shape ({rows},)), got a "
+                        f"{labels.dtype} tensor of shape {tuple(labels.shape)}: for one-hot or "
+                        f"soft labels pass labels.argmax(-1)")
     check_tensor("labels", labels, (rows,), INDEX_DTYPES, device)
     if not values_checked(check_values) or rows == 0:
         return
@@ -242,7 +262,7 @@ def check_prior(class_prior, labels, num_classes, device, check_values, *, keep=
     """A class prior: float ``(C, C)`` on ``device``; the rows that ``labels`` (checked before, in
     ``[0, C)``) pick, of the rows where ``keep`` (a ``(B,)`` bool mask; None: all) holds, are
     finite and >= 0 (the other rows never reach the loss); see ``check_label_rows``."""
-    check_tensor("class_prior", class_prior, (num_classes, num_classes), FLOAT_DTYPES, device)
+    check_tensor("class_prior", class_prior, (num_classes, num_classes), LOGIT_DTYPES, device)
     check_label_rows("class_prior", class_prior, labels, check_values, keep=keep,
                      device_side=device_side)
 
@@ -272,20 +292,21 @@ def check_label_rows(name, matrix, labels, check_values, *, keep=None, device_si
 
 
 def check_positive(name, value):
-    """A temperature: a finite number > 0 whose inverse is finite in float32 (``value >=
-    MIN_TEMPERATURE``, about 2.9e-39: the kernels scale logits by ``1 / T`` in float32)."""
+    """A temperature as a float: a finite number > 0 whose inverse is finite in float32 (``value
+    >= MIN_TEMPERATURE``, about 2.9e-39: the kernels scale logits by ``1 / T`` in float32)."""
     value = _number(name, value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     if value < MIN_TEMPERATURE:
         raise ValueError(f"{name} must be >= 1 / float32 max = {MIN_TEMPERATURE:.6g} (so that 1 / "
                          f"{name} is finite in float32), got {value!r}")
+    return value
 
 
 def _number(name, value):
-    """``value`` as a float; a TypeError unless it is an int or float (not a bool), a ValueError
-    for an int too large for a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a float; a TypeError unless it is a real number (Python's or numpy's int or
+    float, not a bool), a ValueError for an int too large for a float."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     try:
         return float(value)
@@ -294,11 +315,12 @@ def _number(name, value):
 
 
 def check_finite(name, value, minimum=None):
-    """A loss weight or power: a finite number, ``>= minimum`` when one is given."""
+    """A loss weight or power as a float: a finite number, ``>= minimum`` when one is given."""
     value = _number(name, value)
     if not math.isfinite(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" and >= {minimum}"
         raise ValueError(f"{name} must be finite{bound}, got {value}")
+    return value
 
 
 def check_choice(name, value, choices):

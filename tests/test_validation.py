@@ -146,28 +146,24 @@ LOGIT_CASES = [
                  id="student_int64"),
     pytest.param(_replace(teacher=lambda t: t.int()), TypeError, names("teacher"),
                  id="teacher_int32"),
-    pytest.param(_replace(student=lambda s: s.double()), TypeError, names("student"),
-                 id="student_float64"),
-    pytest.param(_replace(teacher=lambda t: t.double()), TypeError, names("teacher"),
-                 id="teacher_float64"),
+    pytest.param(_replace(student=lambda s: s.to(torch.complex64)), TypeError, names("student"),
+                 id="student_complex64"),
+    pytest.param(_replace(teacher=lambda t: t.to(torch.complex64)), TypeError,
+                 names("teacher"), id="teacher_complex64"),
     pytest.param(_replace(student=lambda s: s.bool()), TypeError, names("student"),
                  id="student_bool"),
-    pytest.param(_replace(lambda s: s[0], lambda t: t[0]), ValueError, names("student"),
-                 id="both_1d"),
+    pytest.param(_replace(lambda s: s[0, 0], lambda t: t[0, 0]), ValueError, names("student"),
+                 id="both_0d"),
     pytest.param(_replace(teacher=lambda t: t[0]), ValueError, names("teacher"),
                  id="teacher_1d"),
     pytest.param(_replace(student=lambda s: s[None]), ValueError, names("student"),
                  id="student_3d"),
-    pytest.param(_replace(lambda s: s.reshape(2, 2, C), lambda t: t.reshape(2, 2, C)), ValueError,
-                 names("student"), id="both_3d"),
     pytest.param(_replace(teacher=lambda t: t[:, :-1]), ValueError, names("student", "teacher"),
                  id="classes_differ"),
     pytest.param(_replace(teacher=lambda t: t[:-1]), ValueError, names("student", "teacher"),
                  id="rows_differ"),
     pytest.param(_replace(teacher=lambda t: t.reshape(C, B)), ValueError,
                  names("student", "teacher"), id="transposed_shape"),
-    pytest.param(_replace(lambda s: s[:0], lambda t: t[:0]), ValueError,
-                 names("student", "teacher"), id="empty_batch"),
     pytest.param(_replace(lambda s: s[:, :0], lambda t: t[:, :0]), ValueError,
                  names("student", "teacher"), id="zero_classes"),
     pytest.param(_replace(teacher=lambda t: torch.empty(B, C, device="meta")), ValueError,
@@ -185,13 +181,34 @@ def test_bad_logits(entry, case, error, message, generator, no_kernel):
         ENTRIES[entry](student, teacher, generator)
 
 
+ROWS_ENTRIES = ("gkl_loss", "GKLLoss")  # logits (..., C), any number of rows
+MATRIX_LOGIT_CASES = [  # the other entries take (B, C) logits with B > 0
+    pytest.param(_replace(lambda s: s[0], lambda t: t[0]), ValueError, names("student"),
+                 id="both_1d"),
+    pytest.param(_replace(lambda s: s.reshape(2, 2, C), lambda t: t.reshape(2, 2, C)), ValueError,
+                 names("student"), id="both_3d"),
+    pytest.param(_replace(lambda s: s[:0], lambda t: t[:0]), ValueError,
+                 names("student", "teacher"), id="empty_batch"),
+]
+
+
+@pytest.mark.parametrize("entry", [name for name in ENTRIES if name not in ROWS_ENTRIES])
+@pytest.mark.parametrize("case, error, message", MATRIX_LOGIT_CASES)
+def test_bad_matrix_logits(entry, case, error, message, generator, no_kernel):
+    student, teacher = case(*logits(generator))
+    with pytest.raises(error, match=message):
+        ENTRIES[entry](student, teacher, generator)
+
+
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("dtypes", [(torch.float16, torch.bfloat16),
                                     (torch.bfloat16, torch.float32),
-                                    (torch.float32, torch.float16)],
-                         ids=["f16_bf16", "bf16_f32", "f32_f16"])
+                                    (torch.float32, torch.float16),
+                                    (torch.float64, torch.float32),
+                                    (torch.bfloat16, torch.float64)],
+                         ids=["f16_bf16", "bf16_f32", "f32_f16", "f64_f32", "bf16_f64"])
 def test_accepted_logit_dtypes(entry, dtypes, generator, recorded_kernel):
-    """The three accepted dtypes, mixed: validation passes and the op is reached once."""
+    """The accepted dtypes, mixed: validation passes and the op is reached once."""
     student, teacher = logits(generator)
     ENTRIES[entry](student.to(dtypes[0]), teacher.to(dtypes[1]), generator)
     assert len(recorded_kernel) == 1
@@ -260,8 +277,8 @@ PRIOR_CASES = [
                  id="prior_1d"),
     pytest.param(_prior_case(class_prior=lambda p, g: p[None]), ValueError, "class_prior",
                  id="prior_3d"),
-    pytest.param(_prior_case(class_prior=lambda p, g: p.double()), TypeError, "class_prior",
-                 id="prior_float64"),
+    pytest.param(_prior_case(class_prior=lambda p, g: p.to(torch.complex64)), TypeError,
+                 "class_prior", id="prior_complex64"),
     pytest.param(_prior_case(class_prior=lambda p, g: (p > 0.2).long()), TypeError,
                  "class_prior", id="prior_int64"),
     pytest.param(_prior_case(class_prior=lambda p, g: p.tolist()), TypeError, "class_prior",
@@ -295,8 +312,8 @@ WEIGHT_CASES = [
     pytest.param(_weights_case(lambda w, g: w[0]), ValueError, "weights", id="weights_1d"),
     pytest.param(_weights_case(lambda w, g: w[:1, :, None] * w[:1, None, :]), ValueError,
                  "weights", id="weights_1_C_C"),
-    pytest.param(_weights_case(lambda w, g: w.double()), TypeError, "weights",
-                 id="weights_float64"),
+    pytest.param(_weights_case(lambda w, g: w.to(torch.complex64)), TypeError, "weights",
+                 id="weights_complex64"),
     pytest.param(_weights_case(lambda w, g: (w > 0.5).int()), TypeError, "weights",
                  id="weights_int32"),
     pytest.param(_weights_case(lambda w, g: w > 0.5), TypeError, "weights", id="weights_bool"),
@@ -335,8 +352,8 @@ PAIR_WEIGHT_CASES = [
                  id="weights_C_C_named_per_row"),
     pytest.param(_pair_case((C, C), weights_kind="diagonal"), ValueError, "weights_kind",
                  id="weights_kind_unknown"),
-    pytest.param(_pair_case((C, C), lambda w: w.double()), TypeError, "weights",
-                 id="shared_float64"),
+    pytest.param(_pair_case((C, C), lambda w: w.to(torch.complex64)), TypeError, "weights",
+                 id="shared_complex64"),
     pytest.param(_pair_case((B, C, C), lambda w: (w > 0.5).int()), TypeError, "weights",
                  id="per_row_int32"),
     pytest.param(_pair_case((B, C, C), lambda w: w.to("meta")), ValueError, "weights",
@@ -472,8 +489,8 @@ DKL_CASES = [
                  id="CLASS_PRIOR_C_by_C_instead_of_B_by_C"),
     pytest.param(True, _class_prior_case(lambda p, g: p[0]), ValueError, "CLASS_PRIOR",
                  id="CLASS_PRIOR_1d"),
-    pytest.param(True, _class_prior_case(lambda p, g: p.double()), TypeError, "CLASS_PRIOR",
-                 id="CLASS_PRIOR_float64"),
+    pytest.param(True, _class_prior_case(lambda p, g: p.to(torch.complex64)), TypeError,
+                 "CLASS_PRIOR", id="CLASS_PRIOR_complex64"),
     pytest.param(True, _class_prior_case(lambda p, g: p.tolist()), TypeError, "CLASS_PRIOR",
                  id="CLASS_PRIOR_list"),
     pytest.param(True, _class_prior_case(lambda p, g: torch.empty(B, C, device="meta")),
@@ -561,7 +578,8 @@ ADV_CASES = [
     pytest.param(_adv_case(lambda w: w[0]), ValueError, "weight", id="weight_C_C"),
     pytest.param(_adv_case(lambda w: w[:, :, :-1]), ValueError, "weight",
                  id="weight_B_C_C_minus_1"),
-    pytest.param(_adv_case(lambda w: w.double()), TypeError, "weight", id="weight_float64"),
+    pytest.param(_adv_case(lambda w: w.to(torch.complex64)), TypeError, "weight",
+                 id="weight_complex64"),
     pytest.param(_adv_case(lambda w: w.to("meta")), ValueError, "weight", id="weight_on_meta"),
     pytest.param(_adv_case(lambda w: _set(w, (1, 2, 3), -0.5)), ValueError, "weight",
                  id="weight_negative"),
@@ -613,8 +631,8 @@ KEPT_CASES = [
                  id="labels_float32"),
     pytest.param(_prior_case(labels=lambda y, g: y[:, None]), ValueError, "labels",
                  id="labels_B_by_1"),
-    pytest.param(_prior_case(class_prior=lambda p, g: p.double()), TypeError, "class_prior",
-                 id="prior_float64"),
+    pytest.param(_prior_case(class_prior=lambda p, g: p.to(torch.complex64)), TypeError,
+                 "class_prior", id="prior_complex64"),
     pytest.param(_prior_case(class_prior=lambda p, g: p[:, :-1]), ValueError, "class_prior",
                  id="prior_C_by_C_minus_1"),
     pytest.param(_weights_case(lambda w, g: w.int()), TypeError, "weights", id="weights_int32"),

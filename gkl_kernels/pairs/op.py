@@ -26,6 +26,7 @@ from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_f
 from gkl_kernels.pairs.torch_impl import pair_rows_backward_torch, pair_rows_forward_torch
 from gkl_kernels.rank1 import kernels as rank1_kernels
 from gkl_kernels.rank1.config import NUM_STATS, PART_WMSE, PART_WSUM
+from gkl_kernels.rank1.torch_impl import compute_dtype
 from gkl_kernels.validation import DOT_PRECISIONS
 
 
@@ -71,7 +72,8 @@ def pair_loss_backward_triton(grad_loss, student, teacher, weights, labels, stat
 def pair_rows(student: Tensor, teacher: Tensor, weights: Tensor, per_row: bool, symmetric: bool,
               use_triton: bool, block_c: int, dot_precision: str
               ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row wMSE and pair-weight sums, float32 (B,) each, and the torch path's ``g``;
+    """Per-row wMSE and pair-weight sums (B,) each, and the torch path's ``g``, float32 (float64
+    on the torch path for float64 logits);
     ``symmetric`` only affects backward, ``dot_precision`` only shared weights under Triton."""
     if not use_triton:
         return pair_rows_forward_torch(student, teacher, weights, per_row)
@@ -83,8 +85,9 @@ def pair_rows(student: Tensor, teacher: Tensor, weights: Tensor, per_row: bool, 
 @pair_rows.register_fake
 def _pair_rows_fake(student, teacher, weights, per_row, symmetric, use_triton, block_c,
                     dot_precision):
-    row = student.new_empty(student.shape[0], dtype=torch.float32)
-    g = student.new_empty(student.shape if not use_triton else (0,), dtype=torch.float32)
+    dtype = compute_dtype(student, teacher)
+    row = student.new_empty(student.shape[0], dtype=dtype)
+    g = student.new_empty(student.shape if not use_triton else (0,), dtype=dtype)
     return row, torch.empty_like(row), g
 
 

@@ -129,7 +129,7 @@ def wmse_per_row_fwd_kernel(
 def wmse_per_row_bwd_kernel(
     s_ptr, t_ptr, w_ptr, labels_ptr, stats_ptr, totals_ptr, grad_ptr, acc_ptr, ds_ptr, dt_ptr,
     C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, w_stride_b, w_stride_j, w_stride_k,
-    ignore_index, inv_t, mse_weight, ce_weight,
+    grad_stride, ignore_index, inv_t, mse_weight, ce_weight,
     LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, WITH_CE: tl.constexpr,
     NORMALIZE_BATCH: tl.constexpr, SYMMETRIC: tl.constexpr, NEED_DS: tl.constexpr,
     NEED_DT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -166,15 +166,16 @@ def wmse_per_row_bwd_kernel(
         j_acc = tl.load(acc_row + j_cols, mask=in_j, other=0.0)
         tl.store(acc_row + j_cols, j_acc + tl.sum(row_part, axis=1), mask=in_j)
         tl.debug_barrier()
+    grad = tl.load(grad_ptr + row * grad_stride).to(tl.float32)
     if LOSS:
         (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
          err, dm) = load_row_stats(stats_ptr, row, row >= 0)
-        coef, coef_ce = pair_loss_coefficients(kept, totals_ptr, tl.load(grad_ptr).to(tl.float32),
-                                               mse_weight, ce_weight, inv_t, NORMALIZE_BATCH)
+        coef, coef_ce = pair_loss_coefficients(kept, totals_ptr, grad, mse_weight, ce_weight,
+                                               inv_t, NORMALIZE_BATCH)
         log_zs = tl.log(tl.where(zs != 0.0, zs, 1.0))
         log_zt = tl.log(tl.where(zt != 0.0, zt, 1.0))
     else:
-        coef = 2.0 * tl.load(grad_ptr + row).to(tl.float32)
+        coef = 2.0 * grad
     for c0 in range(0, C, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask = cols < C
@@ -227,7 +228,7 @@ def per_row_rows_backward(grad, student, teacher, weights, need_ds, need_dt, blo
     wmse_per_row_bwd_kernel[(batch,)](
         student, teacher, weights, *loss_arguments(loss, student, grad), acc,
         ds if need_ds else student, dt if need_dt else teacher,
-        *_launch_args(student, teacher, weights), *loss_scalars(loss), NEED_DS=need_ds,
-        NEED_DT=need_dt, BLOCK_J=block_j, BLOCK_K=block_k, **loss_flags(loss),
+        *_launch_args(student, teacher, weights), grad.stride(0) if grad.dim() else 0,
+        *loss_scalars(loss), NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_J=block_j, BLOCK_K=block_k, **loss_flags(loss),
         num_warps=per_row_num_warps(block_j, block_k))
     return ds, dt

@@ -174,8 +174,8 @@ def wmse_shared_fwd_kernel(
 @triton.jit
 def wmse_shared_bwd_kernel(
     s_ptr, t_ptr, m_ptr, labels_ptr, stats_ptr, totals_ptr, grad_ptr, ds_ptr, dt_ptr,
-    B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, ignore_index,
-    inv_t, mse_weight, ce_weight,
+    B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, grad_stride,
+    ignore_index, inv_t, mse_weight, ce_weight,
     LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, WITH_CE: tl.constexpr,
     NORMALIZE_BATCH: tl.constexpr, SYMMETRIC: tl.constexpr, NEED_DS: tl.constexpr,
     NEED_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -183,22 +183,24 @@ def wmse_shared_bwd_kernel(
 ):
     """Same grid, on the tile (contiguous ``(B, C)`` outputs in the inputs' dtypes, 0 on absent
     classes and on rows not read): ``dt = c_b g``, ``ds = -[SYMMETRIC] c_b g + [LOSS] g_ce (q -
-    p)``. ``LOSS``: ``grad`` is the loss's 0-dim gradient, ``c_b`` and ``g_ce`` come from the
-    rows' statistics and the totals (``pair_loss_coefficients``); else ``grad`` is the (B,)
-    gradient of the rows' wMSE and ``c_b = 2 grad_b``."""
+    p)``, with ``grad_b = grad[b * grad_stride]`` (0-dim or one per row). ``LOSS``: ``grad`` is the
+    loss's gradient, ``c_b`` and ``g_ce`` come from the rows' statistics and the totals
+    (``pair_loss_coefficients``); else ``grad`` is the gradient of the rows' wMSE and ``c_b = 2
+    grad_b``."""
     rows, row_mask, n_cols, _, g, _, _, _ = _shared_pair_tile(
         s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
         m_stride_j, m_stride_k, ignore_index, False, HAS_LABELS, BLOCK_B, BLOCK_C, BLOCK_K,
         DOT_PRECISION)
     in_batch = rows < B
     mask = in_batch[:, None] & (n_cols[None, :] < C)
+    grad = tl.load(grad_ptr + rows * grad_stride, mask=in_batch, other=0.0).to(tl.float32)
     if LOSS:
         (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
          err, dm) = load_row_stats(stats_ptr, rows, in_batch)
-        coef, coef_ce = pair_loss_coefficients(kept, totals_ptr, tl.load(grad_ptr).to(tl.float32),
-                                               mse_weight, ce_weight, inv_t, NORMALIZE_BATCH)
+        coef, coef_ce = pair_loss_coefficients(kept, totals_ptr, grad, mse_weight, ce_weight,
+                                               inv_t, NORMALIZE_BATCH)
     else:
-        coef = 2.0 * tl.load(grad_ptr + rows, mask=in_batch, other=0.0).to(tl.float32)
+        coef = 2.0 * grad
     g_d = coef[:, None] * g
     offsets = rows[:, None] * C + n_cols[None, :]
     if NEED_DS:
@@ -258,8 +260,8 @@ def shared_rows_backward(grad, student, teacher, weights, need_ds, need_dt, dot_
     wmse_shared_bwd_kernel[grid](
         student, teacher, weights, *loss_arguments(loss, student, grad),
         ds if need_ds else student, dt if need_dt else teacher,
-        *_launch_args(student, teacher, weights), *loss_scalars(loss),
-        NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_B=block_b, BLOCK_C=block,
+        *_launch_args(student, teacher, weights), grad.stride(0) if grad.dim() else 0,
+        *loss_scalars(loss), NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_B=block_b, BLOCK_C=block,
         BLOCK_K=reduction_block(block_b, block, dot_precision), DOT_PRECISION=dot_precision,
         **loss_flags(loss), **shared_launch_options(block_b, block))
     return ds, dt

@@ -22,7 +22,7 @@ No ``B x C x C`` temporary exists. The forward also returns ``g``
 import torch
 
 from gkl_kernels.rank1.config import STAT_ERROR, STAT_KEPT, STAT_M2, STAT_W
-from gkl_kernels.rank1.torch_impl import row_stats_torch
+from gkl_kernels.rank1.torch_impl import compute_dtype, row_stats_torch
 
 CHUNK_ELEMENTS = 1 << 18  # float64 elements of one per-row weight chunk (2 MiB)
 SHARED_BLOCK_ELEMENTS = 1 << 17  # float64 elements of one row block of S (1 MiB)
@@ -34,7 +34,7 @@ def _present_differences(student, teacher, live_rows):
     ones' row mean, (B, C); ``present`` the float64 mask ``in``, or None when every class of every
     row is present (known for free on CPU; on CUDA it is never assumed). Rows where ``live_rows``
     (B,) is False have no class present."""
-    d = teacher.double().sub_(student)
+    d = teacher.to(torch.float64, copy=True).sub_(student)  # never the caller's tensor
     present = (student != NEG_INF) & (teacher != NEG_INF)
     if live_rows is not None:
         present &= live_rows[:, None]
@@ -56,7 +56,7 @@ def _shared_terms(d, present, weights):
     block = max(1, SHARED_BLOCK_ELEMENTS // num_classes)
     for start in range(0, num_classes, block):
         rows = slice(start, start + block)
-        pair = weights[rows].double()
+        pair = weights[rows].to(torch.float64, copy=True)
         pair += weights[:, rows].T  # S[rows, :]
         product.addmm_(operand[:, rows], pair)
         if present is None:
@@ -90,12 +90,13 @@ def _per_row_terms(d, present, weights):
 
 
 def pair_rows_forward_torch(student, teacher, weights, per_row, live_rows=None):
-    """``(wmse (B,), weight_sum (B,), g (B, C))`` in float32, the first two as the Triton
+    """``(wmse (B,), weight_sum (B,), g (B, C))`` in ``compute_dtype``, the first two as the Triton
     launchers; ``g`` for ``pair_rows_backward_torch``. Rows where ``live_rows`` is False give
     zeros."""
     d, present = _present_differences(student, teacher, live_rows)
     g, weight_sum = (_per_row_terms if per_row else _shared_terms)(d, present, weights)
-    return torch.linalg.vecdot(d, g).float(), weight_sum.float(), g.float()
+    dtype = compute_dtype(student, teacher)
+    return torch.linalg.vecdot(d, g).to(dtype), weight_sum.to(dtype), g.to(dtype)
 
 
 def pair_loss_stats_torch(student, teacher, weights, labels, config, keep_directions):
@@ -113,7 +114,7 @@ def pair_loss_stats_torch(student, teacher, weights, labels, config, keep_direct
 def pair_rows_backward_torch(grad_wmse, student, teacher, g, need_ds, need_dt):
     """``(grad_student, grad_teacher)``: ``dt = 2 g_wmse g``, ``ds = -dt`` (empty when not
     needed)."""
-    g_d = g * (2.0 * grad_wmse.float())[:, None]
+    g_d = g * (2.0 * grad_wmse.to(g.dtype))[:, None]
     ds = (-g_d).to(student.dtype) if need_ds else student.new_empty(0)
     dt = g_d.to(teacher.dtype) if need_dt else teacher.new_empty(0)
     return ds, dt

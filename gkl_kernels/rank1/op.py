@@ -30,7 +30,7 @@ from gkl_kernels.rank1 import kernels
 from gkl_kernels.pairs.op import pair_loss_backward_triton, pair_loss_triton
 from gkl_kernels.pairs.torch_impl import pair_loss_stats_torch
 from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS, RowConfig
-from gkl_kernels.rank1.torch_impl import (finish_loss_torch, loss_backward_torch,
+from gkl_kernels.rank1.torch_impl import (compute_dtype, finish_loss_torch, loss_backward_torch,
                                           loss_gradients_torch, row_stats_torch)
 
 
@@ -55,7 +55,8 @@ def _torch_stats(student, teacher, factor, labels, config, keep_directions):
 @torch.library.custom_op("gkl_kernels::rank1_row_stats", mutates_args=())
 def rank1_row_stats(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
                     labels: Optional[Tensor], floats: list[float], ints: list[int]) -> Tensor:
-    """Per-row statistics ``(B, NUM_STATS)`` float32."""
+    """Per-row statistics ``(B, NUM_STATS)``, float32 (float64 on the torch path for float64
+    logits)."""
     config = config_of(floats, ints)
     if config.use_triton and config.source == SOURCE_PAIRS:
         return pair_loss_triton(student, teacher, factor, labels, config)[1]
@@ -66,7 +67,7 @@ def rank1_row_stats(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
 
 @rank1_row_stats.register_fake
 def _row_stats_fake(student, teacher, factor, labels, floats, ints):
-    return student.new_empty(student.shape[0], NUM_STATS, dtype=torch.float32)
+    return student.new_empty(student.shape[0], NUM_STATS, dtype=compute_dtype(student, teacher))
 
 
 @torch.library.custom_op("gkl_kernels::rank1_finish", mutates_args=())
@@ -107,9 +108,10 @@ def rank1_loss(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
 @rank1_loss.register_fake
 def _rank1_loss_fake(student, teacher, factor, labels, floats, ints, keep_directions):
     config = config_of(floats, ints)
-    stats = student.new_empty(student.shape[0], NUM_STATS, dtype=torch.float32)
+    dtype = compute_dtype(student, teacher)
+    stats = student.new_empty(student.shape[0], NUM_STATS, dtype=dtype)
     directions = [student.new_empty(student.shape if keep_directions and wanted else (0,),
-                                    dtype=torch.float32)
+                                    dtype=dtype)
                   for wanted in (config.with_ce, config.source != SOURCE_NONE)]
     if config.use_triton:
         directions = [stats.new_empty(0), stats.new_empty(0)]
@@ -176,7 +178,7 @@ rank1_loss.register_autograd(_backward, setup_context=_setup_context)
 
 class TorchRankOneLoss(torch.autograd.Function):
     """The loss on the plain-PyTorch path in eager mode, ``rank1_loss``'s first output: the
-    forward keeps ``d loss / d s`` and ``d loss / d t`` (float32) for the inputs that need them,
+    forward keeps ``d loss / d s`` and ``d loss / d t`` (float32, or float64) for the inputs that need them,
     the backward scales them by the incoming gradient."""
 
     @staticmethod

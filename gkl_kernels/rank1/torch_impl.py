@@ -1,5 +1,6 @@
 """Plain-PyTorch rank-one path: the statistics, loss and gradients of ``kernels.py`` (see there for
-the math), each row taken as one tile, vectorised over the batch, float32 throughout; and
+the math), each row taken as one tile, vectorised over the batch, in float32 (float64 for float64
+logits: ``compute_dtype``); and
 ``merge_row_stats``, the rule that combines the statistics of two column parts of the same rows
 (vocabulary shards).
 
@@ -22,6 +23,12 @@ from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE
 INF = float("inf")
 
 
+def compute_dtype(student, teacher):
+    """float64 when either logit tensor is float64, else float32: the torch path's arithmetic and
+    its statistics' dtype."""
+    return torch.promote_types(torch.float32, torch.promote_types(student.dtype, teacher.dtype))
+
+
 def _two_sum(a, b):
     h = a + b
     bb = h - a
@@ -41,12 +48,12 @@ def _rescale(m_part, m, inv_temperature):
     return torch.where(m_part != -INF, ((m_part - m) * inv_temperature).exp(), 0.0)
 
 
-def given_factor(factor, labels, config):
-    """The given weights ``(B, C)`` float32: ``prior[labels] ** gamma`` (``0 ** 0 = 1``) or the
-    explicit factor."""
+def given_factor(factor, labels, config, dtype):
+    """The given weights ``(B, C)`` in ``dtype``: ``prior[labels] ** gamma`` (``0 ** 0 = 1``) or
+    the explicit factor."""
     if config.source != SOURCE_PRIOR:
-        return factor.float()
-    rows = factor.index_select(0, labels).float()
+        return factor.to(dtype)
+    rows = factor.index_select(0, labels).to(dtype)
     if config.gamma == 0.0:
         return torch.ones_like(rows)
     # exp(gamma log p), 0 for p = 0: about 4 times faster than a fractional pow on CPU
@@ -54,9 +61,10 @@ def given_factor(factor, labels, config):
 
 
 def _kept_logits(student, teacher, labels, config):
-    """s, t in float32, ``-inf`` on rows not read (ignored, or with a bad label); the kept mask
-    and the bad-label mask (B,), None without labels."""
-    s, t = student.float(), teacher.float()
+    """s, t in ``compute_dtype``, ``-inf`` on rows not read (ignored, or with a bad label); the
+    kept mask and the bad-label mask (B,), None without labels."""
+    dtype = compute_dtype(student, teacher)
+    s, t = student.to(dtype), teacher.to(dtype)
     if not config.has_labels:
         return s, t, None, None
     kept = labels != config.ignore_index
@@ -85,9 +93,9 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
     s, t, kept, bad = _kept_logits(student, teacher, labels, config)
     zeros = s.new_zeros(s.shape[0])
     columns = [zeros] * NUM_STATS
-    columns[STAT_KEPT] = zeros + 1.0 if kept is None else kept.float()
+    columns[STAT_KEPT] = zeros + 1.0 if kept is None else kept.to(s.dtype)
     if bad is not None:
-        columns[STAT_ERROR] = bad.float()
+        columns[STAT_ERROR] = bad.to(s.dtype)
     mt = t.amax(dim=1)
     columns[STAT_MT] = mt
     columns[STAT_MS] = columns[STAT_L] = zeros - INF
@@ -113,7 +121,7 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
         else:
             # the weights' values are checked before (host or device-side assertions)
             v = torch.where(in_wmse, given_factor(factor, _usable_labels(labels, kept, bad),
-                                                  config), 0.0)
+                                                  config, s.dtype), 0.0)
             top = v.amax(dim=1)
             columns[STAT_L] = torch.where(top > 0, torch.floor(torch.log2(top)), -INF)
         v = _scaled_factor(t, v, in_wmse, mt, columns[STAT_L], config)
@@ -155,11 +163,25 @@ def finish_rows_torch(stats, config):
     return exponent, wmse, torch.where(zt != 0, ce, 0.0)
 
 
+def row_losses_torch(stats, config):
+    """Per-row losses (B,) float32, ``mse_weight wmse_b / 4 + ce_weight CE_b`` (0 on rows not
+    kept), from the rows' statistics of either backend."""
+    exponent, wmse, ce = finish_rows_torch(stats, config)
+    losses = torch.zeros_like(ce)
+    if config.with_wmse:
+        f = torch.exp2(exponent)
+        losses = (config.mse_weight * 0.25) * torch.where(stats[:, STAT_W] != 0, f * (f * wmse),
+                                                          0.0)
+    if config.with_ce:
+        losses = losses + config.ce_weight * ce
+    return torch.where(stats[:, STAT_KEPT] > 0, losses, 0.0)
+
+
 def finish_loss_torch(stats, config):
     """``(loss (), totals (NUM_TOTALS,))`` as ``kernels.finish_loss_kernel``."""
     exponent, wmse, ce = finish_rows_torch(stats, config)
     kept = stats[:, STAT_KEPT] > 0
-    rows = kept.sum(dtype=torch.float32)
+    rows = kept.sum(dtype=stats.dtype)
     counted = kept & (stats[:, STAT_W] != 0)
     top = torch.zeros_like(rows)
     if not config.normalize_batch:
@@ -186,7 +208,7 @@ def row_coefficients_torch(grad_loss, stats, totals, config):
     gradient, as ``kernels.loss_backward_kernel``."""
     kept = stats[:, STAT_KEPT] > 0
     rows = totals[TOTAL_ROWS].clamp_min(1.0)
-    grad = grad_loss.float()
+    grad = grad_loss.to(stats.dtype)
     coef_ce = torch.where(kept, grad * (config.ce_weight / config.temperature) / rows, 0.0)
     if not config.with_wmse:
         return None, coef_ce
@@ -212,7 +234,7 @@ def loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, tota
 
 def loss_gradients_torch(grad_loss, student, teacher, factor, labels, stats, totals, config,
                          need_ds, need_dt, softmax_difference, weighted_deviation):
-    """``loss_backward_torch``'s gradients in float32."""
+    """``loss_backward_torch``'s gradients in the statistics' dtype."""
     coef_d, coef_ce = row_coefficients_torch(grad_loss, stats, totals, config)
     if (config.with_ce and not softmax_difference.numel()) or (
             config.with_wmse and not weighted_deviation.numel()):
@@ -222,16 +244,16 @@ def loss_gradients_torch(grad_loss, student, teacher, factor, labels, stats, tot
     ds = dt = student.new_empty(0)
     if need_ds:
         ds = softmax_difference * coef_ce[:, None] if config.with_ce \
-            else torch.zeros(student.shape, dtype=torch.float32, device=student.device)
+            else torch.zeros(student.shape, dtype=stats.dtype, device=student.device)
         if config.symmetric and g_d is not None:
             ds = ds - g_d
     if need_dt:
-        dt = g_d if g_d is not None else torch.zeros_like(teacher, dtype=torch.float32)
+        dt = g_d if g_d is not None else torch.zeros_like(teacher, dtype=stats.dtype)
     return ds, dt
 
 
 def gradient_directions_torch(student, teacher, factor, labels, stats, config):
-    """``(q - p, v' (d - mu))`` (B, C) float32 from the logits and merged statistics (each
+    """``(q - p, v' (d - mu))`` (B, C) from the logits and merged statistics (each
     empty when the loss has no such term); ignored rows give zeros."""
     s, t, kept, bad = _kept_logits(student, teacher, labels, config)
     softmax_difference, weighted_deviation = s.new_empty(0), s.new_empty(0)
@@ -246,7 +268,7 @@ def gradient_directions_torch(student, teacher, factor, labels, stats, config):
     if config.with_wmse:
         in_wmse = (s != -INF) & (t != -INF)
         v = None if config.source == SOURCE_TEACHER else given_factor(
-            factor, _usable_labels(labels, kept, bad), config)
+            factor, _usable_labels(labels, kept, bad), config, s.dtype)
         v = _scaled_factor(t, v, in_wmse, mt, stats[:, STAT_L], config)
         hi, lo = _two_sum(t, -s)
         dev = ((hi - stats[:, STAT_PH, None]) + (lo - stats[:, STAT_PL, None])) - \
