@@ -1,7 +1,7 @@
 """``gkl_kernels.compat`` called exactly as the authors' repository (jiequancui/DKL) calls its loss
 functions: their signatures (names, order, defaults), each call form of their scripts
 (positional, keyword, omitted defaults), against their definitions written out below in float64
-(``B x C x C`` pairwise, small C), values and gradients; and the Python blocks of docs/DROP_IN.md.
+(``B x C x C`` pairwise, small C), values and gradients (the Python blocks of docs/DROP_IN.md run in tests/test_docs.py).
 
 The one documented difference: compat's pair weights are constants. With ``GI=False`` and a
 teacher that requires a gradient, the authors also differentiate through ``softmax(t / T2) **
@@ -9,8 +9,6 @@ gamma``; there the teacher's gradient is compared with the formula whose weights
 
 import functools
 import inspect
-import pathlib
-import re
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ from tests.conftest import assert_close_rel, relative_error
 
 ROWS, CLASSES = 6, 5
 RTOL = 2e-5
-DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "DROP_IN.md"
 REQUIRED = inspect.Parameter.empty
 
 # The authors' signatures: (our function, their parameters with defaults, where they are defined).
@@ -409,17 +406,3 @@ def test_consistency_errors(generator):
         compat.consistency_loss(logits, targets, "ikl", alpha=1.0, beta=1.0, T2=0.0)
     with pytest.raises(ValueError, match="temperature"):
         compat.consistency_loss(logits, targets, "ikl", temperature=-1.0, alpha=1.0, beta=1.0)
-
-
-# ------------------------------------------------------------------------------ docs/DROP_IN.md
-def python_blocks():
-    return re.findall(r"^```python\n(.*?)^```", DOCS.read_text(), flags=re.S | re.M)
-
-
-def test_drop_in_guide_has_python_blocks():
-    assert len(python_blocks()) >= 4
-
-
-@pytest.mark.parametrize("index", range(len(python_blocks()) if DOCS.exists() else 0))
-def test_drop_in_guide_block_runs(index):
-    exec(compile(python_blocks()[index], f"{DOCS.name}[block {index}]", "exec"), {})
