@@ -18,29 +18,42 @@ gradient when the teacher requires one (the student's gradient and the value are
 docs/DROP_IN.md.
 """
 
+from typing import Literal, Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from gkl_kernels import validation as check
 from gkl_kernels.functional import gkl_loss
 
+ConsistencyName = Literal["ce", "mse", "kl", "ikl"]
 CONSISTENCY_NAMES = ("ce", "mse", "kl", "ikl")
 KL_TEMPERATURE = 0.5  # the fixed temperature of the authors' name='kl' consistency loss
 
 
-def dkl_loss(logits_student, logits_teacher, temperature=1.0, alpha=1.0, beta=1.0, gamma=1.0,
-             CLASS_PRIOR=None, GI=True, T2=1.0):
-    """GKL loss of the second paper's code: ``beta * wMSE / sum(w) / 4 + alpha * CE``.
-
-    Pair weights ``v_j v_k`` with ``v = CLASS_PRIOR ** gamma`` when ``GI`` (``CLASS_PRIOR`` is the
-    per-row ``(B, C)`` prior, ``onehot(labels) @ P``), else ``v = softmax(teacher / T2) ** gamma``;
-    constants either way. ``temperature`` is the cross-entropy's. Both logits receive the wMSE
-    gradient (GKL).
+def dkl_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0,
+             alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+             CLASS_PRIOR: Optional[Tensor] = None, GI: bool = True, T2: float = 1.0) -> Tensor:
+    """GKL loss of the second paper's code: ``beta * wMSE / sum(w) / 4 + alpha * CE``, with pair
+    weights ``v_j v_k`` (constants). Both logits receive the wMSE gradient (GKL).
 
     The defaults are those of the authors' adversarial-training ``dkl_loss`` (which has no ``GI``
     or ``T2``: it always uses ``CLASS_PRIOR``, as ``GI=True`` does) and of ``GKL_KD``'s
     (``GI=True``, ``T2=1.0``). Their long-tailed ImageNet script defaults to ``GI=False`` but
     always passes it.
+
+    Args:
+        logits_student, logits_teacher: ``(B, C)`` logits.
+        temperature: the cross-entropy's temperature.
+        alpha: the cross-entropy's factor. beta: the wMSE's factor.
+        gamma: ``v = CLASS_PRIOR ** gamma`` (``GI``) or ``softmax(teacher / T2) ** gamma``.
+        CLASS_PRIOR: the per-row ``(B, C)`` prior, ``onehot(labels) @ P``; needed when ``GI``.
+        GI: use ``CLASS_PRIOR`` for ``v``, else the teacher's softmax.
+        T2: the temperature of the teacher weights.
+
+    Returns:
+        The loss, float32, 0-dim.
     """
     check.check_finite("gamma", gamma, minimum=0.0)  # before CLASS_PRIOR ** gamma
     prior = _checked_prior(logits_student, logits_teacher, alpha, beta, CLASS_PRIOR, GI, T2)
@@ -72,14 +85,23 @@ def _checked_prior(logits_student, logits_teacher, alpha, beta, class_prior, gi,
     return class_prior.detach()
 
 
-def ikl_loss(logits_student, logits_teacher, temperature, alpha, beta, CLASS_PRIOR=None, GI=False,
-             T2=100.0):
+def ikl_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float, alpha: float,
+             beta: float, CLASS_PRIOR: Optional[Tensor] = None, GI: bool = False,
+             T2: float = 100.0) -> Tensor:
     """The first paper's knowledge-distillation loss (its ``dkl_loss`` in ``IKL_KD`` and the
-    long-tailed ImageNet script): ``beta * wMSE / B / 4 + alpha * CE``.
+    long-tailed ImageNet script): ``beta * wMSE / B / 4 + alpha * CE``, with pair weights
+    ``v_j v_k`` (constants, no power applied). Both logits receive the wMSE gradient.
 
-    Pair weights ``v_j v_k`` with ``v = CLASS_PRIOR`` (the per-row ``(B, C)`` prior) when ``GI``,
-    else ``v = softmax(teacher / T2)``; no power is applied; constants either way.
-    ``temperature`` is the cross-entropy's. Both logits receive the wMSE gradient.
+    Args:
+        logits_student, logits_teacher: ``(B, C)`` logits.
+        temperature: the cross-entropy's temperature.
+        alpha: the cross-entropy's factor. beta: the wMSE's factor.
+        CLASS_PRIOR: the per-row ``(B, C)`` prior, ``v = CLASS_PRIOR`` when ``GI``.
+        GI: use ``CLASS_PRIOR`` for ``v``, else ``v = softmax(teacher / T2)``.
+        T2: the temperature of the teacher weights.
+
+    Returns:
+        The loss, float32, 0-dim.
     """
     weights = _checked_prior(logits_student, logits_teacher, alpha, beta, CLASS_PRIOR, GI, T2)
     return gkl_loss(logits_student, logits_teacher, weights=weights,
@@ -88,14 +110,21 @@ def ikl_loss(logits_student, logits_teacher, temperature, alpha, beta, CLASS_PRI
                     ce_weight=alpha, normalize="batch", symmetric=True)
 
 
-def adv_dkl_loss(logits_nat, logits_adv, weight, alpha, beta):
+def adv_dkl_loss(logits_nat: Tensor, logits_adv: Tensor, weight: Tensor, alpha: float,
+                 beta: float) -> Tensor:
     """The first paper's adversarial-training loss: ``beta * wMSE / B / 4 + alpha * CE`` with
-    ``CE = -mean_b sum_j softmax(nat)_j log_softmax(adv)_j`` (``softmax(nat)`` a constant).
+    ``CE = -mean_b sum_j softmax(nat)_j log_softmax(adv)_j`` (``softmax(nat)`` a constant). The
+    wMSE compares the natural (teacher side) and adversarial (student side) logit differences;
+    both logits receive its gradient.
 
-    ``weight``: the ``(B, C, C)`` pair weights, taken as given (a rank-one ``weight`` is not
-    detected: pass its factor to ``gkl_loss(weights=v)`` for the O(C) kernel). The wMSE compares
-    the natural (teacher side) and adversarial (student side) logit differences; both logits
-    receive its gradient.
+    Args:
+        logits_nat, logits_adv: ``(B, C)`` logits of the natural and adversarial inputs.
+        weight: the ``(B, C, C)`` pair weights, taken as given (a rank-one ``weight`` is not
+            detected: pass its factor to ``gkl_loss(weights=v)`` for the O(C) kernel).
+        alpha: the cross-entropy's factor. beta: the wMSE's factor.
+
+    Returns:
+        The loss, float32, 0-dim.
     """
     _check_loss_weights(alpha, beta)
     check.check_logits(logits_adv, logits_nat)
@@ -105,10 +134,13 @@ def adv_dkl_loss(logits_nat, logits_adv, weight, alpha, beta):
                     check_values=False)
 
 
-def consistency_loss(logits, targets, name="ce", mask=None, temperature=1.0, alpha=None,
-                     beta=None, CLASS_PRIOR=None, GI=False, T2=100.0):
-    """The first paper's semi-supervised consistency loss: per-row losses, multiplied by ``mask``
-    (a ``(B,)`` float tensor, or None), then ``.mean()`` over all rows.
+def consistency_loss(logits: Tensor, targets: Tensor, name: ConsistencyName = "ce",
+                     mask: Optional[Tensor] = None, temperature: float = 1.0,
+                     alpha: Optional[float] = None, beta: Optional[float] = None,
+                     CLASS_PRIOR: Optional[Tensor] = None, GI: bool = False,
+                     T2: float = 100.0) -> Tensor:
+    """The first paper's semi-supervised consistency loss: per-row losses, multiplied by ``mask``,
+    then ``.mean()`` over all rows.
 
     ``name='ikl'`` (DKL): row ``b`` is ``beta * sum_jk w (Dt - Ds)^2 / 4 + alpha * CE_b`` with
     ``CE_b = -sum_j softmax(targets_b / temperature)_j log_softmax(logits_b)_j`` (only the targets
@@ -122,6 +154,19 @@ def consistency_loss(logits, targets, name="ce", mask=None, temperature=1.0, alp
     ``softmax(logits)`` to the probabilities ``targets``, mean over classes) and ``'kl'``
     (``KL(softmax(targets / 0.5) || softmax(logits / 0.5))`` times ``1 - mask``, which is
     required; ``mask`` is not applied again).
+
+    Args:
+        logits: ``(B, C)`` logits (the strong augmentation's).
+        targets: ``(B, C)`` logits (``'ikl'``, ``'kl'``) or probabilities, or ``(B,)`` class
+            indices (``'ce'``).
+        name: ``'ce'``, ``'mse'``, ``'kl'`` or ``'ikl'``.
+        mask: a ``(B,)`` float tensor of row weights, or None.
+        temperature: ``'ikl'``: the targets' temperature in the cross-entropy.
+        alpha, beta: ``'ikl'``: the cross-entropy's and the wMSE's factors (required).
+        CLASS_PRIOR, GI, T2: ``'ikl'``: the pair weights, as in ``ikl_loss``.
+
+    Returns:
+        The mean loss, 0-dim.
     """
     if name not in CONSISTENCY_NAMES:
         raise ValueError(f"name must be one of {CONSISTENCY_NAMES}, got {name!r}")
@@ -167,7 +212,21 @@ class ConsistencyLoss(torch.nn.Module):
     """The authors' ``ConsistencyLoss`` module (what their algorithms call as
     ``self.consistency_loss``): ``consistency_loss`` with the module's own default ``T2=1.0``."""
 
-    def forward(self, logits, targets, name="ce", mask=None, temperature=1.0, alpha=None,
-                beta=None, CLASS_PRIOR=None, GI=False, T2=1.0):
+    def forward(self, logits: Tensor, targets: Tensor, name: ConsistencyName = "ce",
+                mask: Optional[Tensor] = None, temperature: float = 1.0,
+                alpha: Optional[float] = None, beta: Optional[float] = None,
+                CLASS_PRIOR: Optional[Tensor] = None, GI: bool = False,
+                T2: float = 1.0) -> Tensor:
+        """``consistency_loss(logits, targets, name, mask, temperature, alpha, beta, CLASS_PRIOR,
+        GI, T2)``.
+
+        Args:
+            logits, targets, name, mask, temperature, alpha, beta, CLASS_PRIOR, GI: as in
+                ``consistency_loss``.
+            T2: the temperature of the teacher weights (``'ikl'``, ``GI=False``); 1.0 here.
+
+        Returns:
+            The mean loss, 0-dim.
+        """
         return consistency_loss(logits, targets, name, mask, temperature, alpha, beta,
                                 CLASS_PRIOR, GI, T2)

@@ -271,16 +271,24 @@ def _checked_weights_kind(weights, student, weights_kind, options, check_values)
     return kind
 
 
-def pairwise_wmse(student, teacher, weights, *, weights_kind=None, reduction="sum",
-                  backend="auto", check_values=True, block_c=None, dot_precision="ieee"):
-    """``sum_{j,k} w[b,j,k] ((t_j - t_k) - (s_j - s_k))^2`` per row, float32.
+def pairwise_wmse(student: Tensor, teacher: Tensor, weights: Tensor, *,
+                  weights_kind: Optional[WeightsKind] = None, reduction: Reduction = "sum",
+                  backend: Backend = "auto", check_values: bool = True,
+                  block_c: Optional[int] = None, dot_precision: DotPrecision = "ieee") -> Tensor:
+    """The weighted MSE of the logit differences, per row:
+    ``wmse_b = sum_{j,k} w[b,j,k] ((t_j - t_k) - (s_j - s_k))^2``; gradients go to student and
+    teacher.
 
-    student, teacher: ``(B, C)`` logits. weights (constants): a ``(B, C)`` rank-one factor ``v``
-    (``w = v_j v_k``), a ``(C, C)`` matrix shared by every row, or a ``(B, C, C)`` tensor; the
-    shape decides, ``weights_kind`` (``"factor"``, ``"shared"``, ``"per_row"``) settles ``B == C``.
-    reduction: ``"none"`` gives ``(B,)``, ``"sum"`` and ``"mean"`` (over rows) a 0-dim tensor.
-    Gradients go to student and teacher. backend, check_values, block_c, dot_precision: as in
-    ``gkl_loss``.
+    Args:
+        student, teacher: ``(B, C)`` logits.
+        weights: pair weights, constants: a ``(B, C)`` rank-one factor ``v`` (``w = v_j v_k``), a
+            ``(C, C)`` matrix shared by every row, or a ``(B, C, C)`` tensor; the shape decides.
+        weights_kind: ``"factor"``, ``"shared"`` or ``"per_row"``; settles ``B == C``.
+        reduction: ``"none"`` the rows ``(B,)``, ``"sum"`` their sum, ``"mean"`` their mean.
+        backend, check_values, block_c, dot_precision: as in ``gkl_loss``.
+
+    Returns:
+        float32: ``(B,)`` for ``"none"``, else 0-dim.
     """
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     options = GKLOptions(backend=backend, check_values=check_values, block_c=block_c,

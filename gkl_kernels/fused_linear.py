@@ -17,10 +17,11 @@ with ``gamma != 1`` need a first pass over the teacher's chunks (one more teache
 """
 
 from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from gkl_kernels import validation as check
 from gkl_kernels.functional import row_config
@@ -46,25 +47,37 @@ class FusedLinearPlan:
     teacher_grad: bool
 
 
-def fused_linear_gkl(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
-                     labels=None, student_bias=None, teacher_bias=None, class_prior=None,
-                     weights=None, chunk_size=None, teacher_grad=False, **gkl_options):
-    """``gkl_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, ...)`` without the ``(N, V)`` logits; a 0-dim
-    float32 tensor.
+def fused_linear_gkl(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                     teacher_weight: Tensor, *, labels: Optional[Tensor] = None,
+                     student_bias: Optional[Tensor] = None,
+                     teacher_bias: Optional[Tensor] = None,
+                     class_prior: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                     chunk_size: Optional[int] = None, teacher_grad: bool = False,
+                     **gkl_options: Any) -> Tensor:
+    """``gkl_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, ...)`` (mean reduction) without the
+    ``(N, V)`` logits, computed chunk of rows by chunk.
 
-    student_hidden ``(N, H_s)``, student_weight ``(V, H_s)``, student_bias ``(V,)`` or None (one
-    dtype: float32, float16 or bfloat16); teacher_hidden ``(N, H_t)``, teacher_weight
-    ``(V, H_t)``, teacher_bias ``(V,)`` or None (one dtype, maybe another). labels ``(N,)``:
-    rows equal to ``ignore_index`` (default -100) are left out (token-level distillation); with
-    ``class_prior`` ``(V, V)`` (checked whole: finite, >= 0) they pick each row's weights.
-    weights: an explicit ``(N, V)`` rank-one factor. chunk_size: rows per chunk (default: the
-    largest power of two with ``chunk_size * V <= 2**23``); peak extra memory is about 8 float32
-    ``(chunk_size, V)`` blocks.
-    teacher_grad: False (default) treats the teacher as frozen; True sends the wMSE gradient to
-    the teacher tensors that require it. gkl_options: the options of ``gkl_loss`` (gamma,
-    temperature, weight_temperature, mse_weight, ce_weight, normalize, symmetric, backend,
-    check_values, block_c, ignore_index); ``sync_normalizer`` is not supported here.
-    Gradients reach student_hidden, student_weight and student_bias (in their dtypes).
+    Args:
+        student_hidden, student_weight, student_bias: ``(N, H_s)``, ``(V, H_s)``, ``(V,)`` or
+            None; one dtype: float32, float16 or bfloat16. Gradients reach them (in their dtype).
+        teacher_hidden, teacher_weight, teacher_bias: ``(N, H_t)``, ``(V, H_t)``, ``(V,)`` or
+            None; one dtype, maybe another than the student's.
+        labels: ``(N,)`` class indices; rows equal to ``ignore_index`` (default -100) are left
+            out (token-level distillation). With ``class_prior`` they pick each row's weights.
+        class_prior: ``(V, V)`` class prior (checked whole: finite, >= 0).
+        weights: an explicit ``(N, V)`` rank-one factor.
+        chunk_size: rows per chunk (default: the largest power of two with
+            ``chunk_size * V <= 2**23``); peak extra memory is about 8 float32
+            ``(chunk_size, V)`` blocks.
+        teacher_grad: False treats the teacher as frozen; True sends the wMSE gradient to the
+            teacher tensors that require it.
+        **gkl_options: the options of ``gkl_loss``: ``gamma``, ``temperature``,
+            ``weight_temperature``, ``mse_weight``, ``ce_weight``, ``normalize``, ``symmetric``,
+            ``backend``, ``check_values``, ``block_c``, ``ignore_index``. ``sync_normalizer``,
+            ``process_group`` and ``reduction`` are not supported (a ``ValueError``).
+
+    Returns:
+        The loss, float32, 0-dim.
     """
     plan = _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden,
                          teacher_weight, teacher_bias, labels, class_prior, weights, chunk_size,
@@ -79,12 +92,19 @@ def fused_linear_gkl(student_hidden, student_weight, teacher_hidden, teacher_wei
 
 
 class FusedLinearGKLLoss(nn.Module):
-    """``FusedLinearGKLLoss(chunk_size=None, teacher_grad=False, **gkl_options)(student_hidden,
-    student_weight, teacher_hidden, teacher_weight, labels=None, student_bias=None,
-    teacher_bias=None, class_prior=None, weights=None)``: ``fused_linear_gkl`` with its options
-    checked once, here."""
+    """``fused_linear_gkl`` as an ``nn.Module``, its options checked once, at construction.
 
-    def __init__(self, *, chunk_size=None, teacher_grad=False, **gkl_options):
+    Args:
+        chunk_size: rows per chunk (None: ``fused_linear_gkl``'s default).
+        teacher_grad: whether the teacher tensors that require it get the wMSE gradient.
+        **gkl_options: the ``gkl_loss`` options ``fused_linear_gkl`` accepts: ``gamma``,
+            ``temperature``, ``weight_temperature``, ``mse_weight``, ``ce_weight``,
+            ``normalize``, ``symmetric``, ``backend``, ``check_values``, ``block_c``,
+            ``ignore_index``.
+    """
+
+    def __init__(self, *, chunk_size: Optional[int] = None, teacher_grad: bool = False,
+                 **gkl_options: Any) -> None:
         super().__init__()
         _check_chunk_size(chunk_size)
         check.check_bool("teacher_grad", teacher_grad)
@@ -92,16 +112,31 @@ class FusedLinearGKLLoss(nn.Module):
         self.options = _options_from(gkl_options)
         self._gkl_options = gkl_options
 
-    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                labels=None, student_bias=None, teacher_bias=None, class_prior=None,
-                weights=None):
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                teacher_weight: Tensor, labels: Optional[Tensor] = None,
+                student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                class_prior: Optional[Tensor] = None,
+                weights: Optional[Tensor] = None) -> Tensor:
+        """The fused linear GKL loss of the two linear heads.
+
+        Args:
+            student_hidden, student_weight: ``(N, H_s)``, ``(V, H_s)``.
+            teacher_hidden, teacher_weight: ``(N, H_t)``, ``(V, H_t)``.
+            labels: ``(N,)`` class indices (``ignore_index`` rows are left out).
+            student_bias, teacher_bias: ``(V,)`` or None.
+            class_prior: ``(V, V)``; weights: ``(N, V)`` rank-one factor; as in
+                ``fused_linear_gkl``.
+
+        Returns:
+            The loss, float32, 0-dim.
+        """
         return fused_linear_gkl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                 labels=labels, student_bias=student_bias,
                                 teacher_bias=teacher_bias, class_prior=class_prior,
                                 weights=weights, chunk_size=self.chunk_size,
                                 teacher_grad=self.teacher_grad, **self._gkl_options)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, teacher_grad={self.teacher_grad}, " + ", ".join(
             f"{k}={v!r}" for k, v in vars(self.options).items() if k not in UNSUPPORTED_OPTIONS)
 

@@ -5,8 +5,10 @@ class ``c`` seen in the previous epoch; before the first epoch every entry is ``
 ``class_prior=prior.matrix()`` and the batch's ``labels`` to ``gkl_loss``.
 """
 
+from typing import Any, Mapping, Optional, Union
+
 import torch
-from torch import distributed
+from torch import Tensor, distributed
 
 from gkl_kernels import validation as check
 
@@ -28,10 +30,20 @@ class ClassPrior:
 
     ``P`` is updated in place: ``matrix()`` returns the same tensor every epoch (do not modify it;
     clone it to keep an epoch's value).
+
+    Args:
+        num_classes: ``C``, an int >= 1.
+        weight_temperature: ``T2`` of ``softmax(t / T2)``, > 0.
+        momentum: None (a row becomes the epoch's mean) or ``m`` in ``[0, 1)``.
+        device: where ``P``, the sums and the counts live (None: the default device).
+        process_group: the ``torch.distributed`` group whose sums are added at ``end_epoch``
+            (None: the default group).
     """
 
-    def __init__(self, num_classes, weight_temperature=1.0, momentum=None, device=None,
-                 process_group=None):
+    def __init__(self, num_classes: int, weight_temperature: float = 1.0,
+                 momentum: Optional[float] = None,
+                 device: Optional[Union[str, int, torch.device]] = None,
+                 process_group: Optional[Any] = None) -> None:
         _check_num_classes(num_classes)
         _check_settings(weight_temperature, momentum)
         self.num_classes = num_classes
@@ -44,15 +56,20 @@ class ClassPrior:
         self._sums = torch.zeros(shape, dtype=torch.float32, device=device)
         self._counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
 
-    def update(self, teacher_logits, labels):
-        """Add one batch: ``teacher_logits`` ``(B, C)`` float32/float16/bfloat16, finite, and
-        ``labels`` ``(B,)`` int64/int32 in ``[0, C)``, both on the prior's device. An empty batch
-        (B = 0) is a no-op. No gradient flows.
+    def update(self, teacher_logits: Tensor, labels: Tensor) -> None:
+        """Add one batch: ``softmax(teacher_logits / T2)`` to rows ``labels`` of the sums, and the
+        class counts. An empty batch (B = 0) is a no-op. No gradient flows.
 
         The values are checked without a host synchronisation (``validation.assert_values``): on
         CPU a bad value is a ``ValueError`` and the state is left alone; on CUDA it is a
         device-side assertion, which fails at the next synchronisation (the CUDA context is then
-        unusable, the state with it)."""
+        unusable, the state with it).
+
+        Args:
+            teacher_logits: ``(B, C)`` float32 / float16 / bfloat16, finite, on the prior's
+                device.
+            labels: ``(B,)`` int64 / int32 in ``[0, C)``, on the prior's device.
+        """
         self._check_logits(teacher_logits)
         empty = teacher_logits.shape[0] == 0
         check.check_labels(labels, *teacher_logits.shape, teacher_logits.device,
@@ -67,9 +84,13 @@ class ClassPrior:
             self._sums.index_add_(0, labels, probs)
             self._counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.int64))
 
-    def end_epoch(self):
+    def end_epoch(self) -> Tensor:
         """Sum the epoch over processes, set the seen rows of ``P`` (see the class), reset the sums
-        and counts, count the epoch; returns ``P`` (the tensor ``matrix()`` returns)."""
+        and counts, count the epoch.
+
+        Returns:
+            ``P``, float32 ``(C, C)``: the tensor ``matrix()`` returns.
+        """
         if distributed.is_available() and distributed.is_initialized():
             distributed.all_reduce(self._sums, group=self.process_group)
             distributed.all_reduce(self._counts, group=self.process_group)
@@ -83,9 +104,16 @@ class ClassPrior:
         self.epochs += 1
         return self._prior
 
-    def matrix(self, device=None):
-        """``P``, float32 ``(C, C)``, on the prior's device. A ``device`` other than that one is
-        an error, not a copy (``P`` would be copied at every step): build the prior there."""
+    def matrix(self, device: Optional[Union[str, int, torch.device]] = None) -> Tensor:
+        """The class prior ``P``, to pass as ``gkl_loss(class_prior=...)``.
+
+        Args:
+            device: None, or the prior's device (checked). Another device is a ``ValueError``,
+                not a copy (``P`` would be copied at every step): build the prior there.
+
+        Returns:
+            ``P``, float32 ``(C, C)``, on the prior's device (the same tensor every epoch).
+        """
         if device is not None:
             wanted, held = torch.device(device), self._prior.device
             if wanted.type != held.type or wanted.index not in (None, held.index):
@@ -93,19 +121,28 @@ class ClassPrior:
                                  f"{held}; create ClassPrior(..., device={str(wanted)!r}) instead")
         return self._prior
 
-    def state_dict(self):
-        """Copies of ``P``, the epoch's sums and counts, and ``epochs``, ``num_classes``,
-        ``weight_temperature``, ``momentum``."""
+    def state_dict(self) -> dict[str, Any]:
+        """The state to checkpoint.
+
+        Returns:
+            Copies of ``P`` (``"prior"``), the epoch's ``"sums"`` and ``"counts"``, and
+            ``"epochs"``, ``"num_classes"``, ``"weight_temperature"``, ``"momentum"``.
+        """
         return {"num_classes": self.num_classes, "weight_temperature": self.weight_temperature,
                 "momentum": self.momentum, "epochs": self.epochs, "prior": self._prior.clone(),
                 "sums": self._sums.clone(), "counts": self._counts.clone()}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``'s state (tensors copied to the prior's device), including its
-        ``weight_temperature`` and ``momentum``; ``num_classes`` must match; ``prior`` and
-        ``sums`` floating-point, finite and >= 0 (after the cast to float32), ``counts`` of an
-        integer dtype and >= 0. Checked in full before anything changes; a bad value is a
-        ``ValueError`` on every device (read back: a synchronisation, once, at a resume)."""
+        ``weight_temperature`` and ``momentum``. Checked in full before anything changes; a bad
+        value is a ``ValueError`` on every device (read back: a synchronisation, once, at a
+        resume).
+
+        Args:
+            state: a ``state_dict()``: ``num_classes`` must match; ``prior`` and ``sums``
+                floating-point, finite and >= 0 (after the cast to float32), ``counts`` of an
+                integer dtype and >= 0.
+        """
         missing = [key for key in ("num_classes", "weight_temperature", "momentum", "epochs",
                                    *STATE_TENSORS) if key not in state]
         if missing:

@@ -9,11 +9,13 @@ of every shard are gathered and merged with the rule the kernels apply between t
 every process; backward runs the loss's backward op on each shard with the merged statistics.
 """
 
+from typing import Any, Optional
+
 import torch
-from torch import distributed
+from torch import Tensor, distributed
 
 from gkl_kernels import validation as check
-from gkl_kernels.functional import row_config
+from gkl_kernels.functional import Backend, Normalize, row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.rank1.op import rank1_finish, rank1_loss_backward, rank1_row_stats
@@ -22,44 +24,54 @@ from gkl_kernels.rank1.torch_impl import compute_dtype, merge_row_stats
 UNBOUNDED_LABELS = 2**62  # the kernel's label bound here: labels index V, not the shard's V_p
 
 
-def vocab_parallel_gkl_loss(student_shard, teacher_shard, *, labels=None, class_prior_shard=None,
-                            weights=None, ignore_index=-100, gamma=1.0, temperature=1.0,
-                            weight_temperature=1.0, mse_weight=1.0, ce_weight=1.0,
-                            normalize="weights", symmetric=True, process_group=None,
-                            check_values=True, backend="auto"):
+def vocab_parallel_gkl_loss(student_shard: Tensor, teacher_shard: Tensor, *,
+                            labels: Optional[Tensor] = None,
+                            class_prior_shard: Optional[Tensor] = None,
+                            weights: Optional[Tensor] = None, ignore_index: int = -100,
+                            gamma: float = 1.0, temperature: float = 1.0,
+                            weight_temperature: float = 1.0, mse_weight: float = 1.0,
+                            ce_weight: float = 1.0, normalize: Normalize = "weights",
+                            symmetric: bool = True, process_group: Optional[Any] = None,
+                            check_values: bool = True, backend: Backend = "auto") -> Tensor:
     """The GKL loss (``symmetric=True``) or DKL (``symmetric=False``: only the teacher gets the
-    wMSE gradient) over the whole vocabulary, a 0-dim float32 tensor, the same on every process.
-
-    ``L = mse_weight * sum_b wmse_b / (4 N) + ce_weight * sum_b CE_b / R`` over the kept rows,
+    wMSE gradient) of logits whose vocabulary is sharded over ``process_group``: exactly
+    ``gkl_loss`` of the concatenated vocabulary and the kept rows,
+    ``L = mse_weight * sum_b wmse_b / (4 N) + ce_weight * sum_b CE_b / R`` with
     ``wmse_b = 2 W_b sum_j v_bj (d_bj - mu_b)^2`` (``d = t - s``), ``CE_b = -sum_j softmax(t_b/T)_j
-    log_softmax(s_b/T)_j``; ``R`` kept rows, ``N = sum_b W_b^2`` (``normalize="weights"``) or ``R``
-    (``"batch"``); a wMSE or CE term with nothing to average is 0. Exactly ``gkl_loss`` (see there
-    for the options) of the concatenated vocabulary and the kept rows.
+    log_softmax(s_b/T)_j``, ``R`` kept rows, ``N = sum_b W_b^2`` (``normalize="weights"``) or ``R``
+    (``"batch"``); a wMSE or CE term with nothing to average is 0.
 
-    student_shard, teacher_shard: this process's ``(N, V_p)`` columns of the logits, float32,
-    float16 or bfloat16 (dtypes may differ; arithmetic in float32, gradients in the input dtypes).
-    Every process has the same ``N`` rows; ``V = sum V_p``, shards may be uneven. Autograd gives
-    each process the gradient of its own shards (the teacher's when it requires grad).
-    Pair weights ``v_j v_k`` (constants), in this order: ``weights``, this process's ``(N, V_p)``
-    columns of a non-negative factor, used as given; ``class_prior_shard``, this process's
-    ``(V, V_p)`` columns of the ``(V, V)`` class prior, ``v = prior[labels] ** gamma`` (``0 ** 0 =
-    1``); else the teacher, ``v = softmax(t / T2) ** gamma`` over the whole vocabulary.
-    labels: ``(N,)`` int64/int32, the same on every process, each in ``[0, V)`` or
-    ``ignore_index``: those rows add nothing to the loss, ``N``, ``R`` or the gradient (all
-    ignored: loss 0, zero gradients). Needed by the class prior, optional otherwise.
-    process_group: the group that shares the vocabulary (None: the default group); without an
-    initialised process group the shards are the whole vocabulary.
-    check_values: check label range and weight values before anything runs (a host
-    synchronisation on CUDA); with ``labels`` and no class prior, ``V`` comes from one extra
-    all-reduce of the shard widths (one int64). Every process must pass the same options.
+    Every process must pass the same options. Communication: one all-gather of the ``(N, 16)``
+    float32 row statistics of every shard (mergeable softmax normalisers and weighted moments,
+    ``rank1.config``); backward communicates nothing and recomputes the gradient from the inputs
+    and the merged statistics (no ``(N, V_p)`` float32 tensor is kept between the passes).
 
-    backend: as in ``gkl_loss`` (the row op of each shard).
+    Args:
+        student_shard, teacher_shard: this process's ``(N, V_p)`` columns of the logits, float32,
+            float16 or bfloat16 (dtypes may differ; arithmetic in float32, gradients in the input
+            dtypes). Every process has the same ``N`` rows; ``V = sum V_p``, shards may be
+            uneven. Each process gets the gradient of its own shards (the teacher's when it
+            requires grad).
+        labels: ``(N,)`` int64 / int32, the same on every process, each in ``[0, V)`` or
+            ``ignore_index``. Needed by the class prior, optional otherwise.
+        class_prior_shard: this process's ``(V, V_p)`` columns of the ``(V, V)`` class prior,
+            ``v = prior[labels] ** gamma`` (``0 ** 0 = 1``). Pair weights ``v_j v_k`` are
+            constants, taken from ``weights``, else ``class_prior_shard``, else the teacher
+            (``v = softmax(t / T2) ** gamma`` over the whole vocabulary).
+        weights: this process's ``(N, V_p)`` columns of a non-negative rank-one factor, as given.
+        ignore_index: rows with this label add nothing to the loss, ``N``, ``R`` or the gradient
+            (all ignored: loss 0, zero gradients).
+        gamma, temperature, weight_temperature, mse_weight, ce_weight, normalize, symmetric: as
+            in ``gkl_loss``.
+        process_group: the group that shares the vocabulary (None: the default group); without
+            an initialised process group the shards are the whole vocabulary.
+        check_values: check label range and weight values before anything runs (a host
+            synchronisation on CUDA); with ``labels`` and no class prior, ``V`` comes from one
+            extra all-reduce of the shard widths (one int64).
+        backend: as in ``gkl_loss`` (the row op of each shard).
 
-    Communication, the same on every process: one all-gather of the ``(N, 16)`` float32 row
-    statistics of every shard (mergeable softmax normalisers and weighted moments; see
-    ``rank1.config``); backward communicates nothing. Memory: backward recomputes the gradient
-    from the inputs and the merged statistics; no ``(N, V_p)`` float32 tensor is kept between
-    the passes.
+    Returns:
+        The loss, float32, 0-dim, the same on every process.
     """
     options = GKLOptions(gamma=gamma, temperature=temperature,
                          weight_temperature=weight_temperature, mse_weight=mse_weight,
