@@ -14,7 +14,7 @@ from gkl_kernels import validation as check
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
 from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE, SOURCE_PAIRS,
-                                      SOURCE_PRIOR, SOURCE_TEACHER, STAT_W, TOTAL_CE, TOTAL_DEN,
+                                      SOURCE_PRIOR, SOURCE_TEACHER, TOTAL_CE, TOTAL_DEN,
                                       TOTAL_K, TOTAL_ROWS, TOTAL_WMSE, RowConfig)
 from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
                                   rank1_loss_backward, rank1_row_stats)

@@ -10,8 +10,12 @@ from gkl_kernels.options import GKLOptions
 
 
 class GKLLoss(nn.Module):
-    """The GKL / DKL loss with its options fixed at construction (checked there); every option
-    means what it means in ``gkl_kernels.gkl_loss``.
+    """The GKL / DKL loss with its options fixed at construction (checked there).
+
+    Args:
+        gamma, temperature, weight_temperature, mse_weight, ce_weight, normalize, symmetric,
+        reduction, backend, check_values, block_c, dot_precision, sync_normalizer,
+        process_group, ignore_index: as in ``gkl_kernels.gkl_loss``.
 
     Example::
 

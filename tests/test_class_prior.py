@@ -216,7 +216,7 @@ def _bad_batch(case, generator):
     ("inf logits", ValueError, "teacher_logits must be finite"),
     ("logits on meta", ValueError, "teacher_logits must be on the prior's device cpu"),
     ("short labels", ValueError, r"labels must have shape \(4,\)"),
-    ("float labels", TypeError, "labels must have dtype"),
+    ("float labels", TypeError, "labels must be class indices"),
     ("2-D labels", ValueError, r"labels must have shape \(4,\)"),
     ("labels on meta", ValueError, "labels must be on cpu"),
 ])

@@ -323,7 +323,7 @@ BAD_INPUTS = {  # name: (change the valid (student, teacher, kwargs), error, mes
     "labels shape": (lambda s, t, kw: (s, t, dict(kw, labels=kw["labels"][:3])), ValueError,
                      r"labels must have shape \(4,\)"),
     "float labels": (lambda s, t, kw: (s, t, dict(kw, labels=kw["labels"].float())), TypeError,
-                     "labels must have dtype"),
+                     "labels must be class indices"),
     "label V": (lambda s, t, kw: (s, t, dict(kw, labels=torch.tensor([0, 6, 1, 2]))), ValueError,
                 r"labels must lie in \[0, 6\) or equal ignore_index=-100, found 6"),
     "label -1": (lambda s, t, kw: (s, t, dict(kw, labels=torch.tensor([0, -1, 1, 2]))),
