@@ -1,27 +1,34 @@
-"""``python -m bench``: the performance evidence for the GKL loss in one run.
+"""``python -m bench``: the performance evidence for the GKL loss, in minutes by default.
 
-1. Time (forward, backward, forward+backward), peak memory and accuracy of every provider on every
-   case (``bench.cases``): the literal ``B x C x C`` reference eager and under ``torch.compile``,
-   the package's plain-PyTorch path, ``F.kl_div`` as the cost of plain distillation, and on a GPU
-   the package's Triton kernels; then the headline ratios at B=256, C=1000.
-   Each provider's kernel launches and host syncs per step (forward, backward) are counted too:
-   in this process after its timed steps, or for ``gkl_loss[triton]`` under Triton's
-   interpreter (``python -m bench.traffic --steps``, a subprocess; on CPU the Triton provider is
-   counted, not timed).
+1. Time (forward, backward, forward+backward), peak memory and accuracy of every provider on the
+   headline case, ImageNet at B=256, C=1000 (``--full``: every case of ``bench.cases``): the
+   literal ``B x C x C`` reference eager and under ``torch.compile``, the package's plain-PyTorch
+   path, ``F.kl_div`` as the cost of plain distillation, and on a GPU the package's Triton
+   kernels. Each provider's kernel launches and host syncs per step (forward, backward) are
+   counted too: in this process after its timed steps, or for ``gkl_loss[triton]`` under
+   Triton's interpreter (``python -m bench.traffic --steps``, a subprocess; on CPU the Triton
+   provider is counted, not timed).
 2. The overhead: ``gkl_loss[torch]`` against ``F.kl_div`` at B=32, C=10 and B=64, C=100, where a
-   step's time is overhead, and the Python time of one call (``bench.overhead``; always run).
+   step's time is overhead, and the Python time of one call (``bench.overhead``).
 3. The MODELLED (not measured) H100 time of one step of ``gkl_loss[triton]`` against
-   ``F.kl_div`` at the ImageNet shape, from counted bytes and launches (``bench.traffic``; always
-   run).
-4. The memory traffic and launches of the Triton kernels and the torch path, counted under
-   Triton's interpreter and a dispatch mode, with a modelled H100 time (``bench.traffic``).
-5. The ahead-of-time compile report of every kernel configuration (``bench.compile_report``).
+   ``F.kl_div`` at the ImageNet shape, from counted bytes and launches (``bench.traffic``).
+4. ``--traffic``: the memory traffic and launches of the Triton kernels and the torch path,
+   counted under Triton's interpreter and a dispatch mode, with a modelled H100 time
+   (``bench.traffic``; minutes).
+5. ``--compile-report``: the ahead-of-time compile report of every kernel configuration
+   (``bench.compile_report``; minutes).
 
-Run from the repository root: ``python -m bench [--quick] [--json PATH] [--plot PATH]
-[--cases NAME ...] [--providers NAME ...] [--max-reference-pairs N] [--threads N] [--gpu-dry-run]
-[--skip-traffic] [--skip-compile-report]``. On CPU, times are medians of ``time.perf_counter``
-around each pass after a warm-up pass; on a GPU, medians of ``triton.testing.do_bench`` over
-rotating inputs (``bench.devices``). Errors are against the float64 reference.
+Each step prints a line with the time elapsed and an estimate of the time left; the output ends
+with the headline: the ratios of part 1 at the headline shapes, part 2's and part 3's, each as a
+sentence ("gkl_loss is 3.1x slower than F.kl_div") with its goal explained.
+
+Run from the repository root: ``python -m bench [--full] [--traffic] [--compile-report]
+[--quick] [--json PATH] [--plot PATH] [--cases NAME ...] [--providers NAME ...]
+[--max-reference-pairs N] [--threads N] [--gpu-dry-run]``. ``--full`` is every case and part
+(what ``bench/results/cpu.json`` is generated from). On CPU, times are medians of
+``time.perf_counter`` around each pass after a warm-up pass; on a GPU, medians of
+``triton.testing.do_bench`` over rotating inputs (``bench.devices``). Errors are against the
+float64 reference.
 """
 
 import os
@@ -45,21 +52,38 @@ from bench import cases as case_lists  # noqa: E402
 from bench import overhead as overhead_part  # noqa: E402
 from bench import report  # noqa: E402
 from bench.devices import pick_meter  # noqa: E402
-from bench.measure import (QuadraticScaling, Settings, format_seconds,  # noqa: E402
-                           record_interpreted_launches, run_case)
-from bench.providers import PROVIDERS, select_providers  # noqa: E402
-from bench.traffic import format_modelled_step  # noqa: E402
+from bench.measure import (QuadraticScaling, Settings, planned_oracle_seconds,  # noqa: E402
+                           planned_seconds, record_interpreted_launches, run_case)
+from bench.progress import Progress, format_duration  # noqa: E402
+from bench.providers import ORACLE, PACKAGE, PROVIDERS, select_providers  # noqa: E402
+from bench.traffic import (format_modelled_step, modelled_headline,  # noqa: E402
+                           planned_traffic_seconds)
 
 DEFAULT_MAX_REFERENCE_PAIRS = 256 * 1000 * 1000
+# the plan's seconds (bench.progress) for the parts that are not per case, on the 2-core CPU
+INTERPRETED_SECONDS, INTERPRETED_SECONDS_PER_CASE = 20.0, 1.0  # python -m bench.traffic --steps
+OVERHEAD_TARGETS = 8  # part 2 times about this many target_seconds
+SUBPROCESS_SECONDS = 10.0  # starting python -m bench.traffic (twice: itself with the interpreter)
+COMPILE_REPORT_SECONDS = {False: 100.0, True: 20.0}  # by --quick, warm caches (cold: 5x)
+QUICK_SECONDS = 90  # python -m bench --quick finishes within this on the 2-core CPU (a test)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes only (tests, CI)")
+    parser.add_argument("--full", action="store_true",
+                        help="every case, the traffic counts and the compile report (as "
+                        "bench/results/cpu.json was made; about 10-20 minutes on 2 cores)")
+    parser.add_argument("--traffic", action="store_true",
+                        help="also count the memory traffic and launches (part 4)")
+    parser.add_argument("--compile-report", action="store_true",
+                        help="also compile every kernel configuration ahead of time (part 5)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small shapes only (tests, CI; within {QUICK_SECONDS} s)")
     parser.add_argument("--json", metavar="PATH", help="write all results and the machine to PATH")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of time and memory against C")
     parser.add_argument("--cases", nargs="+", default=[], metavar="NAME",
-                        help="run only the cases of these names (default: all)")
+                        help="run only the cases of these names, from the full list (default: "
+                        "the headline case; --full: all)")
     parser.add_argument("--providers", nargs="+", default=[], metavar="NAME",
                         choices=[p.name for p in PROVIDERS], help="run only these providers")
     parser.add_argument("--max-reference-pairs", type=float, default=DEFAULT_MAX_REFERENCE_PAIRS,
@@ -70,11 +94,10 @@ def parse_args(argv=None):
     parser.add_argument("--gpu-dry-run", action="store_true",
                         help="run the GPU code path on CPU with stand-ins for the CUDA calls "
                         "(a test of that path; its figures are CPU figures)")
-    parser.add_argument("--skip-traffic", action="store_true",
-                        help="leave out the traffic counts (part 4)")
-    parser.add_argument("--skip-compile-report", action="store_true",
-                        help="leave out the compile report (part 5)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.traffic |= args.full
+    args.compile_report |= args.full
+    return args
 
 
 def run_module_for_json(module, options):
@@ -103,6 +126,34 @@ def count_interpreted(args, cases, providers):
     return payload
 
 
+def plan(args, cases, providers, settings, meter):
+    """``{step: estimated seconds}`` of the whole run, in the order it runs."""
+    steps = {}
+    for case in cases:
+        steps[case.name, ORACLE] = planned_oracle_seconds(case, settings)
+        for provider in providers:
+            steps[case.name, provider.name] = planned_seconds(provider, case, settings, meter)
+    steps["interpreted"] = INTERPRETED_SECONDS + INTERPRETED_SECONDS_PER_CASE * len(cases)
+    steps["overhead"] = OVERHEAD_TARGETS * settings.target_seconds
+    if args.traffic:
+        steps["traffic"] = 2 * SUBPROCESS_SECONDS + planned_traffic_seconds(args.quick)
+    if args.compile_report:
+        steps["compile report"] = COMPILE_REPORT_SECONDS[args.quick]
+    return steps
+
+
+def headline_lines(meter, headlines, overhead, modelled_step):
+    """The closing lines: every ratio as a sentence, with its goal."""
+    lines = [f"Headline: forward+backward, measured in this run ({meter.label}), gkl_loss being "
+             f"gkl_loss(..., backend=\"torch\") ({PACKAGE}); goals are the project's own bars "
+             f"(set in its issues), met or MISSED in this run:"]
+    lines += [report.format_headline(case, ratios) for case, ratios in headlines]
+    lines.append(overhead_part.headline(overhead))
+    if modelled_step:
+        lines.append(modelled_headline(modelled_step))
+    return lines
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.gpu_dry_run and os.environ.get("TRITON_INTERPRET") != "1":
@@ -123,45 +174,56 @@ def main(argv=None):
     if info["copy_bandwidth"]:
         print(f"device-to-device copy: {info['copy_bandwidth'] / 1e9:.0f} GB/s", flush=True)
     providers = select_providers(args.providers)
-    cases = case_lists.select_cases(case_lists.quick_cases() if args.quick
-                                    else case_lists.full_cases(), args.cases)
+    cases = case_lists.planned_cases(args.quick, args.full, args.cases)
     # smallest first: a quadratic provider's size is predicted from its largest smaller run
     cases.sort(key=lambda case: case.pairs)
+    planned = plan(args, cases, providers, settings, meter)
+    parts = ", ".join(["timings", "overhead", "modelled H100 step",
+                       *(["traffic"] if args.traffic else []),
+                       *(["compile report"] if args.compile_report else [])])
+    print(f"plan: {len(cases)} case{'s' if len(cases) > 1 else ''} x {len(providers)} "
+          f"providers, then {parts}: about {format_duration(sum(planned.values()))} "
+          f"(estimated from the work planned, refined as it goes)", flush=True)
+    progress = Progress(planned, started)
     scaling = QuadraticScaling()
     results, oracles = [], {}
     print(f"\n1. Timings: {meter.label}", flush=True)
     for index, case in enumerate(cases, 1):
-        case_results, oracles[case.name] = run_case(case, providers, scaling, settings, meter)
+        def done(name, result):
+            progress.finish((case.name, name), f"[{index}/{len(cases)}] "
+                            + report.provider_line(case, name, result))
+        case_results, oracles[case.name] = run_case(case, providers, scaling, settings, meter,
+                                                    done)
         report.add_bandwidth(case, case_results, info["copy_bandwidth"])
         results.extend(case_results)
-        print(report.case_line(index, len(cases), case, case_results, oracles[case.name],
-                               time.perf_counter() - started), flush=True)
     interpreted = count_interpreted(args, cases, providers) or {}
+    progress.finish("interpreted", "counted under Triton's interpreter")
     record_interpreted_launches(results, interpreted.get("launches", []))
     print()
     print(report.format_table(cases, results, oracles, meter))
     headlines = [(case, report.headline_ratios(case, results))
                  for case in case_lists.headline_cases(cases, report.HEADLINE_RATIOS)]
-    for case, ratios in headlines:
-        print()
-        print(report.format_ratios(case, ratios))
     print(f"\n2. Overhead at shapes where a step is all overhead: {overhead_part.PACKAGE} "
           f"(gkl_loss's default options and value checks) against {overhead_part.KL_DIV}, "
           f"forward+backward, measured: {meter.label}", flush=True)
     overhead = overhead_part.run_overhead(meter, settings.target_seconds)
     print(overhead_part.format_overhead(overhead), flush=True)
+    progress.finish("overhead", "overhead timed")
     modelled_step = interpreted.get("modelled_h100_step")
     print("\n3. Modelled H100 step at the ImageNet shape (a model, not a measurement)")
     print(format_modelled_step(modelled_step) if modelled_step
           else "not counted: python -m bench.traffic --steps failed")
     quick = ["--quick"] if args.quick else []
     traffic = compile_rows = None
-    if not args.skip_traffic:
-        print("\n4. Memory traffic and launches, counted", flush=True)
+    if args.traffic:
+        print("\n4. Memory traffic and launches, counted (python -m bench.traffic)", flush=True)
         _, traffic = run_module_for_json("bench.traffic", quick)
-    if not args.skip_compile_report:
-        print("\n5. Compile report (ahead of time, sm_80 and sm_90a)", flush=True)
+        progress.finish("traffic", "traffic counted")
+    if args.compile_report:
+        print("\n5. Compile report (ahead of time, sm_80 and sm_90a; python -m "
+              "bench.compile_report)", flush=True)
         _, compile_rows = run_module_for_json("bench.compile_report", quick)
+        progress.finish("compile report", "compile report done")
     wall_seconds = time.perf_counter() - started
     info["load_average_at_end"] = report.load_average()
     print(f"\nload average at the end: {info['load_average_at_end'][0]:.2f} (1 min)")
@@ -172,7 +234,9 @@ def main(argv=None):
     if args.plot:
         report.write_plot(args.plot, cases, results, meter)
         print(f"wrote {args.plot}")
-    print(f"wall time {format_seconds(wall_seconds)}")
+    print(f"wall time {format_duration(wall_seconds)}")
+    print()
+    print("\n".join(headline_lines(meter, headlines, overhead, modelled_step)))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,19 @@ def quick_cases():
     ]
 
 
+DEFAULT_CASES = ("imagenet",)  # python -m bench without --full: the headline shape only
+QUICK_DEFAULT_CASES = ("sweep C=100",)  # and with --quick
+
+
+def planned_cases(quick, full, names):
+    """The cases a run times: those named in ``names`` from the full (or ``quick``) list, else
+    all of them with ``full``, else the default ones."""
+    cases = quick_cases() if quick else full_cases()
+    if not names and not full:
+        names = QUICK_DEFAULT_CASES if quick else DEFAULT_CASES
+    return select_cases(cases, names)
+
+
 def select_cases(cases, names):
     """The cases named in ``names`` (all when ``names`` is empty), in their order."""
     unknown = set(names) - {case.name for case in cases}

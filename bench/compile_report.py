@@ -594,14 +594,34 @@ def check_compiled_triton():
         raise RuntimeError(f"the kernels are interpreted: unset {INTERPRET_VARIABLE} to compile")
 
 
-def compile_report(capabilities=tuple(ARCHS), workers=2, families=tuple(FAMILIES), quick=False):
+def compile_report(capabilities=tuple(ARCHS), workers=2, families=tuple(FAMILIES), quick=False,
+                   progress=lambda done, total: None):
     """Compile every case of ``sweep_cases(families, quick)`` for each architecture in
-    ``capabilities`` on ``workers`` forked processes; returns the rows (dicts), in sweep order."""
+    ``capabilities`` on ``workers`` forked processes; returns the rows (dicts), in sweep order.
+    ``progress(rows done, rows in all)`` before the first compile and after each row."""
     check_compiled_triton()
     cases = sweep_cases(families, quick)
     jobs = [compile_job(case, ARCHS[capability]) for capability in capabilities for case in cases]
+    progress(0, len(jobs))
+    rows = []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(run_job, jobs))
+        for row in pool.map(run_job, jobs):
+            rows.append(row)
+            progress(len(rows), len(jobs))
+    return rows
+
+
+def print_progress(start):
+    """A ``progress`` for ``compile_report``: the count at the start, then about every 5% the
+    configurations done, the time elapsed since ``start`` and an estimate of the time left."""
+    def progress(done, total):
+        elapsed = time.perf_counter() - start
+        if not done:
+            print(f"compiling {total} configurations", flush=True)
+        elif done == total or done % max(1, total // 20) == 0:
+            print(f"  {done}/{total} compiled, {elapsed:.0f} s elapsed, about "
+                  f"{elapsed / done * (total - done):.0f} s left", flush=True)
+    return progress
 
 
 COLUMNS = {"kernel": "kernel", "arch": "arch", "student": "student", "teacher": "teacher",
@@ -676,7 +696,8 @@ def main():
     args = parse_args()
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     start = time.perf_counter()
-    rows = compile_report(tuple(args.arch), args.workers, tuple(args.family), args.quick)
+    rows = compile_report(tuple(args.arch), args.workers, tuple(args.family), args.quick,
+                          print_progress(start))
     elapsed = time.perf_counter() - start
     print(format_table(rows))
     failing = [row for row in rows if problems(row)]

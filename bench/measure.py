@@ -14,10 +14,18 @@ from typing import Optional
 
 import torch
 
-from bench.cases import make_inputs
-from bench.providers import ORACLE, float64_copies, make_passes, oracle_loss
+from bench.cases import PER_ROW, SHARED, make_inputs
+from bench.providers import (KL_DIV, ORACLE, REFERENCE, REFERENCE_COMPILED, float64_copies,
+                             make_passes, oracle_loss)
 
 MEMORY_FRACTION = 0.8  # attempt a quadratic run only if its predicted peak is under this share
+# the plan of a run (bench.progress): seconds of one forward+backward step per B*C^2 (quadratic
+# providers, the float64 oracle) or per B*C, as on the 2-core CPU of bench/results/cpu.json
+SECONDS_PER_PAIR = {REFERENCE: 2.8e-8, REFERENCE_COMPILED: 8.5e-9, ORACLE: 1e-7}
+SECONDS_PER_ELEMENT = {KL_DIV: 4e-9}
+PACKAGE_SECONDS_PER_ELEMENT = 3e-8
+MIN_STEP_SECONDS = 1e-3
+COMPILE_SECONDS = 8.0  # torch.compile of the reference for one case, warm caches
 
 
 @dataclasses.dataclass
@@ -223,13 +231,42 @@ def timed_here(provider, meter):
     return meter.device != "cpu" or not provider.gpu_only or meter.dry_run
 
 
-def run_case(case, providers, scaling, settings, meter):
+def planned_seconds(provider, case, settings, meter):
+    """The plan's seconds for ``provider`` on ``case``: a warm-up, a metered and a counted step
+    and the timed ones (at least ``target_seconds``, at least three steps); nothing where it is
+    not run (over the cap, or not timed on this device)."""
+    if not timed_here(provider, meter) or (provider.quadratic
+                                           and case.pairs > settings.max_reference_pairs):
+        return 0.0
+    if provider.quadratic:
+        step = SECONDS_PER_PAIR[provider.name] * case.pairs
+    else:
+        step = SECONDS_PER_ELEMENT.get(provider.name, PACKAGE_SECONDS_PER_ELEMENT) * case.elements
+    step = max(step, MIN_STEP_SECONDS)
+    compile_seconds = COMPILE_SECONDS if provider.name == REFERENCE_COMPILED else 0.0
+    return compile_seconds + 3 * step + max(3 * step, settings.target_seconds)
+
+
+def planned_oracle_seconds(case, settings):
+    """The plan's seconds for the float64 oracle of ``case`` (pair weights' O(C) identity still
+    builds ``B x C x C`` terms)."""
+    pairwise = case.pairs <= settings.max_oracle_pairs or case.weights in (SHARED, PER_ROW)
+    return SECONDS_PER_PAIR[ORACLE] * (case.pairs if pairwise else case.elements)
+
+
+def run_case(case, providers, scaling, settings, meter, progress=None):
     """All providers on one case: ``(results, oracle)``. Providers timed on a GPU only are not
-    timed on CPU: their results say so (``untimed``)."""
+    timed on CPU: their results say so (``untimed``). ``progress(name, result)`` after the
+    oracle (``name`` ``ORACLE``, the ``Oracle``) and after each provider (its ``Result``)."""
+    report = progress or (lambda name, result: None)
     input_sets = [inputs_on(meter.device, case, seed) for seed in range(meter.input_sets(case))]
     oracle = compute_oracle(case, input_sets[0], scaling, settings, meter)
-    results = [run_provider(p, case, input_sets, oracle, scaling, settings, meter)
-               if timed_here(p, meter) else untimed(p, case, meter) for p in providers]
+    report(ORACLE, oracle)
+    results = []
+    for p in providers:
+        results.append(run_provider(p, case, input_sets, oracle, scaling, settings, meter)
+                       if timed_here(p, meter) else untimed(p, case, meter))
+        report(p.name, results[-1])
     return results, oracle
 
 

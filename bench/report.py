@@ -13,11 +13,13 @@ import triton
 
 from bench.cases import HEADLINE_SHAPE, PLOT_SERIES
 from bench.measure import format_bytes, format_seconds
-from bench.providers import KL_DIV, PACKAGE, PROVIDERS, REFERENCE, REFERENCE_COMPILED
+from bench.providers import (KL_DIV, ORACLE, PACKAGE, PROVIDERS, REFERENCE,
+                             REFERENCE_COMPILED)
 
-# per case group, (label, numerator provider, measured field, target): each ratio divides by the
-# package's value; the targets are the issues' (rank-one weights: issue 2, shared (C, C): issue 3);
-# None: no target, a ratio near 1 is the goal (plain KL distillation, a strictly cheaper loss)
+# per case group, (label, numerator provider, measured field, goal): each ratio divides the other
+# provider's value by the package's (above 1: the package is faster or smaller); the goals are
+# the project's (its issues: rank-one weights, shared (C, C) weights), the factor by which the
+# package beats the reference at least; None: no goal (F.kl_div is plain KD, a cheaper loss)
 KL_DIV_RATIOS = (
     ("F.kl_div time / package time", KL_DIV, "seconds", None),
     ("F.kl_div peak memory / package peak memory", KL_DIV, "peak_bytes", None),
@@ -37,6 +39,65 @@ HEADLINE_RATIOS = {
         *KL_DIV_RATIOS,
     ),
 }
+# label -> (provider, field), for JSON files that carry the label only
+RATIO_MEANINGS = {label: (provider, field) for ratios in HEADLINE_RATIOS.values()
+                  for label, provider, field, _ in ratios}
+PROVIDER_PHRASES = {
+    REFERENCE: "the literal B x C x C reference (eager)",
+    REFERENCE_COMPILED: "the B x C x C reference under torch.compile",
+    KL_DIV: "F.kl_div (plain KD, a cheaper loss)",
+}
+GOALS_NOTE = ("the goals: what a user replacing the authors' B x C x C loss should gain at "
+              "least, set by the project for float32 at B=256, C=1000")
+WEIGHT_WORDS = {"prior": "class-prior", "teacher": "teacher", "explicit": "explicit-factor",
+                "shared": "shared (C, C)", "per_row": "per-row (B, C, C)"}
+
+
+def times(factor):
+    """``1008x``, ``3.1x``."""
+    return f"{factor:.0f}x" if factor >= 10 else f"{factor:.1f}x"
+
+
+def speed(ratio):
+    """``1008x faster`` or ``3.1x slower``, ``ratio`` being the other's time over the
+    package's."""
+    return f"{times(ratio)} faster" if ratio >= 1 else f"{times(1 / ratio)} slower"
+
+
+def comparison(ratio, field):
+    """How the package compares, ``ratio`` being the other's value over the package's (seconds
+    or peak bytes, lower is better): ``is 1008x faster``, ``is 3.1x slower``, ``uses 489x less
+    peak memory``."""
+    if field == "seconds":
+        return f"is {speed(ratio)}"
+    return (f"uses {times(ratio)} less peak memory" if ratio >= 1
+            else f"uses {times(1 / ratio)} more peak memory")
+
+
+def goal_text(ratio, field, target):
+    """``at least 1000x faster: met``; empty without a goal."""
+    if target is None:
+        return ""
+    what = "faster" if field == "seconds" else "less peak memory"
+    verdict = "met" if ratio is not None and ratio >= target else "MISSED"
+    return f"at least {target:g}x {what}: {verdict}"
+
+
+def ratio_sentence(label, ratio, target):
+    """One headline ratio (a ``HEADLINE_RATIOS`` label) as a sentence about gkl_loss."""
+    provider, field = RATIO_MEANINGS[label]
+    name = PROVIDER_PHRASES[provider]
+    if ratio is None:
+        return f"gkl_loss against {name}: n/a (a provider was skipped or not selected)"
+    goal = goal_text(ratio, field, target)
+    return f"gkl_loss {comparison(ratio, field)} than {name}" + (f" (goal: {goal})" if goal else "")
+
+
+def describe_case(name, batch, classes, weights, dtype):
+    """``imagenet (B=256 C=1000, class-prior weights, float32)``."""
+    return f"{name} (B={batch} C={classes}, {WEIGHT_WORDS[weights]} weights, {dtype})"
+
+
 COLUMNS = ("case", "shape", "dtype", "provider", "fwd", "bwd", "fwd+bwd", "peak mem", "|d loss|",
            "|d grad s|", "|d grad t|", "launches f+b", "syncs f+b", "note")
 LAUNCH_LEGEND = (
@@ -126,14 +187,16 @@ def describe_machine(info):
             f"{info['triton']}, python {info['python']}")
 
 
-def case_line(index, total, case, results, oracle, elapsed):
-    """One line per finished case: each provider's median time (or "skipped") and the oracle."""
-    parts = []
-    for r in results:
-        parts.append(f"{r.provider} {'skipped' if r.skipped else format_seconds(r.seconds)}")
-    return (f"[{index}/{total}] {case.name} ({case.shape}): " + ", ".join(parts)
-            + f"; {oracle.kind} {format_seconds(oracle.seconds)}"
-            + f" [{format_seconds(elapsed)} elapsed]")
+def provider_line(case, name, result):
+    """The progress line of one provider (or the oracle) on ``case``: its median step time."""
+    if getattr(result, "skipped", None):
+        timing = f"skipped ({result.skipped})"
+    elif name == ORACLE:
+        return (f"{case.name} ({case.shape}): oracle, {result.kind}, "
+                f"{format_seconds(result.seconds)}")
+    else:
+        timing = f"{format_seconds(result.seconds)} per forward+backward step (median)"
+    return f"{case.name} ({case.shape}): {name} {timing}"
 
 
 def add_bandwidth(case, results, copy_bandwidth):
@@ -228,23 +291,12 @@ def headline_ratios(case, results):
     return ratios
 
 
-def format_ratios(case, ratios):
-    """The ratios, with their targets where they apply (at B=256, C=1000)."""
-    lines = [f"Ratios at {case.name} ({case.shape}, {case.group} weights), {case.dtype}, "
-             f"forward+backward, measured in this run (package = {PACKAGE}):"]
-    width = max(len(label) for label, _, _ in ratios)
-    for label, ratio, target in ratios:
-        if ratio is None:
-            lines.append(f"  {label.ljust(width)}  n/a (a provider was skipped or not selected)")
-        elif target is None:
-            lines.append(f"  {label.ljust(width)}  {ratio:10.2f}x")
-        else:
-            verdict = "met" if ratio >= target else "MISSED"
-            lines.append(f"  {label.ljust(width)}  {ratio:10.1f}x  (target >= {target}x: "
-                         f"{verdict})")
-    if not judged(case):
-        batch, classes = HEADLINE_SHAPE
-        lines.append(f"  (targets apply to float32 at B={batch}, C={classes}, without --quick)")
+def format_headline(case, ratios):
+    """The closing lines for one headline case: each ratio as a sentence."""
+    goals = f"; {GOALS_NOTE}" if any(target for _, _, target in ratios) else ""
+    lines = [describe_case(case.name, case.batch, case.classes, case.weights, case.dtype)
+             + f"{goals}:"]
+    lines += [f"  {ratio_sentence(label, ratio, target)}" for label, ratio, target in ratios]
     return "\n".join(lines)
 
 

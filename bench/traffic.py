@@ -88,8 +88,10 @@ from bench.cases import (CIFAR100_ADV, EXPLICIT, IMAGENET, PER_ROW, PRIOR, SHARE
                          TEACHER, TOKEN_KD, Case, full_cases, make_inputs, quick_cases,
                          select_cases)
 from bench.measure import format_bytes, format_seconds  # noqa: E402
+from bench.progress import Progress  # noqa: E402
 from bench.providers import (KL_DIV, PACKAGE_TRITON, make_passes,  # noqa: E402
                              select_providers)
+from bench.report import speed  # noqa: E402
 from gkl_kernels.validation import triton_interpreter_active  # noqa: E402
 
 H100_BANDWIDTH_BYTES_PER_SECOND = 3.35e12  # H100 SXM, HBM3
@@ -989,15 +991,44 @@ def case_line(row, seconds):
             f"{total['launches']} launches, counted in {seconds:.1f} s")
 
 
+# the plan of a count (bench.progress): Triton's interpreter runs each program in Python, so a
+# rank-one count grows with B x C, a pair-weight count with B x C^2 (2-core CPU, seconds)
+INTERPRETER_SECONDS = 3.0
+INTERPRETER_SECONDS_PER_ELEMENT = 3e-5
+INTERPRETER_SECONDS_PER_PAIR = {SHARED: 7e-6, PER_ROW: 2.5e-5}
+TORCH_COUNT_SECONDS = 0.3
+
+
+def planned_count_seconds(case, backend):
+    """The plan's seconds for counting ``case`` on ``backend``."""
+    if backend != "triton":
+        return TORCH_COUNT_SECONDS
+    if case.weights in INTERPRETER_SECONDS_PER_PAIR:
+        return INTERPRETER_SECONDS + INTERPRETER_SECONDS_PER_PAIR[case.weights] * case.pairs
+    return INTERPRETER_SECONDS + INTERPRETER_SECONDS_PER_ELEMENT * case.elements
+
+
+def planned_traffic_seconds(quick):
+    """The plan's seconds for ``run_traffic(quick)``."""
+    return sum(planned_count_seconds(case, backend) for case in traffic_cases(quick)
+               for backend in BACKENDS)
+
+
 def run_traffic(quick, progress=print):
     """Count every case of ``traffic_cases(quick)`` on both backends: the rows (dicts), with one
-    ``progress`` line per row. Needs Triton's interpreter."""
+    ``progress`` line per row (with the time elapsed and left). Needs Triton's interpreter."""
+    cases = traffic_cases(quick)
+    plan = {(case.name, backend): planned_count_seconds(case, backend)
+            for case in cases for backend in BACKENDS}
+    progress(f"counting {len(cases)} cases x {len(BACKENDS)} losses ({', '.join(BACKENDS)})")
+    tracker = Progress(plan, out=progress)
     rows = []
-    for case in traffic_cases(quick):
+    for index, case in enumerate(cases, 1):
         for backend in BACKENDS:
             start = time.perf_counter()
             rows.append(traffic_row(count_case(case, backend)))
-            progress(case_line(rows[-1], time.perf_counter() - start))
+            tracker.finish((case.name, backend), f"[{index}/{len(cases)}] "
+                           + case_line(rows[-1], time.perf_counter() - start))
     return rows
 
 
@@ -1046,6 +1077,8 @@ STEP_COUNT_ROWS = 8  # the interpreter counts a case's launches at most at this 
 STEP_COUNT_ELEMENTS = 4096  # and at fewer where B x C would be larger than this
 H100_STEP_CASE = Case("imagenet", 256, 1000, PRIOR, IMAGENET)  # the bench's ImageNet case
 H100_STEP_TARGET = 0.3  # gkl_loss[triton]'s modelled step at most this share of F.kl_div's
+MODELLED_GOAL = (f"the project's goal that on an H100 a step of the Triton kernels costs at most "
+                 f"{H100_STEP_TARGET:g}x plain KD's (F.kl_div's), so GKL is the cheaper loss")
 
 
 def step_count_batch(case):
@@ -1128,11 +1161,24 @@ def format_modelled_step(row):
             f"{row['dtype']}, {row['weights']} weights, forward+backward: {package['provider']} "
             f"{format_seconds(package['modelled_seconds'])} vs {kl_div['provider']} "
             f"{format_seconds(kl_div['modelled_seconds'])} = {row['ratio']:.2f}x "
-            f"(target: at most {row['target']:g}x: {verdict})\n"
+            f"(target: at most {row['target']:g}x: {verdict}), i.e. "
+            f"{speed(1 / row['ratio'])} than {kl_div['provider']}\n"
+            f"  target: {MODELLED_GOAL}\n"
             f"  a MODEL, no GPU was timed: bytes / {model['bandwidth_bytes_per_second'] / 1e12:.2f}"
             f" TB/s (H100 SXM HBM3) + launches x {model['launch_latency_seconds'] * 1e6:g} us "
             f"(assumed); bytes and launches of the whole step counted under Triton's interpreter "
             f"and DispatchCounter at that shape: {details}")
+
+
+def modelled_headline(row):
+    """The modelled step as one closing line, labelled as a model."""
+    package, kl_div = row["steps"]
+    verdict = "met" if row["met"] else "MISSED"
+    return (f"MODELLED, not measured: one H100 step at B={row['batch']} C={row['classes']} "
+            f"{row['dtype']}: {package['provider']} would be "
+            f"{speed(1 / row['ratio'])} than {kl_div['provider']} (goal: at least "
+            f"{1 / row['target']:.1f}x faster, so that on a GPU GKL costs less than plain KD: "
+            f"{verdict})")
 
 
 def main_steps(args):

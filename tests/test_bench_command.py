@@ -1,22 +1,27 @@
-"""``python -m bench`` end to end on small cases: the CPU path, the GPU path's dry run, the input
-rotation of the GPU meter, and the README's results section against the committed JSON."""
+"""``python -m bench`` end to end on small cases: the CPU path, the output contract of the default
+command (its duration, progress, the closing headline), the GPU path's dry run, the input rotation
+of the GPU meter, and the README's summary and docs/RESULTS.md against the committed JSON."""
 
 import contextlib
 import io
 import json
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from bench import fused_linear, readme
-from bench.__main__ import main
+from bench.__main__ import QUICK_SECONDS, main
 from bench.cases import IMAGENET, TEACHER, Case, make_inputs, quick_cases
 from bench.devices import CudaCalls, GpuMeter
 from bench.measure import format_seconds
 from bench.overhead import SHAPES, TARGET_RATIO, overhead_case
 from bench.providers import (KL_DIV, PACKAGE, PACKAGE_TRITON, REFERENCE, Passes, make_passes,
                              select_providers)
+from bench.report import times
 from bench.traffic import (H100_STEP_CASE, DispatchCounter, TritonTrafficCounter,
                            modelled_h100_seconds, step_count_batch, value_checks_as_on_a_gpu)
 
@@ -28,6 +33,12 @@ def parse_seconds(text):
     """``412.6 us`` -> 4.126e-4 (``bench.measure.format_seconds``'s units)."""
     value, unit = text.split()
     return float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+
+
+def slower_or_faster(ratio):
+    """``7.1x slower`` (``ratio``: the package's time over the other's above 1), ``3.0x
+    faster``: as the bench prints a ratio."""
+    return f"{times(ratio)} slower" if ratio >= 1 else f"{times(1 / ratio)} faster"
 
 
 def counted_by_hand(provider_name, case):
@@ -60,20 +71,20 @@ def table_cells(printed, case, provider):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """``python -m bench --quick`` on three cases, every provider, with the JSON and the plot:
-    ``(printed, JSON payload, plot path)``."""
+    """``python -m bench --quick`` on three cases, every provider and part, with the JSON and
+    the plot: ``(printed, JSON payload, plot path)``."""
     folder = tmp_path_factory.mktemp("bench")
     json_path, plot_path = folder / "bench.json", folder / "bench.png"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        main(["--quick", "--cases", *QUICK_CASES, "--json", str(json_path),
-              "--plot", str(plot_path)])
+        main(["--quick", "--cases", *QUICK_CASES, "--traffic", "--compile-report",
+              "--json", str(json_path), "--plot", str(plot_path)])
     return out.getvalue(), json.loads(json_path.read_text()), plot_path
 
 
 def test_cpu_command_writes_table_json_plot_traffic_and_compile_report(quick_run):
     printed, payload, plot_path = quick_run
-    assert "Ratios at" in printed and "wall time" in printed
+    assert "\nHeadline: " in printed and "wall time" in printed
     assert f"not timed on cpu: {PACKAGE_TRITON}" in printed
     assert payload["machine"]["torch"] == torch.__version__
     assert payload["machine"]["dry_run"] is False and payload["machine"]["gpu"] is None
@@ -99,10 +110,11 @@ def test_cpu_command_writes_table_json_plot_traffic_and_compile_report(quick_run
     for part in ("1. Timings", "2. Overhead", "3. Modelled H100 step", "4. Memory traffic",
                  "5. Compile report"):
         assert f"\n{part}" in printed
-    # the README's section renders from this JSON: the new parts and the launches column
+    # the results document and the README's summary render from this JSON
     section = readme.render(payload)
     assert "Overhead: `gkl_loss[torch]`" in section and "**Modelled, not measured**" in section
-    assert "| launches per step |" in section
+    assert "| launches per step |" in section and "Ahead-of-time compile" in section
+    assert "[docs/RESULTS.md](docs/RESULTS.md)" in readme.summary(payload, readme.DEFAULT_RESULTS)
 
 
 def test_launches_per_step_of_every_provider_match_a_count_by_hand(quick_run):
@@ -146,32 +158,35 @@ def test_overhead_section_lines_parse_and_match_the_json(quick_run):
     pattern = re.compile(
         rf"  (class prior \(labels\)|teacher weights), B=(\d+) C=(\d+): "
         rf"{re.escape(PACKAGE)} fwd\+bwd {SECONDS} vs {re.escape(KL_DIV)} {SECONDS}: "
-        rf"([0-9.]+)x {re.escape(KL_DIV)}'s time \(target: at most 2x: (met|MISSED)\)\n"
-        rf"    fastest steps {SECONDS} vs {SECONDS}: ([0-9.]+)x; "
+        rf"([0-9.]+)x (slower|faster) than {re.escape(KL_DIV)} "
+        rf"\(goal: at most 2x slower: (met|MISSED)\)\n"
+        rf"    fastest steps {SECONDS} vs {SECONDS}: ([0-9.]+)x (slower|faster) than "
+        rf"{re.escape(KL_DIV)}; "
         rf"launches per step (\d+) \(fwd (\d+) \+ bwd (\d+)\) vs (\d+), "
         rf"host syncs (\d+) vs (\d+)$", re.MULTILINE)
     lines = pattern.findall(printed)
     assert len(lines) == len(overhead["rows"]) == 4
     for line, row in zip(lines, overhead["rows"]):
-        label, batch, classes, package_time, kl_div_time, ratio, verdict = line[:7]
+        label, batch, classes, package_time, kl_div_time, factor, direction, verdict = line[:8]
         package, kl_div = row["package"], row["kl_div"]
         assert (label, int(batch), int(classes)) == (row["weights_label"], row["batch"],
                                                      row["classes"])
         assert (package_time, kl_div_time) == (format_seconds(package["seconds"]),
                                                format_seconds(kl_div["seconds"]))
         assert row["ratio"] == pytest.approx(package["seconds"] / kl_div["seconds"])
-        assert float(ratio) == pytest.approx(parse_seconds(package_time)
-                                             / parse_seconds(kl_div_time), rel=0.01, abs=0.01)
-        assert float(ratio) == pytest.approx(row["ratio"], abs=0.005)
+        assert f"{factor}x {direction}" == slower_or_faster(row["ratio"])
+        printed_ratio = parse_seconds(package_time) / parse_seconds(kl_div_time)
+        assert slower_or_faster(printed_ratio) == slower_or_faster(row["ratio"]) or \
+            printed_ratio == pytest.approx(row["ratio"], rel=0.01)  # rounded times
         assert verdict == ("met" if row["ratio"] <= TARGET_RATIO else "MISSED")
         assert row["met"] == (row["ratio"] <= TARGET_RATIO == row["target"])
-        fastest_package, fastest_kl_div, ratio_min = line[7:10]
+        fastest_package, fastest_kl_div, factor_min, direction_min = line[8:12]
         assert (fastest_package, fastest_kl_div) == (format_seconds(package["seconds_min"]),
                                                      format_seconds(kl_div["seconds_min"]))
         assert package["seconds_min"] <= package["seconds"]
-        assert float(ratio_min) == pytest.approx(
-            package["seconds_min"] / kl_div["seconds_min"], abs=0.005)
-        assert [int(n) for n in line[10:]] == [
+        assert row["ratio_min"] == pytest.approx(package["seconds_min"] / kl_div["seconds_min"])
+        assert f"{factor_min}x {direction_min}" == slower_or_faster(row["ratio_min"])
+        assert [int(n) for n in line[12:]] == [
             package["launches"], package["forward_launches"], package["backward_launches"],
             kl_div["launches"], package["host_syncs"], kl_div["host_syncs"]]
         assert package["forward_seconds"] > 0 and package["backward_seconds"] > 0
@@ -198,8 +213,10 @@ def test_modelled_h100_step_line_parses_and_matches_the_json(quick_run):
     match = re.search(
         rf"modelled \(not measured\) H100 step at B=256 C=1000 float32, prior weights, "
         rf"forward\+backward: {re.escape(PACKAGE_TRITON)} {SECONDS} vs {re.escape(KL_DIV)} "
-        rf"{SECONDS} = ([0-9.]+)x \(target: at most 0.3x: (met|MISSED)\)\n  a MODEL, no GPU was "
-        rf"timed", printed)
+        rf"{SECONDS} = ([0-9.]+)x \(target: at most 0.3x: (met|MISSED)\), i\.e\. "
+        rf"([0-9.]+x (?:faster|slower)) than {re.escape(KL_DIV)}\n"
+        rf"  target: the project's goal that on an H100 [^\n]*\n  a MODEL, no GPU was timed",
+        printed)
     assert match, printed
     package, kl_div = step["steps"]
     assert (package["provider"], kl_div["provider"]) == (PACKAGE_TRITON, KL_DIV)
@@ -211,6 +228,9 @@ def test_modelled_h100_step_line_parses_and_matches_the_json(quick_run):
     assert float(match.group(3)) == pytest.approx(step["ratio"], abs=0.005)
     assert step["ratio"] == pytest.approx(package["modelled_seconds"] / kl_div["modelled_seconds"])
     assert match.group(4) == ("met" if step["ratio"] <= 0.3 else "MISSED")
+    assert match.group(5) == slower_or_faster(step["ratio"])
+    assert (f"MODELLED, not measured: one H100 step at B=256 C=1000 float32: {PACKAGE_TRITON} "
+            f"would be {match.group(5)} than {KL_DIV} (goal: at least 3.3x faster") in printed
     # the launches of the whole step at the ImageNet shape, as counted here (F.kl_div: cheap)
     forward, backward, _ = counted_by_hand(KL_DIV, H100_STEP_CASE)
     assert (kl_div["forward_launches"], kl_div["backward_launches"]) == (forward, backward)
@@ -221,7 +241,7 @@ def test_modelled_h100_step_line_parses_and_matches_the_json(quick_run):
 def test_gpu_path_dry_run_times_every_pass_and_refuses_the_readme(tmp_path, capsys):
     json_path = tmp_path / "dry.json"
     main(["--quick", "--gpu-dry-run", "--cases", "adv explicit", "--providers", PACKAGE,
-          PACKAGE_TRITON, "--skip-traffic", "--skip-compile-report", "--json", str(json_path)])
+          PACKAGE_TRITON, "--json", str(json_path)])
     assert "DRY RUN" in capsys.readouterr().out
     payload = json.loads(json_path.read_text())
     assert payload["machine"]["dry_run"] is True and payload["machine"]["gpu"] is None
@@ -288,8 +308,69 @@ def test_gpu_meter_rotates_input_sets_in_every_pass():
     assert forwards[13:] == [2, 3, 4, 5, 0, 1, 2] and backwards[7:] == [2, 3, 4, 5, 0, 1, 2]
 
 
-def test_readme_results_section_is_generated_from_the_committed_json():
+def test_readme_summary_and_results_document_are_generated_from_the_committed_json():
     assert readme.main(["--check"]) == 0
+    payload = json.loads(readme.DEFAULT_JSON.read_text())
+    text = readme.DEFAULT_README.read_text()
+    section = text.split(readme.BEGIN)[1].split(readme.END)[0].strip()
+    assert len([line for line in section.splitlines() if line]) <= 11
+    assert "[docs/RESULTS.md](docs/RESULTS.md)" in section and "|" not in section
+    assert "gkl_loss is 1008x faster than the literal B x C x C reference (eager)" in section
+    assert "gkl_loss is 7.3x slower than F.kl_div" in section  # 0.14x: F.kl_div's time / ours
+    document = readme.DEFAULT_RESULTS.read_text()
+    assert document.startswith("# Measured results\n") and readme.BEGIN in document
+    assert "python -m bench --full --json bench/results/cpu.json" in document
+    assert readme.render(payload, readme.DEFAULT_JSON, "../bench/results/cpu.png") in document
+    assert "](../bench/results/cpu.png)" in document
+
+
+HEADLINE_SENTENCE = re.compile(
+    r"  gkl_loss (?:is \d+(?:\.\d)?x (?:faster|slower)|uses \d+(?:\.\d)?x (?:less|more) peak "
+    r"memory) than (?:the literal B x C x C reference \(eager\)|the B x C x C reference under "
+    r"torch\.compile|F\.kl_div \(plain KD, a cheaper loss\))(?: \(goal: at least \d+x "
+    r"(?:faster|less peak memory): (?:met|MISSED)\))?$")
+
+
+def test_default_quick_command_answers_in_time_with_progress_and_ends_with_the_headline(
+        tmp_path):
+    """``python -m bench --quick`` (the default parts on small shapes) as a user runs it:
+    within ``QUICK_SECONDS``, one progress line per step with the time elapsed and left, and the
+    headline last, every ratio as an unambiguous sentence that matches the JSON."""
+    json_path = tmp_path / "quick.json"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(json_path)],
+                          capture_output=True, text=True, timeout=10 * QUICK_SECONDS)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr
+    assert seconds < QUICK_SECONDS, f"python -m bench --quick took {seconds:.0f} s"
+    lines = done.stdout.splitlines()
+    duration = r"(?:\d+ s|\d+ min \d\d s)"
+    assert any(re.fullmatch(rf"plan: 1 case x 5 providers, then timings, overhead, modelled H100 "
+                            rf"step: about {duration} \(estimated from the work planned, refined "
+                            rf"as it goes\)", line) for line in lines[:3]), lines[:3]
+    progress = [line for line in lines
+                if re.search(rf"\[{duration} elapsed(, about {duration} left)?\]$", line)]
+    assert len(progress) == 1 + 5 + 2  # the oracle, the providers, the interpreter, the overhead
+    assert all("left]" in line for line in progress[:-1])
+    assert "4. Memory traffic" not in done.stdout and "5. Compile report" not in done.stdout
+    payload = json.loads(json_path.read_text())
+    assert payload["traffic"] is None and payload["compile_report"] is None
+    (headline,) = payload["headlines"]
+    closing = lines[lines.index(next(line for line in lines if line.startswith("Headline: "))):]
+    assert len(closing) == 2 + len(headline["ratios"]) + 2, closing
+    assert closing[1] == "sweep C=100 (B=32 C=100, teacher weights, float32):"
+    for line, ratio in zip(closing[2:], headline["ratios"]):
+        assert HEADLINE_SENTENCE.match(line), line
+        assert line.strip() == readme.ratio_sentence(ratio["ratio"], ratio["value"],
+                                                     ratio["target"])
+        factor = float(re.search(r"([0-9.]+)x", line).group(1))
+        value = ratio["value"] if ratio["value"] >= 1 else 1 / ratio["value"]
+        assert f"{factor:g}x" == f"{float(times(value)[:-1]):g}x"
+        assert (" faster " in line or " less " in line) == (ratio["value"] >= 1)
+    assert re.match(r"where a step is all overhead \(B=32 C=10, B=64 C=100\): gkl_loss is .* "
+                    r"F\.kl_div \(goal: at most 2x slower", closing[-2])
+    assert closing[-1].startswith("MODELLED, not measured: one H100 step at B=256 C=1000")
+    assert not re.search(r"\b0\.\d+x|/ package", "\n".join(closing))  # no ratio below 1
 
 
 def test_fused_linear_command_on_a_small_size(tmp_path, capsys):
