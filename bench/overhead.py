@@ -6,9 +6,9 @@ checks, on class-prior weights (labels and a ``(C, C)`` prior) and on teacher we
 forward+backward against ``F.kl_div`` (``log_softmax`` of both logits, ``log_target=True``,
 ``reduction="batchmean"``: plain distillation, as part 1 times it), with the meter of part 1; the
 project's goal is at most ``TARGET_RATIO`` times ``F.kl_div``'s time. The launches and host syncs
-of each step are counted as in part 1 (``bench.traffic.count_step``). Also the Python time of one call:
-the median wall time of a forward call under ``torch.no_grad()`` at the smallest shape (on a GPU
-the host's time: nothing waits for the device).
+of each step are counted as in part 1 (``bench.traffic.count_step``). Also the Python time of one
+call: the median wall time of a forward call under ``torch.no_grad()`` at the smallest shape (on a
+GPU the host's time: nothing waits for the device).
 """
 
 import statistics
