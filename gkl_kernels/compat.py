@@ -18,7 +18,7 @@ gradient when the teacher requires one (the student's gradient and the value are
 docs/DROP_IN.md.
 """
 
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from gkl_kernels import validation as check
 from gkl_kernels.functional import gkl_loss
 
 ConsistencyName = Literal["ce", "mse", "kl", "ikl"]
-CONSISTENCY_NAMES = ("ce", "mse", "kl", "ikl")
+CONSISTENCY_NAMES = get_args(ConsistencyName)
 KL_TEMPERATURE = 0.5  # the fixed temperature of the authors' name='kl' consistency loss
 
 
@@ -168,8 +168,7 @@ def consistency_loss(logits: Tensor, targets: Tensor, name: ConsistencyName = "c
     Returns:
         The mean loss, 0-dim.
     """
-    if name not in CONSISTENCY_NAMES:
-        raise ValueError(f"name must be one of {CONSISTENCY_NAMES}, got {name!r}")
+    check.check_choice("name", name, CONSISTENCY_NAMES)
     if name == "ikl":
         loss = _ikl_rows(logits, targets, temperature, alpha, beta, CLASS_PRIOR, GI, T2)
     elif name == "mse":

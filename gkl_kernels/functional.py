@@ -5,7 +5,7 @@ weights ``v_j v_k`` run in O(C) per row (``rank1``); shared ``(C, C)`` and per-r
 weights in tiled kernels (``pairs``). No ``B x C x C`` tensor is ever built.
 """
 
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, distributed
@@ -19,12 +19,8 @@ from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE, 
 from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
                                   rank1_loss_backward, rank1_row_stats)
 from gkl_kernels.rank1.torch_impl import compute_dtype, row_losses_torch
+from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction, WeightsKind
 
-WeightsKind = Literal["factor", "shared", "per_row"]
-Normalize = Literal["weights", "batch"]
-Reduction = Literal["mean", "sum", "none"]
-Backend = Literal["auto", "triton", "torch"]
-DotPrecision = Literal["ieee", "tf32x3", "tf32"]
 
 
 def gkl_loss(student: Tensor, teacher: Tensor, *, labels: Optional[Tensor] = None,

@@ -4,9 +4,9 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from gkl_kernels.functional import (Backend, DotPrecision, Normalize, Reduction, WeightsKind,
-                                    gkl_loss_with_options)
+from gkl_kernels.functional import gkl_loss_with_options
 from gkl_kernels.options import GKLOptions
+from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction, WeightsKind
 
 
 class GKLLoss(nn.Module):

@@ -14,17 +14,24 @@ no values: their value checks are skipped.
 import math
 import numbers
 import os
+from typing import Literal, get_args
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the Triton kernels' inputs
 LOGIT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64: the PyTorch path, in float64
 INDEX_DTYPES = (torch.int64, torch.int32)
-BACKENDS = ("auto", "triton", "torch")
-NORMALIZERS = ("weights", "batch")
-REDUCTIONS = ("mean", "sum", "none")
-WEIGHT_KINDS = ("factor", "shared", "per_row")  # (B, C) rank-one factor, (C, C), (B, C, C)
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")  # tl.dot operands for shared (C, C) weights
+# The string options: their types for the public signatures, their values for the checks
+Backend = Literal["auto", "triton", "torch"]
+Normalize = Literal["weights", "batch"]
+Reduction = Literal["mean", "sum", "none"]
+WeightsKind = Literal["factor", "shared", "per_row"]  # (B, C) rank-one factor, (C, C), (B, C, C)
+DotPrecision = Literal["ieee", "tf32x3", "tf32"]  # tl.dot operands for shared (C, C) weights
+BACKENDS = get_args(Backend)
+NORMALIZERS = get_args(Normalize)
+REDUCTIONS = get_args(Reduction)
+WEIGHT_KINDS = get_args(WeightsKind)
+DOT_PRECISIONS = get_args(DotPrecision)  # RowConfig.dot_precision is an index into it
 MIN_DOT_BLOCK = 16  # tl.dot needs tiles of at least 16 when compiled
 FLOAT32_MAX = torch.finfo(torch.float32).max
 MIN_TEMPERATURE = 1.0 / FLOAT32_MAX  # below it 1 / T overflows float32 (about 2.9e-39)

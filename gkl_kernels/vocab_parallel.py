@@ -15,11 +15,12 @@ import torch
 from torch import Tensor, distributed
 
 from gkl_kernels import validation as check
-from gkl_kernels.functional import Backend, Normalize, row_config
+from gkl_kernels.functional import row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.rank1.op import rank1_finish, rank1_loss_backward, rank1_row_stats
 from gkl_kernels.rank1.torch_impl import compute_dtype, merge_row_stats
+from gkl_kernels.validation import Backend, Normalize
 
 UNBOUNDED_LABELS = 2**62  # the kernel's label bound here: labels index V, not the shard's V_p
 

@@ -229,6 +229,6 @@ def per_row_rows_backward(grad, student, teacher, weights, need_ds, need_dt, blo
         student, teacher, weights, *loss_arguments(loss, student, grad), acc,
         ds if need_ds else student, dt if need_dt else teacher,
         *_launch_args(student, teacher, weights), grad.stride(0) if grad.dim() else 0,
-        *loss_scalars(loss), NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_J=block_j, BLOCK_K=block_k, **loss_flags(loss),
-        num_warps=per_row_num_warps(block_j, block_k))
+        *loss_scalars(loss), NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_J=block_j,
+        BLOCK_K=block_k, **loss_flags(loss), num_warps=per_row_num_warps(block_j, block_k))
     return ds, dt

@@ -178,8 +178,8 @@ rank1_loss.register_autograd(_backward, setup_context=_setup_context)
 
 class TorchRankOneLoss(torch.autograd.Function):
     """The loss on the plain-PyTorch path in eager mode, ``rank1_loss``'s first output: the
-    forward keeps ``d loss / d s`` and ``d loss / d t`` (float32, or float64) for the inputs that need them,
-    the backward scales them by the incoming gradient."""
+    forward keeps ``d loss / d s`` and ``d loss / d t`` (in the statistics' dtype) for the inputs
+    that need them, the backward scales them by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, student, teacher, factor, labels, config):

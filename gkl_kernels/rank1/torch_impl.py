@@ -164,8 +164,8 @@ def finish_rows_torch(stats, config):
 
 
 def row_losses_torch(stats, config):
-    """Per-row losses (B,) float32, ``mse_weight wmse_b / 4 + ce_weight CE_b`` (0 on rows not
-    kept), from the rows' statistics of either backend."""
+    """Per-row losses (B,) in the statistics' dtype, ``mse_weight wmse_b / 4 + ce_weight CE_b``
+    (0 on rows not kept), from the rows' statistics of either backend."""
     exponent, wmse, ce = finish_rows_torch(stats, config)
     losses = torch.zeros_like(ce)
     if config.with_wmse:
