@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from gkl_kernels import FusedLinearGKLLoss, GKLLoss, fused_linear_gkl, gkl_loss
+from gkl_kernels import FusedLinearGKLLoss, GKLLoss, functional, fused_linear_gkl, gkl_loss
 from gkl_kernels.options import GKLOptions
 from reference.gkl import pair_weights_reference, pairwise_wmse_reference, rank1_factor_reference
 from tests.conftest import BACKENDS, assert_close_rel, make_inputs
@@ -107,6 +107,23 @@ def test_reduction_refused_where_it_has_no_meaning(generator):
     hidden, weight = torch.randn(4, 8), torch.randn(CLASSES, 8)
     with pytest.raises(ValueError, match="reduction"):
         fused_linear_gkl(hidden, weight, hidden, weight, reduction="none")
+
+
+@pytest.mark.parametrize("bad", ["label", "weight"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_per_row_losses_check_values_where_the_kernels_do_not(reduction, bad, generator,
+                                                             monkeypatch):
+    """As on a GPU, where the finishing kernel's assertion checks labels and weights: the per-row
+    losses run no finishing kernel, so their values are checked before (device-side on CUDA)."""
+    monkeypatch.setattr(functional, "kernels_check_values", lambda use_triton, device: use_triton)
+    student, teacher, labels, kwargs = source_inputs("prior", generator)
+    if bad == "label":
+        labels[0] = CLASSES
+    else:
+        kwargs["class_prior"][labels[0], 3] = -1.0
+    with pytest.raises(ValueError, match="labels" if bad == "label" else "class_prior"):
+        gkl_loss(student, teacher, labels=labels, reduction=reduction, backend="triton",
+                 **kwargs)
 
 
 SHAPES = [(3, 4), (2, 3, 2), (5,)]  # leading shapes of the logits
