@@ -59,6 +59,7 @@ from triton.compiler import ASTSource
 from triton.runtime.cache import get_cache_manager
 
 from gkl_kernels.pairs import per_row_kernels, shared_kernels
+from gkl_kernels.pairs.loss_terms import PairLossTerms
 from gkl_kernels.rank1 import config as rank1_config
 from gkl_kernels.rank1 import kernels as rank1_kernels
 from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, RowConfig
@@ -310,26 +311,39 @@ def dtype_and_gradient_cases(case, num_classes):
                     for need_ds in (True, False)]
 
 
+def pair_loss(case):
+    """The loss's terms for a pair-weight case's launch (``gkl_loss``'s variants: the
+    cross-entropy fused in, every part plane written; ``pairwise_wmse``'s wMSE-only variants
+    keep a subset of their values)."""
+    config = RowConfig(source=rank1_config.SOURCE_PAIRS, per_row=case.family == "per_row")
+    return config, PairLossTerms(meta_tensor(case.batch, NUM_STATS), meta_tensor(NUM_TOTALS),
+                                 None, config)
+
+
 def launch_shared(case):
     """Call the shared-weights launcher of the case's pass on ``meta`` tensors."""
     student, teacher = meta_logits(case)
     weights = meta_tensor(case.num_classes, case.num_classes, dtype=case.weights)
+    config, loss = pair_loss(case)
     if case.kernel == "forward":
-        shared_kernels.shared_rows_forward(student, teacher, weights, case.dot_precision)
+        shared_kernels.shared_rows_forward(student, teacher, weights, case.dot_precision,
+                                           config=config)
     else:
-        shared_kernels.shared_rows_backward(meta_tensor(case.batch), student, teacher, weights,
-                                            case.need_ds, case.need_dt, case.dot_precision)
+        shared_kernels.shared_rows_backward(meta_tensor(), student, teacher, weights,
+                                            case.need_ds, case.need_dt, case.dot_precision,
+                                            loss=loss)
 
 
 def launch_per_row(case):
     """Call the per-row-weights launcher of the case's pass on ``meta`` tensors."""
     student, teacher = meta_logits(case)
     weights = meta_tensor(case.batch, case.num_classes, case.num_classes, dtype=case.weights)
+    config, loss = pair_loss(case)
     if case.kernel == "forward":
-        per_row_kernels.per_row_rows_forward(student, teacher, weights)
+        per_row_kernels.per_row_rows_forward(student, teacher, weights, config=config)
     else:
-        per_row_kernels.per_row_rows_backward(meta_tensor(case.batch), student, teacher, weights,
-                                              case.need_ds, case.need_dt)
+        per_row_kernels.per_row_rows_backward(meta_tensor(), student, teacher, weights,
+                                              case.need_ds, case.need_dt, loss=loss)
 
 
 # ---- the families, and recording a launch ------------------------------------------------

@@ -21,8 +21,10 @@ from gkl_kernels.pairs.shared_kernels import pick_shared_blocks
 from gkl_kernels.rank1.kernels import MAX_BLOCK_C
 from gkl_kernels.validation import DOT_PRECISIONS
 
-# The report compiles with the newest triton only: with triton 3.2 the shared (C, C) kernels'
-# compile aborts a worker, and two configurations spill 8 bytes (open, see the issue notes).
+# Asserted with the newest triton only: with triton 3.2 every configuration compiles, but four
+# spill 4 to 8 bytes (fp16 rank-one backward at C=2049 and per-row backward at C=1024 on sm_80,
+# shared backward tf32x3 16x32x32 on sm_80 and ieee 16x16x16 on sm_90a), where the newest triton
+# spills nothing.
 pytestmark = pytest.mark.newest_triton
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from gkl_kernels.rank1.config import RowConfig
+from gkl_kernels.rank1.config import NUM_PART_PLANES, PART_WSUM, RowConfig
 
 
 @dataclass(frozen=True)
@@ -53,3 +53,9 @@ def part_scalars(config, num_classes):
     """The forward kernels' ``(ignore_index, num_labels, 1 / T)`` (``config`` None: defaults)."""
     config = config or RowConfig()
     return config.ignore_index, config.num_labels or num_classes, 1.0 / config.temperature
+
+
+def part_planes(config):
+    """The planes of the forward kernels' parts: all of them for the loss (``config`` given), the
+    wMSE and weight sums alone for ``pair_rows`` (the kernels' ``LOSS`` flag)."""
+    return NUM_PART_PLANES if config is not None else PART_WSUM + 1

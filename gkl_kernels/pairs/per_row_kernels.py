@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars, part_scalars
-from gkl_kernels.rank1.config import NUM_PART_PLANES
+from gkl_kernels.pairs.loss_terms import (loss_arguments, loss_flags, loss_scalars,
+                                          part_planes, part_scalars)
 from gkl_kernels.rank1.kernels import (FINITE_MAX, NEG_INF, load_row_stats,
                                        pair_loss_coefficients, row_flags, softmax_difference,
                                        store_pair_parts, tile_cross_entropy, two_sum)
@@ -52,15 +52,16 @@ def per_row_num_warps(block_j, block_k):
 
 @triton.jit
 def _row_difference_pairs(s_row, t_row, c0, C, s_stride_c, t_stride_c, BLOCK: tl.constexpr):
-    """Columns ``c0 .. c0 + BLOCK`` (int64), the present ones (inside the row, neither logit
-    ``-inf``) and ``t - s = hi + lo`` there in float32, 0 elsewhere."""
+    """Columns ``c0 .. c0 + BLOCK`` (int64), the logits there in float32 (``-inf`` outside the
+    row), the present ones (neither logit ``-inf``) and ``t - s = hi + lo`` there in float32, 0
+    elsewhere."""
     cols = (c0 + tl.arange(0, BLOCK)).to(tl.int64)
     mask = cols < C
-    s = tl.load(s_row + cols * s_stride_c, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_row + cols * t_stride_c, mask=mask, other=0.0).to(tl.float32)
-    present = mask & (s != NEG_INF) & (t != NEG_INF)
+    s = tl.load(s_row + cols * s_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
+    t = tl.load(t_row + cols * t_stride_c, mask=mask, other=NEG_INF).to(tl.float32)
+    present = (s != NEG_INF) & (t != NEG_INF)
     hi, lo = two_sum(t, -s)
-    return cols, present, tl.where(present, hi, 0.0), tl.where(present, lo, 0.0)
+    return cols, s, t, present, tl.where(present, hi, 0.0), tl.where(present, lo, 0.0)
 
 
 @triton.jit
@@ -68,8 +69,8 @@ def _weight_tile(s_row, t_row, w_row, j_cols, in_j, hi_j, lo_j, k0, C, s_stride_
                  w_stride_j, w_stride_k, BLOCK_K: tl.constexpr):
     """Columns ``k0 .. k0 + BLOCK_K`` (int64) and the present ones, the weight tile ``w[j, k]`` in
     float32 (0 outside the present pairs) and the differences ``d_j - d_k`` on it."""
-    k_cols, in_k, hi_k, lo_k = _row_difference_pairs(s_row, t_row, k0, C, s_stride_c, t_stride_c,
-                                                     BLOCK_K)
+    k_cols, _, _, in_k, hi_k, lo_k = _row_difference_pairs(s_row, t_row, k0, C, s_stride_c,
+                                                           t_stride_c, BLOCK_K)
     both = in_j[:, None] & in_k[None, :]
     w = tl.load(w_row + j_cols[:, None] * w_stride_j + k_cols[None, :] * w_stride_k,
                 mask=both, other=0.0).to(tl.float32)
@@ -89,23 +90,24 @@ def _read_columns(labels_ptr, row, C, ignore_index, HAS_LABELS: tl.constexpr):
 def wmse_per_row_fwd_kernel(
     s_ptr, t_ptr, w_ptr, labels_ptr, parts_ptr,
     B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, w_stride_b, w_stride_j, w_stride_k,
-    ignore_index, num_labels, inv_t, HAS_LABELS: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    ignore_index, num_labels, inv_t, LOSS: tl.constexpr, HAS_LABELS: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid ``(B, P = cdiv(C, BLOCK_J))``: program ``(b, i)`` writes part ``i`` of row ``b``
-    (``config.PART_*``, float32 ``(NUM_PART_PLANES, P, B)``): ``sum w (d_j - d_k)^2`` and ``sum
-    w`` over the weight rows ``j`` of tile ``i`` (their sums over ``P`` are ``wmse_b`` and ``sum_{j,k}
-    w[b,j,k]``), a flag for an invalid weight read (those of the present pairs: negative, inf,
-    NaN), the cross-entropy statistics of the columns ``j``, the row's kept and label-error
-    flags; 0 for a row labelled ``ignore_index``, which is not read."""
+    (``config.PART_*``, float32 ``(planes, P, B)``): ``sum w (d_j - d_k)^2`` and ``sum w`` over
+    the weight rows ``j`` of tile ``i`` (their sums over ``P`` are ``wmse_b`` and ``sum_{j,k}
+    w[b,j,k]``) and, ``LOSS``, a flag for an invalid weight read (those of the present pairs:
+    negative, inf, NaN), the cross-entropy statistics of the columns ``j``, the row's kept and
+    label-error flags; 0 for a row labelled ``ignore_index``, which is not read."""
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
     w_row = w_ptr + row * w_stride_b
     read = _read_columns(labels_ptr, row, C, ignore_index, HAS_LABELS)
-    j_cols, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, tile * BLOCK_J, read,
-                                                     s_stride_c, t_stride_c, BLOCK_J)
+    j_cols, s, t, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, tile * BLOCK_J, read,
+                                                           s_stride_c, t_stride_c, BLOCK_J)
+    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 0)  # before the loop: s, t die here
     wmse_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
     wsum_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
     invalid = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
@@ -116,13 +118,10 @@ def wmse_per_row_fwd_kernel(
         wsum_acc += w
         invalid = tl.maximum(invalid, tl.where((w >= 0.0) & (w <= FINITE_MAX), 0.0, 1.0))
     kept, bad = row_flags(labels_ptr, row, row >= 0, ignore_index, num_labels, HAS_LABELS)
-    s = tl.load(s_row + j_cols * s_stride_c, mask=j_cols < read, other=NEG_INF).to(tl.float32)
-    t = tl.load(t_row + j_cols * t_stride_c, mask=j_cols < read, other=NEG_INF).to(tl.float32)
-    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 0)
     store_pair_parts(parts_ptr, tile.to(tl.int64) * B + row, tl.num_programs(1).to(tl.int64) * B,
                      row >= 0, tl.sum(tl.sum(wmse_acc, axis=1), axis=0),
                      tl.sum(tl.sum(wsum_acc, axis=1), axis=0),
-                     tl.max(tl.max(invalid, axis=1), axis=0), ms, zs, mt, zt, a, kept, bad)
+                     tl.max(tl.max(invalid, axis=1), axis=0), ms, zs, mt, zt, a, kept, bad, LOSS)
 
 
 @triton.jit
@@ -149,8 +148,8 @@ def wmse_per_row_bwd_kernel(
         tl.store(acc_row + cols, tl.zeros([BLOCK_K], dtype=tl.float32), mask=cols < C)
     tl.debug_barrier()
     for j0 in range(0, read, BLOCK_J):
-        j_cols, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, j0, read, s_stride_c,
-                                                         t_stride_c, BLOCK_J)
+        j_cols, _, _, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, j0, read,
+                                                               s_stride_c, t_stride_c, BLOCK_J)
         row_part = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, read, BLOCK_K):
             k_cols, in_k, w, diff = _weight_tile(
@@ -202,17 +201,17 @@ def _launch_args(student, teacher, weights):
 
 
 def per_row_rows_forward(student, teacher, weights, block_c=None, labels=None, config=None):
-    """``parts`` float32 ``(NUM_PART_PLANES, P, B)`` (``config.PART_*``) for per-row
-    ``(B, C, C)`` pair weights; ``labels``, ``config`` as in ``shared_rows_forward``."""
+    """``parts`` float32 ``(planes, P, B)`` (``config.PART_*``) for per-row ``(B, C, C)`` pair
+    weights; ``labels``, ``config`` as in ``shared_rows_forward``."""
     batch, num_classes = student.shape
     block_j, block_k = pick_per_row_blocks(num_classes, block_c)
     grid = (batch, triton.cdiv(num_classes, block_j))
-    parts = torch.empty(NUM_PART_PLANES, grid[1], batch, dtype=torch.float32,
+    parts = torch.empty(part_planes(config), grid[1], batch, dtype=torch.float32,
                         device=student.device)
     wmse_per_row_fwd_kernel[grid](
         student, teacher, weights, student if labels is None else labels, parts, batch,
         *_launch_args(student, teacher, weights), *part_scalars(config, num_classes),
-        HAS_LABELS=labels is not None,
+        LOSS=config is not None, HAS_LABELS=labels is not None,
         BLOCK_J=block_j, BLOCK_K=block_k, num_warps=per_row_num_warps(block_j, block_k))
     return parts
 

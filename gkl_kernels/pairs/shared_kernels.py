@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.pairs.loss_terms import loss_arguments, loss_flags, loss_scalars, part_scalars
-from gkl_kernels.rank1.config import NUM_PART_PLANES
+from gkl_kernels.pairs.loss_terms import (loss_arguments, loss_flags, loss_scalars,
+                                          part_planes, part_scalars)
 from gkl_kernels.rank1.kernels import (FINITE_MAX, NEG_INF, load_row_stats,
                                        pair_loss_coefficients, row_flags, softmax_difference,
                                        store_pair_parts, tile_cross_entropy, two_sum)
@@ -73,47 +73,64 @@ def shared_launch_options(block_b, block_c):
 @triton.jit
 def present_difference_pairs(s_ptr, t_ptr, rows, row_mask, cols, C, s_stride_b, s_stride_c,
                              t_stride_b, t_stride_c):
-    """``(in, hi, lo)`` on ``rows x cols`` (int64 indices): the present classes (inside the
-    matrix, neither logit ``-inf``) and ``t - s = hi + lo`` there in float32, 0 elsewhere."""
+    """``(s, t, in, hi, lo)`` on ``rows x cols`` (int64 indices): the logits in float32
+    (``-inf`` outside the matrix and on rows not read), the present classes (neither logit
+    ``-inf``) and ``t - s = hi + lo`` there in float32, 0 elsewhere."""
     mask = row_mask[:, None] & (cols[None, :] < C)
     s = tl.load(s_ptr + rows[:, None] * s_stride_b + cols[None, :] * s_stride_c, mask=mask,
-                other=0.0).to(tl.float32)
+                other=NEG_INF).to(tl.float32)
     t = tl.load(t_ptr + rows[:, None] * t_stride_b + cols[None, :] * t_stride_c, mask=mask,
-                other=0.0).to(tl.float32)
-    present = mask & (s != NEG_INF) & (t != NEG_INF)
+                other=NEG_INF).to(tl.float32)
+    present = (s != NEG_INF) & (t != NEG_INF)
     hi, lo = two_sum(t, -s)
-    return present, tl.where(present, hi, 0.0), tl.where(present, lo, 0.0)
+    return s, t, present, tl.where(present, hi, 0.0), tl.where(present, lo, 0.0)
 
 
 @triton.jit
-def _shared_pair_tile(
-    s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
-    m_stride_j, m_stride_k, ignore_index, FORWARD: tl.constexpr, HAS_LABELS: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """This program's tile (rows ``BLOCK_B * pid0 ..``, output classes ``n = BLOCK_C * pid1 ..``):
-    its rows and those that are read (inside the batch, label not ``ignore_index``), ``in_n`` and,
-    float32 ``(BLOCK_B, BLOCK_C)``: ``g_n`` (backward) or the per-class parts of ``wmse`` and of
-    the weight sum (forward; ``g`` is then not formed); 0 on rows not read."""
+def _output_tile(s_ptr, t_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
+                 ignore_index, HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """This program's tile: rows ``BLOCK_B * pid0 ..`` and those that are read (inside the batch,
+    label not ``ignore_index``), output classes ``n = BLOCK_C * pid1 ..``, and
+    ``present_difference_pairs`` on them."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     if HAS_LABELS:
         labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
         row_mask = row_mask & (labels != ignore_index)
     n_cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_n, hi_n, lo_n = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, n_cols, C,
-                                                s_stride_b, s_stride_c, t_stride_b, t_stride_c)
+    s, t, in_n, hi_n, lo_n = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, n_cols, C,
+                                                      s_stride_b, s_stride_c, t_stride_b,
+                                                      t_stride_c)
+    return rows, row_mask, n_cols, s, t, in_n, hi_n, lo_n
+
+
+@triton.jit
+def _shared_pair_sums(
+    s_ptr, t_ptr, m_ptr, rows, row_mask, n_cols, in_n, hi_n, lo_n, C, s_stride_b, s_stride_c,
+    t_stride_b, t_stride_c, m_stride_j, m_stride_k, FORWARD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The sums over the reduction classes ``k`` for the output tile ``n_cols`` of ``rows``:
+    ``(g, wmse, weight, invalid)``: ``g_n`` float32 ``(BLOCK_B, BLOCK_C)`` (backward; forward
+    it is not formed), the tile's parts of ``wmse_b`` and of the weight sum ``(BLOCK_B,)``
+    (forward) and a flag, 1 where a weight read was negative, inf or NaN; 0 on rows not read."""
     n_in = n_cols < C
-    g = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-    square = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)  # sum_k S delta^2 (forward)
-    weight = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)  # sum_k S in_k (degree)
-    invalid = tl.max(tl.zeros((BLOCK_C,), dtype=tl.float32), axis=0)  # 1: a weight < 0, inf, NaN
+    if DOT_PRECISION == "ieee":
+        # kept in the products' (BLOCK_B, BLOCK_K, BLOCK_C) layout: no conversion per step
+        g = tl.zeros((BLOCK_B, 1, BLOCK_C), dtype=tl.float32)
+        square = tl.zeros((BLOCK_B, 1, BLOCK_C), dtype=tl.float32)  # sum_k S delta^2
+        weight = tl.zeros((BLOCK_B, 1, BLOCK_C), dtype=tl.float32)  # sum_k S in_k (degree)
+    else:
+        g = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        weight = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    invalid = tl.max(tl.zeros((BLOCK_C,), dtype=tl.float32), axis=0)
     for k0 in range(0, C, BLOCK_K):
         k_cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        in_k, hi_k, lo_k = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, k_cols, C,
-                                                    s_stride_b, s_stride_c, t_stride_b,
-                                                    t_stride_c)
+        _, _, in_k, hi_k, lo_k = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, k_cols,
+                                                          C, s_stride_b, s_stride_c, t_stride_b,
+                                                          t_stride_c)
         m_mask = (k_cols[:, None] < C) & n_in[None, :]
         m_kn = tl.load(m_ptr + k_cols[:, None] * m_stride_j + n_cols[None, :] * m_stride_k,
                        mask=m_mask, other=0.0).to(tl.float32)
@@ -128,47 +145,52 @@ def _shared_pair_tile(
             delta = (hi_n[:, None, :] - hi_k[:, :, None]) + (lo_n[:, None, :] - lo_k[:, :, None])
             w_delta = w * delta
             if FORWARD:
-                square += tl.sum(w_delta * delta, axis=1)
-                weight += tl.sum(w, axis=1)
+                square += tl.sum(w_delta * delta, axis=1, keep_dims=True)
+                weight += tl.sum(w, axis=1, keep_dims=True)
             else:
-                g += tl.sum(w_delta, axis=1)
+                g += tl.sum(w_delta, axis=1, keep_dims=True)
         else:
-            weight = tl.dot(in_k.to(tl.float32), pair, weight, input_precision=DOT_PRECISION)
+            # the present mask as a float32 operand (an i1 cast is no dot operand on triton 3.2)
+            weight = tl.dot(tl.where(in_k, 1.0, 0.0), pair, weight,
+                            input_precision=DOT_PRECISION)
             g = tl.dot(hi_k, pair, g, input_precision=DOT_PRECISION)
-    if DOT_PRECISION != "ieee":
+    if DOT_PRECISION == "ieee":
+        g = tl.sum(g, axis=1)
+        square = tl.sum(tl.sum(square, axis=2), axis=1)
+        weight = tl.sum(tl.sum(weight, axis=2), axis=1)
+    else:
         g = tl.where(in_n, hi_n * weight - g, 0.0)
-        weight = tl.where(in_n, weight, 0.0)
-        square = 2.0 * hi_n * g  # wmse = sum_n d_n g_n
-    return rows, row_mask, n_cols, in_n, g, 0.5 * square, 0.5 * weight, invalid
+        weight = tl.sum(tl.where(in_n, weight, 0.0), axis=1)
+        square = tl.sum(2.0 * hi_n * g, axis=1)  # wmse = sum_n d_n g_n
+    return g, 0.5 * square, 0.5 * weight, invalid
 
 
 @triton.jit
 def wmse_shared_fwd_kernel(
     s_ptr, t_ptr, m_ptr, labels_ptr, parts_ptr,
     B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, ignore_index,
-    num_labels, inv_t, HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    num_labels, inv_t, LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Grid ``(cdiv(B, BLOCK_B), P = cdiv(C, BLOCK_C))``: part ``pid1`` of each of its rows
     (``config.PART_*``, float32 ``(NUM_PART_PLANES, P, B)``): this tile's parts of ``wmse_b`` and
-    of the row's weight sum, a flag for an invalid weight read (negative, inf, NaN), the
-    cross-entropy statistics of the tile's columns, the row's kept and label-error flags."""
-    rows, row_mask, n_cols, _, _, square, weight, invalid = _shared_pair_tile(
-        s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
-        m_stride_j, m_stride_k, ignore_index, True, HAS_LABELS, BLOCK_B, BLOCK_C, BLOCK_K,
-        DOT_PRECISION)
+    of the row's weight sum and, ``LOSS``, a flag for an invalid weight read (negative, inf,
+    NaN), the cross-entropy statistics of the tile's columns, the row's kept and label-error
+    flags."""
+    rows, row_mask, n_cols, s, t, in_n, hi_n, lo_n = _output_tile(
+        s_ptr, t_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
+        ignore_index, HAS_LABELS, BLOCK_B, BLOCK_C)
+    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 1)  # before the loop: s, t die here
+    _, square, weight, invalid = _shared_pair_sums(
+        s_ptr, t_ptr, m_ptr, rows, row_mask, n_cols, in_n, hi_n, lo_n, C, s_stride_b,
+        s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, True, BLOCK_B, BLOCK_C,
+        BLOCK_K, DOT_PRECISION)
     in_batch = rows < B
     kept, bad = row_flags(labels_ptr, rows, in_batch, ignore_index, num_labels, HAS_LABELS)
-    read = row_mask[:, None] & (n_cols[None, :] < C)
-    s = tl.load(s_ptr + rows[:, None] * s_stride_b + n_cols[None, :] * s_stride_c, mask=read,
-                other=NEG_INF).to(tl.float32)
-    t = tl.load(t_ptr + rows[:, None] * t_stride_b + n_cols[None, :] * t_stride_c, mask=read,
-                other=NEG_INF).to(tl.float32)
-    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 1)
     store_pair_parts(parts_ptr, tl.program_id(1).to(tl.int64) * B + rows,
-                     tl.num_programs(1).to(tl.int64) * B, in_batch, tl.sum(square, axis=1),
-                     tl.sum(weight, axis=1), tl.zeros((BLOCK_B,), dtype=tl.float32) + invalid,
-                     ms, zs, mt, zt, a, kept, bad)
+                     tl.num_programs(1).to(tl.int64) * B, in_batch, square, weight,
+                     tl.zeros((BLOCK_B,), dtype=tl.float32) + invalid, ms, zs, mt, zt, a, kept,
+                     bad, LOSS)
 
 
 @triton.jit
@@ -187,12 +209,10 @@ def wmse_shared_bwd_kernel(
     loss's gradient, ``c_b`` and ``g_ce`` come from the rows' statistics and the totals
     (``pair_loss_coefficients``); else ``grad`` is the gradient of the rows' wMSE and ``c_b = 2
     grad_b``."""
-    rows, row_mask, n_cols, _, g, _, _, _ = _shared_pair_tile(
-        s_ptr, t_ptr, m_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
-        m_stride_j, m_stride_k, ignore_index, False, HAS_LABELS, BLOCK_B, BLOCK_C, BLOCK_K,
-        DOT_PRECISION)
+    rows, row_mask, n_cols, s, t, in_n, hi_n, lo_n = _output_tile(
+        s_ptr, t_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
+        ignore_index, HAS_LABELS, BLOCK_B, BLOCK_C)
     in_batch = rows < B
-    mask = in_batch[:, None] & (n_cols[None, :] < C)
     grad = tl.load(grad_ptr + rows * grad_stride, mask=in_batch, other=0.0).to(tl.float32)
     if LOSS:
         (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
@@ -201,7 +221,12 @@ def wmse_shared_bwd_kernel(
                                                inv_t, NORMALIZE_BATCH)
     else:
         coef = 2.0 * grad
+    g, _, _, _ = _shared_pair_sums(
+        s_ptr, t_ptr, m_ptr, rows, row_mask, n_cols, in_n, hi_n, lo_n, C, s_stride_b,
+        s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, False, BLOCK_B, BLOCK_C,
+        BLOCK_K, DOT_PRECISION)
     g_d = coef[:, None] * g
+    mask = in_batch[:, None] & (n_cols[None, :] < C)
     offsets = rows[:, None] * C + n_cols[None, :]
     if NEED_DS:
         if SYMMETRIC:
@@ -209,11 +234,9 @@ def wmse_shared_bwd_kernel(
         else:
             ds = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
         if LOSS and WITH_CE:
-            read = row_mask[:, None] & (n_cols[None, :] < C)
-            s = tl.load(s_ptr + rows[:, None] * s_stride_b + n_cols[None, :] * s_stride_c,
-                        mask=read, other=NEG_INF).to(tl.float32)
-            t = tl.load(t_ptr + rows[:, None] * t_stride_b + n_cols[None, :] * t_stride_c,
-                        mask=read, other=NEG_INF).to(tl.float32)
+            s, t, _, _, _ = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, n_cols, C,
+                                                     s_stride_b, s_stride_c, t_stride_b,
+                                                     t_stride_c)
             log_zs = tl.log(tl.where(zs != 0.0, zs, 1.0))
             log_zt = tl.log(tl.where(zt != 0.0, zt, 1.0))
             ds += coef_ce[:, None] * softmax_difference(s, t, ms[:, None], log_zs[:, None],
@@ -231,18 +254,19 @@ def _launch_args(student, teacher, weights):
 
 def shared_rows_forward(student, teacher, weights, dot_precision="ieee", block_c=None,
                         labels=None, config=None):
-    """``parts`` float32 ``(NUM_PART_PLANES, P, B)`` (``config.PART_*``) for shared ``(C, C)``
-    pair weights; rows labelled ``config.ignore_index`` are not read (``config``: the loss's
-    options, for the cross-entropy's temperature and the labels; None: defaults)."""
+    """``parts`` float32 ``(planes, P, B)`` (``config.PART_*``) for shared ``(C, C)`` pair
+    weights; rows labelled ``config.ignore_index`` are not read (``config``: the loss's options,
+    for the cross-entropy's temperature and the labels; None: the wMSE and weight sums alone,
+    ``part_planes``)."""
     batch, num_classes = student.shape
     block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(num_classes, block))
-    parts = torch.empty(NUM_PART_PLANES, grid[1], batch, dtype=torch.float32,
+    parts = torch.empty(part_planes(config), grid[1], batch, dtype=torch.float32,
                         device=student.device)
     wmse_shared_fwd_kernel[grid](
         student, teacher, weights, student if labels is None else labels, parts,
         *_launch_args(student, teacher, weights), *part_scalars(config, num_classes),
-        HAS_LABELS=labels is not None,
+        LOSS=config is not None, HAS_LABELS=labels is not None,
         BLOCK_B=block_b, BLOCK_C=block, BLOCK_K=reduction_block(block_b, block, dot_precision),
         DOT_PRECISION=dot_precision, **shared_launch_options(block_b, block))
     return parts

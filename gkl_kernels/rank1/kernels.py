@@ -335,19 +335,21 @@ def load_row_stats(stats_ptr, rows, mask):
 
 @triton.jit
 def store_pair_parts(parts_ptr, out, plane, mask, wmse, weight, invalid, ms, zs, mt, zt, a,
-                     kept, bad_label):
+                     kept, bad_label, LOSS: tl.constexpr):
     """Write one column part of rows (``out``: part ``p``'s offset ``p B + b``; ``plane = P B``)
-    in the layout ``_merged_parts`` reads (``config.PART_*``)."""
+    in the layout ``_merged_parts`` reads (``config.PART_*``); without ``LOSS`` only the wMSE
+    and weight-sum planes (``pair_rows``)."""
     tl.store(parts_ptr + out, wmse, mask=mask)
     tl.store(parts_ptr + plane + out, weight, mask=mask)
-    tl.store(parts_ptr + 2 * plane + out, invalid, mask=mask)
-    tl.store(parts_ptr + 3 * plane + out, ms, mask=mask)
-    tl.store(parts_ptr + 4 * plane + out, zs, mask=mask)
-    tl.store(parts_ptr + 5 * plane + out, mt, mask=mask)
-    tl.store(parts_ptr + 6 * plane + out, zt, mask=mask)
-    tl.store(parts_ptr + 7 * plane + out, a, mask=mask)
-    tl.store(parts_ptr + 8 * plane + out, tl.where(kept, 1.0, 0.0), mask=mask)
-    tl.store(parts_ptr + 9 * plane + out, tl.where(bad_label, 1.0, 0.0), mask=mask)
+    if LOSS:
+        tl.store(parts_ptr + 2 * plane + out, invalid, mask=mask)
+        tl.store(parts_ptr + 3 * plane + out, ms, mask=mask)
+        tl.store(parts_ptr + 4 * plane + out, zs, mask=mask)
+        tl.store(parts_ptr + 5 * plane + out, mt, mask=mask)
+        tl.store(parts_ptr + 6 * plane + out, zt, mask=mask)
+        tl.store(parts_ptr + 7 * plane + out, a, mask=mask)
+        tl.store(parts_ptr + 8 * plane + out, tl.where(kept, 1.0, 0.0), mask=mask)
+        tl.store(parts_ptr + 9 * plane + out, tl.where(bad_label, 1.0, 0.0), mask=mask)
 
 
 @triton.jit
