@@ -14,8 +14,10 @@ opposite); these functions follow the code. Differences from the authors' code: 
 tensor is built, and the pair weights are constants. With ``GI=True`` the authors build them
 under ``torch.no_grad()`` too, so neither gives ``CLASS_PRIOR`` a gradient; with ``GI=False`` the
 authors differentiate through ``softmax(teacher / T2) ** gamma``, which changes the teacher's
-gradient when the teacher requires one (the student's gradient and the value are the same). See
-docs/DROP_IN.md.
+gradient when the teacher requires one (the student's gradient and the value are the same):
+``teacher_weight_gradient=True`` adds that part (``d/dv_j wmse_b = 2 (W (d_j - mu)^2 + M2)``,
+``d = t - s``, ``W = sum v``, ``mu``, ``M2`` the ``v``-weighted mean and sum of squares of ``d``).
+See docs/DROP_IN.md.
 """
 
 from typing import Literal, Optional, get_args
@@ -34,7 +36,8 @@ KL_TEMPERATURE = 0.5  # the fixed temperature of the authors' name='kl' consiste
 
 def dkl_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0,
              alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-             CLASS_PRIOR: Optional[Tensor] = None, GI: bool = True, T2: float = 1.0) -> Tensor:
+             CLASS_PRIOR: Optional[Tensor] = None, GI: bool = True, T2: float = 1.0, *,
+             teacher_weight_gradient: bool = False) -> Tensor:
     """GKL loss of the second paper's code: ``beta * wMSE / sum(w) / 4 + alpha * CE``, with pair
     weights ``v_j v_k`` (constants). Both logits receive the wMSE gradient (GKL).
 
@@ -51,6 +54,9 @@ def dkl_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float 
         CLASS_PRIOR: the per-row ``(B, C)`` prior, ``onehot(labels) @ P``; needed when ``GI``.
         GI: use ``CLASS_PRIOR`` for ``v``, else the teacher's softmax.
         T2: the temperature of the teacher weights.
+        teacher_weight_gradient: with ``GI=False``, also the teacher's gradient through
+            ``softmax(teacher / T2) ** gamma``, as the authors' code gives it (off: the weights
+            are constants).
 
     Returns:
         The loss, float32, 0-dim.
@@ -58,10 +64,47 @@ def dkl_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float 
     check.check_finite("gamma", gamma, minimum=0.0)  # before CLASS_PRIOR ** gamma
     prior = _checked_prior(logits_student, logits_teacher, alpha, beta, CLASS_PRIOR, GI, T2)
     weights = None if prior is None else prior.float() ** gamma
-    return gkl_loss(logits_student, logits_teacher, weights=weights,
+    weight_gradient = _wants_weight_gradient(teacher_weight_gradient, GI, logits_teacher)
+    loss = gkl_loss(logits_student, logits_teacher, weights=weights,
                     weights_kind=None if prior is None else "factor", gamma=gamma,
                     temperature=temperature, weight_temperature=T2, mse_weight=beta,
                     ce_weight=alpha, normalize="weights", symmetric=True)
+    if weight_gradient:
+        loss = loss + _weight_gradient_rows(logits_student, logits_teacher, gamma, T2, beta,
+                                            True).sum()
+    return loss
+
+
+def _wants_weight_gradient(teacher_weight_gradient, gi, teacher):
+    """Whether to add the teacher-weight gradient: asked for, teacher weights (not ``GI``), and
+    a teacher that autograd will differentiate."""
+    check.check_bool("teacher_weight_gradient", teacher_weight_gradient)
+    return (teacher_weight_gradient and not gi and teacher.requires_grad
+            and torch.is_grad_enabled())
+
+
+def _weight_gradient_rows(student, teacher, gamma, t2, mse_weight, normalize_weights):
+    """Zeros ``(B,)`` whose gradient is the wMSE term's through ``v = softmax(teacher / T2) **
+    gamma``: per row, ``d/dv_j`` of ``mse_weight wmse_b / 4`` (``normalize_weights=False``: the
+    caller averages the rows) or of the row's share of ``mse_weight sum_b wmse_b / (4 sum_b
+    W_b^2)`` (``True``: the caller sums them). Float32 (float64 logits: float64)."""
+    dtype = torch.promote_types(torch.float32, teacher.dtype)
+    v = torch.softmax(teacher.to(dtype) / t2, dim=1) ** gamma
+    with torch.no_grad():
+        factor = v.detach()
+        d = teacher.detach().to(dtype) - student.detach().to(dtype)
+        weight = factor.sum(dim=1, keepdim=True)
+        mean = (factor * d).sum(dim=1, keepdim=True) / weight
+        square = (d - mean) ** 2
+        m2 = (factor * square).sum(dim=1, keepdim=True)
+        grad = (0.5 * mse_weight) * (weight * square + m2)  # d(mse_weight wmse_b / 4) / dv_j
+        if normalize_weights:
+            norm = (weight * weight).sum()
+            wmse_sum = (2.0 * weight * m2).sum()
+            grad = grad / norm - (0.5 * mse_weight) * wmse_sum * weight / norm ** 2
+        grad = torch.where(factor != 0, grad, 0.0)
+    rows = (v * grad).sum(dim=1)
+    return rows - rows.detach()
 
 
 def _check_loss_weights(alpha, beta):
@@ -87,7 +130,7 @@ def _checked_prior(logits_student, logits_teacher, alpha, beta, class_prior, gi,
 
 def ikl_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float, alpha: float,
              beta: float, CLASS_PRIOR: Optional[Tensor] = None, GI: bool = False,
-             T2: float = 100.0) -> Tensor:
+             T2: float = 100.0, *, teacher_weight_gradient: bool = False) -> Tensor:
     """The first paper's knowledge-distillation loss (its ``dkl_loss`` in ``IKL_KD`` and the
     long-tailed ImageNet script): ``beta * wMSE / B / 4 + alpha * CE``, with pair weights
     ``v_j v_k`` (constants, no power applied). Both logits receive the wMSE gradient.
@@ -99,15 +142,21 @@ def ikl_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float,
         CLASS_PRIOR: the per-row ``(B, C)`` prior, ``v = CLASS_PRIOR`` when ``GI``.
         GI: use ``CLASS_PRIOR`` for ``v``, else ``v = softmax(teacher / T2)``.
         T2: the temperature of the teacher weights.
+        teacher_weight_gradient: as in ``dkl_loss``.
 
     Returns:
         The loss, float32, 0-dim.
     """
     weights = _checked_prior(logits_student, logits_teacher, alpha, beta, CLASS_PRIOR, GI, T2)
-    return gkl_loss(logits_student, logits_teacher, weights=weights,
+    weight_gradient = _wants_weight_gradient(teacher_weight_gradient, GI, logits_teacher)
+    loss = gkl_loss(logits_student, logits_teacher, weights=weights,
                     weights_kind=None if weights is None else "factor",
                     temperature=temperature, weight_temperature=T2, mse_weight=beta,
                     ce_weight=alpha, normalize="batch", symmetric=True)
+    if weight_gradient:
+        loss = loss + _weight_gradient_rows(logits_student, logits_teacher, 1.0, T2, beta,
+                                            False).mean()
+    return loss
 
 
 def adv_dkl_loss(logits_nat: Tensor, logits_adv: Tensor, weight: Tensor, alpha: float,
@@ -138,7 +187,7 @@ def consistency_loss(logits: Tensor, targets: Tensor, name: ConsistencyName = "c
                      mask: Optional[Tensor] = None, temperature: float = 1.0,
                      alpha: Optional[float] = None, beta: Optional[float] = None,
                      CLASS_PRIOR: Optional[Tensor] = None, GI: bool = False,
-                     T2: float = 100.0) -> Tensor:
+                     T2: float = 100.0, *, teacher_weight_gradient: bool = False) -> Tensor:
     """The first paper's semi-supervised consistency loss: per-row losses, multiplied by ``mask``,
     then ``.mean()`` over all rows.
 
@@ -164,13 +213,17 @@ def consistency_loss(logits: Tensor, targets: Tensor, name: ConsistencyName = "c
         temperature: ``'ikl'``: the targets' temperature in the cross-entropy.
         alpha, beta: ``'ikl'``: the cross-entropy's and the wMSE's factors (required).
         CLASS_PRIOR, GI, T2: ``'ikl'``: the pair weights, as in ``ikl_loss``.
+        teacher_weight_gradient: ``'ikl'``: as in ``dkl_loss``, for ``targets``.
 
     Returns:
         The mean loss, 0-dim.
     """
     check.check_choice("name", name, CONSISTENCY_NAMES)
+    weight_gradient = _wants_weight_gradient(teacher_weight_gradient, GI, targets)
     if name == "ikl":
         loss = _ikl_rows(logits, targets, temperature, alpha, beta, CLASS_PRIOR, GI, T2)
+        if weight_gradient:
+            loss = loss + _weight_gradient_rows(logits, targets, 1.0, T2, beta, False)
     elif name == "mse":
         loss = ((torch.softmax(logits, dim=-1) - targets) ** 2).mean(dim=1)
     elif name == "kl":
@@ -215,17 +268,19 @@ class ConsistencyLoss(torch.nn.Module):
                 mask: Optional[Tensor] = None, temperature: float = 1.0,
                 alpha: Optional[float] = None, beta: Optional[float] = None,
                 CLASS_PRIOR: Optional[Tensor] = None, GI: bool = False,
-                T2: float = 1.0) -> Tensor:
+                T2: float = 1.0, *, teacher_weight_gradient: bool = False) -> Tensor:
         """``consistency_loss(logits, targets, name, mask, temperature, alpha, beta, CLASS_PRIOR,
-        GI, T2)``.
+        GI, T2, teacher_weight_gradient=teacher_weight_gradient)``.
 
         Args:
             logits, targets, name, mask, temperature, alpha, beta, CLASS_PRIOR, GI: as in
                 ``consistency_loss``.
             T2: the temperature of the teacher weights (``'ikl'``, ``GI=False``); 1.0 here.
+            teacher_weight_gradient: as in ``consistency_loss``.
 
         Returns:
             The mean loss, 0-dim.
         """
         return consistency_loss(logits, targets, name, mask, temperature, alpha, beta,
-                                CLASS_PRIOR, GI, T2)
+                                CLASS_PRIOR, GI, T2,
+                                teacher_weight_gradient=teacher_weight_gradient)

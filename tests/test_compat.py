@@ -5,7 +5,8 @@ functions: their signatures (names, order, defaults), each call form of their sc
 
 The one documented difference: compat's pair weights are constants. With ``GI=False`` and a
 teacher that requires a gradient, the authors also differentiate through ``softmax(t / T2) **
-gamma``; there the teacher's gradient is compared with the formula whose weights are detached."""
+gamma``; there the teacher's gradient is compared with the formula whose weights are detached,
+and with ``teacher_weight_gradient=True`` with the authors' whole gradient."""
 
 import functools
 import inspect
@@ -243,6 +244,62 @@ def test_teacher_weight_gradient_is_the_documented_difference(generator):
     literal = gkl_float64(s64, t64, None, temperature=4.0, alpha=1.0, beta=16.0, gamma=0.05,
                           gi=False, t2=4.0)
     assert relative_error(grad_t, torch.autograd.grad(literal, t64)[0]) > 1e-3
+
+
+WEIGHT_GRADIENT_SETTINGS = [dict(temperature=4.0, alpha=1.0, beta=16.0, gamma=0.05, t2=4.0),
+                            dict(temperature=1.0, alpha=0.5, beta=2.0, gamma=1.0, t2=1.0),
+                            dict(temperature=2.0, alpha=1.0, beta=0.5, gamma=3.5, t2=0.5)]
+
+
+@pytest.mark.parametrize("settings", WEIGHT_GRADIENT_SETTINGS,
+                         ids=lambda x: f"gamma={x['gamma']}-T2={x['t2']}")
+def test_dkl_loss_teacher_weight_gradient_is_the_authors(settings, generator):
+    """teacher_weight_gradient=True: every gradient, the teacher's through softmax(t / T2) **
+    gamma included, is that of the authors' formula; the value is unchanged."""
+    student, teacher = logits_pair(generator)
+    s, t2 = settings["temperature"], settings["t2"]
+    call = functools.partial(compat.dkl_loss, temperature=s, alpha=settings["alpha"],
+                             beta=settings["beta"], gamma=settings["gamma"], GI=False, T2=t2)
+    loss = run_both(lambda x, y: call(x, y, teacher_weight_gradient=True),
+                    lambda x, y: gkl_float64(x, y, None, **settings, gi=False),
+                    [student, teacher])
+    assert loss.item() == call(student, teacher).item()
+
+
+def test_ikl_loss_teacher_weight_gradient_is_the_authors(generator):
+    student, teacher = logits_pair(generator)
+    settings = dict(temperature=2.0, alpha=1.0, beta=3.0, t2=4.0)
+    run_both(lambda s, t: compat.ikl_loss(s, t, 2.0, 1.0, 3.0, None, False, 4.0,
+                                          teacher_weight_gradient=True),
+             lambda s, t: ikl_float64(s, t, None, **settings, gi=False), [student, teacher])
+
+
+@pytest.mark.parametrize("mask_name", ["none", "zeros", "float"])
+def test_consistency_teacher_weight_gradient_is_the_authors(mask_name, generator):
+    logits, targets = logits_pair(generator)
+    mask = masks(generator)[mask_name]
+    settings = dict(temperature=0.5, alpha=1.0, beta=0.1, t2=2.0)
+    run_both(lambda s, t: CONSISTENCY_MODULE(s, t, "ikl", mask=mask, temperature=0.5, alpha=1.0,
+                                             beta=0.1, GI=False, T2=2.0,
+                                             teacher_weight_gradient=True),
+             lambda s, t: consistency_ikl_float64(
+                 s, t, None, None if mask is None else mask.double(), **settings, gi=False),
+             [logits, targets])
+
+
+def test_teacher_weight_gradient_only_where_it_applies(generator):
+    """With the prior (GI=True) or a teacher without a gradient the option changes nothing; it
+    must be a bool."""
+    student, teacher = logits_pair(generator)
+    prior = per_row_prior(generator)
+    s = student.clone().requires_grad_()
+    for flag in (False, True):
+        loss = compat.dkl_loss(s, teacher, 2.0, 1.0, 0.5, 0.6, prior, True, 2.0,
+                               teacher_weight_gradient=flag)
+        plain = compat.dkl_loss(s, teacher, 2.0, 1.0, 0.5, 0.6, prior, True, 2.0)
+        assert torch.equal(torch.autograd.grad(loss, s)[0], torch.autograd.grad(plain, s)[0])
+    with pytest.raises(TypeError, match="teacher_weight_gradient"):
+        compat.dkl_loss(student, teacher, GI=False, teacher_weight_gradient=1)
 
 
 # ---------------------------------------------------------------------- ikl_loss (KD, v1)
