@@ -82,8 +82,9 @@ LOGIT_DTYPE_PAIRS = (  # (student, teacher)
     (torch.float16, torch.float16),
     (torch.bfloat16, torch.bfloat16),
     (torch.bfloat16, torch.float32),
+    (torch.float64, torch.float64),  # computed in float64 (narrower tiles)
 )
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PASSES = ("forward", "backward")
 RANK1_CLASSES = (2, 262144)  # the class counts the rank-one sweep considers (inclusive)
 SHARED_BATCHES = (1, 256)  # the batches the shared sweep considers: BLOCK_B follows the batch
@@ -94,7 +95,7 @@ SHARED_BATCHES = (1, 256)  # the batches the shared sweep considers: BLOCK_B fol
 UNALIGNED_CLASSES = (10, 1000)
 ALIGNED_CLASSES = 1024
 PER_ROW_CLASSES = (2, 17, 1000)
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+TRITON_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                 torch.int64: "i64", torch.int32: "i32"}
 INTERPRET_VARIABLE = "TRITON_INTERPRET"
 MEASUREMENTS_FILE = "gkl_compile_report.json"
@@ -273,6 +274,7 @@ def shared_cases():
        rows).
     2. At the widest tile, the other dot precisions, both passes.
     3. At the widest tile with ``ALIGNED_CLASSES`` (vector loads): ``dtype_and_gradient_cases``.
+    4. float64 logits and weights: every tile the launcher picks for float64, both passes.
     """
     batches = largest_count_per_tile(
         lambda batch: shared_kernels.pick_shared_blocks(batch, ALIGNED_CLASSES)[0], SHARED_BATCHES)
@@ -287,15 +289,23 @@ def shared_cases():
                      dot_precision=dot_precision)
               for dot_precision in DOT_PRECISIONS if dot_precision != "ieee"
               for kernel in PASSES]
-    return cases + dtype_and_gradient_cases(widest, ALIGNED_CLASSES)
+    float64_batches = largest_count_per_tile(
+        lambda batch: shared_kernels.pick_shared_blocks(batch, ALIGNED_CLASSES,
+                                                        dtype=torch.float64)[0], SHARED_BATCHES)
+    cases += dtype_and_gradient_cases(widest, ALIGNED_CLASSES)
+    return cases + [case(kernel, torch.float64, torch.float64, num_classes, batch,
+                         weights=torch.float64)
+                    for batch in float64_batches.values() for num_classes in classes.values()
+                    for kernel in PASSES]
 
 
 def per_row_cases():
-    """The launch cases of the per-row ``(B, C, C)`` kernels (float32 inputs, both gradients):
-    each class count of ``PER_ROW_CLASSES``, both passes, then ``dtype_and_gradient_cases`` at
-    ``ALIGNED_CLASSES`` (the widest tile, aligned rows)."""
-    case = functools.partial(LaunchCase, "per_row", weights=torch.float32)
-    cases = [case(kernel, torch.float32, torch.float32, num_classes)
+    """The launch cases of the per-row ``(B, C, C)`` kernels (float32 and float64 inputs, both
+    gradients): each class count of ``PER_ROW_CLASSES``, both passes, then
+    ``dtype_and_gradient_cases`` at ``ALIGNED_CLASSES`` (the widest tile, aligned rows)."""
+    case = functools.partial(LaunchCase, "per_row")
+    cases = [case(kernel, dtype, dtype, num_classes, weights=dtype)
+             for dtype in (torch.float32, torch.float64)
              for num_classes in PER_ROW_CLASSES for kernel in PASSES]
     return cases + dtype_and_gradient_cases(case, ALIGNED_CLASSES)
 

@@ -15,10 +15,10 @@ from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
 from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE, SOURCE_PAIRS,
                                       SOURCE_PRIOR, SOURCE_TEACHER, TOTAL_CE, TOTAL_DEN,
-                                      TOTAL_K, TOTAL_ROWS, TOTAL_WMSE, RowConfig)
+                                      TOTAL_K, TOTAL_ROWS, TOTAL_WMSE, RowConfig, compute_dtype)
 from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
                                   rank1_loss_backward, rank1_row_stats)
-from gkl_kernels.rank1.torch_impl import compute_dtype, row_losses_torch
+from gkl_kernels.rank1.torch_impl import row_losses_torch
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction, WeightsKind
 
 
@@ -39,8 +39,8 @@ def gkl_loss(student: Tensor, teacher: Tensor, *, labels: Optional[Tensor] = Non
 
     Args:
         student, teacher: logits ``(..., C)`` of one shape (rows: every leading index),
-            float32 / float16 / bfloat16 (the dtypes may differ) or float64 (``backend="torch"``
-            or ``"auto"``: computed in float64).
+            float32 / float16 / bfloat16 (the dtypes may differ) or float64 (computed in float64,
+            on both backends).
         labels: ``(...)`` int64 / int32 class indices, for ``class_prior`` and ``ignore_index``.
         class_prior: ``(C, C)``; row ``b`` uses ``v = class_prior[labels[b]] ** gamma``.
         weights: pair weights, constants: ``(..., C)`` a rank-one factor ``v`` (``w = v_j v_k``),
@@ -74,7 +74,8 @@ def gkl_loss(student: Tensor, teacher: Tensor, *, labels: Optional[Tensor] = Non
             count, and get a zero gradient; an all-ignored (or empty) batch gives 0.
 
     Returns:
-        float32: 0-dim for ``"mean"`` and ``"sum"``, ``(...)`` for ``"none"``.
+        float32 (float64 for float64 logits): 0-dim for ``"mean"`` and ``"sum"``, ``(...)`` for
+        ``"none"``.
     """
     options = GKLOptions(gamma=gamma, temperature=temperature,
                          weight_temperature=weight_temperature, mse_weight=mse_weight,
@@ -97,8 +98,7 @@ def gkl_loss_with_options(student: Tensor, teacher: Tensor, options: GKLOptions,
     lead = student.shape[:-1]
     if student.dim() != 2:
         student, teacher, labels, weights = _as_rows(student, teacher, labels, weights)
-    use_triton = check.use_triton_for(options.backend, student.device,
-                                      compute_dtype(student, teacher))
+    use_triton = check.use_triton_for(options.backend, student.device)
     # the kernels' checks are the finishing kernel's assertion: per-row losses do not finish
     host_values = options.check_values and not (
         kernels_check_values(use_triton, student.device) and options.reduction == "mean")
@@ -109,7 +109,8 @@ def gkl_loss_with_options(student: Tensor, teacher: Tensor, options: GKLOptions,
     if weights is not None:
         if class_prior is not None:
             raise ValueError("give either weights or class_prior, not both")
-        kind = _checked_weights_kind(weights, student, weights_kind, options, host_values)
+        kind = _checked_weights_kind(weights, teacher, student, weights_kind, options,
+                                     host_values, use_triton)
     elif weights_kind is not None:
         raise ValueError(f"weights_kind={weights_kind!r} needs weights")
     elif class_prior is not None:
@@ -259,13 +260,17 @@ class _SyncedRankOneLoss(torch.autograd.Function):
         return ds if need_ds else None, dt if need_dt else None, None, None, None, None
 
 
-def _checked_weights_kind(weights, student, weights_kind, options, check_values):
+def _checked_weights_kind(weights, teacher, student, weights_kind, options, check_values,
+                          use_triton):
     """The weights' kind, their values checked when ``check_values`` (``gkl_loss``: not where its
-    kernels check the weights they read themselves, compiled Triton on CUDA)."""
+    kernels check the weights they read themselves, compiled Triton on CUDA); for shared weights
+    under Triton the tile width and the dot precision for the logits' dtype."""
     kind = check.check_weights(weights, student, weights_kind, False)
     check.check_nonnegative_finite("weights", weights, check_values)
     if kind == "shared":
         check.check_dot_block(options.block_c)
+        if use_triton:
+            check.check_dot_dtype(options.dot_precision, compute_dtype(student, teacher))
     return kind
 
 
@@ -286,14 +291,15 @@ def pairwise_wmse(student: Tensor, teacher: Tensor, weights: Tensor, *,
         backend, check_values, block_c, dot_precision: as in ``gkl_loss``.
 
     Returns:
-        float32: ``(B,)`` for ``"none"``, else 0-dim.
+        float32 (float64 for float64 logits): ``(B,)`` for ``"none"``, else 0-dim.
     """
     check.check_choice("reduction", reduction, check.REDUCTIONS)
     options = GKLOptions(backend=backend, check_values=check_values, block_c=block_c,
                          dot_precision=dot_precision)
     check.check_logits(student, teacher)
-    use_triton = check.use_triton_for(backend, student.device, compute_dtype(student, teacher))
-    kind = _checked_weights_kind(weights, student, weights_kind, options, check_values)
+    use_triton = check.use_triton_for(backend, student.device)
+    kind = _checked_weights_kind(weights, teacher, student, weights_kind, options, check_values,
+                                 use_triton)
     if kind == "factor":
         config = RowConfig(source=SOURCE_EXPLICIT, mse_weight=4.0, ce_weight=0.0,
                            normalize_batch=True, use_triton=use_triton, block_c=block_c or 0)

@@ -19,7 +19,7 @@ from typing import Literal, get_args
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the Triton kernels' inputs
-LOGIT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64: the PyTorch path, in float64
+LOGIT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64: computed in float64
 INDEX_DTYPES = (torch.int64, torch.int32)
 # The string options: their types for the public signatures, their values for the checks
 Backend = Literal["auto", "triton", "torch"]
@@ -71,7 +71,7 @@ def triton_functions_interpreted():
     return type(probe).__name__ == "InterpretedFunction"
 
 
-def use_triton_for(backend, device, dtype=torch.float32):
+def use_triton_for(backend, device):
     """Resolve ``backend`` for tensors on ``device``: True for the Triton kernels, False for torch.
 
     ``"torch"``: never Triton. ``"triton"``: CUDA tensors, or CPU tensors under Triton's
@@ -84,17 +84,10 @@ def use_triton_for(backend, device, dtype=torch.float32):
     ``backend="triton"`` and also with ``backend="auto"``: the variable says that Triton should
     run on the CPU, and falling back to torch silently would hide that it does not (a test of the
     kernels would test the torch path). Set the variable before triton is imported, unset it, or
-    pass ``backend="torch"``. float64 logits (``dtype``) run the PyTorch path (``"auto"``); the
-    Triton kernels compute in float32, so ``"triton"`` refuses them with a ``TypeError``."""
+    pass ``backend="torch"``. float64 logits take either backend (both compute in float64)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return False
-    if dtype == torch.float64:
-        if backend == "triton":
-            raise TypeError("backend='triton' takes float32, float16 or bfloat16 logits (its "
-                            "kernels compute in float32), got float64: use backend='torch' or "
-                            "'auto', which compute in float64")
         return False
     interpreter = device.type == "cpu" and triton_interpreter_active()
     if interpreter and not triton_functions_interpreted():
@@ -228,6 +221,14 @@ def check_weights(weights, student, weights_kind, check_values, name="weights"):
     check_tensor(name, weights, shapes[weights_kind], LOGIT_DTYPES, student.device)
     check_nonnegative_finite(name, weights, check_values)
     return weights_kind
+
+
+def check_dot_dtype(dot_precision, dtype):
+    """The matrix-unit precisions of the ``(C, C)`` kernels take float32 operands: float64
+    arithmetic (``dtype``) needs ``"ieee"``."""
+    if dtype == torch.float64 and dot_precision != "ieee":
+        raise TypeError(f"dot_precision={dot_precision!r} runs the matrix units on float32 "
+                        f"operands: float64 logits need dot_precision='ieee'")
 
 
 def check_dot_block(block_c):

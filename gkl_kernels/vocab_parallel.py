@@ -19,7 +19,7 @@ from gkl_kernels.functional import row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.rank1.op import rank1_finish, rank1_loss_backward, rank1_row_stats
-from gkl_kernels.rank1.torch_impl import compute_dtype, merge_row_stats
+from gkl_kernels.rank1.torch_impl import merge_row_stats
 from gkl_kernels.validation import Backend, Normalize
 
 UNBOUNDED_LABELS = 2**62  # the kernel's label bound here: labels index V, not the shard's V_p
@@ -93,8 +93,7 @@ def vocab_parallel_gkl_loss(student_shard: Tensor, teacher_shard: Tensor, *,
         source = SOURCE_TEACHER
     # labels index the whole vocabulary (checked above): the kernel does not bound them by V_p
     config = row_config(options, source, labels is not None,
-                        check.use_triton_for(backend, student_shard.device,
-                                            compute_dtype(student_shard, teacher_shard)),
+                        check.use_triton_for(backend, student_shard.device),
                         ignore_index=ignore_index, num_labels=UNBOUNDED_LABELS)
     return _VocabParallelGKL.apply(student_shard, teacher_shard,
                                    None if factor is None else factor.detach(), labels, config,

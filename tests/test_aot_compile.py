@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gkl_kernels.pairs.per_row_kernels import pick_per_row_blocks
 from gkl_kernels.pairs.shared_kernels import pick_shared_blocks
-from gkl_kernels.rank1.kernels import MAX_BLOCK_C
+from gkl_kernels.rank1.kernels import MAX_BLOCK_C, MAX_BLOCK_C_FLOAT64
 from gkl_kernels.validation import DOT_PRECISIONS
 
 # Asserted with the newest triton only: with triton 3.2 every configuration compiles, but four
@@ -29,8 +30,9 @@ pytestmark = pytest.mark.newest_triton
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_MEMORY_LIMITS = {"sm_80": 166912, "sm_90a": 232448}  # opt-in bytes per block, A100 / H100
-DTYPES = {"float32", "float16", "bfloat16"}
+DTYPES = {"float32", "float16", "bfloat16", "float64"}
 LOGIT_DTYPE_PAIRS = {(dtype, dtype) for dtype in DTYPES} | {("bfloat16", "float32")}
+WIDEST_TILE = {"float64": MAX_BLOCK_C_FLOAT64}  # the others: MAX_BLOCK_C
 KERNELS = {  # family: (forward, backward)
     "rank1": ("row_stats_kernel", "loss_backward_kernel", "finish_loss_kernel"),
     "shared": ("wmse_shared_fwd_kernel", "wmse_shared_bwd_kernel"),
@@ -94,28 +96,32 @@ def test_every_configuration_compiles_without_spills(report_rows, arch, family):
 
 @pytest.mark.parametrize("arch", sorted(SHARED_MEMORY_LIMITS))
 def test_every_block_size_and_dtype_is_covered(report_rows, arch):
-    block_sizes = {2 ** k for k in range(1, MAX_BLOCK_C.bit_length())}
+    def block_sizes(dtype):
+        return {2 ** k for k in range(1, WIDEST_TILE.get(dtype, MAX_BLOCK_C).bit_length())}
+
     for kernel in KERNELS["rank1"][:2]:  # the tiled row kernels (finishing: one program)
         rows = select(report_rows, arch, kernel)
         for student in DTYPES:
             covered = {row["tile"]["BLOCK_C"] for row in rows
                        if row["student"] == row["teacher"] == student}
-            assert covered >= block_sizes, f"{kernel} {student}: {sorted(covered)}"
+            assert covered >= block_sizes(student), f"{kernel} {student}: {sorted(covered)}"
         mixed = {row["tile"]["BLOCK_C"] for row in rows if row["student"] != row["teacher"]}
-        assert mixed >= block_sizes, f"{kernel} mixed dtypes: {sorted(mixed)}"
+        assert mixed >= block_sizes("float32"), f"{kernel} mixed dtypes: {sorted(mixed)}"
         assert {row["weights"] for row in rows} >= DTYPES
         assert {row["flags"].split()[0] for row in rows} == {"SOURCE=0", "SOURCE=1", "SOURCE=2"}
 
 
-def expected_pair_tiles(family):
-    """The tiles the report must cover: every ``(BLOCK_B, BLOCK_C)`` the shared launcher picks
-    (``BLOCK_B`` follows the batch, ``BLOCK_C`` the class count); the smallest and the widest
-    tile the per-row launcher picks."""
+def expected_pair_tiles(family, dtype=torch.float32):
+    """The tiles the report must cover for logits of ``dtype``: every ``(BLOCK_B, BLOCK_C)`` the
+    shared launcher picks (``BLOCK_B`` follows the batch, ``BLOCK_C`` the class count); the
+    smallest and the widest tile the per-row launcher picks."""
     if family == "shared":
-        block_rows = {pick_shared_blocks(batch, PAIR_CLASSES[0])[0] for batch in PAIR_BATCHES}
-        block_classes = {pick_shared_blocks(PAIR_BATCHES[0], count)[1] for count in PAIR_CLASSES}
+        block_rows = {pick_shared_blocks(batch, PAIR_CLASSES[0], dtype=dtype)[0]
+                      for batch in PAIR_BATCHES}
+        block_classes = {pick_shared_blocks(PAIR_BATCHES[0], count, dtype=dtype)[1]
+                         for count in PAIR_CLASSES}
         return {(rows, classes) for rows in block_rows for classes in block_classes}
-    tiles = {pick_per_row_blocks(num_classes) for num_classes in PAIR_CLASSES}
+    tiles = {pick_per_row_blocks(num_classes, dtype=dtype) for num_classes in PAIR_CLASSES}
     return {min(tiles), max(tiles)}
 
 
@@ -125,8 +131,10 @@ def test_pair_weight_sweep_covers_tiles_dtypes_and_flags(report_rows, arch, fami
     forward, backward = KERNELS[family]
     for kernel in (forward, backward):
         rows = select(report_rows, arch, kernel)
-        tiles = {tuple(row["tile"].values())[:2] for row in rows}  # (rows, classes) of a tile
-        assert tiles >= expected_pair_tiles(family), f"{kernel}: {sorted(tiles)}"
+        for dtype in (torch.float32, torch.float64):
+            tiles = {tuple(row["tile"].values())[:2] for row in rows  # (rows, classes) of a tile
+                     if row["student"] == str(dtype).removeprefix("torch.")}
+            assert tiles >= expected_pair_tiles(family, dtype), f"{kernel} {dtype}: {tiles}"
         assert {(row["student"], row["teacher"]) for row in rows} >= LOGIT_DTYPE_PAIRS, kernel
         assert {row["weights"] for row in rows} >= DTYPES, kernel
         assert {row["C"] % 16 == 0 for row in rows} == {True, False}, f"{kernel}: aligned rows"

@@ -167,7 +167,7 @@ def test_leading_dims_errors_name_the_argument(generator):
 
 
 @pytest.mark.parametrize("source", SOURCES)
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_gradcheck(source, backend, generator):
     student, teacher, labels, kwargs = source_inputs(source, generator, rows=4, classes=5,
                                                      dtype=torch.float64)
@@ -186,19 +186,40 @@ def test_float64_gradcheck(source, backend, generator):
                          (s, t))
 
 
-def test_float64_matches_the_reference(generator):
-    student, teacher, labels, kwargs = source_inputs("prior", generator, dtype=torch.float64)
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_matches_the_reference(source, backend, generator):
+    """float64 logits are computed in float64 on both backends (the Triton kernels' ``ACC``):
+    per-row losses and the loss to float64 rounding, gradients against the torch path."""
+    student, teacher, labels, kwargs = source_inputs(source, generator, dtype=torch.float64)
     kwargs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
               for k, v in kwargs.items()}
-    rows = gkl_loss(student, teacher, labels=labels, reduction="none", **kwargs, **OPTIONS)
+    rows = gkl_loss(student, teacher, labels=labels, reduction="none", backend=backend, **kwargs,
+                    **OPTIONS)
+    assert rows.dtype == torch.float64
     want = rows_reference(student, teacher, labels, kwargs, **OPTIONS)
     torch.testing.assert_close(rows, want, rtol=1e-12, atol=1e-13)
+    s = student.clone().requires_grad_()
+    loss = gkl_loss(s, teacher, labels=labels, backend=backend, **kwargs, **OPTIONS)
+    s_torch = student.clone().requires_grad_()
+    plain = gkl_loss(s_torch, teacher, labels=labels, backend="torch", **kwargs, **OPTIONS)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, plain, rtol=1e-12, atol=1e-14)
+    loss.backward()
+    plain.backward()
+    torch.testing.assert_close(s.grad, s_torch.grad, rtol=1e-11, atol=1e-14)
 
 
-def test_float64_triton_is_refused(generator):
-    student, teacher = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4)
-    with pytest.raises(TypeError, match="float64.*backend='torch'"):
-        gkl_loss(student, teacher, backend="triton")
+@pytest.mark.parametrize("dot_precision", ["tf32", "tf32x3"])
+def test_float64_needs_ieee_dot_precision(dot_precision, generator):
+    student, teacher = torch.randn(3, 16, dtype=torch.float64), torch.randn(3, 16)
+    weights = torch.rand(16, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64 logits need dot_precision='ieee'"):
+        gkl_loss(student, teacher, weights=weights, weights_kind="shared", backend="triton",
+                 dot_precision=dot_precision)
+    rows = gkl_loss(student, teacher, weights=weights, weights_kind="shared", backend="torch",
+                    dot_precision=dot_precision, reduction="none")  # the torch path has no dot
+    assert rows.dtype == torch.float64
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

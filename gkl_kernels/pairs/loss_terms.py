@@ -9,6 +9,7 @@ from typing import Optional
 from torch import Tensor
 
 from gkl_kernels.rank1.config import NUM_PART_PLANES, PART_WSUM, RowConfig
+from gkl_kernels.rank1.kernels import float32_pair
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,12 @@ def loss_arguments(loss, like, grad):
 
 
 def loss_scalars(loss):
-    """``(ignore_index, 1 / T, mse_weight, ce_weight)``."""
+    """``(ignore_index, 1 / T, mse_weight, ce_weight)``, the floats as ``float32_pair``s."""
     if loss is None:
-        return -100, 1.0, 0.0, 0.0
+        return -100, *float32_pair(1.0), *float32_pair(0.0), *float32_pair(0.0)
     config = loss.config
-    return config.ignore_index, 1.0 / config.temperature, config.mse_weight, config.ce_weight
+    return (config.ignore_index, *float32_pair(1.0 / config.temperature),
+            *float32_pair(config.mse_weight), *float32_pair(config.ce_weight))
 
 
 def loss_flags(loss):
@@ -50,9 +52,11 @@ def loss_flags(loss):
 
 
 def part_scalars(config, num_classes):
-    """The forward kernels' ``(ignore_index, num_labels, 1 / T)`` (``config`` None: defaults)."""
+    """The forward kernels' ``(ignore_index, num_labels, 1 / T)`` (``config`` None: defaults),
+    ``1 / T`` as a ``float32_pair``."""
     config = config or RowConfig()
-    return config.ignore_index, config.num_labels or num_classes, 1.0 / config.temperature
+    return (config.ignore_index, config.num_labels or num_classes,
+            *float32_pair(1.0 / config.temperature))
 
 
 def part_planes(config):

@@ -25,8 +25,7 @@ from gkl_kernels.pairs.per_row_kernels import per_row_rows_backward, per_row_row
 from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_forward
 from gkl_kernels.pairs.torch_impl import pair_rows_backward_torch, pair_rows_forward_torch
 from gkl_kernels.rank1 import kernels as rank1_kernels
-from gkl_kernels.rank1.config import NUM_STATS, PART_WMSE, PART_WSUM
-from gkl_kernels.rank1.torch_impl import compute_dtype
+from gkl_kernels.rank1.config import NUM_STATS, PART_WMSE, PART_WSUM, compute_dtype
 from gkl_kernels.validation import DOT_PRECISIONS
 
 
@@ -55,7 +54,7 @@ def pair_loss_triton(student, teacher, weights, labels, config):
     finishing kernel, which also writes the rows' statistics."""
     parts = pair_parts(student, teacher, weights, labels, config.per_row, config.block_c,
                        DOT_PRECISIONS[config.dot_precision], config)
-    stats = torch.empty(student.shape[0], NUM_STATS, dtype=torch.float32, device=student.device)
+    stats = torch.empty(student.shape[0], NUM_STATS, dtype=parts.dtype, device=student.device)
     loss, totals = rank1_kernels.finish_loss(stats, config, parts)
     return loss, stats, totals
 
@@ -73,13 +72,13 @@ def pair_rows(student: Tensor, teacher: Tensor, weights: Tensor, per_row: bool, 
               use_triton: bool, block_c: int, dot_precision: str
               ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row wMSE and pair-weight sums (B,) each, and the torch path's ``g``, float32 (float64
-    on the torch path for float64 logits);
+    for float64 logits);
     ``symmetric`` only affects backward, ``dot_precision`` only shared weights under Triton."""
     if not use_triton:
         return pair_rows_forward_torch(student, teacher, weights, per_row)
     parts = pair_parts(student, teacher, weights, None, per_row, block_c, dot_precision)
     return (parts[PART_WMSE].sum(dim=0), parts[PART_WSUM].sum(dim=0),
-            student.new_empty(0, dtype=torch.float32))
+            student.new_empty(0, dtype=parts.dtype))
 
 
 @pair_rows.register_fake

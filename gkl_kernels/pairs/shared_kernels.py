@@ -2,8 +2,9 @@
 every row: ``w[b, j, k] = M[j, k]``, over the classes present in the row (neither logit ``-inf``;
 ``in_j``).
 
-``d = t - s`` is held as an exact float32 pair ``hi + lo`` (TwoSum), 0 on absent classes. With
-``S = M + M^T`` (symmetrised tile by tile as it is loaded, no copy) and the pair differences
+``d = t - s`` is held as an exact pair ``hi + lo`` (TwoSum; float32, float64 for float64 logits
+with ``"ieee"``), 0 on absent classes. With ``S = M + M^T`` (symmetrised tile by tile as it is
+loaded, no copy) and the pair differences
 ``delta_nk = (hi_n - hi_k) + (lo_n - lo_k)`` (exact where the two are within a factor of 2, which
 is what keeps a cluster of classes at a common offset exact):
 
@@ -30,57 +31,64 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
+from gkl_kernels.rank1.config import compute_dtype
 from gkl_kernels.pairs.loss_terms import (loss_arguments, loss_flags, loss_scalars,
                                           part_planes, part_scalars)
-from gkl_kernels.rank1.kernels import (FINITE_MAX, NEG_INF, load_row_stats,
+from gkl_kernels.rank1.kernels import (NEG_INF, POS_INF, accumulator, load_row_stats, option,
                                        pair_loss_coefficients, row_flags, softmax_difference,
                                        store_pair_parts, tile_cross_entropy, two_sum)
 from gkl_kernels.validation import MIN_DOT_BLOCK
 
 MAX_BLOCK_ROWS = 64
+MAX_BLOCK_ROWS_FLOAT64 = 32  # float64 tiles of 64 rows spill
 MAX_DOT_BLOCK_ROWS = 16
 MAX_BLOCK_CLASSES = 32
 DIRECT_TILE = 4096  # elements of one BLOCK_B x BLOCK_K x BLOCK_C product of the direct sums
 
 
-def pick_shared_blocks(batch, num_classes, block_c=None, dot_precision="ieee"):
-    """``(BLOCK_B, BLOCK_C)``: rows per tile (a power of two in ``[16, 64]``; 16 for the
-    ``tl.dot`` precisions, whose two products per step need the registers) and output classes
-    per tile (in ``[16, 32]``, or ``block_c``)."""
+def pick_shared_blocks(batch, num_classes, block_c=None, dot_precision="ieee",
+                       dtype=torch.float32):
+    """``(BLOCK_B, BLOCK_C)``: rows per tile (a power of two in ``[16, 64]``; at most 32 for
+    float64 arithmetic, ``dtype``; 16 for the ``tl.dot`` precisions, whose two products per step
+    need the registers) and output classes per tile (in ``[16, 32]``, or ``block_c``)."""
     most_rows = MAX_BLOCK_ROWS if dot_precision == "ieee" else MAX_DOT_BLOCK_ROWS
+    if dtype == torch.float64:
+        most_rows = min(most_rows, MAX_BLOCK_ROWS_FLOAT64)
     block_b = min(max(triton.next_power_of_2(batch), MIN_DOT_BLOCK), most_rows)
     if block_c is None:
         block_c = min(max(triton.next_power_of_2(num_classes), MIN_DOT_BLOCK), MAX_BLOCK_CLASSES)
     return block_b, block_c
 
 
-def reduction_block(block_b, block_c, dot_precision):
+def reduction_block(block_b, block_c, dot_precision, dtype=torch.float32):
     """Reduction classes ``k`` per step: ``block_c`` for ``tl.dot``; for the direct sums as many
-    as keep the ``BLOCK_B x BLOCK_K x BLOCK_C`` products at ``DIRECT_TILE`` elements (at least 2)."""
+    as keep the ``BLOCK_B x BLOCK_K x BLOCK_C`` products at ``DIRECT_TILE`` elements (half that
+    in float64; at least 2)."""
     if dot_precision != "ieee":
         return block_c
-    return max(2, min(block_c, DIRECT_TILE // (block_b * block_c)))
+    elements = DIRECT_TILE // 2 if dtype == torch.float64 else DIRECT_TILE
+    return max(2, min(block_c, elements // (block_b * block_c)))
 
 
-def shared_launch_options(block_b, block_c):
-    """``num_warps`` and ``num_stages`` for a tile: from 1024 elements per tile 8 warps and no
-    software pipelining, the choices under which every tile compiles without register spills for
-    sm_80 and sm_90a (``python -m bench.compile_report``)."""
-    wide = block_b * block_c >= 1024
+def shared_launch_options(block_b, block_c, dtype=torch.float32):
+    """``num_warps`` and ``num_stages`` for a tile: from 1024 elements per tile (in float64 also
+    from 32 rows) 8 warps and no software pipelining, the choices under which every tile compiles
+    without register spills for sm_80 and sm_90a (``python -m bench.compile_report``)."""
+    wide = block_b * block_c >= 1024 or (dtype == torch.float64 and block_b >= 32)
     return dict(num_warps=8 if wide else 4, num_stages=1 if wide else 3)
 
 
 @triton.jit
 def present_difference_pairs(s_ptr, t_ptr, rows, row_mask, cols, C, s_stride_b, s_stride_c,
-                             t_stride_b, t_stride_c):
-    """``(s, t, in, hi, lo)`` on ``rows x cols`` (int64 indices): the logits in float32
+                             t_stride_b, t_stride_c, ACC: tl.constexpr):
+    """``(s, t, in, hi, lo)`` on ``rows x cols`` (int64 indices): the logits in ``ACC``
     (``-inf`` outside the matrix and on rows not read), the present classes (neither logit
-    ``-inf``) and ``t - s = hi + lo`` there in float32, 0 elsewhere."""
+    ``-inf``) and ``t - s = hi + lo`` there, 0 elsewhere."""
     mask = row_mask[:, None] & (cols[None, :] < C)
     s = tl.load(s_ptr + rows[:, None] * s_stride_b + cols[None, :] * s_stride_c, mask=mask,
-                other=NEG_INF).to(tl.float32)
+                other=NEG_INF).to(ACC)
     t = tl.load(t_ptr + rows[:, None] * t_stride_b + cols[None, :] * t_stride_c, mask=mask,
-                other=NEG_INF).to(tl.float32)
+                other=NEG_INF).to(ACC)
     present = (s != NEG_INF) & (t != NEG_INF)
     hi, lo = two_sum(t, -s)
     return s, t, present, tl.where(present, hi, 0.0), tl.where(present, lo, 0.0)
@@ -89,7 +97,7 @@ def present_difference_pairs(s_ptr, t_ptr, rows, row_mask, cols, C, s_stride_b, 
 @triton.jit
 def _output_tile(s_ptr, t_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
                  ignore_index, HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     """This program's tile: rows ``BLOCK_B * pid0 ..`` and those that are read (inside the batch,
     label not ``ignore_index``), output classes ``n = BLOCK_C * pid1 ..``, and
     ``present_difference_pairs`` on them."""
@@ -101,7 +109,7 @@ def _output_tile(s_ptr, t_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_strid
     n_cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     s, t, in_n, hi_n, lo_n = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, n_cols, C,
                                                       s_stride_b, s_stride_c, t_stride_b,
-                                                      t_stride_c)
+                                                      t_stride_c, ACC)
     return rows, row_mask, n_cols, s, t, in_n, hi_n, lo_n
 
 
@@ -110,35 +118,35 @@ def _shared_pair_sums(
     s_ptr, t_ptr, m_ptr, rows, row_mask, n_cols, in_n, hi_n, lo_n, C, s_stride_b, s_stride_c,
     t_stride_b, t_stride_c, m_stride_j, m_stride_k, FORWARD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """The sums over the reduction classes ``k`` for the output tile ``n_cols`` of ``rows``:
-    ``(g, wmse, weight, invalid)``: ``g_n`` float32 ``(BLOCK_B, BLOCK_C)`` (backward; forward
+    ``(g, wmse, weight, invalid)`` in ``ACC``: ``g_n`` ``(BLOCK_B, BLOCK_C)`` (backward; forward
     it is not formed), the tile's parts of ``wmse_b`` and of the weight sum ``(BLOCK_B,)``
     (forward) and a flag, 1 where a weight read was negative, inf or NaN; 0 on rows not read."""
     n_in = n_cols < C
     if DOT_PRECISION == "ieee":
         # kept in the products' (BLOCK_B, BLOCK_K, BLOCK_C) layout: no conversion per step
-        g = tl.zeros((BLOCK_B, 1, BLOCK_C), dtype=tl.float32)
-        square = tl.zeros((BLOCK_B, 1, BLOCK_C), dtype=tl.float32)  # sum_k S delta^2
-        weight = tl.zeros((BLOCK_B, 1, BLOCK_C), dtype=tl.float32)  # sum_k S in_k (degree)
+        g = tl.zeros((BLOCK_B, 1, BLOCK_C), dtype=ACC)
+        square = tl.zeros((BLOCK_B, 1, BLOCK_C), dtype=ACC)  # sum_k S delta^2
+        weight = tl.zeros((BLOCK_B, 1, BLOCK_C), dtype=ACC)  # sum_k S in_k (degree)
     else:
-        g = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-        weight = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-    invalid = tl.max(tl.zeros((BLOCK_C,), dtype=tl.float32), axis=0)
+        g = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC)
+        weight = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC)
+    invalid = tl.max(tl.zeros((BLOCK_C,), dtype=ACC), axis=0)
     for k0 in range(0, C, BLOCK_K):
         k_cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         _, _, in_k, hi_k, lo_k = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, k_cols,
                                                           C, s_stride_b, s_stride_c, t_stride_b,
-                                                          t_stride_c)
+                                                          t_stride_c, ACC)
         m_mask = (k_cols[:, None] < C) & n_in[None, :]
         m_kn = tl.load(m_ptr + k_cols[:, None] * m_stride_j + n_cols[None, :] * m_stride_k,
-                       mask=m_mask, other=0.0).to(tl.float32)
+                       mask=m_mask, other=0.0).to(ACC)
         # the programs of one row tile read every entry once as M[k, n]: check them there
         invalid = tl.maximum(invalid, tl.max(tl.max(
-            tl.where((m_kn >= 0.0) & (m_kn <= FINITE_MAX), 0.0, 1.0), axis=1), axis=0))
+            tl.where((m_kn >= 0.0) & (m_kn < POS_INF), 0.0, 1.0), axis=1), axis=0))
         pair = m_kn + tl.load(m_ptr + n_cols[None, :] * m_stride_j + k_cols[:, None] * m_stride_k,
-                              mask=m_mask, other=0.0).to(tl.float32)  # S[k, n]
+                              mask=m_mask, other=0.0).to(ACC)  # S[k, n]
         if DOT_PRECISION == "ieee":
             both = in_k[:, :, None] & in_n[:, None, :]
             w = tl.where(both, pair[None, :, :], 0.0)  # (BLOCK_B, BLOCK_K, BLOCK_C)
@@ -169,27 +177,29 @@ def _shared_pair_sums(
 def wmse_shared_fwd_kernel(
     s_ptr, t_ptr, m_ptr, labels_ptr, parts_ptr,
     B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, ignore_index,
-    num_labels, inv_t, LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    num_labels, inv_t_hi, inv_t_lo, LOSS: tl.constexpr, HAS_LABELS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Grid ``(cdiv(B, BLOCK_B), P = cdiv(C, BLOCK_C))``: part ``pid1`` of each of its rows
-    (``config.PART_*``, float32 ``(NUM_PART_PLANES, P, B)``): this tile's parts of ``wmse_b`` and
+    (``config.PART_*``, ``ACC`` ``(NUM_PART_PLANES, P, B)``): this tile's parts of ``wmse_b`` and
     of the row's weight sum and, ``LOSS``, a flag for an invalid weight read (negative, inf,
     NaN), the cross-entropy statistics of the tile's columns, the row's kept and label-error
-    flags."""
+    flags. Float options as ``float32_pair``s."""
+    inv_t = option(inv_t_hi, inv_t_lo, ACC)
     rows, row_mask, n_cols, s, t, in_n, hi_n, lo_n = _output_tile(
         s_ptr, t_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
-        ignore_index, HAS_LABELS, BLOCK_B, BLOCK_C)
+        ignore_index, HAS_LABELS, BLOCK_B, BLOCK_C, ACC)
     ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 1)  # before the loop: s, t die here
     _, square, weight, invalid = _shared_pair_sums(
         s_ptr, t_ptr, m_ptr, rows, row_mask, n_cols, in_n, hi_n, lo_n, C, s_stride_b,
         s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, True, BLOCK_B, BLOCK_C,
-        BLOCK_K, DOT_PRECISION)
+        BLOCK_K, DOT_PRECISION, ACC)
     in_batch = rows < B
     kept, bad = row_flags(labels_ptr, rows, in_batch, ignore_index, num_labels, HAS_LABELS)
     store_pair_parts(parts_ptr, tl.program_id(1).to(tl.int64) * B + rows,
                      tl.num_programs(1).to(tl.int64) * B, in_batch, square, weight,
-                     tl.zeros((BLOCK_B,), dtype=tl.float32) + invalid, ms, zs, mt, zt, a, kept,
+                     tl.zeros((BLOCK_B,), dtype=ACC) + invalid, ms, zs, mt, zt, a, kept,
                      bad, LOSS)
 
 
@@ -197,23 +207,27 @@ def wmse_shared_fwd_kernel(
 def wmse_shared_bwd_kernel(
     s_ptr, t_ptr, m_ptr, labels_ptr, stats_ptr, totals_ptr, grad_ptr, ds_ptr, dt_ptr,
     B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, grad_stride,
-    ignore_index, inv_t, mse_weight, ce_weight,
+    ignore_index, inv_t_hi, inv_t_lo, mse_weight_hi, mse_weight_lo, ce_weight_hi,
+    ce_weight_lo,
     LOSS: tl.constexpr, HAS_LABELS: tl.constexpr, WITH_CE: tl.constexpr,
     NORMALIZE_BATCH: tl.constexpr, SYMMETRIC: tl.constexpr, NEED_DS: tl.constexpr,
     NEED_DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Same grid, on the tile (contiguous ``(B, C)`` outputs in the inputs' dtypes, 0 on absent
     classes and on rows not read): ``dt = c_b g``, ``ds = -[SYMMETRIC] c_b g + [LOSS] g_ce (q -
     p)``, with ``grad_b = grad[b * grad_stride]`` (0-dim or one per row). ``LOSS``: ``grad`` is the
     loss's gradient, ``c_b`` and ``g_ce`` come from the rows' statistics and the totals
     (``pair_loss_coefficients``); else ``grad`` is the gradient of the rows' wMSE and ``c_b = 2
-    grad_b``."""
+    grad_b``. Float options as ``float32_pair``s."""
+    inv_t = option(inv_t_hi, inv_t_lo, ACC)
+    mse_weight = option(mse_weight_hi, mse_weight_lo, ACC)
+    ce_weight = option(ce_weight_hi, ce_weight_lo, ACC)
     rows, row_mask, n_cols, s, t, in_n, hi_n, lo_n = _output_tile(
         s_ptr, t_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
-        ignore_index, HAS_LABELS, BLOCK_B, BLOCK_C)
+        ignore_index, HAS_LABELS, BLOCK_B, BLOCK_C, ACC)
     in_batch = rows < B
-    grad = tl.load(grad_ptr + rows * grad_stride, mask=in_batch, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + rows * grad_stride, mask=in_batch, other=0.0).to(ACC)
     if LOSS:
         (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
          err, dm) = load_row_stats(stats_ptr, rows, in_batch)
@@ -224,7 +238,7 @@ def wmse_shared_bwd_kernel(
     g, _, _, _ = _shared_pair_sums(
         s_ptr, t_ptr, m_ptr, rows, row_mask, n_cols, in_n, hi_n, lo_n, C, s_stride_b,
         s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, False, BLOCK_B, BLOCK_C,
-        BLOCK_K, DOT_PRECISION)
+        BLOCK_K, DOT_PRECISION, ACC)
     g_d = coef[:, None] * g
     mask = in_batch[:, None] & (n_cols[None, :] < C)
     offsets = rows[:, None] * C + n_cols[None, :]
@@ -232,11 +246,11 @@ def wmse_shared_bwd_kernel(
         if SYMMETRIC:
             ds = -g_d
         else:
-            ds = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+            ds = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC)
         if LOSS and WITH_CE:
             s, t, _, _, _ = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, n_cols, C,
                                                      s_stride_b, s_stride_c, t_stride_b,
-                                                     t_stride_c)
+                                                     t_stride_c, ACC)
             log_zs = tl.log(tl.where(zs != 0.0, zs, 1.0))
             log_zt = tl.log(tl.where(zt != 0.0, zt, 1.0))
             ds += coef_ce[:, None] * softmax_difference(s, t, ms[:, None], log_zs[:, None],
@@ -254,21 +268,23 @@ def _launch_args(student, teacher, weights):
 
 def shared_rows_forward(student, teacher, weights, dot_precision="ieee", block_c=None,
                         labels=None, config=None):
-    """``parts`` float32 ``(planes, P, B)`` (``config.PART_*``) for shared ``(C, C)`` pair
+    """``parts`` ``(planes, P, B)`` in ``compute_dtype`` (``config.PART_*``) for shared ``(C, C)`` pair
     weights; rows labelled ``config.ignore_index`` are not read (``config``: the loss's options,
     for the cross-entropy's temperature and the labels; None: the wMSE and weight sums alone,
     ``part_planes``)."""
     batch, num_classes = student.shape
-    block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision)
+    dtype = compute_dtype(student, teacher)
+    block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision, dtype)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(num_classes, block))
-    parts = torch.empty(part_planes(config), grid[1], batch, dtype=torch.float32,
-                        device=student.device)
+    parts = torch.empty(part_planes(config), grid[1], batch, dtype=dtype, device=student.device)
     wmse_shared_fwd_kernel[grid](
         student, teacher, weights, student if labels is None else labels, parts,
         *_launch_args(student, teacher, weights), *part_scalars(config, num_classes),
         LOSS=config is not None, HAS_LABELS=labels is not None,
-        BLOCK_B=block_b, BLOCK_C=block, BLOCK_K=reduction_block(block_b, block, dot_precision),
-        DOT_PRECISION=dot_precision, **shared_launch_options(block_b, block))
+        BLOCK_B=block_b, BLOCK_C=block,
+        BLOCK_K=reduction_block(block_b, block, dot_precision, dtype),
+        DOT_PRECISION=dot_precision, ACC=accumulator(dtype),
+        **shared_launch_options(block_b, block, dtype))
     return parts
 
 
@@ -279,13 +295,15 @@ def shared_rows_backward(grad, student, teacher, weights, need_ds, need_dt, dot_
     (``grad`` 0-dim), else ``grad`` is the (B,) gradient of the rows' wMSE."""
     batch, num_classes = student.shape
     ds, dt = empty_gradients(student, teacher, need_ds, need_dt)
-    block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision)
+    dtype = compute_dtype(student, teacher)
+    block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision, dtype)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(num_classes, block))
     wmse_shared_bwd_kernel[grid](
         student, teacher, weights, *loss_arguments(loss, student, grad),
         ds if need_ds else student, dt if need_dt else teacher,
         *_launch_args(student, teacher, weights), grad.stride(0) if grad.dim() else 0,
         *loss_scalars(loss), NEED_DS=need_ds, NEED_DT=need_dt, BLOCK_B=block_b, BLOCK_C=block,
-        BLOCK_K=reduction_block(block_b, block, dot_precision), DOT_PRECISION=dot_precision,
-        **loss_flags(loss), **shared_launch_options(block_b, block))
+        BLOCK_K=reduction_block(block_b, block, dot_precision, dtype),
+        DOT_PRECISION=dot_precision, ACC=accumulator(dtype), **loss_flags(loss),
+        **shared_launch_options(block_b, block, dtype))
     return ds, dt

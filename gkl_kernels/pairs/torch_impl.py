@@ -22,7 +22,8 @@ No ``B x C x C`` temporary exists. The forward also returns ``g``
 import torch
 
 from gkl_kernels.rank1.config import STAT_ERROR, STAT_KEPT, STAT_M2, STAT_W
-from gkl_kernels.rank1.torch_impl import compute_dtype, row_stats_torch
+from gkl_kernels.rank1.config import compute_dtype
+from gkl_kernels.rank1.torch_impl import row_stats_torch
 
 CHUNK_ELEMENTS = 1 << 18  # float64 elements of one per-row weight chunk (2 MiB)
 SHARED_BLOCK_ELEMENTS = 1 << 17  # float64 elements of one row block of S (1 MiB)

@@ -7,6 +7,8 @@ The custom ops take the config as two lists (``config.floats``, ``config.ints``)
 
 from dataclasses import dataclass, fields
 
+import torch
+
 # weight sources
 SOURCE_TEACHER = 0  # v = softmax(t / T2) ** gamma
 SOURCE_PRIOR = 1  # v = prior[label] ** gamma
@@ -40,6 +42,12 @@ NUM_PART_PLANES = 10
 # ``K`` (the largest row scale) and a mantissa, so that no weight scale overflows or underflows.
 (TOTAL_K, TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE, TOTAL_CE, TOTAL_ERROR) = range(6)
 NUM_TOTALS = 8
+
+
+def compute_dtype(student, teacher):
+    """float64 when either logit tensor is float64, else float32: the dtype of the arithmetic,
+    the statistics, the totals and the loss on both backends."""
+    return torch.promote_types(torch.float32, torch.promote_types(student.dtype, teacher.dtype))
 
 
 @dataclass(frozen=True)

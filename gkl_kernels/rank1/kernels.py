@@ -26,25 +26,46 @@ and writes ``grad s`` (3; +1 for ``grad t``); an explicit factor or gathered pri
 read per pass. Per row, 16 floats are written forward and read backward.
 """
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS
+from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, compute_dtype
 
 MAX_BLOCK_C = 4096
+MAX_BLOCK_C_FLOAT64 = 2048  # float64 tiles of 4096 spill (sm_90a)
 FINISH_BLOCK_ROWS = 1024
 LOG2E = tl.constexpr(1.4426950408889634)
 NEG_INF = tl.constexpr(float("-inf"))
-FINITE_MAX = tl.constexpr(3.4028234663852886e38)
+POS_INF = tl.constexpr(float("inf"))
 
 
-def pick_block_c(num_classes, block_c=0):
-    """Columns per tile: the whole row up to ``MAX_BLOCK_C`` (a power of two), else tiles of it."""
+def accumulator(dtype):
+    """The kernels' ``ACC`` for statistics of torch ``dtype``: float64 or float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def float32_pair(x):
+    """A float option as the float32 pair ``(hi, lo)`` with ``hi + lo = x`` to about 2^-48
+    (``option`` in the kernels): Triton passes Python floats as float32, and the float64
+    kernels need the option to float64 precision."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32: as float32 gives it
+        return float("inf") if x > 0 else float("-inf"), 0.0
+    return hi, x - hi
+
+
+def pick_block_c(num_classes, block_c=0, dtype=torch.float32):
+    """Columns per tile: the whole row up to ``MAX_BLOCK_C`` (``MAX_BLOCK_C_FLOAT64`` when the
+    statistics' ``dtype`` is float64; a power of two), else tiles of it."""
     if block_c:
         return block_c
-    return min(triton.next_power_of_2(num_classes), MAX_BLOCK_C)
+    widest = MAX_BLOCK_C_FLOAT64 if dtype == torch.float64 else MAX_BLOCK_C
+    return min(triton.next_power_of_2(num_classes), widest)
 
 
 def pick_num_warps(block_c):
@@ -62,6 +83,15 @@ def two_sum(a, b):
     h = a + b
     bb = h - a
     return h, (a - (h - bb)) + (b - bb)
+
+
+@triton.jit
+def option(hi, lo, ACC: tl.constexpr):
+    """A float option in ``ACC`` from its ``float32_pair``."""
+    value = hi
+    if ACC == tl.float64:
+        value = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    return value
 
 
 @triton.jit
@@ -167,11 +197,11 @@ def _tile_moments(v, hi, lo, in_wmse, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _given_factor(v_row, cols, mask, gamma, SOURCE: tl.constexpr):
-    """The given weights on one tile, ``p ** gamma`` for a prior row (``0 ** 0 = 1``) or ``v``,
-    and whether each entry is finite and >= 0."""
-    raw = tl.load(v_row + cols, mask=mask, other=0.0).to(tl.float32)
-    valid = ((raw >= 0.0) & (raw <= FINITE_MAX)) | (mask == 0)
+def _given_factor(v_row, cols, mask, gamma, SOURCE: tl.constexpr, ACC: tl.constexpr):
+    """The given weights on one tile in ``ACC``, ``p ** gamma`` for a prior row (``0 ** 0 = 1``)
+    or ``v``, and whether each entry is finite and >= 0."""
+    raw = tl.load(v_row + cols, mask=mask, other=0.0).to(ACC)
+    valid = ((raw >= 0.0) & (raw < POS_INF)) | (mask == 0)
     if SOURCE == 1:
         raw = tl.where(raw > 0.0, tl.exp2(gamma * tl.log2(raw)),
                        tl.where(gamma == 0.0, 1.0, 0.0))
@@ -201,14 +231,15 @@ def _row_start(labels_ptr, row, num_labels, ignore_index, HAS_LABELS: tl.constex
 
 
 @triton.jit
-def _load_tile(s_row, t_row, c0, C, live_cols, s_stride_c, t_stride_c, BLOCK_C: tl.constexpr):
-    """Columns ``c0 ..`` (int64) of s and t in float32, ``-inf`` outside ``[0, live_cols)`` (C,
+def _load_tile(s_row, t_row, c0, C, live_cols, s_stride_c, t_stride_c, BLOCK_C: tl.constexpr,
+               ACC: tl.constexpr):
+    """Columns ``c0 ..`` (int64) of s and t in ``ACC``, ``-inf`` outside ``[0, live_cols)`` (C,
     or 0 for a row that is not read), the row's lane mask, the loaded lanes, and the wMSE's
     classes (both logits > -inf)."""
     cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
     load = cols < live_cols
-    s = tl.load(s_row + cols * s_stride_c, mask=load, other=NEG_INF).to(tl.float32)
-    t = tl.load(t_row + cols * t_stride_c, mask=load, other=NEG_INF).to(tl.float32)
+    s = tl.load(s_row + cols * s_stride_c, mask=load, other=NEG_INF).to(ACC)
+    t = tl.load(t_row + cols * t_stride_c, mask=load, other=NEG_INF).to(ACC)
     return cols, cols < C, load, s, t, (s != NEG_INF) & (t != NEG_INF)
 
 
@@ -216,12 +247,16 @@ def _load_tile(s_row, t_row, c0, C, live_cols, s_stride_c, t_stride_c, BLOCK_C: 
 def row_stats_kernel(
     s_ptr, t_ptr, v_ptr, labels_ptr, stats_ptr,
     C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, v_stride_b, v_stride_c,
-    gamma, inv_t, inv_t2, ignore_index, num_labels,
+    gamma_hi, gamma_lo, inv_t_hi, inv_t_lo, inv_t2_hi, inv_t2_lo, ignore_index, num_labels,
     SOURCE: tl.constexpr, WITH_CE: tl.constexpr, HAS_LABELS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One program per row: ``stats[b, :]`` (``config.STAT_*``) over the row's columns. ``v_ptr``
-    is the explicit (B, C) factor, the (C, C) prior (row of the label) or unused."""
+    """One program per row: ``stats[b, :]`` (``config.STAT_*``) over the row's columns, computed
+    in ``ACC`` (float32; float64 for float64 logits). ``v_ptr`` is the explicit (B, C) factor,
+    the (C, C) prior (row of the label) or unused; the float options as ``float32_pair``s."""
+    gamma = option(gamma_hi, gamma_lo, ACC)
+    inv_t = option(inv_t_hi, inv_t_lo, ACC)
+    inv_t2 = option(inv_t2_hi, inv_t2_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     kept, bad_label, label = _row_start(labels_ptr, row, num_labels, ignore_index, HAS_LABELS)
     live = kept & (bad_label == 0)
@@ -232,7 +267,7 @@ def row_stats_kernel(
     else:
         v_row = v_ptr + row * v_stride_b
     gamma_t2 = gamma * inv_t2 * LOG2E
-    zero = tl.sum(tl.zeros([BLOCK_C], dtype=tl.float32), axis=0)
+    zero = tl.sum(tl.zeros([BLOCK_C], dtype=ACC), axis=0)
     ms = zero + NEG_INF
     zs = zero
     mt = zero + NEG_INF
@@ -249,7 +284,7 @@ def row_stats_kernel(
     live_cols = tl.where(live, C, 0)
     for c0 in range(0, live_cols, BLOCK_C):
         cols, mask, load, s, t, in_wmse = _load_tile(s_row, t_row, c0, C, live_cols, s_stride_c,
-                                                     t_stride_c, BLOCK_C)
+                                                     t_stride_c, BLOCK_C, ACC)
         mt_tile = tl.max(t, axis=0)
         if SOURCE < 3:  # rank-one weights (pairs: the wMSE is the pair kernels')
             if SOURCE == 0:
@@ -259,9 +294,9 @@ def row_stats_kernel(
                 z_w = z_w * _rescale(mt, tl.maximum(mt, mt_tile), inv_t2) + \
                     z_w_tile * _rescale(mt_tile, tl.maximum(mt, mt_tile), inv_t2)
             else:
-                raw, valid = _given_factor(v_row, cols * v_stride_c, mask, gamma, SOURCE)
+                raw, valid = _given_factor(v_row, cols * v_stride_c, mask, gamma, SOURCE, ACC)
                 bad_weight = bad_weight | (tl.min(valid.to(tl.int32), axis=0) == 0)
-                top = tl.max(tl.where(in_wmse & (raw <= FINITE_MAX), raw, 0.0), axis=0)
+                top = tl.max(tl.where(in_wmse & (raw < POS_INF), raw, 0.0), axis=0)
                 scale_tile = tl.where(top > 0.0, tl.floor(tl.log2(top)), NEG_INF)
             v = _scaled_factor(t, raw, in_wmse, mt_tile, scale_tile, gamma_t2, SOURCE)
             hi, lo = _difference(s, t, in_wmse)
@@ -366,12 +401,13 @@ def row_flags(labels_ptr, rows, mask, ignore_index, num_labels, HAS_LABELS: tl.c
 
 
 @triton.jit
-def _merged_parts(parts_ptr, num_parts, B, rows, mask, inv_t, BLOCK_R: tl.constexpr):
+def _merged_parts(parts_ptr, num_parts, B, rows, mask, inv_t, BLOCK_R: tl.constexpr,
+                  ACC: tl.constexpr):
     """Pair weights: ``(ms, zs, mt, zt, a, W, M2, kept, error)`` of rows from the pair kernels'
-    ``num_parts`` column parts (float32 ``(NUM_PART_PLANES, num_parts, B)``, ``config.PART_*``):
+    ``num_parts`` column parts (``ACC`` ``(NUM_PART_PLANES, num_parts, B)``, ``config.PART_*``):
     the cross-entropy merged, wMSE and weight sums added, the kept and label-error flags of the
     first part, an invalid weight in any part an error."""
-    zero = tl.zeros([BLOCK_R], dtype=tl.float32)
+    zero = tl.zeros([BLOCK_R], dtype=ACC)
     ms = zero + NEG_INF
     zs = zero
     mt = zero + NEG_INF
@@ -400,7 +436,8 @@ def _merged_parts(parts_ptr, num_parts, B, rows, mask, inv_t, BLOCK_R: tl.conste
 
 @triton.jit
 def _finished_rows(stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE: tl.constexpr,
-                   FROM_PARTS: tl.constexpr, STORE: tl.constexpr, BLOCK_R: tl.constexpr):
+                   FROM_PARTS: tl.constexpr, STORE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   ACC: tl.constexpr):
     """Rows ``r0 ..`` of the statistics finished (``finish_row``), their weights, kept flags,
     error flags, and which of them count in the normaliser (kept, with weight). ``FROM_PARTS``
     (pair weights): the statistics come from the pair kernels' parts (``_merged_parts``), and
@@ -409,7 +446,7 @@ def _finished_rows(stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE:
     mask = rows < B
     if FROM_PARTS:
         ms, zs, mt, zt, a, weight, m2, kept, err = _merged_parts(parts_ptr, num_parts, B, rows,
-                                                                 mask, inv_t, BLOCK_R)
+                                                                 mask, inv_t, BLOCK_R, ACC)
         z_w = weight * 0.0
         scale = z_w + NEG_INF
         if STORE:
@@ -424,24 +461,29 @@ def _finished_rows(stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE:
 
 @triton.jit(debug=True)
 def finish_loss_kernel(
-    stats_ptr, parts_ptr, loss_ptr, totals_ptr, B, num_parts, gamma, inv_t, mse_weight,
-    ce_weight,
+    stats_ptr, parts_ptr, loss_ptr, totals_ptr, B, num_parts, gamma_hi, gamma_lo, inv_t_hi,
+    inv_t_lo, mse_weight_hi, mse_weight_lo, ce_weight_hi, ce_weight_lo,
     SOURCE: tl.constexpr, WITH_CE: tl.constexpr, WITH_WMSE: tl.constexpr,
     NORMALIZE_BATCH: tl.constexpr, FROM_PARTS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One program: ``loss = mse_weight wmse_sum / (4 N) + ce_weight ce_sum / R`` over the kept
     rows and the totals (``config.TOTAL_*``); ``N = DEN 2^(2K)`` (``normalize="weights"``) or
     ``R``. A wMSE term with ``N = 0`` and a CE term with ``R = 0`` are 0. Two passes over the
     (B, 16) statistics in a fixed order (deterministic); invalid inputs fail a device assertion
     (compiled kernels; under the interpreter the launcher's host checks stand for it)."""
-    zero = tl.sum(tl.zeros([BLOCK_R], dtype=tl.float32), axis=0)
+    gamma = option(gamma_hi, gamma_lo, ACC)
+    inv_t = option(inv_t_hi, inv_t_lo, ACC)
+    mse_weight = option(mse_weight_hi, mse_weight_lo, ACC)
+    ce_weight = option(ce_weight_hi, ce_weight_lo, ACC)
+    zero = tl.sum(tl.zeros([BLOCK_R], dtype=ACC), axis=0)
     top = zero + NEG_INF
     rows_kept = zero
     error = zero
     for r0 in range(0, B, BLOCK_R):
         exponent, wmse, ce, weight, kept, err, counted = _finished_rows(
             stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE, FROM_PARTS, FROM_PARTS,
-            BLOCK_R)
+            BLOCK_R, ACC)
         top = tl.maximum(top, tl.max(tl.where(counted, exponent, NEG_INF), axis=0))
         rows_kept += tl.sum(kept, axis=0)
         error = tl.maximum(error, tl.max(err, axis=0))
@@ -457,7 +499,7 @@ def finish_loss_kernel(
     for r0 in range(0, B, BLOCK_R):
         exponent, wmse, ce, weight, kept, err, counted = _finished_rows(
             stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE, FROM_PARTS, False,
-            BLOCK_R)
+            BLOCK_R, ACC)
         f = tl.exp2(tl.where(counted, exponent, top) - top)
         wmse_sum += tl.sum(tl.where(counted, f * f * wmse, 0.0), axis=0)
         if SOURCE == 4:
@@ -514,21 +556,27 @@ def softmax_difference(s, t, ms, log_zs, mt, log_zt, inv_t):
 def loss_backward_kernel(
     s_ptr, t_ptr, v_ptr, labels_ptr, stats_ptr, totals_ptr, grad_loss_ptr, ds_ptr, dt_ptr,
     C, s_stride_b, s_stride_c, t_stride_b, t_stride_c, v_stride_b, v_stride_c, grad_stride,
-    gamma, inv_t, inv_t2, mse_weight, ce_weight,
+    gamma_hi, gamma_lo, inv_t_hi, inv_t_lo, inv_t2_hi, inv_t2_lo, mse_weight_hi, mse_weight_lo,
+    ce_weight_hi, ce_weight_lo,
     SOURCE: tl.constexpr, WITH_CE: tl.constexpr, WITH_WMSE: tl.constexpr,
     NORMALIZE_BATCH: tl.constexpr, SYMMETRIC: tl.constexpr, NEED_DS: tl.constexpr,
-    NEED_DT: tl.constexpr, BLOCK_C: tl.constexpr,
+    NEED_DT: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One program per row: ``dt = g_d``, ``ds = g_ce (q - p) - [SYMMETRIC] g_d`` with
+    """One program per row (in ``ACC``): ``dt = g_d``, ``ds = g_ce (q - p) - [SYMMETRIC] g_d`` with
     ``g_d = (dL/dwmse_b) 4 W v (d - mu)``, ``q = softmax(s/T)``, ``p = softmax(t/T)``, scaled by
     the incoming gradient (``grad_loss[b * grad_stride]``: 0-dim, or one per row). Ignored rows:
     zeros, logits unread."""
+    gamma = option(gamma_hi, gamma_lo, ACC)
+    inv_t = option(inv_t_hi, inv_t_lo, ACC)
+    inv_t2 = option(inv_t2_hi, inv_t2_lo, ACC)
+    mse_weight = option(mse_weight_hi, mse_weight_lo, ACC)
+    ce_weight = option(ce_weight_hi, ce_weight_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
     (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
      err, dm) = load_row_stats(stats_ptr, row, row >= 0)
     live = kept > 0.0
     exponent, wmse, ce = finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE)
-    grad = tl.load(grad_loss_ptr + row * grad_stride).to(tl.float32)
+    grad = tl.load(grad_loss_ptr + row * grad_stride).to(ACC)
     rows_kept = tl.maximum(tl.load(totals_ptr + 2), 1.0)
     coef_ce = tl.where(live, grad * ce_weight * inv_t / rows_kept, 0.0)
     coef_d = coef_ce * 0.0
@@ -555,12 +603,12 @@ def loss_backward_kernel(
     live_cols = tl.where(live, C, 0)
     for c0 in range(0, C, BLOCK_C):
         cols, mask, load, s, t, in_wmse = _load_tile(s_row, t_row, c0, C, live_cols, s_stride_c,
-                                                     t_stride_c, BLOCK_C)
-        g_d = tl.zeros([BLOCK_C], dtype=tl.float32)
+                                                     t_stride_c, BLOCK_C, ACC)
+        g_d = tl.zeros([BLOCK_C], dtype=ACC)
         if WITH_WMSE:
             raw = t
             if SOURCE != 0:
-                raw, valid = _given_factor(v_row, cols * v_stride_c, load, gamma, SOURCE)
+                raw, valid = _given_factor(v_row, cols * v_stride_c, load, gamma, SOURCE, ACC)
             v = _scaled_factor(t, raw, in_wmse, mt, scale, gamma_t2, SOURCE)
             hi, lo = _difference(s, t, in_wmse)
             g_d = tl.where(in_wmse, coef_d * v * (((hi - ph) + (lo - pl)) - dm), 0.0)
@@ -568,7 +616,7 @@ def loss_backward_kernel(
             if SYMMETRIC:
                 ds = -g_d
             else:
-                ds = tl.zeros([BLOCK_C], dtype=tl.float32)
+                ds = tl.zeros([BLOCK_C], dtype=ACC)
             if WITH_CE:
                 ds += coef_ce * softmax_difference(s, t, ms, log_zs, mt, log_zt, inv_t)
             tl.store(ds_ptr + row * C + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
@@ -588,34 +636,38 @@ def _factor_args(config, factor, labels, like):
 
 
 def row_stats(student, teacher, factor, labels, config):
-    """Launch ``row_stats_kernel``: float32 ``(B, NUM_STATS)``."""
+    """Launch ``row_stats_kernel``: ``(B, NUM_STATS)`` in ``compute_dtype``."""
     batch, num_classes = student.shape
-    stats = torch.empty(batch, NUM_STATS, dtype=torch.float32, device=student.device)
+    stats = torch.empty(batch, NUM_STATS, dtype=compute_dtype(student, teacher),
+                        device=student.device)
     v_ptr, v_sb, v_sc, labels_ptr = _factor_args(config, factor, labels, student)
-    block = pick_block_c(num_classes, config.block_c)
+    block = pick_block_c(num_classes, config.block_c, stats.dtype)
     row_stats_kernel[(batch,)](
         student, teacher, v_ptr, labels_ptr, stats,
         num_classes, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        v_sb, v_sc, config.gamma, 1.0 / config.temperature, 1.0 / config.weight_temperature,
-        config.ignore_index, config.num_labels or num_classes, SOURCE=config.source, WITH_CE=config.with_ce,
-        HAS_LABELS=config.has_labels, BLOCK_C=block, num_warps=pick_num_warps(block))
+        v_sb, v_sc, *float32_pair(config.gamma), *float32_pair(1.0 / config.temperature),
+        *float32_pair(1.0 / config.weight_temperature), config.ignore_index,
+        config.num_labels or num_classes, SOURCE=config.source, WITH_CE=config.with_ce,
+        HAS_LABELS=config.has_labels, BLOCK_C=block, ACC=accumulator(stats.dtype),
+        num_warps=pick_num_warps(block))
     return stats
 
 
 def finish_loss(stats, config, pair_parts=None):
-    """Launch ``finish_loss_kernel``: ``(loss (), totals (NUM_TOTALS,))`` float32 from the
-    statistics, or (``pair_parts``: the pair kernels' ``(NUM_PART_PLANES, parts, B)`` parts) from
-    those, writing the rows' statistics to ``stats``."""
-    loss = torch.empty((), dtype=torch.float32, device=stats.device)
-    totals = torch.empty(NUM_TOTALS, dtype=torch.float32, device=stats.device)
+    """Launch ``finish_loss_kernel``: ``(loss (), totals (NUM_TOTALS,))`` in the statistics'
+    dtype from the statistics, or (``pair_parts``: the pair kernels' ``(NUM_PART_PLANES, parts,
+    B)`` parts, of that dtype) from those, writing the rows' statistics to ``stats``."""
+    loss = torch.empty((), dtype=stats.dtype, device=stats.device)
+    totals = torch.empty(NUM_TOTALS, dtype=stats.dtype, device=stats.device)
     parts = stats if pair_parts is None else pair_parts
     finish_loss_kernel[(1,)](
         stats, parts, loss, totals, stats.shape[0],
-        0 if pair_parts is None else pair_parts.shape[1], config.gamma,
-        1.0 / config.temperature, config.mse_weight, config.ce_weight,
+        0 if pair_parts is None else pair_parts.shape[1], *float32_pair(config.gamma),
+        *float32_pair(1.0 / config.temperature), *float32_pair(config.mse_weight),
+        *float32_pair(config.ce_weight),
         SOURCE=config.source, WITH_CE=config.with_ce, WITH_WMSE=config.with_wmse,
         NORMALIZE_BATCH=config.normalize_batch, FROM_PARTS=pair_parts is not None,
-        BLOCK_R=FINISH_BLOCK_ROWS, num_warps=4)
+        BLOCK_R=FINISH_BLOCK_ROWS, ACC=accumulator(stats.dtype), num_warps=4)
     return loss, totals
 
 
@@ -626,15 +678,16 @@ def loss_backward(grad_loss, student, teacher, factor, labels, stats, totals, co
     batch, num_classes = student.shape
     ds, dt = empty_gradients(student, teacher, need_ds, need_dt)
     v_ptr, v_sb, v_sc, labels_ptr = _factor_args(config, factor, labels, student)
-    block = pick_block_c(num_classes, config.block_c)
+    block = pick_block_c(num_classes, config.block_c, stats.dtype)
     loss_backward_kernel[(batch,)](
         student, teacher, v_ptr, labels_ptr, stats, totals, grad_loss,
         ds if need_ds else student, dt if need_dt else teacher,
         num_classes, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        v_sb, v_sc, grad_loss.stride(0) if grad_loss.dim() else 0, config.gamma,
-        1.0 / config.temperature, 1.0 / config.weight_temperature,
-        config.mse_weight, config.ce_weight,
+        v_sb, v_sc, grad_loss.stride(0) if grad_loss.dim() else 0, *float32_pair(config.gamma),
+        *float32_pair(1.0 / config.temperature), *float32_pair(1.0 / config.weight_temperature),
+        *float32_pair(config.mse_weight), *float32_pair(config.ce_weight),
         SOURCE=config.source, WITH_CE=config.with_ce, WITH_WMSE=config.with_wmse,
         NORMALIZE_BATCH=config.normalize_batch, SYMMETRIC=config.symmetric, NEED_DS=need_ds,
-        NEED_DT=need_dt, BLOCK_C=block, num_warps=pick_num_warps(block))
+        NEED_DT=need_dt, BLOCK_C=block, ACC=accumulator(stats.dtype),
+        num_warps=pick_num_warps(block))
     return ds, dt

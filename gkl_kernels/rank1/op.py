@@ -29,8 +29,9 @@ from gkl_kernels.buffers import fake_gradients
 from gkl_kernels.rank1 import kernels
 from gkl_kernels.pairs.op import pair_loss_backward_triton, pair_loss_triton
 from gkl_kernels.pairs.torch_impl import pair_loss_stats_torch
-from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS, RowConfig
-from gkl_kernels.rank1.torch_impl import (compute_dtype, finish_loss_torch, loss_backward_torch,
+from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS, RowConfig,
+                                      compute_dtype)
+from gkl_kernels.rank1.torch_impl import (finish_loss_torch, loss_backward_torch,
                                           loss_gradients_torch, row_stats_torch)
 
 

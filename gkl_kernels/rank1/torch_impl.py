@@ -18,15 +18,9 @@ from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE
                                       SOURCE_PRIOR, SOURCE_TEACHER, STAT_A, STAT_DM, STAT_ERROR,
                                       STAT_KEPT, STAT_L, STAT_M2, STAT_MS, STAT_MT, STAT_PH,
                                       STAT_PL, STAT_W, STAT_ZS, STAT_ZT, STAT_ZW, TOTAL_DEN,
-                                      TOTAL_K, TOTAL_ROWS)
+                                      TOTAL_K, TOTAL_ROWS, compute_dtype)
 
 INF = float("inf")
-
-
-def compute_dtype(student, teacher):
-    """float64 when either logit tensor is float64, else float32: the torch path's arithmetic and
-    its statistics' dtype."""
-    return torch.promote_types(torch.float32, torch.promote_types(student.dtype, teacher.dtype))
 
 
 def _two_sum(a, b):
