@@ -95,8 +95,8 @@ SHARED_BATCHES = (1, 256)  # the batches the shared sweep considers: BLOCK_B fol
 UNALIGNED_CLASSES = (10, 1000)
 ALIGNED_CLASSES = 1024
 PER_ROW_CLASSES = (2, 17, 1000)
-TRITON_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                torch.int64: "i64", torch.int32: "i32"}
+TRITON_TYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16",
+                torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
 INTERPRET_VARIABLE = "TRITON_INTERPRET"
 MEASUREMENTS_FILE = "gkl_compile_report.json"
 

@@ -5,7 +5,8 @@ weights ``v_j v_k`` run in O(C) per row (``rank1``); shared ``(C, C)`` and per-r
 weights in tiled kernels (``pairs``). No ``B x C x C`` tensor is ever built.
 """
 
-from typing import Any, Optional
+from dataclasses import replace
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, distributed
@@ -19,11 +20,15 @@ from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE, 
 from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
                                   rank1_loss_backward, rank1_row_stats)
 from gkl_kernels.rank1.torch_impl import row_losses_torch
+from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
+                                        compact_rows, drop_rest, optional_factor,
+                                        readable_indices)
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction, WeightsKind
 
 
 
-def gkl_loss(student: Tensor, teacher: Tensor, *, labels: Optional[Tensor] = None,
+def gkl_loss(student: Tensor, teacher: Union[Tensor, SparseTeacher], *,
+             labels: Optional[Tensor] = None,
              class_prior: Optional[Tensor] = None, weights: Optional[Tensor] = None,
              weights_kind: Optional[WeightsKind] = None, gamma: float = 1.0,
              temperature: float = 1.0, weight_temperature: float = 1.0, mse_weight: float = 1.0,
@@ -40,7 +45,9 @@ def gkl_loss(student: Tensor, teacher: Tensor, *, labels: Optional[Tensor] = Non
     Args:
         student, teacher: logits ``(..., C)`` of one shape (rows: every leading index),
             float32 / float16 / bfloat16 (the dtypes may differ) or float64 (computed in float64,
-            on both backends).
+            on both backends). ``teacher`` may be a ``SparseTeacher``, its cached top-k classes
+            (``sparse_teacher``: the loss over them and one class for the rest; rank-one
+            ``weights`` or ``class_prior`` are gathered there).
         labels: ``(...)`` int64 / int32 class indices, for ``class_prior`` and ``ignore_index``.
         class_prior: ``(C, C)``; row ``b`` uses ``v = class_prior[labels[b]] ** gamma``.
         weights: pair weights, constants: ``(..., C)`` a rank-one factor ``v`` (``w = v_j v_k``),
@@ -89,11 +96,14 @@ def gkl_loss(student: Tensor, teacher: Tensor, *, labels: Optional[Tensor] = Non
                                  weights_kind=weights_kind)
 
 
-def gkl_loss_with_options(student: Tensor, teacher: Tensor, options: GKLOptions, *,
-                          labels: Optional[Tensor] = None, class_prior: Optional[Tensor] = None,
-                          weights: Optional[Tensor] = None,
+def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher],
+                          options: GKLOptions, *, labels: Optional[Tensor] = None,
+                          class_prior: Optional[Tensor] = None, weights: Optional[Tensor] = None,
                           weights_kind: Optional[WeightsKind] = None) -> Tensor:
     """``gkl_loss`` with its scalar options given as a checked ``GKLOptions``."""
+    if isinstance(teacher, SparseTeacher):
+        return _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights,
+                                    weights_kind)
     check.check_logits(student, teacher, any_rows=True)
     lead = student.shape[:-1]
     if student.dim() != 2:
@@ -147,6 +157,56 @@ def gkl_loss_with_options(student: Tensor, teacher: Tensor, options: GKLOptions,
         return TorchRankOneLoss.apply(student, teacher, factor, labels, config)
     return rank1_loss(student, teacher, factor, labels, config.floats, config.ints,
                       _gradients_wanted(student, teacher))[0]
+
+
+def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights, weights_kind):
+    """``gkl_loss`` on a ``SparseTeacher``: the loss of the compact rows (``sparse_teacher``);
+    ``"drop"`` as its wMSE term plus ``ce_weight`` times the cached mass times each row's
+    renormalised cross-entropy (one more call of the row kernel)."""
+    check.check_logits(student, student, any_rows=True)
+    if weights is not None and (weights_kind not in (None, "factor")
+                                or weights.shape != student.shape):
+        raise ValueError(f"a SparseTeacher takes rank-one weights (..., C) = "
+                         f"{tuple(student.shape)} or class_prior, got weights of shape "
+                         f"{tuple(weights.shape)}" + (f" (weights_kind={weights_kind!r})"
+                                                      if weights_kind else ""))
+    if labels is not None:
+        if isinstance(labels, Tensor) and labels.shape != student.shape[:-1]:
+            raise ValueError(f"labels must have the logits' leading shape "
+                             f"{tuple(student.shape[:-1])}, got {tuple(labels.shape)}")
+        check.check_labels(labels.reshape(-1) if isinstance(labels, Tensor) else labels,
+                           student[..., 0].numel(), student.shape[-1], student.device,
+                           options.check_values, options.ignore_index)
+    if class_prior is not None:
+        if labels is None:
+            raise ValueError("class_prior needs labels (...) to pick each row's prior")
+        check.check_tensor("class_prior", class_prior, (student.shape[-1],) * 2,
+                           check.LOGIT_DTYPES, student.device)
+    ignored = None if labels is None else labels == options.ignore_index
+    teacher = readable_indices(teacher, ignored)
+    check_sparse_teacher(teacher, student, options.check_values, ignored)
+    s_rows, t_rows, mass = compact_rows(student, teacher, options.temperature, ignored)
+    factor = optional_factor(weights, class_prior, labels, options)
+    compact = None if factor is None else compact_factor(factor.detach(), teacher.indices)
+    # the compact rows need the labels only to drop the ignored rows (the prior is gathered)
+    mask = None if labels is None else torch.where(ignored, options.ignore_index, 0)
+
+    def loss(**changes):
+        return gkl_loss_with_options(s_rows, t_rows, replace(options, **changes), labels=mask,
+                                     weights=compact,
+                                     weights_kind=None if compact is None else "factor")
+    if mass is None:
+        return loss()
+    if options.sync_normalizer:
+        raise ValueError("sync_normalizer does not combine with rest='drop' (its cross-entropy "
+                         "is averaged here, per process)")
+    wmse = loss(ce_weight=0.0)
+    rows_ce, count = drop_rest(loss(mse_weight=0.0, ce_weight=1.0, reduction="none"), mass,
+                               labels, options.ignore_index)
+    if options.reduction == "none":
+        return wmse + options.ce_weight * rows_ce
+    total = options.ce_weight * rows_ce.sum()
+    return wmse + (total if options.reduction == "sum" else total / count)
 
 
 def _as_rows(student, teacher, labels, weights):

@@ -1,11 +1,12 @@
 """``GKLLoss``: the ``nn.Module`` form of ``gkl_loss``, holding its options."""
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
 from gkl_kernels.functional import gkl_loss_with_options
 from gkl_kernels.options import GKLOptions
+from gkl_kernels.sparse_teacher import SparseTeacher
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction, WeightsKind
 
 
@@ -40,19 +41,21 @@ class GKLLoss(nn.Module):
                                   dot_precision=dot_precision, sync_normalizer=sync_normalizer,
                                   process_group=process_group, ignore_index=ignore_index)
 
-    def forward(self, student: Tensor, teacher: Tensor, labels: Optional[Tensor] = None,
+    def forward(self, student: Tensor, teacher: Union[Tensor, SparseTeacher],
+                labels: Optional[Tensor] = None,
                 class_prior: Optional[Tensor] = None, weights: Optional[Tensor] = None,
                 weights_kind: Optional[WeightsKind] = None) -> Tensor:
         """The loss of ``student`` against ``teacher``.
 
         Args:
-            student, teacher: logits ``(..., C)``.
+            student, teacher: logits ``(..., C)``; ``teacher`` may be a ``SparseTeacher``.
             labels: ``(...)`` class indices (the class prior's rows, ``ignore_index``).
             class_prior: ``(C, C)`` prior; weights: ``(..., C)``, ``(C, C)`` or ``(..., C, C)``
                 pair weights; weights_kind: as in ``gkl_loss``.
 
         Returns:
-            float32, 0-dim (``reduction`` ``"mean"`` / ``"sum"``) or ``(...)`` (``"none"``).
+            float32 (float64 for float64 logits), 0-dim (``reduction`` ``"mean"`` / ``"sum"``)
+            or ``(...)`` (``"none"``).
         """
         return gkl_loss_with_options(student, teacher, self.options, labels=labels,
                                      class_prior=class_prior, weights=weights,

@@ -215,8 +215,8 @@ def _launch_args(student, teacher, weights):
 
 
 def per_row_rows_forward(student, teacher, weights, block_c=None, labels=None, config=None):
-    """``parts`` ``(planes, P, B)`` in ``compute_dtype`` (``config.PART_*``) for per-row ``(B, C, C)`` pair
-    weights; ``labels``, ``config`` as in ``shared_rows_forward``."""
+    """``parts`` ``(planes, P, B)`` in ``compute_dtype`` (``config.PART_*``) for per-row
+    ``(B, C, C)`` pair weights; ``labels``, ``config`` as in ``shared_rows_forward``."""
     batch, num_classes = student.shape
     dtype = compute_dtype(student, teacher)
     block_j, block_k = pick_per_row_blocks(num_classes, block_c, dtype)

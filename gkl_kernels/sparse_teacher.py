@@ -1,0 +1,168 @@
+"""A teacher cached as its top-k classes (offline distillation): indices ``(..., k)`` and values
+``(..., k)``, log-probabilities (or logits) at the temperature ``T_gen`` they were made at.
+
+The loss runs on compact rows of ``k + 1`` columns, the cached classes and one "rest" column
+that stands for every other class of the vocabulary (docs/MATH.md, "Sparse teacher"):
+
+- teacher: ``t_j = T_gen x_j`` on the cached classes (a log-probability and a logit differ by a
+  per-row constant, which the loss does not see), and on the rest column ``-inf`` (absent) or,
+  with ``rest="rest"``, ``T_gen log(1 - sum_j exp(x_j))``, the mass the cache left out;
+- student: its logits on the cached classes, and on the rest column ``T logsumexp(s_o / T)``
+  over the other classes ``o``, so that the softmax over the ``k + 1`` columns at the
+  cross-entropy's temperature ``T`` is the student's full-vocabulary softmax, grouped.
+
+With that, ``rest`` decides how the teacher's mass outside the top-k enters:
+``"renormalize"`` (the teacher's softmax over the cached classes; the wMSE over them),
+``"drop"`` (the cross-entropy against the cached probabilities ``exp(x_j)`` as given, summing to
+``m_b < 1``: ``m_b`` times the renormalised one), ``"rest"`` (one more class with the teacher's
+``1 - m_b`` at ``T_gen`` and the student's mass outside, in the cross-entropy and the wMSE).
+With ``k = C`` each is the dense loss. Only the ``(N, C)`` student is read in full (the rest
+column's log-sum-exp: one temporary of its size); nothing else of size ``N x C`` exists.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from gkl_kernels import validation as check
+
+TeacherRest = Literal["renormalize", "drop", "rest"]
+TEACHER_RESTS = get_args(TeacherRest)
+MASS_SLACK = 1e-3  # log-probabilities may sum to exp(1e-3) after rounding, not more
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """A teacher cached as its top-k classes, passed to ``gkl_loss`` as ``teacher``.
+
+    Args:
+        indices: ``(..., k)`` int64 / int32 classes, distinct in each row (rows the loss ignores
+            may hold anything).
+        values: ``(..., k)`` float log-probabilities ``log_softmax(t / T_gen)`` at ``indices``
+            (or logits, with ``rest="renormalize"``).
+        temperature: ``T_gen``, the temperature the values were made at.
+        rest: the teacher's mass outside the top-k: ``"renormalize"``, ``"drop"`` or ``"rest"``
+            (module docstring, docs/MATH.md).
+    """
+
+    indices: Tensor
+    values: Tensor
+    temperature: float = 1.0
+    rest: TeacherRest = "renormalize"
+
+
+def check_sparse_teacher(teacher, student, check_values, ignored=None):
+    """Types, shapes, devices and options of a ``SparseTeacher`` for ``student`` ``(..., C)``;
+    with ``check_values`` the indices in ``[0, C)`` and distinct per row, and (``"drop"``,
+    ``"rest"``) log-probabilities whose mass is at most 1 on the rows not ``ignored`` (host reads
+    on CPU, device-side assertions on CUDA)."""
+    if not isinstance(teacher, SparseTeacher):
+        raise TypeError(f"teacher must be a SparseTeacher here, got {type(teacher).__name__}")
+    check.check_positive("teacher temperature", teacher.temperature)
+    check.check_choice("rest", teacher.rest, TEACHER_RESTS)
+    indices, values = teacher.indices, teacher.values
+    lead, num_classes = student.shape[:-1], student.shape[-1]
+    if not isinstance(values, Tensor) or not values.is_floating_point():
+        raise TypeError(f"teacher values must be a floating-point tensor (..., k), got "
+                        f"{getattr(values, 'dtype', type(values).__name__)}")
+    if values.dim() != student.dim() or values.shape[:-1] != lead:
+        raise ValueError(f"teacher values must have shape (..., k) with the student's leading "
+                         f"shape {tuple(lead)}, got {tuple(values.shape)}")
+    top = values.shape[-1]
+    if not 1 <= top <= num_classes:
+        raise ValueError(f"teacher values must hold 1 to C = {num_classes} classes per row, got "
+                         f"k = {top}")
+    check.check_tensor("teacher indices", indices, values.shape, check.INDEX_DTYPES,
+                       student.device)
+    if values.device != student.device:
+        raise ValueError(f"teacher values must be on {student.device} like the student, got "
+                         f"{values.device}")
+    if not check.values_checked(check_values) or indices.numel() == 0:
+        return
+    ordered = indices.sort(dim=-1).values
+    check.assert_values(((ordered[..., 0] >= 0) & (ordered[..., -1] < num_classes)).all(),
+                        f"teacher indices must lie in [0, {num_classes}), found one outside")
+    check.assert_values((ordered[..., 1:] != ordered[..., :-1]).all(),
+                        "teacher indices must be distinct in each row, found a repeated class")
+    if teacher.rest != "renormalize":
+        mass = values.detach().to(torch.promote_types(values.dtype, torch.float32)).logsumexp(-1)
+        fits = mass <= MASS_SLACK
+        check.assert_values((fits if ignored is None else fits | ignored).all(),
+                            f"rest={teacher.rest!r} needs log-probabilities (their mass at most "
+                            f"1), found a row whose exp sums above 1")
+
+
+def compact_rows(student, teacher, temperature, ignored=None):
+    """``(student_rows, teacher_rows, cached_mass)``: the ``(..., k + 1)`` compact logits (see
+    the module docstring) and, for ``"drop"``, the mass ``m_b = sum_j exp(x_j)`` ``(...)`` (else
+    None); the student's columns keep their gradient (the rest column's through its
+    log-sum-exp), the teacher's too. ``ignored`` ``(...)``: rows the loss does not read, whose
+    logits (NaN, inf) reach no gradient (``readable_indices`` first)."""
+    indices = teacher.indices.long()
+    values = teacher.values
+    cached = student.gather(-1, indices)
+    others = (student / temperature).scatter_(-1, indices, float("-inf"))  # one (..., C) temp
+    if ignored is not None:  # finite there, so that no NaN meets the rows' zero gradient
+        others = others.masked_fill_(ignored[..., None], 0.0)
+    rest = temperature * others.logsumexp(dim=-1, keepdim=True)
+    student_rows = torch.cat([cached, rest.to(cached.dtype)], dim=-1)
+    scaled = teacher.temperature * values
+    exact = torch.promote_types(values.dtype, torch.float32)
+    mass = None
+    if teacher.rest == "rest" and indices.shape[-1] < student.shape[-1]:
+        log_mass = values.to(exact).logsumexp(dim=-1, keepdim=True)
+        outside = torch.where(log_mass < 0, torch.log(-torch.expm1(log_mass.clamp_max(0.0))),
+                              float("-inf"))
+        rest_logit = (teacher.temperature * outside).to(scaled.dtype)
+    else:
+        rest_logit = scaled.new_full((*scaled.shape[:-1], 1), float("-inf"))
+        if teacher.rest == "drop":
+            mass = values.detach().to(exact).logsumexp(dim=-1).exp()
+            if ignored is not None:
+                mass = mass.masked_fill(ignored, 0.0)
+    return student_rows, torch.cat([scaled, rest_logit], dim=-1), mass
+
+
+def readable_indices(teacher, ignored):
+    """``teacher`` with the indices of the ``ignored`` rows ``(...)`` (a cache may hold anything
+    there) replaced by ``0 .. k-1``."""
+    if ignored is None:
+        return teacher
+    indices = teacher.indices
+    first = torch.arange(indices.shape[-1], device=indices.device, dtype=indices.dtype)
+    return replace(teacher, indices=torch.where(ignored[..., None], first, indices))
+
+
+def compact_factor(factor, indices):
+    """A rank-one factor ``(..., C)`` on the compact columns: gathered at the cached classes,
+    0 on the rest column (it is in no weighted pair)."""
+    gathered = factor.gather(-1, indices.long())
+    return torch.cat([gathered, gathered.new_zeros((*gathered.shape[:-1], 1))], dim=-1)
+
+
+def prior_rows(class_prior, labels, ignore_index):
+    """The ``(..., C)`` rows ``class_prior[labels]`` (row 0 for ignored rows)."""
+    kept = labels if ignore_index is None else torch.where(labels == ignore_index, 0, labels)
+    return class_prior.index_select(0, kept.reshape(-1)).reshape(*labels.shape, -1)
+
+
+def drop_rest(rows_ce, mass, labels, ignore_index):
+    """The cross-entropy rows of ``"drop"``: ``m_b CE_b`` (``rows_ce`` the renormalised ones,
+    0 on ignored rows) and the count they are averaged over (kept rows, at least 1)."""
+    weighted = rows_ce * mass.to(rows_ce.dtype)
+    if labels is None:
+        count = rows_ce.new_tensor(float(max(rows_ce.numel(), 1)))
+    else:
+        count = (labels != ignore_index).sum().to(rows_ce.dtype).clamp_min(1.0)
+    return weighted, count
+
+
+def optional_factor(weights, class_prior, labels, options):
+    """The rank-one factor ``(..., C)`` the sparse teacher's rows weigh with: ``weights`` or the
+    prior's rows of the labels to the power ``gamma``; None for teacher weights."""
+    if class_prior is not None:
+        return prior_rows(class_prior, labels, options.ignore_index) ** options.gamma
+    return weights
+

@@ -1,0 +1,176 @@
+"""``gkl_loss`` on a ``SparseTeacher`` (cached top-k classes), both backends: ``k = C`` equals
+the dense loss for every ``rest`` option; ``k < C`` equals the float64 formula of each
+documented option (written out below, pairwise over the cached classes and the rest); ignored
+rows; bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gkl_kernels import SparseTeacher, gkl_loss
+from tests.conftest import BACKENDS, assert_close_rel
+
+ROWS, CLASSES, TOP = 6, 13, 4
+OPTIONS = dict(temperature=3.0, weight_temperature=1.5, gamma=0.7, mse_weight=2.0,
+               ce_weight=0.5)
+GENERATED_AT = 2.0  # T_gen of the cached log-probabilities
+RESTS = ("renormalize", "drop", "rest")
+
+
+def cache(teacher, top, temperature=GENERATED_AT, rest="renormalize"):
+    """What an offline cache stores: the top-k classes of softmax(teacher / T_gen), their
+    log-probabilities."""
+    log_probs = F.log_softmax(teacher / temperature, dim=-1)
+    values, indices = log_probs.topk(top, dim=-1)
+    return SparseTeacher(indices, values, temperature=temperature, rest=rest)
+
+
+def logits(generator, dtype=torch.float32, rows=ROWS):
+    return [3 * torch.randn(rows, CLASSES, generator=generator, dtype=dtype) for _ in range(2)]
+
+
+def sparse_formula(student, cached, factor=None, *, temperature, weight_temperature, gamma,
+                   mse_weight, ce_weight):
+    """The documented semantics in float64, pairwise: columns = cached classes (+ the rest);
+    teacher logits ``T_gen x``; the student's rest column ``T logsumexp(s_other / T)``;
+    ``factor``: given rank-one weights (0 on the rest) instead of ``softmax(t / T2) ** gamma``."""
+    s = student.double()
+    indices, x = cached.indices, cached.values.double()
+    t = cached.temperature * x
+    other = (s / temperature).scatter(-1, indices, float("-inf"))
+    s_rows = torch.cat([s.gather(-1, indices), temperature * other.logsumexp(-1, keepdim=True)],
+                       -1)
+    mass = x.exp().sum(-1, keepdim=True)
+    if cached.rest == "rest":
+        t_rows = torch.cat([t, cached.temperature * torch.log(1 - mass)], -1)
+    else:
+        t_rows = torch.cat([t, torch.full_like(mass, float("-inf"))], -1)
+    present = t_rows > float("-inf")
+    p = F.softmax(t_rows / temperature, -1)
+    ce = -(p * F.log_softmax(s_rows / temperature, -1)).sum(-1)
+    if cached.rest == "drop":
+        ce = ce * mass[:, 0]
+    if factor is None:
+        v = torch.where(present, F.softmax(t_rows / weight_temperature, -1) ** gamma, 0.0)
+    else:
+        v = torch.cat([factor.double().gather(-1, indices), torch.zeros_like(mass)], -1)
+    d = torch.where(present, t_rows - s_rows, 0.0)
+    pairs = v[:, :, None] * v[:, None, :]
+    wmse = (pairs * (d[:, :, None] - d[:, None, :]) ** 2).sum((1, 2))
+    return mse_weight * wmse.sum() / (4 * pairs.sum()) + ce_weight * ce.mean()
+
+
+@pytest.mark.parametrize("rest", RESTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_classes_cached_is_the_dense_loss(rest, backend, generator):
+    student, teacher = logits(generator, torch.float64)
+    s_dense, s_sparse = student.clone().requires_grad_(), student.clone().requires_grad_()
+    dense = gkl_loss(s_dense, teacher, backend=backend, **OPTIONS)
+    sparse = gkl_loss(s_sparse, cache(teacher, CLASSES, rest=rest), backend=backend, **OPTIONS)
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-13)
+    dense.backward()
+    sparse.backward()
+    torch.testing.assert_close(s_sparse.grad, s_dense.grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("source", ["teacher", "explicit", "prior"])
+@pytest.mark.parametrize("rest", RESTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_k_is_the_formula_of_its_option(source, rest, backend, generator):
+    student, teacher = logits(generator)
+    cached = cache(teacher, TOP, rest=rest)
+    labels = torch.randint(0, CLASSES, (ROWS,), generator=generator)
+    kwargs, factor = {}, None
+    if source == "explicit":
+        factor = torch.rand(ROWS, CLASSES, generator=generator)
+        kwargs = dict(weights=factor)
+    elif source == "prior":
+        prior = torch.rand(CLASSES, CLASSES, generator=generator)
+        kwargs, factor = dict(labels=labels, class_prior=prior), prior[labels] ** OPTIONS["gamma"]
+    s = student.clone().requires_grad_()
+    s64 = student.double().requires_grad_()
+    loss = gkl_loss(s, cached, backend=backend, **kwargs, **OPTIONS)
+    want = sparse_formula(s64, cached, factor, **OPTIONS)
+    assert_close_rel(loss.detach(), want.detach(), 2e-6, "loss")
+    loss.backward()
+    want.backward()
+    assert_close_rel(s.grad, s64.grad, 2e-5, "student gradient")
+
+
+@pytest.mark.parametrize("rest", RESTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_read_nothing(rest, backend, generator):
+    """Ignored tokens may hold anything in the cache and in the logits: the loss is that of the
+    other rows, their gradient exactly 0; per-row losses have 0 there."""
+    student, teacher = logits(generator)
+    cached = cache(teacher, TOP, rest=rest)
+    labels = torch.randint(0, CLASSES, (ROWS,), generator=generator)
+    labels[[1, 4]] = -100
+    kept = labels != -100
+    hostile = student.clone()
+    hostile[1] = float("nan")
+    hostile[4, 0] = float("inf")
+    indices, values = cached.indices.clone(), cached.values.clone()
+    indices[1] = -100  # padding in the cache
+    values[4] = float("nan")
+    garbage = SparseTeacher(indices, values, temperature=cached.temperature, rest=rest)
+    s = hostile.requires_grad_()
+    loss = gkl_loss(s, garbage, labels=labels, backend=backend, **OPTIONS)
+    s_kept = student[kept].clone().requires_grad_()
+    kept_cache = SparseTeacher(cached.indices[kept], cached.values[kept],
+                               temperature=cached.temperature, rest=rest)
+    want = gkl_loss(s_kept, kept_cache, backend=backend, **OPTIONS)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+    loss.backward()
+    want.backward()
+    assert torch.equal(s.grad[~kept], torch.zeros_like(s.grad[~kept]))
+    torch.testing.assert_close(s.grad[kept], s_kept.grad, rtol=1e-5, atol=1e-7)
+    rows = gkl_loss(hostile.detach(), garbage, labels=labels, backend=backend,
+                    reduction="none", **OPTIONS)
+    assert torch.equal(rows[~kept], torch.zeros(2)) and torch.isfinite(rows).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_shapes_and_reductions(backend, generator):
+    """``(B, T, V)`` student with ``(B, T, k)`` cache; "none" rows sum to "sum"."""
+    student, teacher = logits(generator, rows=2 * ROWS)
+    cached = cache(teacher, TOP, rest="drop")
+    shaped = SparseTeacher(cached.indices.reshape(2, ROWS, TOP),
+                           cached.values.reshape(2, ROWS, TOP), temperature=GENERATED_AT,
+                           rest="drop")
+    rows = gkl_loss(student.reshape(2, ROWS, CLASSES), shaped, backend=backend,
+                    reduction="none", **OPTIONS)
+    assert rows.shape == (2, ROWS)
+    total = gkl_loss(student, cached, backend=backend, reduction="sum", **OPTIONS)
+    torch.testing.assert_close(rows.sum(), total, rtol=1e-6, atol=1e-6)
+    flat = gkl_loss(student, cached, backend=backend, **OPTIONS)
+    folded = gkl_loss(student.reshape(2, ROWS, CLASSES), shaped, backend=backend, **OPTIONS)
+    torch.testing.assert_close(folded, flat, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_sparse_teachers_are_named(generator):
+    student, teacher = logits(generator)
+    cached = cache(teacher, TOP)
+    cases = [
+        (SparseTeacher(cached.indices.float(), cached.values), TypeError, "teacher indices"),
+        (SparseTeacher(cached.indices, cached.values[:, :2]), ValueError, "teacher indices"),
+        (SparseTeacher(cached.indices[:3], cached.values[:3]), ValueError, "leading shape"),
+        (SparseTeacher(cached.indices, cached.values.long()), TypeError, "floating-point"),
+        (SparseTeacher(cached.indices, cached.values, temperature=0.0), ValueError,
+         "teacher temperature"),
+        (SparseTeacher(cached.indices, cached.values, rest="spread"), ValueError, "rest"),
+        (SparseTeacher(cached.indices.clamp_max(0), cached.values), ValueError, "distinct"),
+        (SparseTeacher(cached.indices + CLASSES, cached.values), ValueError, r"\[0, 13\)"),
+        (SparseTeacher(cached.indices, cached.values + 5.0, rest="drop"), ValueError,
+         "log-probabilities"),
+    ]
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            gkl_loss(student, bad)
+    with pytest.raises(ValueError, match="rank-one weights"):
+        gkl_loss(student, cached, weights=torch.rand(CLASSES, CLASSES), weights_kind="shared")
+    with pytest.raises(ValueError, match="class_prior needs labels"):
+        gkl_loss(student, cached, class_prior=torch.rand(CLASSES, CLASSES))
+    # logits (not log-probabilities) are fine where the mass is not used
+    loss = gkl_loss(student, SparseTeacher(cached.indices, cached.values + 5.0))
+    assert torch.isfinite(loss)
