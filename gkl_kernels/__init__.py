@@ -2,12 +2,13 @@
 
 from gkl_kernels import compat
 from gkl_kernels.functional import gkl_loss, pairwise_wmse
-from gkl_kernels.fused_linear import FusedLinearGKLLoss, fused_linear_gkl
+from gkl_kernels.fused_linear import FusedLinearGKLLoss, fused_linear_gkl, fused_linear_gkl_sparse
 from gkl_kernels.module import GKLLoss
 from gkl_kernels.prior import ClassPrior
 from gkl_kernels.sparse_teacher import SparseTeacher
 from gkl_kernels.vocab_parallel import vocab_parallel_gkl_loss
 
 __all__ = ["ClassPrior", "FusedLinearGKLLoss", "GKLLoss", "SparseTeacher", "compat",
-           "fused_linear_gkl", "gkl_loss", "pairwise_wmse", "vocab_parallel_gkl_loss"]
+           "fused_linear_gkl", "fused_linear_gkl_sparse", "gkl_loss", "pairwise_wmse",
+           "vocab_parallel_gkl_loss"]
 __version__ = "0.1.0"

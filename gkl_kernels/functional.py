@@ -21,8 +21,8 @@ from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
                                   rank1_loss_backward, rank1_row_stats)
 from gkl_kernels.rank1.torch_impl import row_losses_torch
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
-                                        compact_rows, drop_rest, optional_factor,
-                                        readable_indices)
+                                        compact_student, compact_teacher, drop_rest,
+                                        optional_factor, readable_indices)
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction, WeightsKind
 
 
@@ -185,7 +185,8 @@ def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights
     ignored = None if labels is None else labels == options.ignore_index
     teacher = readable_indices(teacher, ignored)
     check_sparse_teacher(teacher, student, options.check_values, ignored)
-    s_rows, t_rows, mass = compact_rows(student, teacher, options.temperature, ignored)
+    s_rows = compact_student(student, teacher.indices, options.temperature, ignored)
+    t_rows, mass = compact_teacher(teacher, student.shape[-1], ignored)
     factor = optional_factor(weights, class_prior, labels, options)
     compact = None if factor is None else compact_factor(factor.detach(), teacher.indices)
     # the compact rows need the labels only to drop the ignored rows (the prior is gathered)

@@ -24,11 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.functional import row_config
+from gkl_kernels.functional import gkl_loss_with_options, row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR,
                                       SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS, RowConfig)
 from gkl_kernels.rank1.op import rank1_finish, rank1_loss, rank1_loss_backward, rank1_row_stats
+from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
+                                        compact_student, compact_teacher, optional_factor,
+                                        readable_indices)
 
 UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GKLOptions
 # default chunk: the largest power of two of rows with c * V <= this (a 32 MiB float32 block, about
@@ -167,6 +170,155 @@ class FusedLinearGKLFunction(torch.autograd.Function):
         grads = [(next(saved) * scale).to(dtype) if wanted else None
                  for wanted, dtype in zip(ctx.wanted, ctx.dtypes)]
         return (*grads, None, None, None)
+
+
+def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
+                            teacher: SparseTeacher, *, labels: Optional[Tensor] = None,
+                            student_bias: Optional[Tensor] = None,
+                            class_prior: Optional[Tensor] = None,
+                            weights: Optional[Tensor] = None, chunk_size: Optional[int] = None,
+                            **gkl_options: Any) -> Tensor:
+    """``gkl_loss(h_s W_s^T + b_s, teacher, ...)`` (mean reduction) for a teacher cached as its
+    top-k classes, without the student's ``(N, V)`` logits: chunk by chunk, each chunk's
+    ``(c, V)`` logits become the compact rows of ``sparse_teacher`` and their gradient is folded
+    back at once. The normalisers come from the cache (and the weights) before the first chunk.
+
+    Args:
+        student_hidden, student_weight, student_bias: as in ``fused_linear_gkl``.
+        teacher: the ``SparseTeacher``, ``(N, k)`` indices and values (a constant).
+        labels: ``(N,)`` class indices (``ignore_index`` rows left out; the prior's rows).
+        class_prior, weights: ``(V, V)`` prior or ``(N, V)`` rank-one factor, gathered at the
+            cached classes.
+        chunk_size: rows per chunk (default as in ``fused_linear_gkl``).
+        **gkl_options: as in ``fused_linear_gkl``.
+
+    Returns:
+        The loss, float32, 0-dim.
+    """
+    options = _options_from(gkl_options)
+    _check_chunk_size(chunk_size)
+    rows, vocabulary = _check_linear("student", student_hidden, student_weight, student_bias)
+    device = student_hidden.device
+    like = torch.zeros((), device=device).expand(rows, vocabulary)  # shapes only, no memory
+    if labels is not None:
+        check.check_labels(labels, rows, vocabulary, device, options.check_values,
+                           options.ignore_index)
+    if weights is not None:
+        check.check_tensor("weights", weights, (rows, vocabulary), check.FLOAT_DTYPES, device)
+        check.check_nonnegative_finite("weights", weights, options.check_values)
+    if class_prior is not None:
+        if labels is None:
+            raise ValueError("class_prior needs labels (N,) to pick each row's prior")
+        check.check_tensor("class_prior", class_prior, (vocabulary, vocabulary),
+                           check.FLOAT_DTYPES, device)
+        check.check_nonnegative_finite("class_prior", class_prior, options.check_values)
+    ignored = None if labels is None else labels == options.ignore_index
+    teacher = readable_indices(teacher, ignored)
+    check_sparse_teacher(teacher, like, options.check_values, ignored)
+    factor = optional_factor(weights, class_prior, labels, options)
+    plan = SparsePlan(options, chunk_size or default_chunk_size(vocabulary), teacher.temperature,
+                      teacher.rest)
+    return FusedSparseFunction.apply(
+        student_hidden, student_weight, student_bias, teacher.indices, teacher.values.detach(),
+        labels, None if factor is None else compact_factor(factor.detach(), teacher.indices),
+        plan)
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """The sparse chunk loop's options: the loss options, the chunk size, and the cache's
+    temperature and rest option."""
+
+    options: GKLOptions
+    chunk_size: int
+    temperature: float
+    rest: str
+
+
+class FusedSparseFunction(torch.autograd.Function):
+    """Forward: the loss on the cached teacher and the student tensors' gradients, chunk by
+    chunk. Backward: those gradients times the incoming scalar gradient."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, indices, values, labels,
+                compact, plan):
+        student = (student_hidden, student_weight, student_bias)
+        grads = [_gradient_buffer(x, w) for x, w in zip(student, ctx.needs_input_grad[:3])]
+        loss = _sparse_loss_and_gradients(student, indices, values, labels, compact, plan,
+                                          grads)
+        ctx.wanted = tuple(g is not None for g in grads)
+        ctx.dtypes = tuple(None if x is None else x.dtype for x in student)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        scale = grad_loss.to(torch.float32)
+        grads = [(next(saved) * scale).to(dtype) if wanted else None
+                 for wanted, dtype in zip(ctx.wanted, ctx.dtypes)]
+        return (*grads, None, None, None, None, None)
+
+
+def _sparse_loss_and_gradients(student, indices, values, labels, compact, plan, grads):
+    """The loss (float32, 0-dim), the student's gradients added into ``grads``: per chunk the
+    compact rows' wMSE and cross-entropy rows (two row-op calls, ``reduction="none"``), weighed by
+    ``mse_weight / N`` and ``ce_weight / R`` (``"drop"``: times the cached mass) from
+    ``_sparse_normalisers``, differentiated with autograd down to the chunk's logits."""
+    options = plan.options
+    teacher = SparseTeacher(indices, values, plan.temperature, plan.rest)
+    vocabulary = student[1].shape[0]
+    ignored = None if labels is None else labels == options.ignore_index
+    t_rows, mass = compact_teacher(teacher, vocabulary, ignored)
+    mask = None if labels is None else torch.where(ignored, options.ignore_index, 0)
+    wmse_norm, ce_norm = _sparse_normalisers(t_rows, compact, ignored, options)
+    wanted = any(g is not None for g in grads)
+    loss = torch.zeros((), dtype=torch.float32, device=indices.device)
+    for chunk in _chunks(indices.shape[0], plan.chunk_size):
+        logits = _logits(student, chunk).requires_grad_(wanted)
+        with torch.enable_grad():
+            s_rows = compact_student(logits, indices[chunk], options.temperature,
+                                     None if ignored is None else ignored[chunk])
+
+            def rows(**changes):
+                return gkl_loss_with_options(
+                    s_rows, t_rows[chunk], replace(options, reduction="none", **changes),
+                    labels=None if mask is None else mask[chunk],
+                    weights=None if compact is None else compact[chunk],
+                    weights_kind=None if compact is None else "factor")
+
+            ce = rows(mse_weight=0.0, ce_weight=1.0)
+            if mass is not None:
+                ce = ce * mass[chunk]
+            part = options.ce_weight * ce.sum() * ce_norm
+            if options.mse_weight != 0:
+                part = part + options.mse_weight * rows(mse_weight=1.0, ce_weight=0.0).sum() \
+                    * wmse_norm
+        if wanted:
+            _fold_back(torch.autograd.grad(part, logits)[0], student, grads, chunk)
+        loss = loss + part.detach().float()
+    return loss
+
+
+def _sparse_normalisers(t_rows, compact, ignored, options):
+    """``(1 / N, 1 / R)`` (0-dim tensors): ``R`` the kept rows (at least 1), ``N`` their ``sum_b
+    W_b^2`` of the compact rows' weights (teacher ``softmax(t / T2) ** gamma`` over the present
+    columns, or the gathered factor), or ``R`` for ``normalize="batch"``; ``1 / N = 0`` for
+    ``N = 0``."""
+    kept = torch.ones(t_rows.shape[0], dtype=torch.bool, device=t_rows.device) \
+        if ignored is None else ~ignored
+    count = kept.sum(dtype=torch.float32).clamp_min(1.0)
+    if options.normalize == "batch":
+        return 1.0 / count, 1.0 / count
+    if compact is None:
+        present = t_rows != float("-inf")
+        v = torch.softmax(t_rows.float() / options.weight_temperature, dim=-1)
+        weight = torch.where(present, v ** options.gamma, 0.0).sum(dim=-1)
+    else:
+        weight = compact.float().sum(dim=-1)
+    norm = torch.where(kept, weight * weight, 0.0).sum()
+    return torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0), 1.0 / count
 
 
 def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):

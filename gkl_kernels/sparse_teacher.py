@@ -94,24 +94,29 @@ def check_sparse_teacher(teacher, student, check_values, ignored=None):
                             f"1), found a row whose exp sums above 1")
 
 
-def compact_rows(student, teacher, temperature, ignored=None):
-    """``(student_rows, teacher_rows, cached_mass)``: the ``(..., k + 1)`` compact logits (see
-    the module docstring) and, for ``"drop"``, the mass ``m_b = sum_j exp(x_j)`` ``(...)`` (else
-    None); the student's columns keep their gradient (the rest column's through its
-    log-sum-exp), the teacher's too. ``ignored`` ``(...)``: rows the loss does not read, whose
-    logits (NaN, inf) reach no gradient (``readable_indices`` first)."""
-    indices = teacher.indices.long()
-    values = teacher.values
+def compact_student(student, indices, temperature, ignored=None):
+    """The student's ``(..., k + 1)`` compact logits: ``s`` at ``indices``, then the rest column
+    ``T logsumexp(s_other / T)``; the gradient reaches ``student`` through both. ``ignored``
+    ``(...)``: rows the loss does not read, whose logits (NaN, inf) reach no gradient."""
+    indices = indices.long()
     cached = student.gather(-1, indices)
     others = (student / temperature).scatter_(-1, indices, float("-inf"))  # one (..., C) temp
     if ignored is not None:  # finite there, so that no NaN meets the rows' zero gradient
         others = others.masked_fill_(ignored[..., None], 0.0)
     rest = temperature * others.logsumexp(dim=-1, keepdim=True)
-    student_rows = torch.cat([cached, rest.to(cached.dtype)], dim=-1)
+    return torch.cat([cached, rest.to(cached.dtype)], dim=-1)
+
+
+def compact_teacher(teacher, num_classes, ignored=None):
+    """``(teacher_rows, cached_mass)``: the teacher's ``(..., k + 1)`` compact logits (``T_gen
+    x``, then the rest column: ``-inf``, or for ``"rest"`` ``T_gen log(1 - m_b)``; absent when
+    ``k = num_classes``) and, for ``"drop"``, the mass ``m_b = sum_j exp(x_j)`` ``(...)`` (0 on
+    ``ignored`` rows; else None)."""
+    values = teacher.values
     scaled = teacher.temperature * values
     exact = torch.promote_types(values.dtype, torch.float32)
     mass = None
-    if teacher.rest == "rest" and indices.shape[-1] < student.shape[-1]:
+    if teacher.rest == "rest" and values.shape[-1] < num_classes:
         log_mass = values.to(exact).logsumexp(dim=-1, keepdim=True)
         outside = torch.where(log_mass < 0, torch.log(-torch.expm1(log_mass.clamp_max(0.0))),
                               float("-inf"))
@@ -122,7 +127,7 @@ def compact_rows(student, teacher, temperature, ignored=None):
             mass = values.detach().to(exact).logsumexp(dim=-1).exp()
             if ignored is not None:
                 mass = mass.masked_fill(ignored, 0.0)
-    return student_rows, torch.cat([scaled, rest_logit], dim=-1), mass
+    return torch.cat([scaled, rest_logit], dim=-1), mass
 
 
 def readable_indices(teacher, ignored):

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", flags=re.S | re.M)
-LINK = re.compile(r"\]\(([^)#]+)(?:#[^)]*)?\)")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def blocks():
@@ -38,5 +38,16 @@ def test_relative_links_stay_in_the_repository(doc):
     for target in LINK.findall(doc.read_text()):
         if "://" in target:
             continue
-        path = (doc.parent / target).resolve()
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file).resolve() if file else doc
         assert path.is_relative_to(REPO) and path.exists(), f"{doc.name}: broken link {target}"
+        if anchor:
+            assert anchor in heading_anchors(path), f"{doc.name}: no heading for {target}"
+
+
+def heading_anchors(path):
+    """The anchors of a Markdown file's headings, as GitHub makes them (lower case, spaces to
+    hyphens, punctuation dropped)."""
+    headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in headings}

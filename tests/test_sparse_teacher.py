@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gkl_kernels
 from gkl_kernels import SparseTeacher, gkl_loss
 from tests.conftest import BACKENDS, assert_close_rel
 
@@ -174,3 +175,57 @@ def test_bad_sparse_teachers_are_named(generator):
     # logits (not log-probabilities) are fine where the mass is not used
     loss = gkl_loss(student, SparseTeacher(cached.indices, cached.values + 5.0))
     assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------ the fused linear path
+HIDDEN, TOKENS = 8, 10
+
+
+def heads(generator, dtype=torch.float32):
+    hidden = torch.randn(TOKENS, HIDDEN, generator=generator, dtype=dtype)
+    weight = torch.randn(CLASSES, HIDDEN, generator=generator, dtype=dtype) / 2
+    bias = torch.randn(CLASSES, generator=generator, dtype=dtype)
+    return hidden, weight, bias
+
+
+@pytest.mark.parametrize("source", ["teacher", "explicit", "prior"])
+@pytest.mark.parametrize("rest", RESTS)
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_fused_sparse_is_the_unfused_loss(source, rest, chunk_size, generator):
+    """``fused_linear_gkl_sparse`` against ``gkl_loss`` on the materialised logits with the
+    same cache: the loss and the gradients of hidden states, weight and bias; ignored rows."""
+    hidden, weight, bias = heads(generator)
+    teacher = 3 * torch.randn(TOKENS, CLASSES, generator=generator)
+    cached = cache(teacher, TOP, rest=rest)
+    labels = torch.randint(0, CLASSES, (TOKENS,), generator=generator)
+    labels[[2, 7]] = -100
+    kwargs = {}
+    if source == "explicit":
+        kwargs = dict(weights=torch.rand(TOKENS, CLASSES, generator=generator))
+    elif source == "prior":
+        kwargs = dict(class_prior=torch.rand(CLASSES, CLASSES, generator=generator))
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    fused = gkl_kernels.fused_linear_gkl_sparse(
+        leaves[0], leaves[1], cached, labels=labels, student_bias=leaves[2],
+        chunk_size=chunk_size, backend="torch", **kwargs, **OPTIONS)
+    again = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    unfused = gkl_loss(F.linear(again[0], again[1], again[2]), cached, labels=labels,
+                       backend="torch", **kwargs, **OPTIONS)
+    torch.testing.assert_close(fused, unfused, rtol=2e-6, atol=1e-6)
+    fused.backward()
+    unfused.backward()
+    for name, ours, want in zip(("hidden", "weight", "bias"), leaves, again):
+        torch.testing.assert_close(ours.grad, want.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_sparse_without_gradients_and_errors(generator):
+    hidden, weight, bias = heads(generator)
+    cached = cache(3 * torch.randn(TOKENS, CLASSES, generator=generator), TOP)
+    with torch.no_grad():
+        loss = gkl_kernels.fused_linear_gkl_sparse(hidden, weight, cached, student_bias=bias)
+    want = gkl_loss(F.linear(hidden, weight, bias), cached)
+    torch.testing.assert_close(loss, want, rtol=2e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="leading shape"):
+        gkl_kernels.fused_linear_gkl_sparse(hidden[:4], weight, cached)
+    with pytest.raises(ValueError, match="reduction"):
+        gkl_kernels.fused_linear_gkl_sparse(hidden, weight, cached, reduction="none")
