@@ -152,24 +152,33 @@ class FusedLinearGKLFunction(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden,
                 teacher_weight, teacher_bias, labels, factor, plan):
         wanted = ctx.needs_input_grad[:6]
-        loss, grads = _loss_and_gradients(
-            (student_hidden, student_weight, student_bias),
-            (teacher_hidden, teacher_weight, teacher_bias), labels, factor, plan, wanted)
-        ctx.wanted = tuple(g is not None for g in grads)
-        ctx.dtypes = tuple(None if x is None else x.dtype for x in (
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-            teacher_bias))
-        ctx.save_for_backward(*(g for g in grads if g is not None))
+        inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                  teacher_bias)
+        loss, grads = _loss_and_gradients(inputs[:3], inputs[3:], labels, factor, plan, wanted)
+        keep_gradients(ctx, inputs, grads)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        scale = grad_loss.to(torch.float32)
-        grads = [(next(saved) * scale).to(dtype) if wanted else None
-                 for wanted, dtype in zip(ctx.wanted, ctx.dtypes)]
-        return (*grads, None, None, None)
+        return (*scaled_gradients(ctx, grad_loss), None, None, None)
+
+
+def keep_gradients(ctx, inputs, grads):
+    """Save the float32 gradients a forward computed (None where not wanted) for
+    ``scaled_gradients``, with the dtypes of their ``inputs``."""
+    ctx.wanted = tuple(g is not None for g in grads)
+    ctx.dtypes = tuple(None if x is None else x.dtype for x in inputs)
+    ctx.save_for_backward(*(g for g in grads if g is not None))
+
+
+def scaled_gradients(ctx, grad_loss):
+    """The kept gradients times the incoming scalar gradient, each in its input's dtype (None
+    where not wanted)."""
+    saved = iter(ctx.saved_tensors)
+    scale = grad_loss.to(torch.float32)
+    return [(next(saved) * scale).to(dtype) if wanted else None
+            for wanted, dtype in zip(ctx.wanted, ctx.dtypes)]
 
 
 def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
@@ -246,59 +255,70 @@ class FusedSparseFunction(torch.autograd.Function):
         grads = [_gradient_buffer(x, w) for x, w in zip(student, ctx.needs_input_grad[:3])]
         loss = _sparse_loss_and_gradients(student, indices, values, labels, compact, plan,
                                           grads)
-        ctx.wanted = tuple(g is not None for g in grads)
-        ctx.dtypes = tuple(None if x is None else x.dtype for x in student)
-        ctx.save_for_backward(*(g for g in grads if g is not None))
+        keep_gradients(ctx, student, grads)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        scale = grad_loss.to(torch.float32)
-        grads = [(next(saved) * scale).to(dtype) if wanted else None
-                 for wanted, dtype in zip(ctx.wanted, ctx.dtypes)]
-        return (*grads, None, None, None, None, None)
+        return (*scaled_gradients(ctx, grad_loss), None, None, None, None, None)
 
 
 def _sparse_loss_and_gradients(student, indices, values, labels, compact, plan, grads):
     """The loss (float32, 0-dim), the student's gradients added into ``grads``: per chunk the
     compact rows' wMSE and cross-entropy rows (two row-op calls, ``reduction="none"``), weighed by
     ``mse_weight / N`` and ``ce_weight / R`` (``"drop"``: times the cached mass) from
-    ``_sparse_normalisers``, differentiated with autograd down to the chunk's logits."""
+    ``_sparse_normalisers``."""
     options = plan.options
     teacher = SparseTeacher(indices, values, plan.temperature, plan.rest)
-    vocabulary = student[1].shape[0]
     ignored = None if labels is None else labels == options.ignore_index
-    t_rows, mass = compact_teacher(teacher, vocabulary, ignored)
+    t_rows, mass = compact_teacher(teacher, student[1].shape[0], ignored)
     mask = None if labels is None else torch.where(ignored, options.ignore_index, 0)
     wmse_norm, ce_norm = _sparse_normalisers(t_rows, compact, ignored, options)
+
+    def chunk_loss(chunk, logits, _):
+        s_rows = compact_student(logits, indices[chunk], options.temperature,
+                                 None if ignored is None else ignored[chunk])
+
+        def rows(**changes):
+            return gkl_loss_with_options(
+                s_rows, t_rows[chunk], replace(options, reduction="none", **changes),
+                labels=None if mask is None else mask[chunk],
+                weights=None if compact is None else compact[chunk],
+                weights_kind=None if compact is None else "factor")
+
+        ce = rows(mse_weight=0.0, ce_weight=1.0)
+        if mass is not None:
+            ce = ce * mass[chunk]
+        part = options.ce_weight * ce.sum() * ce_norm
+        if options.mse_weight != 0:
+            part = part + options.mse_weight * rows(mse_weight=1.0, ce_weight=0.0).sum() \
+                * wmse_norm
+        return part[None]
+
+    return chunked_with_autograd(student, None, indices.shape[0], plan.chunk_size, grads,
+                                 chunk_loss)[0]
+
+
+def chunked_with_autograd(student, teacher, rows, chunk_size, grads, chunk_loss):
+    """The sum over chunks of rows of ``chunk_loss(chunk, s, t)``, a 1-D tensor (its element 0
+    the loss to differentiate, the others components), with ``s``, ``t`` the chunk's float32
+    logits of the ``(h, W, b)`` heads (``t`` None without a teacher head; constants); each
+    chunk's gradient of element 0 with respect to ``s`` (through autograd) is folded back into
+    ``grads`` at once. Returns the detached sums, float32."""
     wanted = any(g is not None for g in grads)
-    loss = torch.zeros((), dtype=torch.float32, device=indices.device)
-    for chunk in _chunks(indices.shape[0], plan.chunk_size):
+    total = None
+    for chunk in _chunks(rows, chunk_size):
         logits = _logits(student, chunk).requires_grad_(wanted)
-        with torch.enable_grad():
-            s_rows = compact_student(logits, indices[chunk], options.temperature,
-                                     None if ignored is None else ignored[chunk])
-
-            def rows(**changes):
-                return gkl_loss_with_options(
-                    s_rows, t_rows[chunk], replace(options, reduction="none", **changes),
-                    labels=None if mask is None else mask[chunk],
-                    weights=None if compact is None else compact[chunk],
-                    weights_kind=None if compact is None else "factor")
-
-            ce = rows(mse_weight=0.0, ce_weight=1.0)
-            if mass is not None:
-                ce = ce * mass[chunk]
-            part = options.ce_weight * ce.sum() * ce_norm
-            if options.mse_weight != 0:
-                part = part + options.mse_weight * rows(mse_weight=1.0, ce_weight=0.0).sum() \
-                    * wmse_norm
+        teacher_logits = None if teacher is None else _logits(teacher, chunk)
+        with torch.enable_grad():  # the Function's forward runs without it
+            parts = chunk_loss(chunk, logits, teacher_logits)
+            loss = parts[0]
         if wanted:
-            _fold_back(torch.autograd.grad(part, logits)[0], student, grads, chunk)
-        loss = loss + part.detach().float()
-    return loss
+            _fold_back(torch.autograd.grad(loss, logits)[0], student, grads, chunk)
+        parts = parts.detach().float()
+        total = parts if total is None else total + parts
+    return total
 
 
 def _sparse_normalisers(t_rows, compact, ignored, options):

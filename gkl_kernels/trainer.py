@@ -1,0 +1,206 @@
+"""``FusedLinearDistillationLoss``: language-model distillation from hidden states, in the
+interface the LLM trainers call (the order of Liger-Kernel's fused linear distillation losses,
+as TRL's GKD trainer uses them):
+``loss(student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
+teacher_bias)``.
+
+Per token ``b`` (rows of ``(..., H)`` inputs), with both models' logits transformed alike,
+``z -> cap tanh(scale z / cap)`` (``logit_scale``, then ``final_logit_softcapping``; each
+optional, gradients through both),
+
+    hard_b = CE(student_b, label_b)              soft_b = mse_weight wmse_b / 4 + ce_weight CE_b
+    loss   = (weight_hard_loss sum_b hard_b + weight_soft_loss sum_b soft_b) / normaliser
+
+where ``soft_b`` is ``gkl_loss``'s per-row loss (``reduction="none"``, teacher weights by
+default), the sums run over the tokens whose label is not ``ignore_index``, and the normaliser
+is ``num_items_in_batch`` when given (a tensor or a number: the global token count of a
+gradient-accumulation step or of all data-parallel processes; no host synchronisation) or the
+local count of those tokens. With teacher weights at ``gamma = 1`` each token's weights sum to 1,
+so the soft term is ``gkl_loss``'s mean loss, rescaled by the normaliser. A teacher vocabulary
+larger than the student's (padding tokens beyond it) is cut to the student's: the teacher's
+softmax is taken over the shared vocabulary. Chunk by chunk of tokens, as ``fused_linear_gkl``:
+the ``(N, V)`` logits never exist; the teacher is a constant.
+"""
+
+from dataclasses import replace
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gkl_kernels import validation as check
+from gkl_kernels.functional import gkl_loss_with_options
+from gkl_kernels.fused_linear import (_check_chunk_size, _check_linear, _gradient_buffer,
+                                      _options_from, chunked_with_autograd, default_chunk_size,
+                                      keep_gradients, scaled_gradients)
+
+
+class FusedLinearDistillationLoss(nn.Module):
+    """Hard cross-entropy plus GKL distillation from the last hidden states and output layers.
+
+    Args:
+        weight_hard_loss: factor of the hard-label cross-entropy.
+        weight_soft_loss: factor of the GKL (soft) term.
+        temperature: ``T`` of the GKL cross-entropy (the hard term has none).
+        ignore_index: label of the tokens left out (padding, prompt).
+        logit_scale: multiply both models' logits by it first (None: 1).
+        final_logit_softcapping: ``cap tanh(z / cap)`` on both models' logits (None: off).
+        return_components: also return the soft and hard terms (each divided by the normaliser,
+            not weighted).
+        chunk_size: tokens per chunk (None: ``fused_linear_gkl``'s default).
+        **gkl_options: ``gkl_loss`` options of the soft term: ``gamma``, ``weight_temperature``,
+            ``mse_weight``, ``ce_weight``, ``symmetric``, ``backend``, ``check_values``,
+            ``block_c``.
+    """
+
+    def __init__(self, *, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5,
+                 temperature: float = 1.0, ignore_index: int = -100,
+                 logit_scale: Optional[float] = None,
+                 final_logit_softcapping: Optional[float] = None,
+                 return_components: bool = False, chunk_size: Optional[int] = None,
+                 **gkl_options: Any) -> None:
+        super().__init__()
+        for name in ("reduction", "normalize"):  # the soft term is a per-token sum here
+            if name in gkl_options:
+                raise TypeError(f"{name} is not a gkl_options entry here: the soft term is the "
+                                f"per-token GKL summed and divided by the normaliser")
+        self.weight_hard_loss = check.check_finite("weight_hard_loss", weight_hard_loss)
+        self.weight_soft_loss = check.check_finite("weight_soft_loss", weight_soft_loss)
+        self.logit_scale = None if logit_scale is None else check.check_positive(
+            "logit_scale", logit_scale)
+        self.final_logit_softcapping = None if final_logit_softcapping is None else \
+            check.check_positive("final_logit_softcapping", final_logit_softcapping)
+        check.check_bool("return_components", return_components)
+        _check_chunk_size(chunk_size)
+        self.return_components, self.chunk_size = return_components, chunk_size
+        self.options = replace(_options_from(gkl_options), temperature=temperature,
+                               ignore_index=ignore_index, reduction="none")
+
+    def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor,
+                teacher_weight: Tensor, true_labels: Optional[Tensor] = None,
+                student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                num_items_in_batch: Optional[Union[Tensor, int, float]] = None
+                ) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The loss (and, with ``return_components``, ``(loss, soft, hard)``), float32 0-dim.
+
+        Args:
+            student_input, student_weight, student_bias: ``(..., H_s)``, ``(V, H_s)``, ``(V,)``.
+            teacher_input, teacher_weight, teacher_bias: ``(..., H_t)``, ``(V_t, H_t)``,
+                ``(V_t,)`` with ``V_t >= V`` (cut to the student's ``V``).
+            true_labels: ``(...)`` next-token labels (``ignore_index`` where left out); None:
+                every token counts and the hard term is 0.
+            num_items_in_batch: the normaliser (tensor or number); None: the local count.
+
+        Returns:
+            The loss, or ``(loss, soft, hard)``.
+        """
+        lead = student_input.shape[:-1] if isinstance(student_input, Tensor) else None
+        student_hidden = _rows(student_input)
+        teacher_hidden = _rows(teacher_input)
+        rows, vocabulary = _check_linear("student", student_hidden, student_weight, student_bias)
+        teacher_rows, teacher_vocabulary = _check_linear("teacher", teacher_hidden,
+                                                         teacher_weight, teacher_bias)
+        if teacher_vocabulary < vocabulary:
+            raise ValueError(f"teacher_weight must have at least the student's V = {vocabulary} "
+                             f"rows, got {teacher_vocabulary}")
+        if teacher_rows != rows:
+            raise ValueError(f"teacher_input must have the student's {rows} tokens, got "
+                             f"{teacher_rows}")
+        device = student_hidden.device
+        labels = None
+        if true_labels is not None:
+            if not isinstance(true_labels, Tensor) or true_labels.shape != lead:
+                raise ValueError(f"true_labels must be a tensor of the inputs' leading shape "
+                                 f"{tuple(lead)}, got "
+                                 f"{getattr(true_labels, 'shape', type(true_labels).__name__)}")
+            labels = true_labels.reshape(-1)
+            check.check_labels(labels, rows, vocabulary, device, self.options.check_values,
+                               self.options.ignore_index)
+        teacher = (teacher_hidden.detach(), teacher_weight[:vocabulary].detach(),
+                   None if teacher_bias is None else teacher_bias[:vocabulary].detach())
+        normaliser = self._normaliser(num_items_in_batch, labels, rows, device)
+        loss, soft, hard = _DistillationFunction.apply(student_hidden, student_weight,
+                                                       student_bias, teacher, labels, normaliser,
+                                                       self)
+        return (loss, soft, hard) if self.return_components else loss
+
+    def _normaliser(self, num_items, labels, rows, device):
+        """The token count the sums are divided by: ``num_items_in_batch`` or the local one."""
+        if num_items is None:
+            if labels is None:
+                return torch.tensor(float(max(rows, 1)), device=device)
+            return (labels != self.options.ignore_index).sum().float().clamp_min(1.0)
+        if isinstance(num_items, Tensor):
+            if num_items.numel() != 1 or num_items.device != device:
+                raise ValueError(f"num_items_in_batch must be one number on {device}, got shape "
+                                 f"{tuple(num_items.shape)} on {num_items.device}")
+            count = num_items.detach().reshape(()).float()
+            if check.values_checked(self.options.check_values):
+                check.assert_values(count > 0, "num_items_in_batch must be > 0")
+            return count
+        return torch.tensor(check.check_positive("num_items_in_batch", num_items), device=device)
+
+    def _transform(self, logits):
+        """``cap tanh(scale z / cap)``, each step when set."""
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.final_logit_softcapping is not None:
+            cap = self.final_logit_softcapping
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def _chunk_terms(self, s, t, labels, normaliser):
+        """``[loss, soft, hard]`` of one chunk of tokens (each sum divided by the normaliser)."""
+        student, teacher = self._transform(s), self._transform(t)
+        soft = gkl_loss_with_options(student, teacher, self.options, labels=labels).sum()
+        hard = soft * 0.0
+        if labels is not None:
+            hard = F.cross_entropy(student, labels, ignore_index=self.options.ignore_index,
+                                   reduction="sum")
+        soft, hard = soft / normaliser, hard / normaliser
+        return torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard, soft,
+                            hard])
+
+    def extra_repr(self) -> str:
+        return (f"weight_hard_loss={self.weight_hard_loss}, "
+                f"weight_soft_loss={self.weight_soft_loss}, logit_scale={self.logit_scale}, "
+                f"final_logit_softcapping={self.final_logit_softcapping}, "
+                f"return_components={self.return_components}, chunk_size={self.chunk_size}, "
+                f"temperature={self.options.temperature}, "
+                f"ignore_index={self.options.ignore_index}")
+
+
+def _rows(hidden):
+    """Hidden states ``(..., H)`` as ``(N, H)`` rows (other inputs as given, for the checks)."""
+    if isinstance(hidden, Tensor) and hidden.dim() > 2:
+        return hidden.reshape(-1, hidden.shape[-1])
+    return hidden
+
+
+class _DistillationFunction(torch.autograd.Function):
+    """Forward: ``(loss, soft, hard)`` and the student tensors' gradients of the loss, chunk by
+    chunk. Backward: those gradients times the incoming gradient of the loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, labels, normaliser, module):
+        student = (hidden, weight, bias)
+        grads = [_gradient_buffer(x, wanted) for x, wanted in zip(student,
+                                                                   ctx.needs_input_grad[:3])]
+        chunk_size = module.chunk_size or default_chunk_size(weight.shape[0])
+
+        def chunk_terms(chunk, s, t):
+            return module._chunk_terms(s, t, None if labels is None else labels[chunk],
+                                       normaliser)
+
+        totals = chunked_with_autograd(student, teacher, hidden.shape[0], chunk_size, grads,
+                                       chunk_terms)
+        keep_gradients(ctx, student, grads)
+        loss, soft, hard = (total.clone() for total in totals)
+        ctx.mark_non_differentiable(soft, hard)
+        return loss, soft, hard
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_soft, _grad_hard):
+        return (*scaled_gradients(ctx, grad_loss), None, None, None, None)

@@ -1,0 +1,126 @@
+"""``FusedLinearDistillationLoss`` (the trainer interface) against the unfused computation: the
+logits formed, transformed (``logit_scale``, ``final_logit_softcapping``), the per-token GKL and
+hard cross-entropy summed and divided by the normaliser; loss, components and the gradients of
+the student's hidden states, weight and bias; a larger teacher vocabulary; bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gkl_kernels import FusedLinearDistillationLoss, gkl_loss
+
+TOKENS, HIDDEN, VOCABULARY = 12, 8, 17
+SOFT_OPTIONS = dict(gamma=0.6, weight_temperature=2.0, mse_weight=1.5, ce_weight=0.7)
+
+
+def heads(generator, teacher_vocabulary=VOCABULARY, lead=(TOKENS,)):
+    def make(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=generator)
+
+    return (make(*lead, HIDDEN), make(VOCABULARY, HIDDEN, scale=0.7), make(VOCABULARY),
+            make(*lead, HIDDEN + 3), make(teacher_vocabulary, HIDDEN + 3, scale=0.7),
+            make(teacher_vocabulary))
+
+
+def labels_for(generator, lead=(TOKENS,)):
+    labels = torch.randint(0, VOCABULARY, lead, generator=generator)
+    labels.view(-1)[[0, 5]] = -100
+    return labels
+
+
+def unfused(student, teacher, labels, *, hard, soft_weight, temperature, scale, cap,
+            normaliser):
+    """The loss, soft and hard terms written with the logits."""
+    def transform(z):
+        z = z if scale is None else z * scale
+        return z if cap is None else cap * torch.tanh(z / cap)
+
+    s = transform(F.linear(student[0].reshape(-1, HIDDEN), student[1], student[2]))
+    vocabulary = student[1].shape[0]
+    t = transform(F.linear(teacher[0].reshape(-1, HIDDEN + 3), teacher[1][:vocabulary],
+                           teacher[2][:vocabulary]))
+    flat = None if labels is None else labels.reshape(-1)
+    soft_sum = gkl_loss(s, t, labels=flat, reduction="none", temperature=temperature,
+                        backend="torch", **SOFT_OPTIONS).sum()
+    hard_sum = s.sum() * 0 if flat is None else F.cross_entropy(s, flat, reduction="sum")
+    soft, hard_term = soft_sum / normaliser, hard_sum / normaliser
+    return soft_weight * soft + hard * hard_term, soft, hard_term
+
+
+@pytest.mark.parametrize("scale, cap", [(None, None), (0.5, None), (None, 2.0), (1.7, 3.0)])
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+def test_matches_the_unfused_loss(scale, cap, chunk_size, generator):
+    tensors = heads(generator, teacher_vocabulary=VOCABULARY + 3)
+    labels = labels_for(generator)
+    criterion = FusedLinearDistillationLoss(
+        weight_hard_loss=0.3, weight_soft_loss=0.9, temperature=2.0, logit_scale=scale,
+        final_logit_softcapping=cap, return_components=True, chunk_size=chunk_size,
+        backend="torch", **SOFT_OPTIONS)
+    ours = [x.clone().requires_grad_() for x in tensors[:3]]
+    loss, soft, hard = criterion(ours[0], ours[1], tensors[3], tensors[4], labels, ours[2],
+                                 tensors[5])
+    theirs = [x.clone().requires_grad_() for x in tensors[:3]]
+    kept = (labels != -100).sum()
+    want = unfused(theirs, tensors[3:], labels, hard=0.3, soft_weight=0.9, temperature=2.0,
+                   scale=scale, cap=cap, normaliser=kept)
+    for name, got, expected in zip(("loss", "soft", "hard"), (loss, soft, hard), want):
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-6, msg=name)
+    assert not soft.requires_grad and not hard.requires_grad
+    loss.backward()
+    want[0].backward()
+    for name, got, expected in zip(("hidden", "weight", "bias"), ours, theirs):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("num_items", ["tensor", "int"])
+def test_external_normaliser_and_token_shapes(num_items, generator):
+    """``(B, T, H)`` inputs with ``(B, T)`` labels; the sums divided by a global token count."""
+    lead = (3, 4)
+    tensors = heads(generator, lead=lead)
+    labels = labels_for(generator, lead)
+    count = torch.tensor(40.0) if num_items == "tensor" else 40
+    criterion = FusedLinearDistillationLoss(temperature=1.5, chunk_size=5, backend="torch",
+                                            **SOFT_OPTIONS)
+    hidden = tensors[0].clone().requires_grad_()
+    loss = criterion(hidden, tensors[1], tensors[3], tensors[4], labels, tensors[2], tensors[5],
+                     num_items_in_batch=count)
+    again = tensors[0].clone().requires_grad_()
+    want = unfused((again, tensors[1], tensors[2]), tensors[3:], labels, hard=0.5,
+                   soft_weight=0.5, temperature=1.5, scale=None, cap=None, normaliser=40.0)[0]
+    torch.testing.assert_close(loss, want, rtol=2e-6, atol=1e-6)
+    loss.backward()
+    want.backward()
+    assert hidden.grad.shape == lead + (HIDDEN,)
+    torch.testing.assert_close(hidden.grad, again.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_without_labels_every_token_counts(generator):
+    tensors = heads(generator)
+    criterion = FusedLinearDistillationLoss(backend="torch", **SOFT_OPTIONS)
+    loss = criterion(tensors[0], tensors[1], tensors[3], tensors[4], None, tensors[2],
+                     tensors[5])
+    want = unfused(tensors[:3], tensors[3:], None, hard=0.5, soft_weight=0.5, temperature=1.0,
+                   scale=None, cap=None, normaliser=float(TOKENS))[0]
+    torch.testing.assert_close(loss, want, rtol=2e-6, atol=1e-6)
+
+
+def test_bad_input_is_named(generator):
+    tensors = heads(generator, teacher_vocabulary=VOCABULARY - 2)
+    labels = labels_for(generator)
+    criterion = FusedLinearDistillationLoss()
+    with pytest.raises(ValueError, match="at least the student's V"):
+        criterion(tensors[0], tensors[1], tensors[3], tensors[4], labels)
+    good = heads(generator)
+    with pytest.raises(ValueError, match="true_labels must be a tensor"):
+        criterion(good[0], good[1], good[3], good[4], labels[:3])
+    with pytest.raises(ValueError, match="teacher_input must have the student's"):
+        criterion(good[0], good[1], good[3][:4], good[4], labels)
+    with pytest.raises(ValueError, match="num_items_in_batch must be one number"):
+        criterion(good[0], good[1], good[3], good[4], labels, num_items_in_batch=torch.ones(2))
+    with pytest.raises(ValueError, match="num_items_in_batch must be > 0"):
+        criterion(good[0], good[1], good[3], good[4], labels, num_items_in_batch=torch.tensor(0))
+    for option in ("reduction", "normalize"):
+        with pytest.raises(TypeError, match=f"{option} is not a gkl_options entry"):
+            FusedLinearDistillationLoss(**{option: "none"})
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        FusedLinearDistillationLoss(final_logit_softcapping=0.0)
