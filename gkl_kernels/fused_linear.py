@@ -212,15 +212,7 @@ def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
     if labels is not None:
         check.check_labels(labels, rows, vocabulary, device, options.check_values,
                            options.ignore_index)
-    if weights is not None:
-        check.check_tensor("weights", weights, (rows, vocabulary), check.FLOAT_DTYPES, device)
-        check.check_nonnegative_finite("weights", weights, options.check_values)
-    if class_prior is not None:
-        if labels is None:
-            raise ValueError("class_prior needs labels (N,) to pick each row's prior")
-        check.check_tensor("class_prior", class_prior, (vocabulary, vocabulary),
-                           check.FLOAT_DTYPES, device)
-        check.check_nonnegative_finite("class_prior", class_prior, options.check_values)
+    _checked_weight_source(weights, class_prior, labels, rows, vocabulary, device, options)
     ignored = None if labels is None else labels == options.ignore_index
     teacher = readable_indices(teacher, ignored)
     check_sparse_teacher(teacher, like, options.check_values, ignored)
@@ -507,22 +499,29 @@ def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, 
     if labels is not None:
         check.check_labels(labels, rows, vocabulary, device, options.check_values,
                            options.ignore_index)
-    source = SOURCE_TEACHER
+    source = _checked_weight_source(weights, class_prior, labels, rows, vocabulary, device,
+                                    options)
+    config = row_config(options, source, labels is not None,
+                        check.use_triton_for(options.backend, device))
+    return FusedLinearPlan(config=config, chunk_size=chunk_size or default_chunk_size(vocabulary),
+                           vocabulary=vocabulary, teacher_grad=teacher_grad)
+
+
+def _checked_weight_source(weights, class_prior, labels, rows, vocabulary, device, options):
+    """Check the rank-one weights of a fused loss, an ``(N, V)`` factor or a ``(V, V)`` prior
+    (checked whole, in place: gathering the labels' rows would cost an ``(N, V)`` tensor), and
+    return their source."""
     if weights is not None:
         if class_prior is not None:
             raise ValueError("give either weights or class_prior, not both")
         check.check_tensor("weights", weights, (rows, vocabulary), check.FLOAT_DTYPES, device)
         check.check_nonnegative_finite("weights", weights, options.check_values)
-        source = SOURCE_EXPLICIT
-    elif class_prior is not None:
+        return SOURCE_EXPLICIT
+    if class_prior is not None:
         if labels is None:
             raise ValueError("class_prior needs labels (N,) to pick each row's prior")
-        # the whole prior, in place: gathering the labels' rows would cost an (N, V) tensor
         check.check_tensor("class_prior", class_prior, (vocabulary, vocabulary),
                            check.FLOAT_DTYPES, device)
         check.check_nonnegative_finite("class_prior", class_prior, options.check_values)
-        source = SOURCE_PRIOR
-    config = row_config(options, source, labels is not None,
-                        check.use_triton_for(options.backend, device))
-    return FusedLinearPlan(config=config, chunk_size=chunk_size or default_chunk_size(vocabulary),
-                           vocabulary=vocabulary, teacher_grad=teacher_grad)
+        return SOURCE_PRIOR
+    return SOURCE_TEACHER

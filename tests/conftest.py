@@ -1,6 +1,8 @@
 """Test set-up: Triton's CPU interpreter (set before triton is imported), and the float64 oracle."""
 
+import importlib.util
 import os
+import pathlib
 import zlib
 
 # every Triton test runs in the interpreter, except tools/gpu_tests.py (compiled, on CUDA), which
@@ -158,3 +160,13 @@ def assert_close_rel(actual, expected, rtol, name):
 def generator(request):
     """A torch.Generator seeded from the test's id: every test draws its own, reproducible inputs."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def load_example(filename):
+    """An example script of ``examples/`` as a module, loaded from its path (``examples`` is
+    no package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / filename
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -21,7 +21,7 @@ from bench.measure import format_seconds
 from bench.overhead import SHAPES, TARGET_RATIO, overhead_case
 from bench.providers import (KL_DIV, PACKAGE, PACKAGE_TRITON, REFERENCE, Passes, make_passes,
                              select_providers)
-from bench.report import times
+from bench.report import speed, times
 from bench.traffic import (H100_STEP_CASE, DispatchCounter, TritonTrafficCounter,
                            modelled_h100_seconds, step_count_batch, value_checks_as_on_a_gpu)
 
@@ -315,8 +315,12 @@ def test_readme_summary_and_results_document_are_generated_from_the_committed_js
     section = text.split(readme.BEGIN)[1].split(readme.END)[0].strip()
     assert len([line for line in section.splitlines() if line]) <= 11
     assert "[docs/RESULTS.md](docs/RESULTS.md)" in section and "|" not in section
-    assert "gkl_loss is 1008x faster than the literal B x C x C reference (eager)" in section
-    assert "gkl_loss is 7.3x slower than F.kl_div" in section  # 0.14x: F.kl_div's time / ours
+    # the headline case's ratios, as the summary phrases them (F.kl_div: "slower", not "0.1x")
+    ratios = {entry["ratio"]: entry["value"] for entry in payload["headlines"][0]["ratios"]}
+    eager = speed(ratios["reference eager time / package time"])
+    assert f"gkl_loss is {eager} than the literal B x C x C reference (eager)" in section
+    kl_div = ratios["F.kl_div time / package time"]
+    assert kl_div < 1 and f"gkl_loss is {speed(kl_div)} than F.kl_div" in section
     document = readme.DEFAULT_RESULTS.read_text()
     assert document.startswith("# Measured results\n") and readme.BEGIN in document
     assert "python -m bench --full --json bench/results/cpu.json" in document

@@ -1,29 +1,17 @@
 """The digits distillation example (examples/digits_distillation.py), in its reduced form: the
 GKL + ClassPrior student learns, and the prior that reaches ``gkl_loss`` is the trained one."""
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
 import gkl_kernels
+from tests.conftest import load_example
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
-EXAMPLE_PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "digits_distillation.py"
 CHANCE = 1 / 10
 
-
-def load_example():
-    """The example as a module, loaded from its path (``examples`` is no package)."""
-    spec = importlib.util.spec_from_file_location("digits_distillation", EXAMPLE_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-example = load_example()
+example = load_example("digits_distillation.py")
 
 
 @pytest.fixture(scope="module")
