@@ -21,8 +21,8 @@ from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
                                   rank1_loss_backward, rank1_row_stats)
 from gkl_kernels.rank1.torch_impl import row_losses_torch
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
-                                        compact_student, compact_teacher, drop_rest,
-                                        optional_factor, readable_indices)
+                                        compact_student, compact_teacher, optional_factor,
+                                        readable_indices)
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction, WeightsKind
 
 
@@ -202,12 +202,22 @@ def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights
         raise ValueError("sync_normalizer does not combine with rest='drop' (its cross-entropy "
                          "is averaged here, per process)")
     wmse = loss(ce_weight=0.0)
-    rows_ce, count = drop_rest(loss(mse_weight=0.0, ce_weight=1.0, reduction="none"), mass,
-                               labels, options.ignore_index)
+    # "drop": each row's renormalised cross-entropy times its cached mass (0 on ignored rows)
+    rows_ce = loss(mse_weight=0.0, ce_weight=1.0, reduction="none") * mass.to(t_rows.dtype)
     if options.reduction == "none":
         return wmse + options.ce_weight * rows_ce
     total = options.ce_weight * rows_ce.sum()
-    return wmse + (total if options.reduction == "sum" else total / count)
+    if options.reduction == "sum":
+        return wmse + total
+    return wmse + total / kept_row_count(ignored, mass.numel(), student.device)
+
+
+def kept_row_count(ignored, rows, device):
+    """The rows a mean is taken over, float32 0-dim, at least 1: those not ``ignored`` (a bool
+    tensor of the rows; None: all ``rows``). No host synchronisation."""
+    if ignored is None:
+        return torch.tensor(float(max(rows, 1)), device=device)
+    return (~ignored).sum(dtype=torch.float32).clamp_min(1.0)
 
 
 def _as_rows(student, teacher, labels, weights):

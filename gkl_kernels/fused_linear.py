@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.functional import gkl_loss_with_options, row_config
+from gkl_kernels.functional import gkl_loss_with_options, kept_row_count, row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR,
                                       SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS, RowConfig)
@@ -318,9 +318,7 @@ def _sparse_normalisers(t_rows, compact, ignored, options):
     W_b^2`` of the compact rows' weights (teacher ``softmax(t / T2) ** gamma`` over the present
     columns, or the gathered factor), or ``R`` for ``normalize="batch"``; ``1 / N = 0`` for
     ``N = 0``."""
-    kept = torch.ones(t_rows.shape[0], dtype=torch.bool, device=t_rows.device) \
-        if ignored is None else ~ignored
-    count = kept.sum(dtype=torch.float32).clamp_min(1.0)
+    count = kept_row_count(ignored, t_rows.shape[0], t_rows.device)
     if options.normalize == "batch":
         return 1.0 / count, 1.0 / count
     if compact is None:
@@ -329,7 +327,8 @@ def _sparse_normalisers(t_rows, compact, ignored, options):
         weight = torch.where(present, v ** options.gamma, 0.0).sum(dim=-1)
     else:
         weight = compact.float().sum(dim=-1)
-    norm = torch.where(kept, weight * weight, 0.0).sum()
+    squares = weight * weight
+    norm = (squares if ignored is None else torch.where(ignored, 0.0, squares)).sum()
     return torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0), 1.0 / count
 
 

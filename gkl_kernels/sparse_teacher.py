@@ -153,17 +153,6 @@ def prior_rows(class_prior, labels, ignore_index):
     return class_prior.index_select(0, kept.reshape(-1)).reshape(*labels.shape, -1)
 
 
-def drop_rest(rows_ce, mass, labels, ignore_index):
-    """The cross-entropy rows of ``"drop"``: ``m_b CE_b`` (``rows_ce`` the renormalised ones,
-    0 on ignored rows) and the count they are averaged over (kept rows, at least 1)."""
-    weighted = rows_ce * mass.to(rows_ce.dtype)
-    if labels is None:
-        count = rows_ce.new_tensor(float(max(rows_ce.numel(), 1)))
-    else:
-        count = (labels != ignore_index).sum().to(rows_ce.dtype).clamp_min(1.0)
-    return weighted, count
-
-
 def optional_factor(weights, class_prior, labels, options):
     """The rank-one factor ``(..., C)`` the sparse teacher's rows weigh with: ``weights`` or the
     prior's rows of the labels to the power ``gamma``; None for teacher weights."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.functional import gkl_loss_with_options
+from gkl_kernels.functional import gkl_loss_with_options, kept_row_count
 from gkl_kernels.fused_linear import (_check_chunk_size, _check_linear, _gradient_buffer,
                                       _options_from, chunked_with_autograd, default_chunk_size,
                                       keep_gradients, scaled_gradients)
@@ -128,9 +128,8 @@ class FusedLinearDistillationLoss(nn.Module):
     def _normaliser(self, num_items, labels, rows, device):
         """The token count the sums are divided by: ``num_items_in_batch`` or the local one."""
         if num_items is None:
-            if labels is None:
-                return torch.tensor(float(max(rows, 1)), device=device)
-            return (labels != self.options.ignore_index).sum().float().clamp_min(1.0)
+            return kept_row_count(None if labels is None else labels == self.options.ignore_index,
+                                  rows, device)
         if isinstance(num_items, Tensor):
             if num_items.numel() != 1 or num_items.device != device:
                 raise ValueError(f"num_items_in_batch must be one number on {device}, got shape "
