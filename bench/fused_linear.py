@@ -71,6 +71,8 @@ TARGET_SECONDS = 2.0  # time each provider for at least this long (and at least 
 UNFUSED, FUSED, FUSED_CHUNKED = "unfused", "fused", f"fused-chunk{FUSED_CHUNK}"
 LIGER, LIGER_EAGER = "liger-jsd", "liger-jsd-eager"
 GOAL_MEMORY_RATIO, GOAL_TIME_RATIO = 4.0, 1.5  # the issue's: fused peak / 4 or less, time x 1.5
+# against Liger's fused linear JSD at GOAL_SIZE: time at most 1.0x, peak memory at most 0.6x
+LIGER_TIME_RATIO, LIGER_MEMORY_RATIO = 1.0, 0.6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,6 +455,34 @@ def check_goal(results):
     return Goal(line, memory_factor, time_ratio, met)
 
 
+def check_liger_goal(results):
+    """The ``Goal`` against ``liger-jsd`` at ``GOAL_SIZE`` (``memory_factor``: Liger's peak /
+    fused peak, ``time_ratio``: fused / Liger), with the same ratios at every other size
+    where both ran (a larger V among them) in ``line``."""
+    goal = (f"Goal against {LIGER} at {GOAL_SIZE.label}: fused time <= {LIGER_TIME_RATIO:g}x, "
+            f"peak memory <= {LIGER_MEMORY_RATIO:g}x {LIGER}'s:")
+    pairs = [(size_of(r), r, find(results, size_of(r), LIGER)) for r in results
+             if r.provider == FUSED and not r.skipped]
+    pairs = [(size, fused, liger) for size, fused, liger in pairs if liger is not None]
+    others = "; ".join(f"at {size.label} {_liger_ratios(fused, liger)}"
+                       for size, fused, liger in pairs if size != GOAL_SIZE)
+    others = f" ({others})" if others else ""
+    at_goal = [(fused, liger) for size, fused, liger in pairs if size == GOAL_SIZE]
+    if not at_goal:
+        return Goal(f"{goal} n/a (fused or {LIGER} not measured at that size){others}")
+    fused, liger = at_goal[0]
+    time_ratio, memory_ratio = fused.seconds / liger.seconds, fused.peak_bytes / liger.peak_bytes
+    met = time_ratio <= LIGER_TIME_RATIO and memory_ratio <= LIGER_MEMORY_RATIO
+    return Goal(f"{goal} {'met' if met else 'MISSED'}: {_liger_ratios(fused, liger)}{others}",
+                1 / memory_ratio, time_ratio, met)
+
+
+def _liger_ratios(fused, liger):
+    return (f"time {format_seconds(fused.seconds)} vs {format_seconds(liger.seconds)} "
+            f"({fused.seconds / liger.seconds:.2f}x), peak {format_bytes(fused.peak_bytes)} vs "
+            f"{format_bytes(liger.peak_bytes)} ({fused.peak_bytes / liger.peak_bytes:.2f}x)")
+
+
 def size_line(index, total, size, results, elapsed):
     """One progress line per finished size."""
     parts = [f"{r.provider} {'skipped' if r.skipped else format_seconds(r.seconds)}"
@@ -468,14 +498,15 @@ def liger_version():
         return None
 
 
-def write_json(path, info, sizes, results, goal, wall_seconds):
-    """Machine, sizes, every result and the goal as JSON."""
+def write_json(path, info, sizes, results, goals, wall_seconds):
+    """Machine, sizes, every result and the goals (against unfused, against Liger) as JSON."""
     payload = {
         "machine": info,
         "sizes": [dict(dataclasses.asdict(s), flops=s.flops, floor_bytes=s.floor_bytes)
                   for s in sizes],
         "results": [dataclasses.asdict(r) for r in results],
-        "goal": dataclasses.asdict(goal),
+        "goal": dataclasses.asdict(goals[0]),
+        "liger_goal": dataclasses.asdict(goals[1]),
         "wall_seconds": wall_seconds,
     }
     with open(path, "w", encoding="utf-8") as out:
@@ -572,14 +603,15 @@ def main(argv=None):
               flush=True)
     print()
     print(format_table(results))
-    goal = check_goal(results)
+    goals = check_goal(results), check_liger_goal(results)
     print()
-    print(goal.line)
+    for goal in goals:
+        print(goal.line)
     wall_seconds = time.perf_counter() - started
     info["load_average_at_end"] = report.load_average()
     print(f"load average at the end: {info['load_average_at_end'][0]:.2f} (1 min)")
     if args.json:
-        write_json(args.json, info, sizes, results, goal, wall_seconds)
+        write_json(args.json, info, sizes, results, goals, wall_seconds)
         print(f"wrote {args.json}")
     if args.plot:
         write_plot(args.plot, results, meter)

@@ -29,14 +29,18 @@ from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR,
                                       SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS, RowConfig)
 from gkl_kernels.rank1.op import rank1_finish, rank1_loss, rank1_loss_backward, rank1_row_stats
+from gkl_kernels.rank1.torch_impl import row_stats_and_gradients_torch
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
                                         compact_student, compact_teacher, optional_factor,
                                         readable_indices)
 
 UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GKLOptions
-# default chunk: the largest power of two of rows with c * V <= this (a 32 MiB float32 block, about
-# an L3 cache: on 2 CPU cores 256 rows at V = 32000 ran 15% faster than 1024; not tuned on a GPU)
+# default chunk: the largest power of two of rows with c * V <= this; on CPU a 32 MiB float32 block
+# (on 2 cores 256 rows at V = 32000 ran 15% faster than 1024), on CUDA 2 GiB for eight float32
+# blocks (bench/chunk_model.py: fewer rows than that are bound by reading the weights once per
+# chunk; a model, not timed on a GPU)
 CHUNK_ELEMENTS = 2**23
+GPU_CHUNK_ELEMENTS = 2**26
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def fused_linear_gkl(student_hidden: Tensor, student_weight: Tensor, teacher_hid
         class_prior: ``(V, V)`` class prior (checked whole: finite, >= 0).
         weights: an explicit ``(N, V)`` rank-one factor.
         chunk_size: rows per chunk (default: the largest power of two with
-            ``chunk_size * V <= 2**23``); peak extra memory is about 8 float32
+            ``chunk_size * V <= 2**23``, on CUDA ``2**26``); peak extra memory is about 8 float32
             ``(chunk_size, V)`` blocks.
         teacher_grad: False treats the teacher as frozen; True sends the wMSE gradient to the
             teacher tensors that require it.
@@ -217,8 +221,8 @@ def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
     teacher = readable_indices(teacher, ignored)
     check_sparse_teacher(teacher, like, options.check_values, ignored)
     factor = optional_factor(weights, class_prior, labels, options)
-    plan = SparsePlan(options, chunk_size or default_chunk_size(vocabulary), teacher.temperature,
-                      teacher.rest)
+    plan = SparsePlan(options, chunk_size or default_chunk_size(vocabulary, device.type),
+                      teacher.temperature, teacher.rest)
     return FusedSparseFunction.apply(
         student_hidden, student_weight, student_bias, teacher.indices, teacher.values.detach(),
         labels, None if factor is None else compact_factor(factor.detach(), teacher.indices),
@@ -349,14 +353,20 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
         t = _logits(teacher, chunk)
         chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
         chunk_labels = None if labels is None else labels[chunk]
-        _, stats[chunk], _, softmax_difference, weighted_deviation = rank1_loss(
-            s, t, chunk_factor, chunk_labels, config.floats, config.ints, need_ds or need_dt)
         if not (need_ds or need_dt):
+            stats[chunk] = rank1_row_stats(s, t, chunk_factor, chunk_labels, config.floats,
+                                           config.ints)
             continue
-        ds, dt = rank1_loss_backward(one, s, t, chunk_factor, chunk_labels, stats[chunk], totals,
-                                     softmax_difference, weighted_deviation, config.floats,
-                                     config.ints, need_ds, need_dt)
-        del s, t, softmax_difference, weighted_deviation
+        if config.use_triton:
+            _, stats[chunk], _, softmax_difference, weighted_deviation = rank1_loss(
+                s, t, chunk_factor, chunk_labels, config.floats, config.ints, False)
+            ds, dt = rank1_loss_backward(one, s, t, chunk_factor, chunk_labels, stats[chunk],
+                                         totals, softmax_difference, weighted_deviation,
+                                         config.floats, config.ints, need_ds, need_dt)
+        else:  # the plain-PyTorch path forms each row block's gradient while it is in cache
+            stats[chunk], ds, dt = row_stats_and_gradients_torch(
+                s, t, chunk_factor, chunk_labels, totals, config, need_ds, need_dt)
+        del s, t
         if need_ds:
             _fold_back(ds, student, grads[:3], chunk)
         if need_dt:
@@ -396,9 +406,11 @@ def _gradient_totals(teacher, labels, factor, plan):
     return rank1_finish(stats, weights_only.floats, weights_only.ints)[1]
 
 
-def default_chunk_size(vocabulary):
-    """The largest power of two of rows with ``rows * vocabulary <= CHUNK_ELEMENTS``, at least 1."""
-    return 1 << max(0, (CHUNK_ELEMENTS // vocabulary).bit_length() - 1)
+def default_chunk_size(vocabulary, device_type="cpu"):
+    """The largest power of two of rows with ``rows * vocabulary <= CHUNK_ELEMENTS`` (CUDA:
+    ``GPU_CHUNK_ELEMENTS``), at least 1."""
+    elements = GPU_CHUNK_ELEMENTS if device_type == "cuda" else CHUNK_ELEMENTS
+    return 1 << max(0, (elements // vocabulary).bit_length() - 1)
 
 
 def _chunks(rows, chunk_size):
@@ -502,7 +514,8 @@ def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, 
                                     options)
     config = row_config(options, source, labels is not None,
                         check.use_triton_for(options.backend, device))
-    return FusedLinearPlan(config=config, chunk_size=chunk_size or default_chunk_size(vocabulary),
+    return FusedLinearPlan(config=config,
+                           chunk_size=chunk_size or default_chunk_size(vocabulary, device.type),
                            vocabulary=vocabulary, teacher_grad=teacher_grad)
 
 

@@ -186,7 +186,7 @@ class _DistillationFunction(torch.autograd.Function):
         student = (hidden, weight, bias)
         grads = [_gradient_buffer(x, wanted) for x, wanted in zip(student,
                                                                    ctx.needs_input_grad[:3])]
-        chunk_size = module.chunk_size or default_chunk_size(weight.shape[0])
+        chunk_size = module.chunk_size or default_chunk_size(weight.shape[0], weight.device.type)
 
         def chunk_terms(chunk, s, t):
             return module._chunk_terms(s, t, None if labels is None else labels[chunk],

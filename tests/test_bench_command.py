@@ -393,3 +393,53 @@ def test_fused_linear_command_on_a_small_size(tmp_path, capsys):
         if r["provider"] != fused_linear.UNFUSED:
             assert r["loss_error"] < 1e-5 and r["grad_error"] < 1e-5
     assert plot_path.stat().st_size > 0
+
+
+def _fused_result(size, provider, seconds, peak_bytes):
+    return fused_linear.Result(size.tokens, size.vocab, size.hidden, size.dtype, provider,
+                               seconds=seconds, peak_bytes=peak_bytes)
+
+
+@pytest.mark.parametrize("fused_seconds, fused_peak, met", [(6.0, 300, True), (6.0, 500, False),
+                                                             (7.0, 300, False)])
+def test_liger_goal_compares_time_and_memory_at_the_goal_size(fused_seconds, fused_peak, met):
+    goal_size, larger_vocab = fused_linear.GOAL_SIZE, fused_linear.Size(4096, 128256, 512)
+    results = [_fused_result(goal_size, fused_linear.FUSED, fused_seconds, fused_peak),
+               _fused_result(goal_size, fused_linear.LIGER, 6.5, 700),
+               _fused_result(larger_vocab, fused_linear.FUSED, 20.0, 540),
+               _fused_result(larger_vocab, fused_linear.LIGER, 14.0, 2700)]
+    goal = fused_linear.check_liger_goal(results)
+    assert goal.met is met
+    assert goal.time_ratio == pytest.approx(fused_seconds / 6.5)
+    assert goal.memory_factor == pytest.approx(700 / fused_peak)
+    assert ("met:" if met else "MISSED:") in goal.line
+    assert f"({fused_seconds / 6.5:.2f}x)" in goal.line and "(1.43x)" in goal.line  # 20 / 14
+
+
+def test_liger_goal_without_liger_at_the_goal_size_is_not_judged():
+    goal = fused_linear.check_liger_goal(
+        [_fused_result(fused_linear.GOAL_SIZE, fused_linear.FUSED, 6.0, 300)])
+    assert goal.met is None and "n/a" in goal.line
+
+
+def test_chunk_model_counts_flops_and_bytes_and_the_cuda_default_follows_it():
+    from bench import chunk_model
+    from gkl_kernels.fused_linear import GPU_CHUNK_ELEMENTS, default_chunk_size
+    tokens, vocab, hidden = 8192, 32000, 4096
+    gpu = chunk_model.H100
+    # 16 rows of bfloat16: bound by the weights' bytes, 4 V H x 2 + 8 V H + 4 V H, and 9 blocks
+    per_chunk = (20 * vocab * hidden + 9 * 4 * 16 * vocab) / gpu.bandwidth
+    assert chunk_model.step_seconds(tokens, vocab, hidden, "bfloat16", 16) == pytest.approx(
+        tokens / 16 * (per_chunk + chunk_model.LAUNCHES_PER_CHUNK * chunk_model.LAUNCH_SECONDS))
+    # the whole batch in one chunk: bound by its FLOPs
+    whole = chunk_model.step_seconds(tokens, vocab, hidden, "bfloat16", tokens)
+    assert whole == pytest.approx(8 * tokens * vocab * hidden / gpu.flops["bfloat16"], rel=0.01)
+    for tokens, vocab, hidden in chunk_model.SHAPES:
+        default = default_chunk_size(vocab, "cuda")
+        assert default * vocab <= GPU_CHUNK_ELEMENTS < 2 * default * vocab
+        for dtype in ("bfloat16", "float32"):
+            best = chunk_model.model_chunk(tokens, vocab, hidden, dtype, GPU_CHUNK_ELEMENTS)
+            assert best * vocab <= GPU_CHUNK_ELEMENTS
+            assert chunk_model.step_seconds(tokens, vocab, hidden, dtype, default) <= \
+                chunk_model.SLACK * chunk_model.step_seconds(tokens, vocab, hidden, dtype, best)
+    assert "MODEL, nothing timed" in chunk_model.report()

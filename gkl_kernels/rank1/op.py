@@ -192,7 +192,7 @@ class TorchRankOneLoss(torch.autograd.Function):
         if need_ds or need_dt:
             ds, dt = loss_gradients_torch(loss.new_ones(()), student, teacher, factor, labels,
                                           stats, totals, config, need_ds, need_dt,
-                                          softmax_difference, weighted_deviation)
+                                          softmax_difference, weighted_deviation, overwrite=True)
             ctx.save_for_backward(ds, dt)
         ctx.dtypes = need_ds and student.dtype, need_dt and teacher.dtype
         return loss

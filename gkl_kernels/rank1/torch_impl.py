@@ -1,32 +1,36 @@
 """Plain-PyTorch rank-one path: the statistics, loss and gradients of ``kernels.py`` (see there for
-the math), each row taken as one tile, vectorised over the batch, in float32 (float64 for float64
-logits: ``compute_dtype``); and
-``merge_row_stats``, the rule that combines the statistics of two column parts of the same rows
-(vocabulary shards).
+the math), in float32 (float64 for float64 logits: ``compute_dtype``); and ``merge_row_stats``,
+the rule that combines the statistics of two column parts of the same rows (vocabulary shards).
 
-Used for CPU tensors and with ``backend="torch"``. When a backward pass will follow, the forward
-keeps the two ``(B, C)`` gradient directions (``softmax(s/T) - softmax(t/T)`` and ``v' (d - mu)``),
-so that the backward is two products: the memory of two ``B x C`` float32 tensors (as
-``F.kl_div``'s saved log-probabilities) traded for recomputation.
+Used for CPU tensors and with ``backend="torch"``. Rows go in blocks of at most
+``BLOCK_ELEMENTS`` logits, as a kernel's tiles: a block's temporaries stay in cache (a whole
+``(256, 32000)`` chunk at once ran 2.8 times slower on 2 CPU cores, from page faults and memory
+traffic). ``d = t - s`` is rounded once, as a plain float32 evaluation rounds it (the Triton
+kernels also keep its rounding error, ``STAT_PL``; it is 0 here). When a backward pass will
+follow, the forward keeps the two ``(B, C)`` gradient directions (``softmax(s/T) -
+softmax(t/T)`` and ``v' (d - mu)``), so that the backward is two products: the memory of two
+``B x C`` float32 tensors (as ``F.kl_div``'s saved log-probabilities) traded for recomputation.
 """
 
 import math
 
 import torch
 
-from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS,
-                                      SOURCE_PRIOR, SOURCE_TEACHER, STAT_A, STAT_DM, STAT_ERROR,
-                                      STAT_KEPT, STAT_L, STAT_M2, STAT_MS, STAT_MT, STAT_PH,
-                                      STAT_PL, STAT_W, STAT_ZS, STAT_ZT, STAT_ZW, TOTAL_DEN,
-                                      TOTAL_K, TOTAL_ROWS, compute_dtype)
+from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE,
+                                      SOURCE_PAIRS, SOURCE_PRIOR, SOURCE_TEACHER, STAT_A, STAT_DM,
+                                      STAT_ERROR, STAT_KEPT, STAT_L, STAT_M2, STAT_MS, STAT_MT,
+                                      STAT_PH, STAT_PL, STAT_W, STAT_ZS, STAT_ZT, STAT_ZW,
+                                      TOTAL_DEN, TOTAL_K, TOTAL_ROWS, compute_dtype)
 
 INF = float("inf")
+BLOCK_ELEMENTS = 2**18  # logits in one row block: 1 MiB of float32 (8 rows at V = 32000)
+TINY = 1e-45  # the softmax normaliser of a row of -inf (0) divides its zeros by this instead
 
 
-def _two_sum(a, b):
-    h = a + b
-    bb = h - a
-    return h, (a - (h - bb)) + (b - bb)
+def row_blocks(rows, classes):
+    """Slices of at most ``max(1, BLOCK_ELEMENTS // classes)`` rows covering ``range(rows)``."""
+    step = max(1, BLOCK_ELEMENTS // max(classes, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def _ref(m):
@@ -44,7 +48,7 @@ def _rescale(m_part, m, inv_temperature):
 
 def given_factor(factor, labels, config, dtype):
     """The given weights ``(B, C)`` in ``dtype``: ``prior[labels] ** gamma`` (``0 ** 0 = 1``) or
-    the explicit factor."""
+    the explicit factor (the caller's tensor itself when it has ``dtype``)."""
     if config.source != SOURCE_PRIOR:
         return factor.to(dtype)
     rows = factor.index_select(0, labels).to(dtype)
@@ -72,73 +76,116 @@ def _usable_labels(labels, kept, bad):
     return labels if kept is None else torch.where(kept & ~bad, labels, 0)
 
 
-def _scaled_factor(t, v, in_wmse, mt, scale, config):
-    """``v'``: ``exp(gamma (t - m_t) / T2)``, 0 outside the wMSE (teacher), or ``v 2^-L`` (``v``
-    given; the caller masks it)."""
+def _block_inputs(block, student, teacher, factor, labels, config):
+    """``(s, t, factor, labels)`` of the rows ``block`` (the prior is every row's)."""
+    explicit = config.source == SOURCE_EXPLICIT
+    return (student[block], teacher[block], factor[block] if explicit else factor,
+            None if labels is None else labels[block])
+
+
+def _factor_exponent(v):
+    """``L = floor(log2(max_j v_j))`` per row, ``-inf`` for a row of zeros: ``v' = v 2^-L``."""
+    top = v.amax(dim=1)
+    return torch.where(top > 0, torch.floor(torch.log2(top)), -INF)
+
+
+def _excluded(s, t):
+    """Classes outside the wMSE: ``-inf`` in either logit."""
+    return (s == -INF) | (t == -INF)
+
+
+def _weights(s, t, factor, labels, kept, bad, mt, config, e_t=None):
+    """``(v', excluded)``: the scaled factor ``v'`` (a new tensor, 0 on excluded classes) with
+    ``mt`` the teacher's row maxima (teacher weights ``exp(gamma (t - m_t) / T2)``; the row
+    exponent ``L`` of a given factor is ``_factor_exponent``'s). ``e_t``: the cross-entropy's
+    ``exp((t - m_t) / T)``, taken as ``v'`` (and overwritten) when ``gamma / T2 = 1 / T``."""
+    excluded = _excluded(s, t)
     if config.source == SOURCE_TEACHER:
-        v = _scaled(t - _ref(mt)[:, None], config.gamma / config.weight_temperature).exp_()
-        return torch.where(in_wmse, v, 0.0)
-    return v * torch.exp2(-_ref(scale))[:, None]
+        scale = config.gamma / config.weight_temperature
+        if e_t is not None and scale == 1.0 / config.temperature:
+            return e_t.masked_fill_(excluded, 0.0), excluded
+        return _scaled(t - _ref(mt)[:, None], scale).exp_().masked_fill_(excluded, 0.0), excluded
+    v = given_factor(factor, _usable_labels(labels, kept, bad), config, s.dtype)
+    return v.masked_fill(excluded, 0.0), excluded
 
 
-def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
-    """``(stats (B, NUM_STATS), softmax_difference, weighted_deviation)``: the kernels' statistics
-    and, when ``keep_directions``, ``q - p`` and ``v' (d - mu)`` (else empty)."""
+def _block_stats(student, teacher, factor, labels, config, stats, softmax_difference,
+                 weighted_deviation):
+    """Write the statistics of a block of rows into ``stats`` (R, NUM_STATS) and, where given
+    (else None), ``q - p`` into ``softmax_difference`` and ``v' (d - mu)`` into
+    ``weighted_deviation`` (R, C)."""
     s, t, kept, bad = _kept_logits(student, teacher, labels, config)
     zeros = s.new_zeros(s.shape[0])
     columns = [zeros] * NUM_STATS
     columns[STAT_KEPT] = zeros + 1.0 if kept is None else kept.to(s.dtype)
     if bad is not None:
         columns[STAT_ERROR] = bad.to(s.dtype)
-    mt = t.amax(dim=1)
-    columns[STAT_MT] = mt
+    mt = columns[STAT_MT] = t.amax(dim=1)
     columns[STAT_MS] = columns[STAT_L] = zeros - INF
-    softmax_difference, weighted_deviation = s.new_empty(0), s.new_empty(0)
     inv_t = 1.0 / config.temperature
-    ref_t = _ref(mt)[:, None]
+    e_t = None
     if config.with_ce:
-        ms = s.amax(dim=1)
+        ms = columns[STAT_MS] = s.amax(dim=1)
         ref_s = _ref(ms)[:, None]
-        e_s, e_t = _scaled(s - ref_s, inv_t).exp_(), _scaled(t - ref_t, inv_t).exp_()
-        zs, zt = e_s.sum(dim=1), e_t.sum(dim=1)
-        spread = (ref_s - s).mul_(e_t)
-        columns[STAT_A] = torch.where(e_t != 0, spread, 0.0).sum(dim=1)
-        columns[STAT_MS], columns[STAT_ZS], columns[STAT_ZT] = ms, zs, zt
-        if keep_directions:
-            softmax_difference = e_s.div_(zs.clamp_min(1e-45)[:, None]).sub_(
-                e_t.div_(zt.clamp_min(1e-45)[:, None]))
-    if config.source < SOURCE_NONE:
-        in_wmse = (s != -INF) & (t != -INF)
-        v = None
-        if config.source == SOURCE_TEACHER:
-            columns[STAT_ZW] = _scaled(t - ref_t, 1.0 / config.weight_temperature).exp_().sum(1)
-        else:
-            # the weights' values are checked before (host or device-side assertions)
-            v = torch.where(in_wmse, given_factor(factor, _usable_labels(labels, kept, bad),
-                                                  config, s.dtype), 0.0)
-            top = v.amax(dim=1)
-            columns[STAT_L] = torch.where(top > 0, torch.floor(torch.log2(top)), -INF)
-        v = _scaled_factor(t, v, in_wmse, mt, columns[STAT_L], config)
-        hi, lo = _two_sum(t, -s)
-        hi, lo = torch.where(in_wmse, hi, 0.0), torch.where(in_wmse, lo, 0.0)
-        weight = v.sum(dim=1)
-        safe = torch.where(weight != 0, weight, 1.0)
-        heaviest = v.argmax(dim=1, keepdim=True)
-        ph, pl = hi.gather(1, heaviest), lo.gather(1, heaviest)
-        # outside the wMSE v' = 0: those (finite) deviations weigh nothing
-        dev = (hi - ph).add_(lo - pl)
-        rough = torch.linalg.vecdot(v, dev) / safe
-        dev = dev.sub_(rough[:, None])
-        residual = torch.linalg.vecdot(v, dev) / safe
-        dev = dev.sub_(residual[:, None])
-        weighted = v.mul_(dev)
-        columns[STAT_W] = weight
-        columns[STAT_PH], columns[STAT_PL] = ph[:, 0], pl[:, 0]
-        columns[STAT_DM] = rough + residual
-        columns[STAT_M2] = torch.linalg.vecdot(weighted, dev)
-        if keep_directions:
-            weighted_deviation = weighted
-    return torch.stack(columns, dim=1), softmax_difference, weighted_deviation
+        e_s = _scaled(s - ref_s, inv_t).exp_()
+        e_t = _scaled(t - _ref(mt)[:, None], inv_t).exp_()
+        zs, zt = columns[STAT_ZS], columns[STAT_ZT] = e_s.sum(dim=1), e_t.sum(dim=1)
+        # e_t (m_s - s): 0 x inf (s = -inf, e_t = 0) is 0; a NaN logit stays in zs, zt
+        columns[STAT_A] = (ref_s - s).mul_(e_t).nan_to_num_(0.0, INF, -INF).sum(dim=1)
+        if softmax_difference is not None:
+            torch.div(e_s, zs.clamp_min(TINY)[:, None], out=softmax_difference)
+            softmax_difference.addcdiv_(e_t, zt.clamp_min(TINY)[:, None], value=-1.0)
+    if config.source >= SOURCE_NONE:
+        return torch.stack(columns, dim=1, out=stats)
+    if config.source == SOURCE_TEACHER:
+        columns[STAT_ZW] = columns[STAT_ZT] if (
+            e_t is not None and config.weight_temperature == config.temperature) else \
+            _scaled(t - _ref(mt)[:, None], 1.0 / config.weight_temperature).exp_().sum(dim=1)
+    v, excluded = _weights(s, t, factor, labels, kept, bad, mt, config, e_t)
+    if config.source != SOURCE_TEACHER:
+        columns[STAT_L] = _factor_exponent(v)
+        v.mul_(torch.exp2(-_ref(columns[STAT_L]))[:, None])
+    weight = columns[STAT_W] = v.sum(dim=1)
+    safe = torch.where(weight != 0, weight, 1.0)
+    # deviations from the heaviest class's d (excluded classes: d = 0, weighing nothing),
+    # then twice corrected by their weighted mean: accurate when one weight dominates
+    d = (t - s).masked_fill_(excluded, 0.0)
+    pivot = d.gather(1, v.argmax(dim=1, keepdim=True))
+    columns[STAT_PH] = pivot[:, 0]
+    dev = d.sub_(pivot)
+    rough = torch.linalg.vecdot(v, dev) / safe
+    residual = torch.linalg.vecdot(v, dev.sub_(rough[:, None])) / safe
+    dev.sub_(residual[:, None])
+    columns[STAT_DM] = rough + residual
+    weighted = v.mul_(dev) if weighted_deviation is None else \
+        torch.mul(v, dev, out=weighted_deviation)
+    columns[STAT_M2] = torch.linalg.vecdot(weighted, dev)
+    return torch.stack(columns, dim=1, out=stats)
+
+
+def _direction(student, dtype, wanted):
+    """An uninitialised ``(B, C)`` direction in ``dtype`` when ``wanted``, else an empty one."""
+    return student.new_empty(student.shape if wanted else (0,), dtype=dtype)
+
+
+def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
+    """``(stats (B, NUM_STATS), softmax_difference, weighted_deviation)``: the kernels' statistics
+    and, when ``keep_directions``, ``q - p`` and ``v' (d - mu)`` (else empty), block by block."""
+    dtype = compute_dtype(student, teacher)
+    stats = student.new_empty(student.shape[0], NUM_STATS, dtype=dtype)
+    softmax_difference = _direction(student, dtype, keep_directions and config.with_ce)
+    weighted_deviation = _direction(student, dtype,
+                                    keep_directions and config.source < SOURCE_NONE)
+    for block in row_blocks(*student.shape):
+        _block_stats(*_block_inputs(block, student, teacher, factor, labels, config), config,
+                     stats[block], _rows_of(softmax_difference, block),
+                     _rows_of(weighted_deviation, block))
+    return stats, softmax_difference, weighted_deviation
+
+
+def _rows_of(direction, block):
+    """The rows ``block`` of a kept direction, None for an empty one."""
+    return direction[block] if direction.numel() else None
 
 
 def finish_rows_torch(stats, config):
@@ -226,31 +273,91 @@ def loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, tota
     return ds.to(student.dtype), dt.to(teacher.dtype)
 
 
+def _combine(coef_d, coef_ce, softmax_difference, weighted_deviation, config, ds, dt):
+    """``ds = coef_ce (q - p) - coef_d v' (d - mu)`` (the second term when ``symmetric``) and
+    ``dt = coef_d v' (d - mu)`` written into ``ds`` / ``dt`` (None: not wanted), which may be the
+    directions themselves (then overwritten)."""
+    if ds is not None:
+        if config.with_ce:
+            torch.mul(softmax_difference, coef_ce[:, None], out=ds)
+        else:
+            ds.zero_()
+    if dt is not None:
+        if config.with_wmse:
+            torch.mul(weighted_deviation, coef_d[:, None], out=dt)
+        else:
+            dt.zero_()
+    if ds is not None and config.symmetric and config.with_wmse:
+        if dt is not None:
+            ds.sub_(dt)
+        else:
+            ds.addcmul_(weighted_deviation, coef_d[:, None], value=-1.0)
+
+
 def loss_gradients_torch(grad_loss, student, teacher, factor, labels, stats, totals, config,
-                         need_ds, need_dt, softmax_difference, weighted_deviation):
-    """``loss_backward_torch``'s gradients in the statistics' dtype."""
+                         need_ds, need_dt, softmax_difference, weighted_deviation,
+                         overwrite=False):
+    """``loss_backward_torch``'s gradients in the statistics' dtype; ``overwrite``: the kept
+    directions are temporaries, to become the gradients."""
     coef_d, coef_ce = row_coefficients_torch(grad_loss, stats, totals, config)
-    if (config.with_ce and not softmax_difference.numel()) or (
-            config.with_wmse and not weighted_deviation.numel()):
-        softmax_difference, weighted_deviation = gradient_directions_torch(
-            student, teacher, factor, labels, stats, config)
-    g_d = weighted_deviation * coef_d[:, None] if config.with_wmse else None
-    ds = dt = student.new_empty(0)
-    if need_ds:
-        ds = softmax_difference * coef_ce[:, None] if config.with_ce \
-            else torch.zeros(student.shape, dtype=stats.dtype, device=student.device)
-        if config.symmetric and g_d is not None:
-            ds = ds - g_d
-    if need_dt:
-        dt = g_d if g_d is not None else torch.zeros_like(teacher, dtype=stats.dtype)
+    kept = (not config.with_ce or softmax_difference.numel()) and (
+        not config.with_wmse or weighted_deviation.numel())
+    if kept and overwrite:
+        ds = softmax_difference if need_ds and config.with_ce else _direction(student, stats.dtype,
+                                                                              need_ds)
+        dt = weighted_deviation if need_dt and config.with_wmse else _direction(
+            student, stats.dtype, need_dt)
+        _combine(coef_d, coef_ce, softmax_difference, weighted_deviation, config,
+                 ds if need_ds else None, dt if need_dt else None)
+        return ds, dt
+    ds, dt = (_direction(student, stats.dtype, wanted) for wanted in (need_ds, need_dt))
+    for block in row_blocks(*student.shape):
+        if kept:
+            directions = (_rows_of(softmax_difference, block), _rows_of(weighted_deviation, block))
+        else:
+            directions = gradient_directions_torch(
+                *_block_inputs(block, student, teacher, factor, labels, config), stats[block],
+                config)
+        _combine(_rows_of_coefficients(coef_d, block), coef_ce[block], *directions, config,
+                 ds[block] if need_ds else None, dt[block] if need_dt else None)
     return ds, dt
 
 
+def _rows_of_coefficients(coef_d, block):
+    return None if coef_d is None else coef_d[block]
+
+
+def row_stats_and_gradients_torch(student, teacher, factor, labels, totals, config, need_ds,
+                                  need_dt):
+    """``(stats, ds, dt)``: the statistics and the gradients for an incoming gradient of 1, given
+    the batch totals the gradient needs (``fused_linear``: known before the rows), each block's
+    gradient formed while the block is in cache; ``ds``, ``dt`` in the statistics' dtype, empty
+    when not wanted."""
+    dtype = compute_dtype(student, teacher)
+    stats = student.new_empty(student.shape[0], NUM_STATS, dtype=dtype)
+    ds, dt = (_direction(student, dtype, wanted) for wanted in (need_ds, need_dt))
+    one = stats.new_ones(())
+    wants_deviation = config.with_wmse and (need_dt or (need_ds and config.symmetric))
+    for block in row_blocks(*student.shape):
+        ds_rows, dt_rows = ds[block] if need_ds else None, dt[block] if need_dt else None
+        softmax_difference = ds_rows if config.with_ce else None
+        weighted_deviation = None
+        if wants_deviation:
+            weighted_deviation = dt_rows if dt_rows is not None else _direction(
+                ds_rows, dtype, True)
+        _block_stats(*_block_inputs(block, student, teacher, factor, labels, config), config,
+                     stats[block], softmax_difference, weighted_deviation)
+        coef_d, coef_ce = row_coefficients_torch(one, stats[block], totals, config)
+        _combine(coef_d, coef_ce, softmax_difference, weighted_deviation, config, ds_rows,
+                 dt_rows)
+    return stats, ds, dt
+
+
 def gradient_directions_torch(student, teacher, factor, labels, stats, config):
-    """``(q - p, v' (d - mu))`` (B, C) from the logits and merged statistics (each
-    empty when the loss has no such term); ignored rows give zeros."""
+    """``(q - p, v' (d - mu))`` (R, C) of a block of rows from the logits and merged statistics
+    (None for a term the loss does not have); ignored rows give zeros."""
     s, t, kept, bad = _kept_logits(student, teacher, labels, config)
-    softmax_difference, weighted_deviation = s.new_empty(0), s.new_empty(0)
+    softmax_difference = weighted_deviation = None
     mt = stats[:, STAT_MT]
     if config.with_ce:
         ms, inv_t = stats[:, STAT_MS], 1.0 / config.temperature
@@ -260,14 +367,12 @@ def gradient_directions_torch(student, teacher, factor, labels, stats, config):
         p = torch.where(t != -INF, ((t - _ref(mt)[:, None]) * inv_t - log_zt[:, None]).exp(), 0.0)
         softmax_difference = q.sub_(p)
     if config.with_wmse:
-        in_wmse = (s != -INF) & (t != -INF)
-        v = None if config.source == SOURCE_TEACHER else given_factor(
-            factor, _usable_labels(labels, kept, bad), config, s.dtype)
-        v = _scaled_factor(t, v, in_wmse, mt, stats[:, STAT_L], config)
-        hi, lo = _two_sum(t, -s)
-        dev = ((hi - stats[:, STAT_PH, None]) + (lo - stats[:, STAT_PL, None])) - \
-            stats[:, STAT_DM, None]
-        weighted_deviation = torch.where(in_wmse, v * dev, 0.0)
+        v, excluded = _weights(s, t, factor, labels, kept, bad, mt, config)
+        if config.source != SOURCE_TEACHER:
+            v.mul_(torch.exp2(-_ref(stats[:, STAT_L]))[:, None])
+        dev = (t - s).sub_(stats[:, STAT_PH, None]).sub_(stats[:, STAT_PL, None]).sub_(
+            stats[:, STAT_DM, None])
+        weighted_deviation = v.mul_(dev.masked_fill_(excluded, 0.0))
     return softmax_difference, weighted_deviation
 
 
