@@ -39,7 +39,7 @@ UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GK
 # (on 2 cores 256 rows at V = 32000 ran 15% faster than 1024), on CUDA 2 GiB for eight float32
 # blocks (bench/chunk_model.py: fewer rows than that are bound by reading the weights once per
 # chunk; a model, not timed on a GPU)
-CHUNK_ELEMENTS = 2**23
+CHUNK_ELEMENTS = 2**25
 GPU_CHUNK_ELEMENTS = 2**26
 
 
@@ -348,9 +348,13 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
     if need_ds or need_dt:
         totals = _gradient_totals(teacher, labels, factor, plan)
         one = torch.ones((), dtype=torch.float32, device=student[0].device)
+    # one block per chunk for each logit tensor, reused (a fresh (c, V) block a chunk costs its
+    # page faults on CPU); on the plain-PyTorch path the student's gradient overwrites its logits
+    s_block, t_block = (_chunk_block(linear[0], plan, linear[0].dtype == torch.float32)
+                        for linear in (student, teacher))
     for chunk in _chunks(rows, plan.chunk_size):
-        s = _logits(student, chunk)
-        t = _logits(teacher, chunk)
+        s = _logits(student, chunk, s_block)
+        t = _logits(teacher, chunk, t_block)
         chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
         chunk_labels = None if labels is None else labels[chunk]
         if not (need_ds or need_dt):
@@ -365,7 +369,7 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
                                          config.floats, config.ints, need_ds, need_dt)
         else:  # the plain-PyTorch path forms each row block's gradient while it is in cache
             stats[chunk], ds, dt = row_stats_and_gradients_torch(
-                s, t, chunk_factor, chunk_labels, totals, config, need_ds, need_dt)
+                s, t, chunk_factor, chunk_labels, totals, config, need_ds, need_dt, s)
         del s, t
         if need_ds:
             _fold_back(ds, student, grads[:3], chunk)
@@ -417,10 +421,24 @@ def _chunks(rows, chunk_size):
     return [slice(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
 
 
-def _logits(linear, chunk):
-    """``h[chunk] W^T (+ b)`` in the inputs' dtype, returned in float32, (c, V)."""
+def _chunk_block(hidden, plan, wanted):
+    """An uninitialised float32 ``(chunk_size, V)`` block when ``wanted``, else None."""
+    if not wanted:
+        return None
+    return hidden.new_empty(min(plan.chunk_size, hidden.shape[0]), plan.vocabulary,
+                            dtype=torch.float32)
+
+
+def _logits(linear, chunk, block=None):
+    """``h[chunk] W^T (+ b)`` in the inputs' dtype, returned in float32, (c, V); written into
+    the first rows of ``block`` when given (float32 inputs)."""
     hidden, weight, bias = linear
-    return F.linear(hidden[chunk], weight, bias).float()
+    if block is None:
+        return F.linear(hidden[chunk], weight, bias).float()
+    out = block[:chunk.stop - chunk.start]
+    if bias is None:
+        return torch.mm(hidden[chunk], weight.t(), out=out)
+    return torch.addmm(bias, hidden[chunk], weight.t(), out=out)
 
 
 def _gradient_buffer(tensor, wanted):
@@ -436,7 +454,9 @@ def _fold_back(grad_logits, linear, grads, chunk):
     hidden, weight, _ = linear
     grad_hidden, grad_weight, grad_bias = grads
     g = grad_logits.to(hidden.dtype)
-    if grad_hidden is not None:
+    if grad_hidden is not None and g.dtype == grad_hidden.dtype:
+        torch.mm(g, weight, out=grad_hidden[chunk])
+    elif grad_hidden is not None:
         grad_hidden[chunk] = g @ weight
     if grad_weight is not None and grad_weight.dtype == g.dtype:
         grad_weight.addmm_(g.t(), hidden[chunk])

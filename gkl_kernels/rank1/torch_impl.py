@@ -5,8 +5,10 @@ the rule that combines the statistics of two column parts of the same rows (voca
 Used for CPU tensors and with ``backend="torch"``. Rows go in blocks of at most
 ``BLOCK_ELEMENTS`` logits, as a kernel's tiles: a block's temporaries stay in cache (a whole
 ``(256, 32000)`` chunk at once ran 2.8 times slower on 2 CPU cores, from page faults and memory
-traffic). ``d = t - s`` is rounded once, as a plain float32 evaluation rounds it (the Triton
-kernels also keep its rounding error, ``STAT_PL``; it is 0 here). When a backward pass will
+traffic), into ``Scratch`` tensors reused from block to block. ``d = t - s`` is rounded once,
+as a plain float32 evaluation rounds it (the Triton kernels also keep its rounding error,
+``STAT_PL``; it is 0 here), and its mean is a first weighted mean corrected once (the kernels
+pivot on the heaviest class instead). When a backward pass will
 follow, the forward keeps the two ``(B, C)`` gradient directions (``softmax(s/T) -
 softmax(t/T)`` and ``v' (d - mu)``), so that the backward is two products: the memory of two
 ``B x C`` float32 tensors (as ``F.kl_div``'s saved log-probabilities) traded for recomputation.
@@ -34,7 +36,8 @@ def row_blocks(rows, classes):
 
 
 def _ref(m):
-    return torch.where(m != -INF, m, 0.0)
+    """``m``, 0 where it is ``-inf`` (NaN and ``+inf`` kept)."""
+    return m.nan_to_num(float("nan"), INF, 0.0)
 
 
 def _scaled(x, factor):
@@ -46,29 +49,68 @@ def _rescale(m_part, m, inv_temperature):
     return torch.where(m_part != -INF, ((m_part - m) * inv_temperature).exp(), 0.0)
 
 
-def given_factor(factor, labels, config, dtype):
-    """The given weights ``(B, C)`` in ``dtype``: ``prior[labels] ** gamma`` (``0 ** 0 = 1``) or
-    the explicit factor (the caller's tensor itself when it has ``dtype``)."""
+class Scratch:
+    """Block-sized scratch tensors of one call, made at first use and reused by every row block
+    (on CPU a fresh block-sized temporary costs its page faults each time): ``floats(name, rows)``
+    in the compute dtype, ``masks(name, rows)`` bool, both ``(rows, C)`` views."""
+
+    def __init__(self, like, block_rows, dtype):
+        self._like, self._shape, self.dtype = like, (block_rows, like.shape[1]), dtype
+        self._tensors = {}
+
+    def _get(self, name, rows, dtype):
+        if name not in self._tensors:
+            self._tensors[name] = self._like.new_empty(self._shape, dtype=dtype)
+        return self._tensors[name][:rows]
+
+    def floats(self, name, rows):
+        return self._get(name, rows, self.dtype)
+
+    def masks(self, name, rows):
+        return self._get(name, rows, torch.bool)
+
+
+def _scratch_and_blocks(student, dtype):
+    """``(Scratch, row blocks)`` of one call over the rows of ``student``."""
+    blocks = row_blocks(*student.shape)
+    rows = blocks[0].stop - blocks[0].start if blocks else 0
+    return Scratch(student, rows, dtype), blocks
+
+
+def _dot(x, y, scratch):
+    """``sum_j x_j y_j`` per row, the product in ``scratch``."""
+    return torch.mul(x, y, out=scratch.floats("product", x.shape[0])).sum(dim=1)
+
+
+def given_factor(factor, labels, config, out):
+    """The given weights ``(R, C)`` written into ``out`` (its dtype): ``prior[labels] ** gamma``
+    (``0 ** 0 = 1``) or the explicit factor."""
     if config.source != SOURCE_PRIOR:
-        return factor.to(dtype)
-    rows = factor.index_select(0, labels).to(dtype)
+        return out.copy_(factor)
     if config.gamma == 0.0:
-        return torch.ones_like(rows)
+        return out.fill_(1.0)
+    if factor.dtype == out.dtype:
+        torch.index_select(factor, 0, labels, out=out)
+    else:
+        out.copy_(factor.index_select(0, labels))
     # exp(gamma log p), 0 for p = 0: about 4 times faster than a fractional pow on CPU
-    return rows if config.gamma == 1.0 else rows.log_().mul_(config.gamma).exp_()
+    return out if config.gamma == 1.0 else out.log_().mul_(config.gamma).exp_()
 
 
-def _kept_logits(student, teacher, labels, config):
+def _kept_logits(student, teacher, labels, config, scratch):
     """s, t in ``compute_dtype``, ``-inf`` on rows not read (ignored, or with a bad label); the
-    kept mask and the bad-label mask (B,), None without labels."""
-    dtype = compute_dtype(student, teacher)
-    s, t = student.to(dtype), teacher.to(dtype)
+    kept mask and the bad-label mask (R,), None without labels."""
+    rows = student.shape[0]
+    s, t = ((x if x.dtype == scratch.dtype else scratch.floats(name, rows).copy_(x))
+            for name, x in (("s", student), ("t", teacher)))
     if not config.has_labels:
         return s, t, None, None
     kept = labels != config.ignore_index
     bad = kept & ((labels < 0) | (labels >= (config.num_labels or s.shape[1])))
     live = (kept & ~bad)[:, None]
-    return torch.where(live, s, -INF), torch.where(live, t, -INF), kept, bad
+    masked = s.new_full((), -INF)
+    return (torch.where(live, s, masked, out=scratch.floats("s", rows)),
+            torch.where(live, t, masked, out=scratch.floats("t", rows)), kept, bad)
 
 
 def _usable_labels(labels, kept, bad):
@@ -89,49 +131,52 @@ def _factor_exponent(v):
     return torch.where(top > 0, torch.floor(torch.log2(top)), -INF)
 
 
-def _excluded(s, t):
-    """Classes outside the wMSE: ``-inf`` in either logit."""
-    return (s == -INF) | (t == -INF)
+def _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t=None):
+    """``(v, excluded)``: the factor (0 on excluded classes: ``-inf`` in either logit) and the
+    excluded mask. Teacher weights ``v = exp(gamma (t - m_t) / T2)`` (``ref_t`` the teacher's row
+    maxima ``_ref(m_t)``, (R, 1); ``e_t = exp((t - m_t) / T)`` of the cross-entropy taken, and
+    overwritten, when
+    ``gamma / T2 = 1 / T``); a given factor as given (unscaled: ``v' = v 2^-L``)."""
+    rows = s.shape[0]
+    excluded = torch.isneginf(s, out=scratch.masks("excluded", rows)).logical_or_(
+        torch.isneginf(t, out=scratch.masks("teacher_masked", rows)))
+    if config.source != SOURCE_TEACHER:
+        v = given_factor(factor, _usable_labels(labels, kept, bad), config,
+                         scratch.floats("v", rows))
+    elif e_t is not None and config.gamma / config.weight_temperature == 1.0 / config.temperature:
+        v = e_t
+    else:
+        v = _scaled(torch.sub(t, ref_t, out=scratch.floats("v", rows)),
+                    config.gamma / config.weight_temperature).exp_()
+    return v.masked_fill_(excluded, 0.0), excluded
 
 
-def _weights(s, t, factor, labels, kept, bad, mt, config, e_t=None):
-    """``(v', excluded)``: the scaled factor ``v'`` (a new tensor, 0 on excluded classes) with
-    ``mt`` the teacher's row maxima (teacher weights ``exp(gamma (t - m_t) / T2)``; the row
-    exponent ``L`` of a given factor is ``_factor_exponent``'s). ``e_t``: the cross-entropy's
-    ``exp((t - m_t) / T)``, taken as ``v'`` (and overwritten) when ``gamma / T2 = 1 / T``."""
-    excluded = _excluded(s, t)
-    if config.source == SOURCE_TEACHER:
-        scale = config.gamma / config.weight_temperature
-        if e_t is not None and scale == 1.0 / config.temperature:
-            return e_t.masked_fill_(excluded, 0.0), excluded
-        return _scaled(t - _ref(mt)[:, None], scale).exp_().masked_fill_(excluded, 0.0), excluded
-    v = given_factor(factor, _usable_labels(labels, kept, bad), config, s.dtype)
-    return v.masked_fill(excluded, 0.0), excluded
-
-
-def _block_stats(student, teacher, factor, labels, config, stats, softmax_difference,
+def _block_stats(student, teacher, factor, labels, config, scratch, stats, softmax_difference,
                  weighted_deviation):
     """Write the statistics of a block of rows into ``stats`` (R, NUM_STATS) and, where given
     (else None), ``q - p`` into ``softmax_difference`` and ``v' (d - mu)`` into
     ``weighted_deviation`` (R, C)."""
-    s, t, kept, bad = _kept_logits(student, teacher, labels, config)
-    zeros = s.new_zeros(s.shape[0])
+    s, t, kept, bad = _kept_logits(student, teacher, labels, config, scratch)
+    rows = s.shape[0]
+    zeros = s.new_zeros(rows)
     columns = [zeros] * NUM_STATS
     columns[STAT_KEPT] = zeros + 1.0 if kept is None else kept.to(s.dtype)
     if bad is not None:
         columns[STAT_ERROR] = bad.to(s.dtype)
     mt = columns[STAT_MT] = t.amax(dim=1)
+    ref_t = _ref(mt)[:, None]
     columns[STAT_MS] = columns[STAT_L] = zeros - INF
     inv_t = 1.0 / config.temperature
     e_t = None
     if config.with_ce:
         ms = columns[STAT_MS] = s.amax(dim=1)
         ref_s = _ref(ms)[:, None]
-        e_s = _scaled(s - ref_s, inv_t).exp_()
-        e_t = _scaled(t - _ref(mt)[:, None], inv_t).exp_()
+        e_s = _scaled(torch.sub(s, ref_s, out=scratch.floats("e_s", rows)), inv_t).exp_()
+        e_t = _scaled(torch.sub(t, ref_t, out=scratch.floats("e_t", rows)), inv_t).exp_()
         zs, zt = columns[STAT_ZS], columns[STAT_ZT] = e_s.sum(dim=1), e_t.sum(dim=1)
         # e_t (m_s - s): 0 x inf (s = -inf, e_t = 0) is 0; a NaN logit stays in zs, zt
-        columns[STAT_A] = (ref_s - s).mul_(e_t).nan_to_num_(0.0, INF, -INF).sum(dim=1)
+        columns[STAT_A] = torch.sub(ref_s, s, out=scratch.floats("d", rows)).mul_(
+            e_t).nan_to_num_(0.0, INF, -INF).sum(dim=1)
         if softmax_difference is not None:
             torch.div(e_s, zs.clamp_min(TINY)[:, None], out=softmax_difference)
             softmax_difference.addcdiv_(e_t, zt.clamp_min(TINY)[:, None], value=-1.0)
@@ -140,26 +185,26 @@ def _block_stats(student, teacher, factor, labels, config, stats, softmax_differ
     if config.source == SOURCE_TEACHER:
         columns[STAT_ZW] = columns[STAT_ZT] if (
             e_t is not None and config.weight_temperature == config.temperature) else \
-            _scaled(t - _ref(mt)[:, None], 1.0 / config.weight_temperature).exp_().sum(dim=1)
-    v, excluded = _weights(s, t, factor, labels, kept, bad, mt, config, e_t)
+            _scaled(torch.sub(t, ref_t, out=scratch.floats("d", rows)),
+                    1.0 / config.weight_temperature).exp_().sum(dim=1)
+    v, excluded = _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t)
     if config.source != SOURCE_TEACHER:
         columns[STAT_L] = _factor_exponent(v)
         v.mul_(torch.exp2(-_ref(columns[STAT_L]))[:, None])
     weight = columns[STAT_W] = v.sum(dim=1)
     safe = torch.where(weight != 0, weight, 1.0)
-    # deviations from the heaviest class's d (excluded classes: d = 0, weighing nothing),
-    # then twice corrected by their weighted mean: accurate when one weight dominates
-    d = (t - s).masked_fill_(excluded, 0.0)
-    pivot = d.gather(1, v.argmax(dim=1, keepdim=True))
-    columns[STAT_PH] = pivot[:, 0]
-    dev = d.sub_(pivot)
-    rough = torch.linalg.vecdot(v, dev) / safe
-    residual = torch.linalg.vecdot(v, dev.sub_(rough[:, None])) / safe
+    # the weighted mean of d (excluded classes: d = 0, weighing nothing), then corrected by the
+    # weighted mean of the deviations from it (exact differences near it): accurate when one
+    # weight dominates and under offsets
+    d = torch.sub(t, s, out=scratch.floats("d", rows)).masked_fill_(excluded, 0.0)
+    rough = _dot(v, d, scratch) / safe
+    dev = d.sub_(rough[:, None])
+    residual = _dot(v, dev, scratch) / safe
     dev.sub_(residual[:, None])
-    columns[STAT_DM] = rough + residual
+    columns[STAT_PH], columns[STAT_DM] = rough, residual
     weighted = v.mul_(dev) if weighted_deviation is None else \
         torch.mul(v, dev, out=weighted_deviation)
-    columns[STAT_M2] = torch.linalg.vecdot(weighted, dev)
+    columns[STAT_M2] = _dot(weighted, dev, scratch)
     return torch.stack(columns, dim=1, out=stats)
 
 
@@ -176,9 +221,10 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
     softmax_difference = _direction(student, dtype, keep_directions and config.with_ce)
     weighted_deviation = _direction(student, dtype,
                                     keep_directions and config.source < SOURCE_NONE)
-    for block in row_blocks(*student.shape):
+    scratch, blocks = _scratch_and_blocks(student, dtype)
+    for block in blocks:
         _block_stats(*_block_inputs(block, student, teacher, factor, labels, config), config,
-                     stats[block], _rows_of(softmax_difference, block),
+                     scratch, stats[block], _rows_of(softmax_difference, block),
                      _rows_of(weighted_deviation, block))
     return stats, softmax_difference, weighted_deviation
 
@@ -188,16 +234,21 @@ def _rows_of(direction, block):
     return direction[block] if direction.numel() else None
 
 
-def finish_rows_torch(stats, config):
-    """``(E, wmse', ce)`` per row (B,), as ``kernels.finish_row``."""
-    wmse = 2.0 * stats[:, STAT_W] * stats[:, STAT_M2]
+def _row_exponent(stats, config):
+    """``E`` per row (B,): the wMSE's weights are ``2^E`` times the statistics' ``v'``."""
     if config.source == SOURCE_TEACHER:
         z_w = stats[:, STAT_ZW]
-        exponent = -config.gamma * torch.log2(torch.where(z_w != 0, z_w, 1.0))
-    elif config.source == SOURCE_PAIRS:  # the wMSE itself, weights unscaled
-        exponent, wmse = torch.zeros_like(stats[:, STAT_W]), stats[:, STAT_M2]
-    else:
-        exponent = stats[:, STAT_L]
+        return -config.gamma * torch.log2(torch.where(z_w != 0, z_w, 1.0))
+    if config.source == SOURCE_PAIRS:  # the wMSE itself, weights unscaled
+        return torch.zeros_like(stats[:, STAT_W])
+    return stats[:, STAT_L]
+
+
+def finish_rows_torch(stats, config):
+    """``(E, wmse', ce)`` per row (B,), as ``kernels.finish_row``."""
+    exponent = _row_exponent(stats, config)
+    wmse = stats[:, STAT_M2] if config.source == SOURCE_PAIRS else \
+        2.0 * stats[:, STAT_W] * stats[:, STAT_M2]
     zt, a = stats[:, STAT_ZT], stats[:, STAT_A]
     ce = torch.where(a != INF, a / (config.temperature * torch.where(zt != 0, zt, 1.0))
                      + stats[:, STAT_ZS].log(), a)
@@ -253,7 +304,7 @@ def row_coefficients_torch(grad_loss, stats, totals, config):
     coef_ce = torch.where(kept, grad * (config.ce_weight / config.temperature) / rows, 0.0)
     if not config.with_wmse:
         return None, coef_ce
-    exponent, _, _ = finish_rows_torch(stats, config)
+    exponent = _row_exponent(stats, config)
     weight, top, den = stats[:, STAT_W], totals[TOTAL_K], totals[TOTAL_DEN]
     f = torch.exp2(torch.where(weight != 0, exponent, top) - top)
     norm = 1.0 / rows if config.normalize_batch else torch.where(den != 0, 1.0 / den, 0.0)
@@ -311,13 +362,14 @@ def loss_gradients_torch(grad_loss, student, teacher, factor, labels, stats, tot
                  ds if need_ds else None, dt if need_dt else None)
         return ds, dt
     ds, dt = (_direction(student, stats.dtype, wanted) for wanted in (need_ds, need_dt))
-    for block in row_blocks(*student.shape):
+    scratch, blocks = _scratch_and_blocks(student, stats.dtype)
+    for block in blocks:
         if kept:
             directions = (_rows_of(softmax_difference, block), _rows_of(weighted_deviation, block))
         else:
             directions = gradient_directions_torch(
                 *_block_inputs(block, student, teacher, factor, labels, config), stats[block],
-                config)
+                config, scratch)
         _combine(_rows_of_coefficients(coef_d, block), coef_ce[block], *directions, config,
                  ds[block] if need_ds else None, dt[block] if need_dt else None)
     return ds, dt
@@ -328,50 +380,59 @@ def _rows_of_coefficients(coef_d, block):
 
 
 def row_stats_and_gradients_torch(student, teacher, factor, labels, totals, config, need_ds,
-                                  need_dt):
+                                  need_dt, ds=None):
     """``(stats, ds, dt)``: the statistics and the gradients for an incoming gradient of 1, given
     the batch totals the gradient needs (``fused_linear``: known before the rows), each block's
     gradient formed while the block is in cache; ``ds``, ``dt`` in the statistics' dtype, empty
-    when not wanted."""
+    when not wanted. ``ds``: a ``(B, C)`` tensor to write the student's gradient into (it may
+    be ``student`` itself: each block's rows are written once they are read)."""
     dtype = compute_dtype(student, teacher)
     stats = student.new_empty(student.shape[0], NUM_STATS, dtype=dtype)
-    ds, dt = (_direction(student, dtype, wanted) for wanted in (need_ds, need_dt))
+    ds = _direction(student, dtype, need_ds) if ds is None else ds
+    dt = _direction(student, dtype, need_dt)
     one = stats.new_ones(())
     wants_deviation = config.with_wmse and (need_dt or (need_ds and config.symmetric))
-    for block in row_blocks(*student.shape):
-        ds_rows, dt_rows = ds[block] if need_ds else None, dt[block] if need_dt else None
+    scratch, blocks = _scratch_and_blocks(student, dtype)
+    for block in blocks:
+        rows = block.stop - block.start
+        ds_rows = scratch.floats("ds", rows) if need_ds else None
+        dt_rows = dt[block] if need_dt else None
         softmax_difference = ds_rows if config.with_ce else None
         weighted_deviation = None
         if wants_deviation:
-            weighted_deviation = dt_rows if dt_rows is not None else _direction(
-                ds_rows, dtype, True)
+            weighted_deviation = dt_rows if dt_rows is not None else scratch.floats(
+                "weighted_deviation", rows)
         _block_stats(*_block_inputs(block, student, teacher, factor, labels, config), config,
-                     stats[block], softmax_difference, weighted_deviation)
+                     scratch, stats[block], softmax_difference, weighted_deviation)
         coef_d, coef_ce = row_coefficients_torch(one, stats[block], totals, config)
         _combine(coef_d, coef_ce, softmax_difference, weighted_deviation, config, ds_rows,
                  dt_rows)
+        if need_ds:
+            ds[block] = ds_rows
     return stats, ds, dt
 
 
-def gradient_directions_torch(student, teacher, factor, labels, stats, config):
-    """``(q - p, v' (d - mu))`` (R, C) of a block of rows from the logits and merged statistics
-    (None for a term the loss does not have); ignored rows give zeros."""
-    s, t, kept, bad = _kept_logits(student, teacher, labels, config)
+def gradient_directions_torch(student, teacher, factor, labels, stats, config, scratch):
+    """``(q - p, v' (d - mu))`` (R, C) of a block of rows, in ``scratch``, from the logits and
+    merged statistics (None for a term the loss does not have); ignored rows give zeros."""
+    s, t, kept, bad = _kept_logits(student, teacher, labels, config, scratch)
+    rows = s.shape[0]
     softmax_difference = weighted_deviation = None
     mt = stats[:, STAT_MT]
     if config.with_ce:
-        ms, inv_t = stats[:, STAT_MS], 1.0 / config.temperature
-        log_zs = torch.where(stats[:, STAT_ZS] != 0, stats[:, STAT_ZS], 1.0).log()
-        log_zt = torch.where(stats[:, STAT_ZT] != 0, stats[:, STAT_ZT], 1.0).log()
-        q = torch.where(s != -INF, ((s - _ref(ms)[:, None]) * inv_t - log_zs[:, None]).exp(), 0.0)
-        p = torch.where(t != -INF, ((t - _ref(mt)[:, None]) * inv_t - log_zt[:, None]).exp(), 0.0)
+        inv_t = 1.0 / config.temperature
+        q, p = ((_scaled(torch.sub(x, _ref(m)[:, None], out=scratch.floats(name, rows)),
+                         inv_t).sub_(torch.where(z != 0, z, 1.0).log()[:, None]).exp_())
+                for name, x, m, z in (("e_s", s, stats[:, STAT_MS], stats[:, STAT_ZS]),
+                                      ("e_t", t, mt, stats[:, STAT_ZT])))
         softmax_difference = q.sub_(p)
     if config.with_wmse:
-        v, excluded = _weights(s, t, factor, labels, kept, bad, mt, config)
+        v, excluded = _weights(s, t, factor, labels, kept, bad, _ref(mt)[:, None], config,
+                               scratch)
         if config.source != SOURCE_TEACHER:
             v.mul_(torch.exp2(-_ref(stats[:, STAT_L]))[:, None])
-        dev = (t - s).sub_(stats[:, STAT_PH, None]).sub_(stats[:, STAT_PL, None]).sub_(
-            stats[:, STAT_DM, None])
+        dev = torch.sub(t, s, out=scratch.floats("d", rows)).sub_(stats[:, STAT_PH, None]).sub_(
+            stats[:, STAT_PL, None]).sub_(stats[:, STAT_DM, None])
         weighted_deviation = v.mul_(dev.masked_fill_(excluded, 0.0))
     return softmax_difference, weighted_deviation
 
