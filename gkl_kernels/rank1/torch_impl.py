@@ -174,9 +174,9 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
         e_s = _scaled(torch.sub(s, ref_s, out=scratch.floats("e_s", rows)), inv_t).exp_()
         e_t = _scaled(torch.sub(t, ref_t, out=scratch.floats("e_t", rows)), inv_t).exp_()
         zs, zt = columns[STAT_ZS], columns[STAT_ZT] = e_s.sum(dim=1), e_t.sum(dim=1)
-        # e_t (m_s - s): 0 x inf (s = -inf, e_t = 0) is 0; a NaN logit stays in zs, zt
+        # e_t (m_s - s): 0 x inf (s = -inf, e_t = 0) adds 0; a NaN logit stays in zs, zt
         columns[STAT_A] = torch.sub(ref_s, s, out=scratch.floats("d", rows)).mul_(
-            e_t).nan_to_num_(0.0, INF, -INF).sum(dim=1)
+            e_t).nansum(dim=1)
         if softmax_difference is not None:
             torch.div(e_s, zs.clamp_min(TINY)[:, None], out=softmax_difference)
             softmax_difference.addcdiv_(e_t, zt.clamp_min(TINY)[:, None], value=-1.0)
@@ -295,24 +295,34 @@ def finish_loss_torch(stats, config):
     return loss, totals
 
 
-def row_coefficients_torch(grad_loss, stats, totals, config):
-    """``(coef_d, coef_ce)`` (B,): the factors of ``v' (d - mu)`` and of ``q - p`` in the
-    gradient, as ``kernels.loss_backward_kernel``."""
-    kept = stats[:, STAT_KEPT] > 0
+def coefficient_scales(grad_loss, totals, config):
+    """``(ce, d, top)``: the batch's factors of the gradient coefficients (0-dim, or per row for a
+    per-row ``grad_loss``): ``grad ce_weight / (T R)``, ``grad mse_weight / N'`` (pair weights:
+    ``grad mse_weight / (2 N)``) and the normaliser's exponent ``K``."""
     rows = totals[TOTAL_ROWS].clamp_min(1.0)
-    grad = grad_loss.to(stats.dtype)
-    coef_ce = torch.where(kept, grad * (config.ce_weight / config.temperature) / rows, 0.0)
+    grad = grad_loss.to(totals.dtype)
+    ce = grad * (config.ce_weight / config.temperature) / rows
+    den = totals[TOTAL_DEN]
+    norm = 1.0 / rows if config.normalize_batch else torch.where(den != 0, 1.0 / den, 0.0)
+    d = grad * ((0.5 if config.source == SOURCE_PAIRS else 1.0) * config.mse_weight) * norm
+    return ce, d, totals[TOTAL_K]
+
+
+def row_coefficients_torch(grad_loss, stats, totals, config, scales=None):
+    """``(coef_d, coef_ce)`` (B,): the factors of ``v' (d - mu)`` and of ``q - p`` in the
+    gradient, as ``kernels.loss_backward_kernel`` (``scales``: ``coefficient_scales``, when the
+    caller has them)."""
+    ce, d, top = scales or coefficient_scales(grad_loss, totals, config)
+    kept = stats[:, STAT_KEPT] > 0
+    coef_ce = torch.where(kept, ce, 0.0)
     if not config.with_wmse:
         return None, coef_ce
-    exponent = _row_exponent(stats, config)
-    weight, top, den = stats[:, STAT_W], totals[TOTAL_K], totals[TOTAL_DEN]
-    f = torch.exp2(torch.where(weight != 0, exponent, top) - top)
-    norm = 1.0 / rows if config.normalize_batch else torch.where(den != 0, 1.0 / den, 0.0)
     if config.source == SOURCE_PAIRS:  # d loss / d d = (mse_weight / 4N) 2 g
-        return torch.where(kept, grad * (0.5 * config.mse_weight) * norm, 0.0), coef_ce
-    coef_d = torch.where(kept & (weight != 0), grad * config.mse_weight * norm * (f * weight) * f,
-                         0.0)
-    return coef_d, coef_ce
+        return torch.where(kept, d, 0.0), coef_ce
+    weight = stats[:, STAT_W]
+    counted = kept & (weight != 0)
+    f = torch.exp2(torch.where(counted, _row_exponent(stats, config) - top, 0.0))
+    return torch.where(counted, d * (f * weight) * f, 0.0), coef_ce
 
 
 def loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, totals, config,
@@ -390,25 +400,23 @@ def row_stats_and_gradients_torch(student, teacher, factor, labels, totals, conf
     stats = student.new_empty(student.shape[0], NUM_STATS, dtype=dtype)
     ds = _direction(student, dtype, need_ds) if ds is None else ds
     dt = _direction(student, dtype, need_dt)
-    one = stats.new_ones(())
+    scales = coefficient_scales(stats.new_ones(()), totals, config)
     wants_deviation = config.with_wmse and (need_dt or (need_ds and config.symmetric))
     scratch, blocks = _scratch_and_blocks(student, dtype)
     for block in blocks:
         rows = block.stop - block.start
-        ds_rows = scratch.floats("ds", rows) if need_ds else None
+        ds_rows = ds[block] if need_ds else None  # written by _combine, after the block's reads
         dt_rows = dt[block] if need_dt else None
-        softmax_difference = ds_rows if config.with_ce else None
+        softmax_difference = scratch.floats("ds", rows) if need_ds and config.with_ce else None
         weighted_deviation = None
         if wants_deviation:
             weighted_deviation = dt_rows if dt_rows is not None else scratch.floats(
                 "weighted_deviation", rows)
         _block_stats(*_block_inputs(block, student, teacher, factor, labels, config), config,
                      scratch, stats[block], softmax_difference, weighted_deviation)
-        coef_d, coef_ce = row_coefficients_torch(one, stats[block], totals, config)
+        coef_d, coef_ce = row_coefficients_torch(None, stats[block], totals, config, scales)
         _combine(coef_d, coef_ce, softmax_difference, weighted_deviation, config, ds_rows,
                  dt_rows)
-        if need_ds:
-            ds[block] = ds_rows
     return stats, ds, dt
 
 
