@@ -194,7 +194,7 @@ def _fused(chunk_size):
 
 def _fused_default_rows(size):
     """``fused_linear_gkl``'s default chunk (fewer rows when N is smaller)."""
-    return min(size.tokens, default_chunk_size(size.vocab))
+    return min(size.tokens, default_chunk_size(size.vocab, "cpu", size.dtype == "float32"))
 
 
 def _liger(compiled):

@@ -35,11 +35,16 @@ from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, com
                                         readable_indices)
 
 UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GKLOptions
-# default chunk: the largest power of two of rows with c * V <= this; on CPU a 32 MiB float32 block
-# (on 2 cores 256 rows at V = 32000 ran 15% faster than 1024), on CUDA 2 GiB for eight float32
-# blocks (bench/chunk_model.py: fewer rows than that are bound by reading the weights once per
-# chunk; a model, not timed on a GPU)
-CHUNK_ELEMENTS = 2**25
+# default chunk: the largest power of two of rows with c * V <= one of these. On CPU the row math
+# runs in cache-sized row blocks whatever the chunk, so the chunk sets the products' shapes and
+# the memory: fused_linear_gkl with float32 heads writes each chunk's logits into (c, V) blocks
+# reused from chunk to chunk, and at N = 8192, V = 32000 on 2 cores 1024 rows ran 5.25-5.55 s
+# against 5.76 s at 256; where each chunk's (c, V) tensors are fresh (half-precision heads, or
+# autograd differentiating the chunk: fused_linear_gkl_sparse, FusedLinearDistillationLoss) a
+# 32 MiB block. On CUDA 2 GiB for eight float32 blocks (bench/chunk_model.py: fewer rows are
+# bound by reading the weights once per chunk; a model, not timed on a GPU).
+REUSED_CHUNK_ELEMENTS = 2**25
+CHUNK_ELEMENTS = 2**23
 GPU_CHUNK_ELEMENTS = 2**26
 
 
@@ -74,8 +79,10 @@ def fused_linear_gkl(student_hidden: Tensor, student_weight: Tensor, teacher_hid
         class_prior: ``(V, V)`` class prior (checked whole: finite, >= 0).
         weights: an explicit ``(N, V)`` rank-one factor.
         chunk_size: rows per chunk (default: the largest power of two with
-            ``chunk_size * V <= 2**23``, on CUDA ``2**26``); peak extra memory is about 8 float32
-            ``(chunk_size, V)`` blocks.
+            ``chunk_size * V <= 2**25`` for float32 heads on CPU, ``2**23`` for others, on CUDA
+            ``2**26``); peak extra memory is about 2 float32 ``(chunk_size, V)`` blocks on CPU
+            (the two models' logits; the student's gradient overwrites its own), about 8 on
+            CUDA.
         teacher_grad: False treats the teacher as frozen; True sends the wMSE gradient to the
             teacher tensors that require it.
         **gkl_options: the options of ``gkl_loss``: ``gamma``, ``temperature``,
@@ -202,7 +209,8 @@ def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
         labels: ``(N,)`` class indices (``ignore_index`` rows left out; the prior's rows).
         class_prior, weights: ``(V, V)`` prior or ``(N, V)`` rank-one factor, gathered at the
             cached classes.
-        chunk_size: rows per chunk (default as in ``fused_linear_gkl``).
+        chunk_size: rows per chunk (default: the largest power of two with
+            ``chunk_size * V <= 2**23``, on CUDA ``2**26``).
         **gkl_options: as in ``fused_linear_gkl``.
 
     Returns:
@@ -410,10 +418,12 @@ def _gradient_totals(teacher, labels, factor, plan):
     return rank1_finish(stats, weights_only.floats, weights_only.ints)[1]
 
 
-def default_chunk_size(vocabulary, device_type="cpu"):
+def default_chunk_size(vocabulary, device_type="cpu", reused_blocks=False):
     """The largest power of two of rows with ``rows * vocabulary <= CHUNK_ELEMENTS`` (CUDA:
-    ``GPU_CHUNK_ELEMENTS``), at least 1."""
-    elements = GPU_CHUNK_ELEMENTS if device_type == "cuda" else CHUNK_ELEMENTS
+    ``GPU_CHUNK_ELEMENTS``; on CPU with ``reused_blocks``, float32 logit blocks reused from chunk
+    to chunk: ``REUSED_CHUNK_ELEMENTS``), at least 1."""
+    elements = GPU_CHUNK_ELEMENTS if device_type == "cuda" else \
+        REUSED_CHUNK_ELEMENTS if reused_blocks else CHUNK_ELEMENTS
     return 1 << max(0, (elements // vocabulary).bit_length() - 1)
 
 
@@ -534,8 +544,10 @@ def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, 
                                     options)
     config = row_config(options, source, labels is not None,
                         check.use_triton_for(options.backend, device))
+    reused = student_hidden.dtype == teacher_hidden.dtype == torch.float32  # see _chunk_block
     return FusedLinearPlan(config=config,
-                           chunk_size=chunk_size or default_chunk_size(vocabulary, device.type),
+                           chunk_size=chunk_size or default_chunk_size(vocabulary, device.type,
+                                                                       reused),
                            vocabulary=vocabulary, teacher_grad=teacher_grad)
 
 

@@ -48,7 +48,8 @@ class FusedLinearDistillationLoss(nn.Module):
         final_logit_softcapping: ``cap tanh(z / cap)`` on both models' logits (None: off).
         return_components: also return the soft and hard terms (each divided by the normaliser,
             not weighted).
-        chunk_size: tokens per chunk (None: ``fused_linear_gkl``'s default).
+        chunk_size: tokens per chunk (None: the largest power of two with
+            ``chunk_size * V <= 2**23``, on CUDA ``2**26``).
         **gkl_options: ``gkl_loss`` options of the soft term: ``gamma``, ``weight_temperature``,
             ``mse_weight``, ``ce_weight``, ``symmetric``, ``backend``, ``check_values``,
             ``block_c``.
