@@ -27,6 +27,8 @@ import argparse
 import dataclasses
 import sys
 
+from gkl_kernels.fused_linear import GPU_CHUNK_ELEMENTS, default_chunk_size
+
 LOGIT_TRANSFERS = 9
 LAUNCHES_PER_CHUNK = 12
 LAUNCH_SECONDS = 5e-6
@@ -83,7 +85,6 @@ def model_chunk(tokens, vocab, hidden, dtype, max_elements=None, gpu=H100):
 def report(gpu=H100):
     """The model's lines: per shape and dtype, the step time at ``fused_linear_gkl``'s CUDA
     default chunk, at the model's chunk within the same memory and without a memory bound."""
-    from gkl_kernels.fused_linear import GPU_CHUNK_ELEMENTS, default_chunk_size
     lines = [f"MODEL, nothing timed: fused_linear_gkl forward+backward on one {gpu.name}, "
              f"against the chunk size c (bench/chunk_model.py); memory: eight float32 (c, V) "
              f"blocks"]

@@ -135,8 +135,8 @@ def _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t=None):
     """``(v, excluded)``: the factor (0 on excluded classes: ``-inf`` in either logit) and the
     excluded mask. Teacher weights ``v = exp(gamma (t - m_t) / T2)`` (``ref_t`` the teacher's row
     maxima ``_ref(m_t)``, (R, 1); ``e_t = exp((t - m_t) / T)`` of the cross-entropy taken, and
-    overwritten, when
-    ``gamma / T2 = 1 / T``); a given factor as given (unscaled: ``v' = v 2^-L``)."""
+    overwritten, when ``gamma / T2 = 1 / T``); a given factor as given (unscaled:
+    ``v' = v 2^-L``)."""
     rows = s.shape[0]
     excluded = torch.isneginf(s, out=scratch.masks("excluded", rows)).logical_or_(
         torch.isneginf(t, out=scratch.masks("teacher_masked", rows)))
@@ -308,11 +308,10 @@ def coefficient_scales(grad_loss, totals, config):
     return ce, d, totals[TOTAL_K]
 
 
-def row_coefficients_torch(grad_loss, stats, totals, config, scales=None):
+def row_coefficients_torch(stats, scales, config):
     """``(coef_d, coef_ce)`` (B,): the factors of ``v' (d - mu)`` and of ``q - p`` in the
-    gradient, as ``kernels.loss_backward_kernel`` (``scales``: ``coefficient_scales``, when the
-    caller has them)."""
-    ce, d, top = scales or coefficient_scales(grad_loss, totals, config)
+    gradient, as ``kernels.loss_backward_kernel``, from the ``coefficient_scales``."""
+    ce, d, top = scales
     kept = stats[:, STAT_KEPT] > 0
     coef_ce = torch.where(kept, ce, 0.0)
     if not config.with_wmse:
@@ -360,7 +359,8 @@ def loss_gradients_torch(grad_loss, student, teacher, factor, labels, stats, tot
                          overwrite=False):
     """``loss_backward_torch``'s gradients in the statistics' dtype; ``overwrite``: the kept
     directions are temporaries, to become the gradients."""
-    coef_d, coef_ce = row_coefficients_torch(grad_loss, stats, totals, config)
+    coef_d, coef_ce = row_coefficients_torch(
+        stats, coefficient_scales(grad_loss, totals, config), config)
     kept = (not config.with_ce or softmax_difference.numel()) and (
         not config.with_wmse or weighted_deviation.numel())
     if kept and overwrite:
@@ -380,13 +380,9 @@ def loss_gradients_torch(grad_loss, student, teacher, factor, labels, stats, tot
             directions = gradient_directions_torch(
                 *_block_inputs(block, student, teacher, factor, labels, config), stats[block],
                 config, scratch)
-        _combine(_rows_of_coefficients(coef_d, block), coef_ce[block], *directions, config,
+        _combine(None if coef_d is None else coef_d[block], coef_ce[block], *directions, config,
                  ds[block] if need_ds else None, dt[block] if need_dt else None)
     return ds, dt
-
-
-def _rows_of_coefficients(coef_d, block):
-    return None if coef_d is None else coef_d[block]
 
 
 def row_stats_and_gradients_torch(student, teacher, factor, labels, totals, config, need_ds,
@@ -414,7 +410,7 @@ def row_stats_and_gradients_torch(student, teacher, factor, labels, totals, conf
                 "weighted_deviation", rows)
         _block_stats(*_block_inputs(block, student, teacher, factor, labels, config), config,
                      scratch, stats[block], softmax_difference, weighted_deviation)
-        coef_d, coef_ce = row_coefficients_torch(None, stats[block], totals, config, scales)
+        coef_d, coef_ce = row_coefficients_torch(stats[block], scales, config)
         _combine(coef_d, coef_ce, softmax_difference, weighted_deviation, config, ds_rows,
                  dt_rows)
     return stats, ds, dt
