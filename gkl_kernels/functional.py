@@ -14,10 +14,10 @@ from torch import Tensor, distributed
 from gkl_kernels import validation as check
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
-from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE, SOURCE_PAIRS,
+from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PAIRS,
                                       SOURCE_PRIOR, SOURCE_TEACHER, TOTAL_CE, TOTAL_DEN,
                                       TOTAL_K, TOTAL_ROWS, TOTAL_WMSE, RowConfig, compute_dtype)
-from gkl_kernels.rank1.op import (TorchRankOneLoss, rank1_finish, rank1_loss,
+from gkl_kernels.rank1.op import (RankOneLoss, gradients_needed, rank1_finish, rank1_loss,
                                   rank1_loss_backward, rank1_row_stats)
 from gkl_kernels.rank1.torch_impl import row_losses_torch
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
@@ -153,8 +153,8 @@ def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher]
     if options.sync_normalizer:
         return _SyncedRankOneLoss.apply(student, teacher, factor, labels, config,
                                         options.process_group)
-    if not use_triton and not torch.compiler.is_compiling():
-        return TorchRankOneLoss.apply(student, teacher, factor, labels, config)
+    if not torch.compiler.is_compiling():
+        return RankOneLoss.apply(student, teacher, factor, labels, config)
     return rank1_loss(student, teacher, factor, labels, config.floats, config.ints,
                       _gradients_wanted(student, teacher))[0]
 
@@ -323,8 +323,7 @@ class _SyncedRankOneLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         student, teacher, factor, labels, stats, totals = ctx.saved_tensors
         config = ctx.config
-        need_ds = ctx.needs_input_grad[0]
-        need_dt = ctx.needs_input_grad[1] and config.source != SOURCE_NONE
+        need_ds, need_dt = gradients_needed(ctx, config)
         empty = stats.new_empty(0)
         ds, dt = rank1_loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
                                      empty, empty, config.floats, config.ints, need_ds, need_dt)
@@ -401,8 +400,7 @@ class _RowLosses(torch.autograd.Function):
     def backward(ctx, grad_rows):
         student, teacher, factor, labels, stats = ctx.saved_tensors
         config = ctx.config
-        need_ds = ctx.needs_input_grad[0]
-        need_dt = ctx.needs_input_grad[1] and config.source != SOURCE_NONE
+        need_ds, need_dt = gradients_needed(ctx, config)
         totals = stats.new_zeros(NUM_TOTALS)
         totals[TOTAL_DEN] = totals[TOTAL_ROWS] = 1.0
         empty = stats.new_empty(0)

@@ -8,9 +8,14 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import interpreter
 
 import gkl_kernels
+from gkl_kernels.functional import row_config
+from gkl_kernels.options import GKLOptions
+from gkl_kernels.rank1.config import SOURCE_PRIOR
+from gkl_kernels.rank1.op import rank1_loss
 from bench.cases import (CIFAR100_ADV, EXPLICIT, IMAGENET, PER_ROW, PRIOR, SHARED, TEACHER,
                          Case, make_inputs)
 from bench.providers import (KL_DIV, PACKAGE, PACKAGE_TRITON, REFERENCE_COMPILED, make_passes,
@@ -213,6 +218,36 @@ def test_triton_path_counts_kernels_once_and_torch_ops_around_them():
         "row_stats_kernel": KernelTraffic(1, 2 * logits, 16 * 4 * rows),
         "finish_loss_kernel": KernelTraffic(1, 2 * 14 * 4 * rows, 4 + 8 * 4)}
     assert ops.launches == 0  # nothing around the kernels: the loss is finished in them
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_triton_path_dispatches_no_custom_op():
+    """In eager mode the Triton path launches its kernels from an autograd function: the custom
+    ops (for ``torch.compile``) and their dispatch, host time a GPU step waits on, are not run;
+    the recorder does see them when they are."""
+    case = Case("prior", 4, 50, PRIOR, IMAGENET)
+    student, teacher, kwargs = make_inputs(case)
+    with TritonTrafficCounter() as kernels, OpNames() as ops:
+        loss = gkl_kernels.gkl_loss(student, teacher, backend="triton", **kwargs)
+        torch.autograd.grad(loss, [student])
+    assert kernels.launches == 3
+    assert not [name for name in ops.names if name.startswith("gkl_kernels")], ops.names
+    config = row_config(GKLOptions(backend="triton"), SOURCE_PRIOR, True, True)
+    with OpNames() as ops:
+        rank1_loss(student, teacher, kwargs["class_prior"], kwargs["labels"], config.floats,
+                   config.ints, False)
+    assert "gkl_kernels.rank1_loss.default" in ops.names
 
 
 def test_rank_one_triton_moves_five_transfers_and_row_statistics():

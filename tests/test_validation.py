@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 B, C = 4, 6  # nominal shape of the (valid) inputs that every case starts from
 KERNEL_BACKENDS = ["triton", "torch"]
 # the ops through which functional reaches a kernel
-KERNEL_ENTRIES = ("rank1_loss", "rank1_row_stats", "pair_rows", "TorchRankOneLoss")
+KERNEL_ENTRIES = ("rank1_loss", "rank1_row_stats", "pair_rows", "RankOneLoss")
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -35,7 +35,7 @@ def no_kernel(monkeypatch):
     """Replace the op with one that fails the test: validation must reject the input first."""
     def forbidden(*args, **kwargs):
         pytest.fail("a kernel ran although the input is invalid")
-    forbidden.apply = forbidden  # TorchRankOneLoss.apply
+    forbidden.apply = forbidden  # RankOneLoss.apply
     for name in KERNEL_ENTRIES:
         monkeypatch.setattr(functional, name, forbidden, raising=False)
 
@@ -56,13 +56,13 @@ def recorded_kernel(monkeypatch):
     def record_stats(student, teacher, factor, labels, floats, ints):
         return record(student, teacher, factor, labels, floats, ints, False)[1]
 
-    class RecordedTorchLoss:  # the eager plain-PyTorch path's autograd function
+    class RecordedEagerLoss:  # the eager autograd function of both backends
         @staticmethod
         def apply(student, teacher, factor, labels, config):
             return record(student, teacher, factor, labels, config.floats, config.ints, False)[0]
     monkeypatch.setattr(functional, "rank1_loss", record)
     monkeypatch.setattr(functional, "rank1_row_stats", record_stats)
-    monkeypatch.setattr(functional, "TorchRankOneLoss", RecordedTorchLoss)
+    monkeypatch.setattr(functional, "RankOneLoss", RecordedEagerLoss)
     return calls
 
 
@@ -926,6 +926,7 @@ def test_checks_before_the_kernel_do_not_sync_on_the_device(source, generator, d
     device-to-host read."""
     def reached(*args, **kwargs):
         raise ReachedKernel
+    reached.apply = reached  # RankOneLoss.apply
     for name in KERNEL_ENTRIES:
         monkeypatch.setattr(functional, name, reached, raising=False)
     student, teacher = logits(generator)

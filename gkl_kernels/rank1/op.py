@@ -10,9 +10,9 @@ for eager mode, ``torch.compile(fullgraph=True)`` and ``opcheck``.
   several chunks.
 - ``gkl_kernels::rank1_loss_backward(grad_loss, ..., stats, totals, ...) -> (ds, dt)``.
 
-``TorchRankOneLoss`` is ``rank1_loss`` with its autograd for the plain-PyTorch path in eager
-mode, without the custom op's dispatch: its forward also forms the gradients for a unit incoming
-gradient, so that its backward is one product per logit tensor.
+``RankOneLoss`` is ``rank1_loss``'s loss with its autograd in eager mode, on both backends,
+without the custom ops' dispatch: on the plain-PyTorch path its forward also forms the gradients
+for a unit incoming gradient, so that its backward is one product per logit tensor.
 
 ``floats``/``ints`` are a ``RowConfig`` (``RowConfig.floats``, ``.ints``): its ``use_triton``
 picks the Triton launchers (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or the
@@ -85,13 +85,8 @@ def _finish_fake(stats, floats, ints):
     return stats.new_empty(()), stats.new_empty(NUM_TOTALS)
 
 
-@torch.library.custom_op("gkl_kernels::rank1_loss", mutates_args=())
-def rank1_loss(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
-               labels: Optional[Tensor], floats: list[float], ints: list[int],
-               keep_directions: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The loss, its statistics and totals, and (torch path, ``keep_directions``) the gradient
-    directions; one row kernel and one finishing kernel on the Triton path."""
-    config = config_of(floats, ints)
+def loss_outputs(student, teacher, factor, labels, config, keep_directions):
+    """``rank1_loss``'s outputs for a ``RowConfig``."""
     if config.use_triton:
         if config.source == SOURCE_PAIRS:
             loss, stats, totals = pair_loss_triton(student, teacher, factor, labels, config)
@@ -104,6 +99,16 @@ def rank1_loss(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
         student, teacher, factor, labels, config, keep_directions)
     loss, totals = finish_loss_torch(stats, config)
     return loss, stats, totals, softmax_difference, weighted_deviation
+
+
+@torch.library.custom_op("gkl_kernels::rank1_loss", mutates_args=())
+def rank1_loss(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
+               labels: Optional[Tensor], floats: list[float], ints: list[int],
+               keep_directions: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The loss, its statistics and totals, and (torch path, ``keep_directions``) the gradient
+    directions; one row kernel and one finishing kernel on the Triton path."""
+    return loss_outputs(student, teacher, factor, labels, config_of(floats, ints),
+                        keep_directions)
 
 
 @rank1_loss.register_fake
@@ -119,15 +124,9 @@ def _rank1_loss_fake(student, teacher, factor, labels, floats, ints, keep_direct
     return stats.new_empty(()), stats, stats.new_empty(NUM_TOTALS), *directions
 
 
-@torch.library.custom_op("gkl_kernels::rank1_loss_backward", mutates_args=())
-def rank1_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor,
-                        factor: Optional[Tensor], labels: Optional[Tensor], stats: Tensor,
-                        totals: Tensor, softmax_difference: Tensor, weighted_deviation: Tensor,
-                        floats: list[float], ints: list[int], need_ds: bool, need_dt: bool
-                        ) -> tuple[Tensor, Tensor]:
-    """Gradients of the loss w.r.t. student and teacher (empty when not needed), scaled by the
-    0-dim ``grad_loss``; one kernel on the Triton path."""
-    config = config_of(floats, ints)
+def loss_gradients(grad_loss, student, teacher, factor, labels, stats, totals,
+                   softmax_difference, weighted_deviation, config, need_ds, need_dt):
+    """``rank1_loss_backward``'s gradients for a ``RowConfig``."""
     if config.use_triton and config.source == SOURCE_PAIRS:
         return pair_loss_backward_triton(grad_loss, student, teacher, factor, labels, stats,
                                          totals, config, need_ds, need_dt)
@@ -140,6 +139,19 @@ def rank1_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor,
             student, teacher, factor, labels, config, True)
     return loss_backward_torch(grad_loss, student, teacher, factor, labels, stats, totals,
                                config, need_ds, need_dt, softmax_difference, weighted_deviation)
+
+
+@torch.library.custom_op("gkl_kernels::rank1_loss_backward", mutates_args=())
+def rank1_loss_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor,
+                        factor: Optional[Tensor], labels: Optional[Tensor], stats: Tensor,
+                        totals: Tensor, softmax_difference: Tensor, weighted_deviation: Tensor,
+                        floats: list[float], ints: list[int], need_ds: bool, need_dt: bool
+                        ) -> tuple[Tensor, Tensor]:
+    """Gradients of the loss w.r.t. student and teacher (empty when not needed), scaled by the
+    0-dim ``grad_loss``; one kernel on the Triton path."""
+    return loss_gradients(grad_loss, student, teacher, factor, labels, stats, totals,
+                          softmax_difference, weighted_deviation, config_of(floats, ints),
+                          need_ds, need_dt)
 
 
 @rank1_loss_backward.register_fake
@@ -157,15 +169,18 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def gradients_needed(ctx, config):
+    """``(need_ds, need_dt)`` of an autograd context whose first two inputs are the student and
+    teacher logits: the teacher's probabilities are constants, it gets only the wMSE's gradient."""
+    return ctx.needs_input_grad[0], ctx.needs_input_grad[1] and config.source != SOURCE_NONE
+
+
 def _backward(ctx, grad_loss, *_grads_of_statistics):
     if grad_loss is None:
         return (None,) * 7
     student, teacher, factor, labels, stats, totals, softmax_difference, weighted_deviation = \
         ctx.saved_tensors
-    config = config_of(ctx.floats, ctx.ints)
-    # the teacher's probabilities are constants: it gets only the wMSE's gradient
-    need_ds = ctx.needs_input_grad[0]
-    need_dt = ctx.needs_input_grad[1] and config.source != SOURCE_NONE
+    need_ds, need_dt = gradients_needed(ctx, config_of(ctx.floats, ctx.ints))
     if not (need_ds or need_dt):
         return (None,) * 7
     ds, dt = rank1_loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
@@ -177,15 +192,22 @@ def _backward(ctx, grad_loss, *_grads_of_statistics):
 rank1_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
-class TorchRankOneLoss(torch.autograd.Function):
-    """The loss on the plain-PyTorch path in eager mode, ``rank1_loss``'s first output: the
-    forward keeps ``d loss / d s`` and ``d loss / d t`` (in the statistics' dtype) for the inputs
-    that need them, the backward scales them by the incoming gradient."""
+class RankOneLoss(torch.autograd.Function):
+    """``rank1_loss``'s first output with its autograd in eager mode, without the custom ops'
+    dispatch (host time that a GPU step would wait on). Triton: the backward launches its kernel
+    on the saved statistics. Plain PyTorch: the forward keeps ``d loss / d s`` and
+    ``d loss / d t`` (in the statistics' dtype) for the inputs that need them, the backward
+    scales them by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, student, teacher, factor, labels, config):
-        need_ds = ctx.needs_input_grad[0]
-        need_dt = ctx.needs_input_grad[1] and config.source != SOURCE_NONE
+        need_ds, need_dt = gradients_needed(ctx, config)
+        ctx.config = config
+        if config.use_triton:
+            loss, stats, totals, _, _ = loss_outputs(student, teacher, factor, labels, config,
+                                                     False)
+            ctx.save_for_backward(student, teacher, factor, labels, stats, totals)
+            return loss
         stats, softmax_difference, weighted_deviation = _torch_stats(
             student, teacher, factor, labels, config, need_ds or need_dt)
         loss, totals = finish_loss_torch(stats, config)
@@ -200,5 +222,12 @@ class TorchRankOneLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        return (*((g * grad_loss).to(dtype) if dtype else None
-                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)), None, None, None)
+        if not ctx.config.use_triton:
+            return (*((g * grad_loss).to(dtype) if dtype else None
+                      for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)), None, None, None)
+        student, teacher, factor, labels, stats, totals = ctx.saved_tensors
+        need_ds, need_dt = gradients_needed(ctx, ctx.config)
+        empty = stats.new_empty(0)
+        ds, dt = loss_gradients(grad_loss, student, teacher, factor, labels, stats, totals, empty,
+                                empty, ctx.config, need_ds, need_dt)
+        return ds if need_ds else None, dt if need_dt else None, None, None, None
