@@ -69,6 +69,7 @@ import functools  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -1077,6 +1078,8 @@ STEP_COUNT_ROWS = 8  # the interpreter counts a case's launches at most at this 
 STEP_COUNT_ELEMENTS = 4096  # and at fewer where B x C would be larger than this
 H100_STEP_CASE = Case("imagenet", 256, 1000, PRIOR, IMAGENET)  # the bench's ImageNet case
 H100_STEP_TARGET = 0.3  # gkl_loss[triton]'s modelled step at most this share of F.kl_div's
+HOST_STEP_CASE = Case("host", 32, 10, PRIOR, IMAGENET)  # host time: bench.overhead's smallest
+HOST_STEPS, HOST_WARMUP_STEPS = 400, 20
 MODELLED_GOAL = (f"the project's goal that on an H100 a step of the Triton kernels costs at most "
                  f"{H100_STEP_TARGET:g}x plain KD's (F.kl_div's), so GKL is the cheaper loss")
 
@@ -1125,6 +1128,38 @@ def run_steps(cases, provider_names, progress=print):
     return rows
 
 
+@contextlib.contextmanager
+def triton_launches_stubbed():
+    """While active, every Triton launch (under the interpreter) returns at once and runs
+    nothing: what remains of a step is its host time (Python, dispatch, allocations)."""
+    original = interpreter.InterpretedFunction.run
+    interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        interpreter.InterpretedFunction.run = original
+
+
+def host_seconds_per_step(provider_name, case=HOST_STEP_CASE, steps=HOST_STEPS):
+    """Median wall time of ``steps`` forward+backward steps of the provider named
+    ``provider_name`` on ``make_inputs(case)`` (CPU), after a warm-up: ``gkl_loss[triton]`` with
+    its launches stubbed and its value checks as on a GPU (its host time); ``F.kl_div`` as it
+    runs, its arithmetic at that shape a few microseconds of aten's dispatch."""
+    student, teacher, loss_kwargs = make_inputs(case)
+    passes = make_passes(select_providers([provider_name])[0].build(), student, teacher,
+                         loss_kwargs)
+    triton_path = provider_name == PACKAGE_TRITON
+    with value_checks_as_on_a_gpu(triton_path), \
+            triton_launches_stubbed() if triton_path else contextlib.nullcontext():
+        times = []
+        for index in range(steps + HOST_WARMUP_STEPS):
+            start = time.perf_counter()
+            passes.step()
+            if index >= HOST_WARMUP_STEPS:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def modelled_step(case=H100_STEP_CASE):
     """The modelled H100 time (``modelled_h100_seconds``, a MODEL) of one training step of
     ``gkl_loss[triton]`` and of ``F.kl_div`` on ``case``, from the bytes and launches of the
@@ -1138,11 +1173,13 @@ def modelled_step(case=H100_STEP_CASE):
                       "forward_launches": counted.forward.launches,
                       "backward_launches": counted.backward.launches,
                       "host_syncs": total.host_syncs,
-                      "modelled_seconds": modelled_h100_seconds(total.bytes, total.launches)})
+                      "modelled_seconds": modelled_h100_seconds(total.bytes, total.launches),
+                      "host_seconds": host_seconds_per_step(provider)})
     ratio = steps[0]["modelled_seconds"] / steps[1]["modelled_seconds"]
     return {"case": case.name, "batch": case.batch, "classes": case.classes,
             "dtype": case.dtype, "weights": case.weights, "steps": steps, "ratio": ratio,
             "target": H100_STEP_TARGET, "met": ratio <= H100_STEP_TARGET,
+            "host_batch": HOST_STEP_CASE.batch, "host_classes": HOST_STEP_CASE.classes,
             "model": {"label": MODEL_LABEL,
                       "bandwidth_bytes_per_second": H100_BANDWIDTH_BYTES_PER_SECOND,
                       "launch_latency_seconds": LAUNCH_LATENCY_SECONDS}}
@@ -1167,7 +1204,20 @@ def format_modelled_step(row):
             f"  a MODEL, no GPU was timed: bytes / {model['bandwidth_bytes_per_second'] / 1e12:.2f}"
             f" TB/s (H100 SXM HBM3) + launches x {model['launch_latency_seconds'] * 1e6:g} us "
             f"(assumed); bytes and launches of the whole step counted under Triton's interpreter "
-            f"and DispatchCounter at that shape: {details}")
+            f"and DispatchCounter at that shape: {details}\n"
+            f"  {host_text(row)}")
+
+
+def host_text(row):
+    """The measured host time of both steps, and what it bounds."""
+    package, kl_div = row["steps"]
+    return (f"host time of one step, measured on this CPU at B={row['host_batch']} "
+            f"C={row['host_classes']} (median of {HOST_STEPS} steps): {package['provider']} "
+            f"{format_seconds(package['host_seconds'])} with its Triton launches stubbed and its "
+            f"value checks as on a GPU, {kl_div['provider']} "
+            f"{format_seconds(kl_div['host_seconds'])} (its arithmetic there is a few "
+            f"microseconds): on a GPU a step takes at least its host time, unless earlier work "
+            f"(the model's) keeps the device busy")
 
 
 def modelled_headline(row):
@@ -1178,7 +1228,10 @@ def modelled_headline(row):
             f"{row['dtype']}: {package['provider']} would be "
             f"{speed(1 / row['ratio'])} than {kl_div['provider']} (goal: at least "
             f"{1 / row['target']:.1f}x faster, so that on a GPU GKL costs less than plain KD: "
-            f"{verdict})")
+            f"{verdict}); measured on this CPU, the host time of a step (Python and dispatch: "
+            f"a bound on a step the device does not hide): {package['provider']} "
+            f"{format_seconds(package['host_seconds'])}, {kl_div['provider']} "
+            f"{format_seconds(kl_div['host_seconds'])}")
 
 
 def main_steps(args):

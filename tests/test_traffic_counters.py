@@ -20,13 +20,13 @@ from bench.cases import (CIFAR100_ADV, EXPLICIT, IMAGENET, PER_ROW, PRIOR, SHARE
                          Case, make_inputs)
 from bench.providers import (KL_DIV, PACKAGE, PACKAGE_TRITON, REFERENCE_COMPILED, make_passes,
                              select_providers)
-from bench.traffic import (LAUNCH_LATENCY_SECONDS, PASSES, STEP_COUNT_ELEMENTS, STEP_COUNT_ROWS,
-                           DispatchCounter,
-                           InductorKernelCounter, KernelTraffic, OpTraffic, PassLaunches,
-                           TritonTrafficCounter, count_case, count_provider_step, count_step,
-                           format_modelled_step, format_traffic_table, modelled_h100_seconds,
-                           value_checks_as_on_a_gpu,
-                           modelled_step, run_steps, run_traffic, step_count_batch, traffic_cases)
+from bench.traffic import (HOST_STEPS, LAUNCH_LATENCY_SECONDS, PASSES, STEP_COUNT_ELEMENTS,
+                           STEP_COUNT_ROWS, DispatchCounter, InductorKernelCounter, KernelTraffic,
+                           OpTraffic, PassLaunches, TritonTrafficCounter, count_case,
+                           count_provider_step, count_step, format_modelled_step,
+                           format_traffic_table, modelled_h100_seconds, modelled_step, run_steps,
+                           run_traffic, step_count_batch, traffic_cases, triton_launches_stubbed,
+                           value_checks_as_on_a_gpu)
 
 BLOCK = 16
 LENGTH = 37  # three programs, the last one with 5 active lanes of 16
@@ -422,6 +422,21 @@ def test_run_steps_rows():
     json.dumps(rows)
 
 
+@triton.jit
+def _fill_ones(out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, tl.full((BLOCK,), 1.0, tl.float32), mask=offsets < n)
+
+
+def test_stubbed_launches_run_nothing_and_are_restored():
+    out = torch.zeros(8)
+    with triton_launches_stubbed():
+        _fill_ones[(1,)](out, 8, BLOCK=8)
+    assert torch.equal(out, torch.zeros(8))
+    _fill_ones[(1,)](out, 8, BLOCK=8)
+    assert torch.equal(out, torch.ones(8))
+
+
 def test_modelled_step_is_the_model_of_the_counted_step():
     case = Case("small prior", 16, 100, PRIOR, IMAGENET)
     step = modelled_step(case)
@@ -442,6 +457,11 @@ def test_modelled_step_is_the_model_of_the_counted_step():
     with DispatchCounter() as backward:
         passes.backward(loss)
     assert kl_div["launches"] == forward.launches + backward.launches
+    assert (step["host_batch"], step["host_classes"]) == (32, 10)
+    assert all(0 < row["host_seconds"] < 0.05 for row in step["steps"])
+    host_line = format_modelled_step(step).splitlines()[-1]
+    assert host_line.startswith(f"  host time of one step, measured on this CPU at B=32 C=10 "
+                                f"(median of {HOST_STEPS} steps): {PACKAGE_TRITON} ")
     line = format_modelled_step(step).splitlines()[0]
     assert line.startswith("modelled (not measured) H100 step at B=16 C=100 float32")
     assert f"= {step['ratio']:.2f}x (target: at most 0.3x: " in line
