@@ -17,8 +17,8 @@ from gkl_kernels.pairs.op import pair_rows
 from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PAIRS,
                                       SOURCE_PRIOR, SOURCE_TEACHER, TOTAL_CE, TOTAL_DEN,
                                       TOTAL_K, TOTAL_ROWS, TOTAL_WMSE, RowConfig, compute_dtype)
-from gkl_kernels.rank1.op import (RankOneLoss, gradients_needed, rank1_finish, rank1_loss,
-                                  rank1_loss_backward, rank1_row_stats)
+from gkl_kernels.rank1.op import (RankOneLoss, finish, gradients_needed, loss_backward,
+                                  rank1_loss, row_stats)
 from gkl_kernels.rank1.torch_impl import row_losses_torch
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
                                         compact_student, compact_teacher, optional_factor,
@@ -312,8 +312,8 @@ class _SyncedRankOneLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, factor, labels, config, group):
-        stats = rank1_row_stats(student, teacher, factor, labels, config.floats, config.ints)
-        totals = all_process_totals(rank1_finish(stats, config.floats, config.ints)[1], group)
+        stats = row_stats(student, teacher, factor, labels, config)
+        totals = all_process_totals(finish(stats, config)[1], group)
         ctx.save_for_backward(student, teacher, factor, labels, stats, totals)
         ctx.config = config
         return loss_from_totals(totals, config)
@@ -325,8 +325,8 @@ class _SyncedRankOneLoss(torch.autograd.Function):
         config = ctx.config
         need_ds, need_dt = gradients_needed(ctx, config)
         empty = stats.new_empty(0)
-        ds, dt = rank1_loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
-                                     empty, empty, config.floats, config.ints, need_ds, need_dt)
+        ds, dt = loss_backward(grad_loss, student, teacher, factor, labels, stats, totals, empty,
+                               empty, config, need_ds, need_dt)
         return ds if need_ds else None, dt if need_dt else None, None, None, None, None
 
 
@@ -390,7 +390,7 @@ class _RowLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, factor, labels, config):
-        stats = rank1_row_stats(student, teacher, factor, labels, config.floats, config.ints)
+        stats = row_stats(student, teacher, factor, labels, config)
         ctx.save_for_backward(student, teacher, factor, labels, stats)
         ctx.config = config
         return row_losses_torch(stats, config)
@@ -404,7 +404,6 @@ class _RowLosses(torch.autograd.Function):
         totals = stats.new_zeros(NUM_TOTALS)
         totals[TOTAL_DEN] = totals[TOTAL_ROWS] = 1.0
         empty = stats.new_empty(0)
-        ds, dt = rank1_loss_backward(grad_rows.contiguous(), student, teacher, factor, labels,
-                                     stats, totals, empty, empty, config.floats, config.ints,
-                                     need_ds, need_dt)
+        ds, dt = loss_backward(grad_rows.contiguous(), student, teacher, factor, labels, stats,
+                               totals, empty, empty, config, need_ds, need_dt)
         return ds if need_ds else None, dt if need_dt else None, None, None, None

@@ -28,7 +28,7 @@ from gkl_kernels.functional import gkl_loss_with_options, kept_row_count, row_co
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR,
                                       SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS, RowConfig)
-from gkl_kernels.rank1.op import rank1_finish, rank1_loss, rank1_loss_backward, rank1_row_stats
+from gkl_kernels.rank1.op import finish, loss_backward, row_stats
 from gkl_kernels.rank1.torch_impl import row_stats_and_gradients_torch
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
                                         compact_student, compact_teacher, optional_factor,
@@ -356,6 +356,7 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
     if need_ds or need_dt:
         totals = _gradient_totals(teacher, labels, factor, plan)
         one = torch.ones((), dtype=torch.float32, device=student[0].device)
+        empty = one.new_empty(0)  # the Triton backward recomputes the directions
     # one block per chunk for each logit tensor, reused (a fresh (c, V) block a chunk costs its
     # page faults on CPU); on the plain-PyTorch path the student's gradient overwrites its logits
     s_block, t_block = (_chunk_block(linear[0], plan, linear[0].dtype == torch.float32)
@@ -366,15 +367,12 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
         chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
         chunk_labels = None if labels is None else labels[chunk]
         if not (need_ds or need_dt):
-            stats[chunk] = rank1_row_stats(s, t, chunk_factor, chunk_labels, config.floats,
-                                           config.ints)
+            stats[chunk] = row_stats(s, t, chunk_factor, chunk_labels, config)
             continue
         if config.use_triton:
-            _, stats[chunk], _, softmax_difference, weighted_deviation = rank1_loss(
-                s, t, chunk_factor, chunk_labels, config.floats, config.ints, False)
-            ds, dt = rank1_loss_backward(one, s, t, chunk_factor, chunk_labels, stats[chunk],
-                                         totals, softmax_difference, weighted_deviation,
-                                         config.floats, config.ints, need_ds, need_dt)
+            stats[chunk] = row_stats(s, t, chunk_factor, chunk_labels, config)
+            ds, dt = loss_backward(one, s, t, chunk_factor, chunk_labels, stats[chunk], totals,
+                                   empty, empty, config, need_ds, need_dt)
         else:  # the plain-PyTorch path forms each row block's gradient while it is in cache
             stats[chunk], ds, dt = row_stats_and_gradients_torch(
                 s, t, chunk_factor, chunk_labels, totals, config, need_ds, need_dt, s)
@@ -383,7 +381,7 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
             _fold_back(ds, student, grads[:3], chunk)
         if need_dt:
             _fold_back(dt, teacher, grads[3:], chunk)
-    return rank1_finish(stats, config.floats, config.ints)[0], grads
+    return finish(stats, config)[0], grads
 
 
 def _gradient_totals(teacher, labels, factor, plan):
@@ -412,10 +410,9 @@ def _gradient_totals(teacher, labels, factor, plan):
             t = s = torch.zeros((), dtype=torch.float32, device=device).expand(
                 chunk.stop - chunk.start, plan.vocabulary)
         chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
-        stats[chunk] = rank1_row_stats(s, t, chunk_factor,
-                                       None if labels is None else labels[chunk],
-                                       weights_only.floats, weights_only.ints)
-    return rank1_finish(stats, weights_only.floats, weights_only.ints)[1]
+        stats[chunk] = row_stats(s, t, chunk_factor, None if labels is None else labels[chunk],
+                                 weights_only)
+    return finish(stats, weights_only)[1]
 
 
 def default_chunk_size(vocabulary, device_type="cpu", reused_blocks=False):

@@ -18,7 +18,7 @@ from gkl_kernels import validation as check
 from gkl_kernels.functional import row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
-from gkl_kernels.rank1.op import rank1_finish, rank1_loss_backward, rank1_row_stats
+from gkl_kernels.rank1.op import finish, loss_backward, row_stats
 from gkl_kernels.rank1.torch_impl import merge_row_stats
 from gkl_kernels.validation import Backend, Normalize
 
@@ -201,9 +201,9 @@ class _VocabParallelGKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, factor, labels, config, group):
-        stats = rank1_row_stats(student, teacher, factor, labels, config.floats, config.ints)
+        stats = row_stats(student, teacher, factor, labels, config)
         stats = merged_row_stats(stats, config, group)
-        loss, totals = rank1_finish(stats, config.floats, config.ints)
+        loss, totals = finish(stats, config)
         ctx.save_for_backward(student, teacher, factor, labels, stats, totals)
         ctx.config = config
         return loss
@@ -215,6 +215,6 @@ class _VocabParallelGKL(torch.autograd.Function):
         config = ctx.config
         need_ds, need_dt = ctx.needs_input_grad[:2]
         empty = stats.new_empty(0)
-        ds, dt = rank1_loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
-                                     empty, empty, config.floats, config.ints, need_ds, need_dt)
+        ds, dt = loss_backward(grad_loss, student, teacher, factor, labels, stats, totals, empty,
+                               empty, config, need_ds, need_dt)
         return ds if need_ds else None, dt if need_dt else None, None, None, None, None

@@ -174,6 +174,33 @@ def test_compiled_training_step_matches_eager(source, backend, compiler, generat
     assert (got[1][2][0] - got[0][2][0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_compiled_row_losses_match_eager(reduction, backend, generator):
+    """Per-row losses (``reduction="none"``, ``"sum"``) compiled with ``fullgraph=True``
+    (aot_eager: through the custom ops) give eager's values and gradients (there: their bodies,
+    called directly)."""
+    student = 3 * torch.randn(ROWS, CLASSES, generator=generator)
+    teacher = 3 * torch.randn(ROWS, CLASSES, generator=generator)
+    labels = torch.randint(0, CLASSES, (ROWS,), generator=generator)
+    prior = torch.rand(CLASSES, CLASSES, generator=generator)
+
+    def loss_fn(s, t):
+        return gkl_loss(s, t, labels=labels, class_prior=prior, gamma=0.5, temperature=2.0,
+                        reduction=reduction, backend=backend)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), loss_fn):
+        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        loss = fn(s, t)
+        weights = torch.arange(1.0, loss.numel() + 1).reshape(loss.shape)
+        results.append((loss.detach(), *torch.autograd.grad((loss * weights).sum(), (s, t))))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert results[0][1].abs().max() > 0 and results[0][2].abs().max() > 0
+
+
 @pytest.mark.parametrize("backend", [pytest.param("torch"),
                                      pytest.param("triton")])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["gkl", "dkl"])

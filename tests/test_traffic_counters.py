@@ -232,16 +232,18 @@ class OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_eager_triton_path_dispatches_no_custom_op():
-    """In eager mode the Triton path launches its kernels from an autograd function: the custom
+@pytest.mark.parametrize("reduction, launches", [("mean", 3), ("sum", 2), ("none", 2)])
+def test_eager_triton_path_dispatches_no_custom_op(reduction, launches):
+    """In eager mode the Triton path launches its kernels from autograd functions: the custom
     ops (for ``torch.compile``) and their dispatch, host time a GPU step waits on, are not run;
     the recorder does see them when they are."""
     case = Case("prior", 4, 50, PRIOR, IMAGENET)
     student, teacher, kwargs = make_inputs(case)
     with TritonTrafficCounter() as kernels, OpNames() as ops:
-        loss = gkl_kernels.gkl_loss(student, teacher, backend="triton", **kwargs)
-        torch.autograd.grad(loss, [student])
-    assert kernels.launches == 3
+        loss = gkl_kernels.gkl_loss(student, teacher, backend="triton", reduction=reduction,
+                                    **kwargs)
+        torch.autograd.grad(loss.sum(), [student])
+    assert kernels.launches == launches
     assert not [name for name in ops.names if name.startswith("gkl_kernels")], ops.names
     config = row_config(GKLOptions(backend="triton"), SOURCE_PRIOR, True, True)
     with OpNames() as ops:

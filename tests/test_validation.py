@@ -1,7 +1,7 @@
 """Input validation of every public entry point (``gkl_loss``, ``pairwise_wmse``, ``GKLLoss``,
 ``compat.dkl_loss``, ``compat.ikl_loss``, ``compat.adv_dkl_loss``): each bad input is a
 ``TypeError``/``ValueError`` whose message names the argument, raised before any kernel runs. The
-ops that every entry point reaches, ``gkl_kernels.functional.rank1_rows`` and ``pair_rows``, are
+ops that every entry point reaches, ``gkl_kernels.functional``'s ``KERNEL_ENTRIES``, are
 replaced by functions that fail the test if called.
 """
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 B, C = 4, 6  # nominal shape of the (valid) inputs that every case starts from
 KERNEL_BACKENDS = ["triton", "torch"]
 # the ops through which functional reaches a kernel
-KERNEL_ENTRIES = ("rank1_loss", "rank1_row_stats", "pair_rows", "RankOneLoss")
+KERNEL_ENTRIES = ("rank1_loss", "row_stats", "pair_rows", "RankOneLoss")
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -53,15 +53,15 @@ def recorded_kernel(monkeypatch):
         return (torch.zeros(()), torch.zeros(rows, NUM_STATS), torch.zeros(NUM_TOTALS),
                 torch.empty(0), torch.empty(0))
 
-    def record_stats(student, teacher, factor, labels, floats, ints):
-        return record(student, teacher, factor, labels, floats, ints, False)[1]
+    def record_stats(student, teacher, factor, labels, config):
+        return record(student, teacher, factor, labels, config.floats, config.ints, False)[1]
 
     class RecordedEagerLoss:  # the eager autograd function of both backends
         @staticmethod
         def apply(student, teacher, factor, labels, config):
             return record(student, teacher, factor, labels, config.floats, config.ints, False)[0]
     monkeypatch.setattr(functional, "rank1_loss", record)
-    monkeypatch.setattr(functional, "rank1_row_stats", record_stats)
+    monkeypatch.setattr(functional, "row_stats", record_stats)
     monkeypatch.setattr(functional, "RankOneLoss", RecordedEagerLoss)
     return calls
 

@@ -53,12 +53,8 @@ def _torch_stats(student, teacher, factor, labels, config, keep_directions):
     return row_stats_torch(student, teacher, factor, labels, config, keep_directions)
 
 
-@torch.library.custom_op("gkl_kernels::rank1_row_stats", mutates_args=())
-def rank1_row_stats(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
-                    labels: Optional[Tensor], floats: list[float], ints: list[int]) -> Tensor:
-    """Per-row statistics ``(B, NUM_STATS)``, float32 (float64 on the torch path for float64
-    logits)."""
-    config = config_of(floats, ints)
+def _row_stats_of(student, teacher, factor, labels, config):
+    """``rank1_row_stats``' statistics for a ``RowConfig``."""
     if config.use_triton and config.source == SOURCE_PAIRS:
         return pair_loss_triton(student, teacher, factor, labels, config)[1]
     if config.use_triton:
@@ -66,18 +62,30 @@ def rank1_row_stats(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
     return _torch_stats(student, teacher, factor, labels, config, False)[0]
 
 
+@torch.library.custom_op("gkl_kernels::rank1_row_stats", mutates_args=())
+def rank1_row_stats(student: Tensor, teacher: Tensor, factor: Optional[Tensor],
+                    labels: Optional[Tensor], floats: list[float], ints: list[int]) -> Tensor:
+    """Per-row statistics ``(B, NUM_STATS)``, float32 (float64 on the torch path for float64
+    logits)."""
+    return _row_stats_of(student, teacher, factor, labels, config_of(floats, ints))
+
+
 @rank1_row_stats.register_fake
 def _row_stats_fake(student, teacher, factor, labels, floats, ints):
     return student.new_empty(student.shape[0], NUM_STATS, dtype=compute_dtype(student, teacher))
 
 
-@torch.library.custom_op("gkl_kernels::rank1_finish", mutates_args=())
-def rank1_finish(stats: Tensor, floats: list[float], ints: list[int]) -> tuple[Tensor, Tensor]:
-    """``(loss (), totals (NUM_TOTALS,))`` float32 from per-row statistics."""
-    config = config_of(floats, ints)
+def _finished(stats, config):
+    """``rank1_finish``'s loss and totals for a ``RowConfig``."""
     if config.use_triton:
         return kernels.finish_loss(stats, config)
     return finish_loss_torch(stats, config)
+
+
+@torch.library.custom_op("gkl_kernels::rank1_finish", mutates_args=())
+def rank1_finish(stats: Tensor, floats: list[float], ints: list[int]) -> tuple[Tensor, Tensor]:
+    """``(loss (), totals (NUM_TOTALS,))`` float32 from per-row statistics."""
+    return _finished(stats, config_of(floats, ints))
 
 
 @rank1_finish.register_fake
@@ -159,6 +167,32 @@ def _rank1_loss_backward_fake(grad_loss, student, teacher, factor, labels, stats
                               softmax_difference, weighted_deviation, floats, ints, need_ds,
                               need_dt):
     return fake_gradients(student, teacher, need_ds, need_dt)
+
+
+def row_stats(student, teacher, factor, labels, config):
+    """``rank1_row_stats`` for a ``RowConfig``: the custom op under ``torch.compile``, else its
+    body, without the op's dispatch (host time a GPU step waits on)."""
+    if torch.compiler.is_compiling():
+        return rank1_row_stats(student, teacher, factor, labels, config.floats, config.ints)
+    return _row_stats_of(student, teacher, factor, labels, config)
+
+
+def finish(stats, config):
+    """``rank1_finish`` for a ``RowConfig``, as ``row_stats`` calls its op."""
+    if torch.compiler.is_compiling():
+        return rank1_finish(stats, config.floats, config.ints)
+    return _finished(stats, config)
+
+
+def loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
+                  softmax_difference, weighted_deviation, config, need_ds, need_dt):
+    """``rank1_loss_backward`` for a ``RowConfig``, as ``row_stats`` calls its op."""
+    if torch.compiler.is_compiling():
+        return rank1_loss_backward(grad_loss, student, teacher, factor, labels, stats, totals,
+                                   softmax_difference, weighted_deviation, config.floats,
+                                   config.ints, need_ds, need_dt)
+    return loss_gradients(grad_loss, student, teacher, factor, labels, stats, totals,
+                          softmax_difference, weighted_deviation, config, need_ds, need_dt)
 
 
 def _setup_context(ctx, inputs, output):
