@@ -18,7 +18,7 @@ from gkl_kernels import validation as check
 from gkl_kernels.functional import row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
-from gkl_kernels.rank1.op import finish, loss_backward, row_stats
+from gkl_kernels.rank1.op import finish, gradients_needed, loss_backward, row_stats
 from gkl_kernels.rank1.torch_impl import merge_row_stats
 from gkl_kernels.validation import Backend, Normalize
 
@@ -213,7 +213,7 @@ class _VocabParallelGKL(torch.autograd.Function):
     def backward(ctx, grad_loss):
         student, teacher, factor, labels, stats, totals = ctx.saved_tensors
         config = ctx.config
-        need_ds, need_dt = ctx.needs_input_grad[:2]
+        need_ds, need_dt = gradients_needed(ctx, config)
         empty = stats.new_empty(0)
         ds, dt = loss_backward(grad_loss, student, teacher, factor, labels, stats, totals, empty,
                                empty, config, need_ds, need_dt)
