@@ -1,6 +1,6 @@
 """Benchmark cases: a shape, the loss options, and which logits need gradients.
 
-Loss options follow SPEC.md's table of paper settings (``mse_weight`` is the authors' code's beta,
+Loss options follow docs/SPEC.md's paper settings (``mse_weight`` is the authors' code's beta,
 ``ce_weight`` its alpha). ``series`` groups cases that differ only in ``C`` (and ``B``, where
 ``B x C`` would not fit): the plot draws time and memory against ``C`` for the series
 ``PLOT_SERIES``.
@@ -119,7 +119,7 @@ def sweep_batch(num_classes):
 
 
 def full_cases():
-    """The cases of ``python -m bench``: SPEC.md's paper settings (CIFAR-100 KD and adversarial
+    """The cases of ``python -m bench``: docs/SPEC.md's paper settings (CIFAR-100 KD and adversarial
     training, ImageNet at B=256 in float32 and bfloat16 (the headline ratios) and at the paper's
     B=512), the sweep of ``C`` with teacher weights, an explicit ``(B, C)`` factor, token-level
     distillation at a 128k vocabulary in bfloat16, a shared ``(C, C)`` matrix at B=256, C=1000

@@ -5,7 +5,7 @@ one pass and the memory available, and says what it measured with:
 
 - ``CpuMeter``: ``time.perf_counter`` around each pass, one pass after the other (CPU work is
   synchronous, so the forward and backward times of one step add up to its time); peak memory
-  from the allocator's events (``bench.memory``).
+  from the allocator's events (``gkl_kernels.testing.memory``).
 - ``GpuMeter``: each pass timed on its own by ``triton.testing.do_bench`` (CUDA events, warm-up,
   the median; ``do_bench`` also overwrites the L2 cache before each call), each call on the next of
   several input sets whose total size exceeds the L2 cache, so no call finds its inputs cached;
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from bench.memory import available_memory_bytes, measure_peak_memory
+from gkl_kernels.testing.memory import available_memory_bytes, measure_peak_memory
 
 L2_BYTES_FALLBACK = 50 * 2**20  # H100's L2, for devices that do not report theirs
 MAX_INPUT_SETS = 8

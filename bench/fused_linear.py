@@ -21,16 +21,17 @@ All GKL providers use the loss's default options (weights from the teacher, ``ga
 weights ``N(0, 1/H)`` (logits of unit scale), labels uniform in ``[0, V)`` with about 10% set to
 ``ignore_index=-100`` (those rows drop out of every loss).
 
-Per provider and size: one warm-up step; one step under ``bench.memory.measure_peak_memory``
-(the peak of CPU tensor memory allocated during the step: the inputs are not counted, the
-gradients and every intermediate are); then at least ``--repeats`` timed steps
-(``bench.devices.CpuMeter``: ``time.perf_counter``, median). FLOPs are those of the four matmuls
-every provider does, ``8 N V H`` (student and teacher logits, the student's gradients of hidden
-and weight); GFLOP/s is that over the median time. The floor is the bytes any implementation keeps
-alive: both models' weights and hidden states and the student's gradients of both
-(``3 (V + N) H`` elements); a step itself must allocate a third of it, the gradients. A provider
-is skipped at a size where its estimate (the floor plus eight float32 ``(rows, V)`` tensors, rows
-``N`` unfused, one chunk fused) exceeds the available memory less a margin.
+Per provider and size: one warm-up step; one step under
+``gkl_kernels.testing.memory.measure_peak_memory`` (the peak of CPU tensor memory allocated during
+the step: the inputs are not counted, the gradients and every intermediate are); then at least
+``--repeats`` timed steps (``bench.devices.CpuMeter``: ``time.perf_counter``, median). FLOPs are
+those of the four matmuls every provider does, ``8 N V H`` (student and teacher logits, the
+student's gradients of hidden and weight); GFLOP/s is that over the median time. The floor is the
+bytes any implementation keeps alive: both models' weights and hidden states and the student's
+gradients of both (``3 (V + N) H`` elements); a step itself must allocate a third of it, the
+gradients. A provider is skipped at a size where its estimate (the floor plus eight float32
+``(rows, V)`` tensors, rows ``N`` unfused, one chunk fused) exceeds the available memory less a
+margin.
 """
 
 import os
@@ -54,12 +55,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.devices import CpuMeter  # noqa: E402
-from bench.measure import format_bytes, format_seconds, record_timing  # noqa: E402
-from bench.memory import available_memory_bytes  # noqa: E402
+from bench.measure import record_timing  # noqa: E402
 from bench.providers import Passes  # noqa: E402
-from bench.traffic import DispatchCounter  # noqa: E402
+from bench.report import format_bytes, format_seconds  # noqa: E402
 from gkl_kernels import fused_linear_gkl, gkl_loss  # noqa: E402
 from gkl_kernels.fused_linear import default_chunk_size  # noqa: E402
+from gkl_kernels.testing.dispatch import DispatchCounter  # noqa: E402
+from gkl_kernels.testing.memory import available_memory_bytes  # noqa: E402
 
 IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.1
@@ -369,7 +371,7 @@ TABLE_LEGEND = (
     "elements. peak mem: what one step allocates (not the inputs); its floor is a third of "
     "floor, the gradients.",
     "moved, launches, syncs: bytes every kernel of one more step reads and writes, its kernels "
-    "and host syncs, counted at the aten dispatch level (bench.traffic.DispatchCounter; "
+    "and host syncs, counted at the aten dispatch level (gkl_kernels.testing DispatchCounter; "
     "compiled code such as liger-jsd's is not countable); a step must move at least about "
     "floor (the weights and hidden states read once, the gradients written once).",
     "|d loss|, d grad: against unfused (d grad: largest difference / largest unfused gradient); "

@@ -17,6 +17,8 @@ import torch
 from bench.cases import PER_ROW, SHARED, make_inputs
 from bench.providers import (KL_DIV, ORACLE, REFERENCE, REFERENCE_COMPILED, float64_copies,
                              make_passes, oracle_loss)
+from bench.report import format_bytes, format_seconds
+from gkl_kernels.testing.launches import count_step
 
 MEMORY_FRACTION = 0.8  # attempt a quadratic run only if its predicted peak is under this share
 # the plan of a run (bench.progress): seconds of one forward+backward step per B*C^2 (quadratic
@@ -68,7 +70,7 @@ class Result:
     floor_bandwidth: Optional[float] = None  # GPU: floor bytes / forward+backward seconds
     copy_fraction: Optional[float] = None  # GPU: floor_bandwidth / device-to-device copy's
     # kernel launches and host syncs (``.item()``) of one step, per pass and in all
-    # (``bench.traffic.StepLaunches.fields``), counted at B = ``counted_batch`` by
+    # (``gkl_kernels.testing.launches.StepLaunches.fields``), counted at B = ``counted_batch`` by
     # ``counted_with``; ``None``: not counted (a skipped run)
     forward_launches: Optional[int] = None
     backward_launches: Optional[int] = None
@@ -181,8 +183,8 @@ def run_provider(provider, case, input_sets, oracle, scaling, settings, meter):
     if provider.quadratic:
         scaling.record(provider.name, case.pairs, result.peak_bytes, result.seconds)
     if not provider.interpreted_counts:
-        from bench.traffic import count_step  # bench.traffic imports this module
-        record_launches(result, count_step(passes[0]).fields(), case.batch, COUNTED_HERE)
+        fields = count_step(passes[0].forward, passes[0].backward).fields()
+        record_launches(result, fields, case.batch, COUNTED_HERE)
     return result
 
 
@@ -268,21 +270,3 @@ def run_case(case, providers, scaling, settings, meter, progress=None):
                        if timed_here(p, meter) else untimed(p, case, meter))
         report(p.name, results[-1])
     return results, oracle
-
-
-def format_seconds(seconds):
-    """``12.3 us``, ``4.56 ms`` or ``7.89 s``."""
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} us"
-    if seconds < 1.0:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.2f} s"
-
-
-def format_bytes(nbytes):
-    """``512 B``, ``1.5 KiB``, ``2.25 MiB``, ``3.1 GiB`` (powers of 1024)."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= size:
-            value = nbytes / size
-            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
-    return f"{nbytes} B"

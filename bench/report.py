@@ -12,7 +12,6 @@ import torch
 import triton
 
 from bench.cases import HEADLINE_SHAPE, PLOT_SERIES
-from bench.measure import format_bytes, format_seconds
 from bench.providers import (KL_DIV, ORACLE, PACKAGE, PROVIDERS, REFERENCE,
                              REFERENCE_COMPILED)
 
@@ -51,6 +50,24 @@ GOALS_NOTE = ("the goals: what a user replacing the authors' B x C x C loss shou
               "least, set by the project for float32 at B=256, C=1000")
 WEIGHT_WORDS = {"prior": "class-prior", "teacher": "teacher", "explicit": "explicit-factor",
                 "shared": "shared (C, C)", "per_row": "per-row (B, C, C)"}
+
+
+def format_seconds(seconds):
+    """``12.3 us``, ``4.56 ms`` or ``7.89 s``."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def format_bytes(nbytes):
+    """``512 B``, ``1.5 KiB``, ``2.25 MiB``, ``3.1 GiB`` (powers of 1024)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            value = nbytes / size
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{nbytes} B"
 
 
 def times(factor):
@@ -102,8 +119,8 @@ COLUMNS = ("case", "shape", "dtype", "provider", "fwd", "bwd", "fwd+bwd", "peak 
            "|d grad s|", "|d grad t|", "launches f+b", "syncs f+b", "note")
 LAUNCH_LEGEND = (
     "launches f+b, syncs f+b: kernel launches and host syncs (.item()) of one forward + one "
-    "backward pass, counted, not timed (bench.traffic.count_step): aten kernels by "
-    "DispatchCounter, the kernels torch.compile generated (C++ on CPU, Triton on a GPU) by "
+    "backward pass, counted, not timed (gkl_kernels.testing.launches.count_step): aten kernels "
+    "by DispatchCounter, the kernels torch.compile generated (C++ on CPU, Triton on a GPU) by "
     "InductorKernelCounter, gkl_loss[triton]'s Triton launches and the torch ops around them "
     "under Triton's interpreter on CPU tensors (python -m bench.traffic --steps, a subprocess); "
     "at the case's shape, or at the B after @ (fewer rows, the same C and code path: launches do "
@@ -303,7 +320,7 @@ def format_headline(case, ratios):
 def write_json(path, info, settings, cases, results, oracles, headlines, traffic, compile_rows,
                wall_seconds, overhead=None, modelled_step=None):
     """Everything measured, with the machine description, as JSON: ``traffic`` the rows of
-    ``bench.traffic``, ``compile_rows`` those of ``bench.compile_report`` (``None``: not run),
+    ``bench.traffic``, ``compile_rows`` those of ``tools.compile_report`` (``None``: not run),
     ``overhead`` part 2 (``bench.overhead.run_overhead``), ``modelled_step`` part 3
     (``bench.traffic.modelled_step``, a model)."""
     payload = {

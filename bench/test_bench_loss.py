@@ -5,16 +5,18 @@ medium shape.
 ``pytest bench/ --benchmark-only`` for the timings (one table per shape and pass); a plain
 ``pytest bench/`` runs the same few rounds and checks that the package agrees with the reference.
 Each benchmark also records its peak memory in ``extra_info``. ``python -m bench`` is the full
-comparison (tested in ``tests/test_bench_command.py``).
+comparison (tested in ``bench/test_bench_command.py``).
 """
 
 import pytest
 import torch
 
 from bench.cases import CIFAR100_KD, IMAGENET, PRIOR, TEACHER, Case, make_inputs
-from bench.memory import measure_peak_memory
 from bench.providers import KL_DIV, PACKAGE, REFERENCE, make_passes, select_providers
+from gkl_kernels.testing.memory import measure_peak_memory
 from reference import gkl_loss_reference
+
+pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
 CASES = {
     "small": Case("small", 64, 100, PRIOR, CIFAR100_KD),

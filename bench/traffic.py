@@ -1,42 +1,25 @@
-"""Memory traffic and kernel launches of the loss, counted per pass; a modelled H100 time.
-
-Two counters, used together by ``count_case``:
-
-- ``TritonTrafficCounter``: the bytes that every ``tl.load`` / ``tl.store`` (and atomic) of a
-  Triton kernel moves, counted lane by lane (masked-off lanes move nothing) while the kernel runs
-  in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported), and the kernel
-  launches, in total and per kernel. These are the bytes the kernels' memory instructions ask
-  for: on a GPU a re-read of a tile can be served by L1/L2 (the shared ``(C, C)`` and per-row
-  ``(B, C, C)`` kernels re-read logit tiles by design), so for those kernels the count is an upper
-  bound on DRAM traffic; for the rank-one kernels, which touch each element once per pass, it is
-  the DRAM traffic.
-- ``DispatchCounter``: a ``TorchDispatchMode`` that counts, per aten op that runs a kernel, the
-  bytes it reads and writes and one launch; ``.item()`` (``aten._local_scalar_dense``) counts as
-  a launch and a host synchronisation. Composite ops (those without a kernel of their own for the
-  tensors' device, e.g. ``logsumexp``, ``linalg_vecdot``, ``clone``) and ops outside ``aten``
-  (the package's ``torch.library`` custom ops) are counted through the ops they run. A Triton
-  launch is opaque to it: the torch ops around a kernel are its share, the kernel the Triton
-  counter's, so the two add up without counting anything twice.
-
-Kernel launches are those of PyTorch's CPU dispatch tables and of the Triton launchers; bytes are
-counted, not estimated. The time ``modelled_h100_seconds`` is a MODEL, not a measurement:
-``bytes / 3.35e12 B/s`` (the H100 SXM's HBM3 bandwidth) plus ``launches x 4 us`` (an assumed
-launch overhead). Nothing here runs on a GPU.
+"""Memory traffic and kernel launches of the loss per case, counted per pass, with a modelled H100
+time (part 4 of ``python -m bench``); the launches per step of ``python -m bench``'s cases under
+Triton's interpreter and the modelled H100 step (its part 3).
 
 Each case is counted for three losses: ``gkl_loss`` on the Triton kernels, ``gkl_loss`` on its
 plain-PyTorch path, and ``F.kl_div`` (plain KL distillation, as ``python -m bench`` times it), the
-bar a user compares with.
+bar a user compares with; by the counters of ``gkl_kernels.testing``: ``TritonTrafficCounter``
+(the Triton kernels' loads and stores, lane by lane, under Triton's interpreter) and
+``DispatchCounter`` (the torch ops around them). Bytes and launches are counted, not estimated;
+nothing runs on a GPU. The time ``modelled_h100_seconds`` is a MODEL, not a measurement:
+``bytes / 3.35e12 B/s`` (the H100 SXM's HBM3 bandwidth) plus ``launches x 4 us`` (an assumed
+launch overhead).
 
 A "transfer" is one read or write of a ``B x C`` tensor in the logits' dtype. The floor is what
 the loss cannot avoid: forward read ``s`` and ``t``; backward read ``s`` and ``t`` and write the
 gradients (of ``s``, and of ``t`` in adversarial cases). Weight inputs are left out of the floor
 and counted in the measured bytes (``weight_bytes`` says how large they are).
 
-Launches per training step (``count_step``): the counters above and ``InductorKernelCounter``
-(the kernels ``torch.compile`` generated) around one forward and one backward pass of any loss.
-``python -m bench`` counts each provider on each case it times this way: in its own process, or
-for ``gkl_loss[triton]`` under the interpreter by ``--steps`` (also the MODELLED H100 time of one
-step at the ImageNet shape, ``modelled_step``).
+Launches per step (``--steps``): ``gkl_kernels.testing.launches.count_step`` on each provider
+``python -m bench`` counts under the interpreter (``gkl_loss[triton]``), and the MODELLED H100
+time of one step at the ImageNet shape (``modelled_step``, with the measured host time of a step,
+``bench.overhead.host_seconds_per_step``).
 
 Run from the repository root: ``python -m bench.traffic [--quick] [--json PATH]``, or
 ``python -m bench.traffic --steps [--quick] [--cases NAME ...] [--providers NAME ...] [--json
@@ -63,37 +46,27 @@ if __name__ == "__main__" and os.environ.get(INTERPRET_VARIABLE) != "1":
     sys.exit(rerun_with_interpreter())
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
-import inspect  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import NamedTuple  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch._C import DispatchKey  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
 
 import gkl_kernels  # noqa: E402
-from gkl_kernels import functional as gkl_functional  # noqa: E402
 from bench.cases import (CIFAR100_ADV, EXPLICIT, IMAGENET, PER_ROW, PRIOR, SHARED,  # noqa: E402
                          TEACHER, TOKEN_KD, Case, full_cases, make_inputs, quick_cases,
                          select_cases)
-from bench.measure import format_bytes, format_seconds  # noqa: E402
+from bench.overhead import HOST_STEP_CASE, host_seconds_per_step  # noqa: E402
 from bench.progress import Progress  # noqa: E402
 from bench.providers import (KL_DIV, PACKAGE_TRITON, make_passes,  # noqa: E402
                              select_providers)
-from bench.report import speed  # noqa: E402
-from gkl_kernels.validation import triton_interpreter_active  # noqa: E402
+from bench.report import format_bytes, format_seconds, speed  # noqa: E402
+from gkl_kernels.testing.dispatch import DispatchCounter  # noqa: E402
+from gkl_kernels.testing.launches import count_step, value_checks_as_on_a_gpu  # noqa: E402
+from gkl_kernels.testing.traffic import KernelTraffic, TritonTrafficCounter  # noqa: E402
 
 H100_BANDWIDTH_BYTES_PER_SECOND = 3.35e12  # H100 SXM, HBM3
 LAUNCH_LATENCY_SECONDS = 4e-6
@@ -113,650 +86,10 @@ def modelled_h100_seconds(nbytes, launches):
     return nbytes / H100_BANDWIDTH_BYTES_PER_SECOND + launches * LAUNCH_LATENCY_SECONDS
 
 
-class KernelTraffic(NamedTuple):
-    """Launches and bytes of one kernel (or aten op) name."""
-
-    launches: int
-    bytes_read: int
-    bytes_written: int
-
-    @property
-    def bytes(self):
-        """Bytes read plus bytes written."""
-        return self.bytes_read + self.bytes_written
-
-
 def most_bytes(by_name, count):
     """The ``count`` entries of ``{name: KernelTraffic}`` that move the most bytes, largest
     first."""
     return sorted(by_name.items(), key=lambda item: -item[1].bytes)[:count]
-
-
-class _Tally:
-    """Launches, bytes read and bytes written per name."""
-
-    def __init__(self):
-        self._by_name = defaultdict(lambda: [0, 0, 0])
-
-    def add(self, name, launches=0, read=0, written=0):
-        entry = self._by_name[name]
-        entry[0] += launches
-        entry[1] += read
-        entry[2] += written
-
-    def by_name(self):
-        """``{name: KernelTraffic}``."""
-        return {name: KernelTraffic(*entry) for name, entry in self._by_name.items()}
-
-    def total(self):
-        """``KernelTraffic`` summed over every name."""
-        entries = list(self._by_name.values())
-        return KernelTraffic(*(sum(entry[column] for entry in entries) for column in range(3)))
-
-
-# ---- hooks in Triton's interpreter -----------------------------------------------------------
-
-# Builder methods that move memory themselves: (pointer parameter, mask parameter or None,
-# reads, writes). Atomics read and write every active lane.
-_ACCESSES = {
-    "create_load": ("ptr", None, True, False),
-    "create_masked_load": ("ptrs", "mask", True, False),
-    "create_store": ("ptr", None, False, True),
-    "create_masked_store": ("ptrs", "mask", False, True),
-    "create_atomic_rmw": ("ptr", "mask", True, True),
-    "create_atomic_cas": ("ptr", None, True, True),
-}
-# Builder methods (of some triton versions) that move memory through the ones above: each call
-# must reach one of them, else the counter raises rather than miss bytes.
-_DELEGATING_ACCESSES = (
-    "create_tensor_pointer_load", "create_tensor_pointer_store", "create_descriptor_load",
-    "create_descriptor_store", "create_descriptor_gather", "create_descriptor_scatter",
-    "create_atomic_load", "create_atomic_store", "create_atomic_poll",
-)
-
-
-def _parameter_index(function, name):
-    """Position of parameter ``name`` among ``function``'s arguments after ``self``."""
-    return list(inspect.signature(function).parameters).index(name) - 1
-
-
-def _argument(args, kwargs, index, name):
-    """The value of parameter ``name`` (position ``index``) in a call."""
-    return args[index] if index < len(args) else kwargs[name]
-
-
-def _access(pointers, mask):
-    """``(element bytes, addresses)`` of a load or store through the ``TensorHandle``
-    ``pointers``: the element size (from the pointer's element type) and the addresses of the
-    lanes whose ``mask`` is true (a flat array)."""
-    element_bits = pointers.get_element_ty().primitive_bitwidth
-    addresses = np.asarray(pointers.data).reshape(-1)
-    if mask is not None:
-        addresses = addresses[np.broadcast_to(mask.data, np.shape(pointers.data)).reshape(-1)]
-    return max(1, element_bits // 8), addresses
-
-
-def _launch_tensors(args, kwargs):
-    """The tensors among a launch's arguments (in tuples too)."""
-    return [leaf for leaf in tree_leaves((list(args), kwargs)) if isinstance(leaf, torch.Tensor)]
-
-
-def _owner(tensors, addresses):
-    """The tensor among ``tensors`` whose storage holds the first of ``addresses`` (``None``:
-    none does, or no address)."""
-    if not addresses.size:
-        return None
-    address = int(addresses[0])
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() <= address < storage.data_ptr() + storage.nbytes():
-            return tensor
-    return None
-
-
-class _InterpreterHooks:
-    """Wraps the interpreter builder's memory operations, ``GridExecutor.__call__`` (one grid
-    launch, on every supported triton version) and ``GridExecutor._init_args_hst`` (the launch's
-    tensors as the kernel sees them) while at least one observer is registered, and reports to
-    every observer: ``launch_started(name)``, ``launch_finished()`` and ``accessed(read, written,
-    tensor, addresses, element_bytes)``: bytes, the launch argument the access falls in (``None``:
-    none), the addresses of the active lanes and their element size.
-    Nested builder calls (a load that delegates to a masked load) are counted once, at the
-    outermost one."""
-
-    def __init__(self):
-        self.observers = []
-        self._originals = {}  # (owner, attribute) -> original
-        self._depth = 0  # builder memory calls in progress
-        self._accesses = 0  # counted memory calls so far
-        self._tensors = []  # the tensor arguments of the launch in progress
-
-    def register(self, observer):
-        if not self.observers:
-            self._install()
-        self.observers.append(observer)
-
-    def unregister(self, observer):
-        self.observers.remove(observer)
-        if not self.observers:
-            for (owner, attribute), original in self._originals.items():
-                setattr(owner, attribute, original)
-            self._originals.clear()
-
-    def _patch(self, owner, attribute, make_wrapper):
-        original = getattr(owner, attribute)
-        self._originals[(owner, attribute)] = original
-        setattr(owner, attribute, make_wrapper(original))
-
-    def _install(self):
-        builder = interpreter.InterpreterBuilder
-        for name, access in _ACCESSES.items():
-            if hasattr(builder, name):
-                self._patch(builder, name, lambda original, a=access: self._counted(original, *a))
-        for name in _DELEGATING_ACCESSES:
-            if hasattr(builder, name):
-                self._patch(builder, name, lambda original, n=name: self._delegating(original, n))
-        self._patch(interpreter.GridExecutor, "__call__", self._launch)
-        self._patch(interpreter.GridExecutor, "_init_args_hst", self._host_arguments)
-
-    def _host_arguments(self, original):
-        """A wrapper of ``GridExecutor._init_args_hst`` that keeps the launch's tensors."""
-
-        def host_arguments(executor, *args, **kwargs):
-            args_hst, kwargs_hst = original(executor, *args, **kwargs)
-            self._tensors = _launch_tensors(args_hst, kwargs_hst)
-            return args_hst, kwargs_hst
-
-        return host_arguments
-
-    def _counted(self, original, pointer_name, mask_name, reads, writes):
-        """A wrapper of a builder method that moves memory itself."""
-        pointer_index = _parameter_index(original, pointer_name)
-        mask_index = mask_name and _parameter_index(original, mask_name)
-
-        def counted(builder, *args, **kwargs):
-            self._depth += 1
-            try:
-                result = original(builder, *args, **kwargs)
-            finally:
-                self._depth -= 1
-            if self._depth == 0:
-                mask = mask_name and _argument(args, kwargs, mask_index, mask_name)
-                element_bytes, addresses = _access(
-                    _argument(args, kwargs, pointer_index, pointer_name), mask)
-                nbytes = element_bytes * addresses.size
-                tensor = _owner(self._tensors, addresses)
-                self._accesses += 1
-                for observer in self.observers:
-                    observer.accessed(nbytes if reads else 0, nbytes if writes else 0, tensor,
-                                      addresses, element_bytes)
-            return result
-
-        return counted
-
-    def _delegating(self, original, name):
-        """A wrapper that checks that ``name`` reached a counted memory operation."""
-
-        def checked(builder, *args, **kwargs):
-            before = self._accesses
-            result = original(builder, *args, **kwargs)
-            if self._depth == 0 and self._accesses == before:
-                raise NotImplementedError(
-                    f"TritonTrafficCounter cannot count InterpreterBuilder.{name} in this triton "
-                    f"version: it moved memory without a load or store that the counter sees")
-            return result
-
-        return checked
-
-    def _launch(self, original):
-        """A wrapper of ``GridExecutor.__call__`` that reports the launch of ``fn``."""
-
-        def launch(executor, *args, **kwargs):
-            if kwargs.get("warmup"):  # triton 3.2 passes warm-up calls here; they run nothing
-                return original(executor, *args, **kwargs)
-            observers = list(self.observers)
-            for observer in observers:
-                observer.launch_started(executor.fn.__name__)
-            try:
-                return original(executor, *args, **kwargs)
-            finally:
-                for observer in observers:
-                    observer.launch_finished()
-
-        return launch
-
-
-_HOOKS = _InterpreterHooks()
-
-
-class TritonTrafficCounter:
-    """While active (``with TritonTrafficCounter() as counter:``), counts the bytes that Triton
-    kernels' loads, stores and atomics move (active lanes only) and their launches, for kernels
-    run by Triton's interpreter; ``per_kernel`` has them per kernel name, ``per_category`` per
-    ``classify(tensor)`` of the launch argument each access falls in (``classify(None)`` for an
-    access outside them), and ``unique_per_category`` the bytes of the distinct addresses each
-    launch read and wrote there: what DRAM must move when every re-read within a launch hits a
-    cache. Restores the interpreter on exit."""
-
-    def __init__(self, classify=lambda tensor: "argument" if tensor is not None else "unknown"):
-        self._tally = _Tally()
-        self._categories = _Tally()
-        self._unique = _Tally()
-        self._launch_addresses = defaultdict(list)  # (category, written, element bytes) -> arrays
-        self._classify = classify
-        self._kernel = None
-
-    @property
-    def per_kernel(self):
-        """``{kernel name: KernelTraffic(launches, bytes_read, bytes_written)}``."""
-        return self._tally.by_name()
-
-    @property
-    def per_category(self):
-        """``{category: KernelTraffic(0, bytes_read, bytes_written)}``."""
-        return self._categories.by_name()
-
-    @property
-    def unique_per_category(self):
-        """``{category: KernelTraffic(0, distinct bytes read, distinct bytes written)}``, summed
-        over launches."""
-        return self._unique.by_name()
-
-    @property
-    def bytes_read(self):
-        return self._tally.total().bytes_read
-
-    @property
-    def bytes_written(self):
-        return self._tally.total().bytes_written
-
-    @property
-    def launches(self):
-        return self._tally.total().launches
-
-    def __enter__(self):
-        if not triton_interpreter_active():
-            raise RuntimeError(f"TritonTrafficCounter counts kernels run by Triton's interpreter: "
-                               f"set {INTERPRET_VARIABLE}=1 before triton is imported")
-        _HOOKS.register(self)
-        return self
-
-    def __exit__(self, *exc_info):
-        _HOOKS.unregister(self)
-
-    def launch_started(self, kernel):
-        self._kernel = kernel
-        self._tally.add(kernel, launches=1)
-        self._launch_addresses.clear()
-
-    def launch_finished(self):
-        self._count_unique()
-        self._kernel = None
-
-    def accessed(self, read, written, tensor, addresses, element_bytes):
-        category = self._classify(tensor)
-        self._tally.add(self._kernel, read=read, written=written)
-        self._categories.add(category, read=read, written=written)
-        for direction, moved in (("read", read), ("written", written)):
-            if moved:
-                self._launch_addresses[category, direction, element_bytes].append(addresses)
-
-    def _count_unique(self):
-        """Add the distinct addresses of the launch that ends to ``unique_per_category``."""
-        for (category, direction, element_bytes), arrays in self._launch_addresses.items():
-            nbytes = element_bytes * np.unique(np.concatenate(arrays)).size
-            self._unique.add(category, **{direction: nbytes})
-        self._launch_addresses.clear()
-
-
-# ---- torch ops --------------------------------------------------------------------------------
-
-aten = torch.ops.aten
-_BELOW_PYTHON = torch._C._dispatch_keyset_full_after(DispatchKey.Python)
-# no kernel: allocations without a fill, and changes of a tensor's metadata
-_NO_KERNEL = {aten.empty, aten.empty_strided, aten.empty_like, aten.empty_permuted, aten.new_empty,
-              aten.new_empty_strided, aten.set_, aten.resize_}
-_WRITE_ONLY_SELF = {aten.fill_, aten.zero_, aten.copy_}  # overwrite ``self`` without reading it
-# read only the elements they pick from their first argument: as many as they write
-_GATHERS = {aten.index_select, aten.gather, aten.index, aten.take, aten.embedding}
-_DEVICE_TO_HOST = aten._local_scalar_dense.default
-
-
-def _stored_bytes(tensor):
-    """Bytes of the distinct elements a tensor view addresses (an expanded, stride-0 dimension
-    holds one element)."""
-    if tensor.numel() == 0:
-        return 0
-    distinct = math.prod(size for size, stride in zip(tensor.shape, tensor.stride()) if stride)
-    return distinct * tensor.element_size()
-
-
-def _tensors_bytes(value):
-    """``_stored_bytes`` summed over the tensors in ``value`` (a tensor, a list, None...)."""
-    return sum(_stored_bytes(leaf) for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor))
-
-
-def _schema_arguments(func, args, kwargs):
-    """``(schema argument, value)`` for each argument given to ``func``."""
-    for index, argument in enumerate(func._schema.arguments):
-        if index < len(args):
-            yield argument, args[index]
-        elif argument.name in kwargs:
-            yield argument, kwargs[argument.name]
-
-
-def _storages(value):
-    """Addresses of the storages of the tensors in ``value``."""
-    return {leaf.untyped_storage().data_ptr() for leaf in tree_leaves(value)
-            if isinstance(leaf, torch.Tensor)}
-
-
-def _op_bytes(func, args, kwargs, out):
-    """``(read, written)`` of one op: it reads its tensor arguments (not an ``out=`` argument, nor
-    ``self`` of a fill or copy; of a gather's source only what it picks) and writes its mutated
-    arguments and its outputs that do not share storage with an input (a view writes nothing;
-    ``to`` or ``reshape`` may copy or not)."""
-    read = written = 0
-    packet = func.overloadpacket
-    for index, (argument, value) in enumerate(_schema_arguments(func, args, kwargs)):
-        mutated = argument.alias_info is not None and argument.alias_info.is_write
-        write_only = argument.kwarg_only or (index == 0 and packet in _WRITE_ONLY_SELF)
-        if not (mutated and write_only or index == 0 and packet in _GATHERS):
-            read += _tensors_bytes(value)
-        if mutated:
-            written += _tensors_bytes(value)
-    inputs = _storages((args, kwargs))
-    written += sum(_stored_bytes(leaf) for leaf in tree_leaves(out)
-                   if isinstance(leaf, torch.Tensor)
-                   and leaf.untyped_storage().data_ptr() not in inputs)
-    if packet in _GATHERS:
-        read += written
-    return read, written
-
-
-def _dispatch_keys(args, kwargs):
-    """The dispatch keys below Python's that the op is dispatched to: its tensors' keys, or for a
-    factory op the ``device`` argument's backend (CPU when none is given)."""
-    keys = None
-    for leaf in tree_leaves((args, kwargs)):
-        if isinstance(leaf, torch.Tensor):
-            leaf_keys = torch._C._dispatch_keys(leaf)
-            keys = leaf_keys if keys is None else keys | leaf_keys
-    if keys is None:
-        device = torch.device(kwargs.get("device") or "cpu")
-        keys = torch._C.DispatchKeySet(getattr(DispatchKey,
-                                               torch._C._dispatch_key_for_device(device.type)))
-    return keys & _BELOW_PYTHON
-
-
-def _has_own_kernel(func, keys):
-    """Whether ``func`` (an aten or prims op) has a kernel of its own for ``keys``' backend rather
-    than a composite implementation made of other ops."""
-    return func.namespace in ("aten", "prims") and torch._C._dispatch_has_kernel_for_dispatch_key(
-        func.name(), keys.highestPriorityTypeId())
-
-
-class OpTraffic(NamedTuple):
-    """One kernel launched by an aten op: its name, bytes, and whether it synchronises with the
-    host (a device-to-host copy)."""
-
-    name: str
-    bytes_read: int
-    bytes_written: int
-    host_sync: bool
-
-
-class DispatchCounter(TorchDispatchMode):
-    """While active, records one ``OpTraffic`` per kernel that an aten op launches (``ops``, in
-    order): an op launches a kernel when it writes memory (views, aliases, allocations and
-    metadata queries write none), reading its tensor inputs and writing its new outputs or
-    mutated arguments (a fill or copy does not read what it overwrites). ``.item()`` is a
-    one-element device-to-host copy and a host sync. Composite ops and ops outside
-    ``aten``/``prims`` are run with the counter active and counted through the ops they run;
-    one that runs none counts as a kernel itself. Ops inside a Triton launch (the interpreter's
-    own copies of the arguments) are not counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-        self._entered = 0
-        self._launches_in_progress = 0
-        self._running = []  # [op, whether it dispatched an op] per composite op being run
-
-    @property
-    def launches(self):
-        return len(self.ops)
-
-    @property
-    def bytes_read(self):
-        return sum(op.bytes_read for op in self.ops)
-
-    @property
-    def bytes_written(self):
-        return sum(op.bytes_written for op in self.ops)
-
-    @property
-    def host_syncs(self):
-        return sum(op.host_sync for op in self.ops)
-
-    def per_op(self):
-        """``{op name: KernelTraffic(launches, bytes_read, bytes_written)}``."""
-        tally = _Tally()
-        for op in self.ops:
-            tally.add(op.name, 1, op.bytes_read, op.bytes_written)
-        return tally.by_name()
-
-    def __enter__(self):
-        # entered again (``with self``) while it runs a composite op: register once
-        if self._entered == 0:
-            _HOOKS.register(self)
-        self._entered += 1
-        try:
-            return super().__enter__()
-        except BaseException:
-            self._leave()
-            raise
-
-    def __exit__(self, *exc_info):
-        try:
-            super().__exit__(*exc_info)
-        finally:
-            self._leave()
-
-    def _leave(self):
-        self._entered -= 1
-        if self._entered == 0:
-            _HOOKS.unregister(self)
-
-    def launch_started(self, kernel):
-        if self._running:
-            self._running[-1][1] = True
-        self._launches_in_progress += 1
-
-    def launch_finished(self):
-        self._launches_in_progress -= 1
-
-    def accessed(self, read, written, tensor, addresses, element_bytes):
-        """Triton's loads and stores belong to ``TritonTrafficCounter``."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        reentered = bool(self._running) and self._running[-1][0] is func
-        if self._running:
-            self._running[-1][1] = True
-        if self._launches_in_progress or func.overloadpacket in _NO_KERNEL:
-            return func(*args, **kwargs)
-        if func == _DEVICE_TO_HOST:
-            self.ops.append(OpTraffic(str(func), _tensors_bytes(args), 0, True))
-            return func(*args, **kwargs)
-        keys = _dispatch_keys(args, kwargs)
-        # a composite op that dispatches itself again (detach does) is run as one op
-        if reentered or _has_own_kernel(func, keys):
-            out = func(*args, **kwargs)
-            self._record(func, args, kwargs, out)
-            return out
-        return self._run_composite(func, keys, args, kwargs)
-
-    def _run_composite(self, func, keys, args, kwargs):
-        """Run ``func``'s own implementation below the Python key with the counter active, so that
-        the ops it runs are counted; count ``func`` itself when it runs none."""
-        self._running.append([func, False])
-        try:
-            with self:
-                out = func.redispatch(keys, *args, **kwargs)
-        finally:
-            ran_ops = self._running.pop()[1]
-        if not ran_ops:
-            self._record(func, args, kwargs, out)
-        return out
-
-    def _record(self, func, args, kwargs, out):
-        """One kernel for ``func`` when it writes memory."""
-        read, written = _op_bytes(func, args, kwargs, out)
-        if written:
-            self.ops.append(OpTraffic(str(func), read, written, False))
-
-
-class CompiledCodeDispatchCounter(DispatchCounter):
-    """A ``DispatchCounter`` that ``torch.compile``'s code runs under. Under a plain one Dynamo
-    runs the compiled function eagerly (a dispatch mode sees every op of eager execution), and
-    skips it for good from then on (later calls run eagerly too); this one asks it
-    (``ignore_compile_internals``) to be off while Dynamo compiles and on while the compiled
-    graphs run, so it counts the aten ops they call (extern kernels such as ``mm``, fallbacks).
-    The kernels inductor generated are no aten ops: ``InductorKernelCounter`` counts them. On
-    eager code it counts exactly what a ``DispatchCounter`` counts."""
-
-    @classmethod
-    def ignore_compile_internals(cls):
-        return True
-
-
-# the names inductor gives the kernels it generates, in its output code modules: C++ kernels on
-# CPU (``cpp_fused_...``, called), Triton kernels on a GPU (``triton_poi_...``, ``.run(...)``)
-_GENERATED_KERNEL_PREFIXES = ("cpp_", "triton_")
-
-
-class _CountedKernel:
-    """Stands in for a generated kernel in its output code module while it is counted: a call
-    of it (a C++ kernel) or of its ``run`` (a Triton kernel) is one launch."""
-
-    def __init__(self, kernel, name, tally):
-        self._kernel, self._name, self._tally = kernel, name, tally
-
-    def __call__(self, *args, **kwargs):
-        self._tally.add(self._name, launches=1)
-        return self._kernel(*args, **kwargs)
-
-    def run(self, *args, **kwargs):
-        self._tally.add(self._name, launches=1)
-        return self._kernel.run(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._kernel, name)
-
-
-class InductorKernelCounter:
-    """While active, counts the launches of the kernels that ``torch.compile`` (inductor)
-    generated: each output code module that inductor has loaded so far
-    (``torch._inductor.codecache.PyCodeCache``) calls its kernels through module globals, which
-    are replaced by counting stand-ins and restored on exit. Compile before counting: a module
-    loaded while the counter is active is not counted. ``per_kernel``: launches per kernel
-    name."""
-
-    def __init__(self):
-        self._tally = _Tally()
-        self._patched = []  # (module, name, original)
-
-    @property
-    def per_kernel(self):
-        return {name: counts.launches for name, counts in self._tally.by_name().items()}
-
-    @property
-    def launches(self):
-        return self._tally.total().launches
-
-    def __enter__(self):
-        from torch._inductor.codecache import PyCodeCache
-        for module in list(PyCodeCache.modules):
-            for name, value in list(vars(module).items()):
-                if name.startswith(_GENERATED_KERNEL_PREFIXES) and (
-                        callable(value) or hasattr(value, "run")):
-                    self._patched.append((module, name, value))
-                    setattr(module, name, _CountedKernel(value, name, self._tally))
-        return self
-
-    def __exit__(self, *exc_info):
-        for module, name, original in reversed(self._patched):
-            setattr(module, name, original)
-        self._patched.clear()
-
-
-class PassLaunches(NamedTuple):
-    """Kernel launches and host syncs of one pass: aten kernels (``DispatchCounter``), Triton
-    launches (``TritonTrafficCounter``, under Triton's interpreter), kernels ``torch.compile``
-    generated (``InductorKernelCounter``); host syncs are ``.item()`` calls."""
-
-    aten: int
-    triton: int
-    compiled: int
-    host_syncs: int
-
-    @property
-    def launches(self):
-        return self.aten + self.triton + self.compiled
-
-
-class StepLaunches(NamedTuple):
-    """``PassLaunches`` of a training step's forward and backward passes."""
-
-    forward: PassLaunches
-    backward: PassLaunches
-
-    @property
-    def launches(self):
-        return self.forward.launches + self.backward.launches
-
-    @property
-    def host_syncs(self):
-        return self.forward.host_syncs + self.backward.host_syncs
-
-    def fields(self):
-        """The JSON fields of ``python -m bench``'s results: launches and host syncs per pass
-        and per step, and the launches by kind per pass."""
-        return {
-            "forward_launches": self.forward.launches,
-            "backward_launches": self.backward.launches,
-            "launches": self.launches,
-            "forward_host_syncs": self.forward.host_syncs,
-            "backward_host_syncs": self.backward.host_syncs,
-            "host_syncs": self.host_syncs,
-            "launch_kinds": {name: {kind: getattr(counts, kind)
-                                    for kind in ("aten", "triton", "compiled")}
-                             for name, counts in zip(("forward", "backward"), self)},
-        }
-
-
-def count_launches(run):
-    """Run ``run()`` under the launch counters: ``(its result, PassLaunches)``. Triton launches
-    are counted when Triton's interpreter runs them (``TRITON_INTERPRET=1``); a Triton kernel
-    run on a GPU would be missed."""
-    with contextlib.ExitStack() as stack:
-        triton_counter = (stack.enter_context(TritonTrafficCounter())
-                          if triton_interpreter_active() else None)
-        compiled = stack.enter_context(InductorKernelCounter())
-        aten = stack.enter_context(CompiledCodeDispatchCounter())
-        result = run()
-    triton_launches = triton_counter.launches if triton_counter else 0
-    return result, PassLaunches(aten.launches, triton_launches, compiled.launches,
-                                aten.host_syncs)
-
-
-def count_step(passes):
-    """``StepLaunches`` of one more step of ``passes`` (``bench.providers.Passes``): the forward
-    pass, then the backward pass of its loss. Run a step first (warm-up, compiles)."""
-    loss, forward = count_launches(passes.forward)
-    _, backward = count_launches(lambda: passes.backward(loss))
-    return StepLaunches(forward, backward)
 
 
 # ---- one case ---------------------------------------------------------------------------------
@@ -862,22 +195,6 @@ def loss_function(backend):
     if backend == KL_DIV_BACKEND:
         return select_providers([KL_DIV])[0].build()
     return functools.partial(gkl_kernels.gkl_loss, backend=backend)
-
-
-@contextlib.contextmanager
-def value_checks_as_on_a_gpu(triton_path=True):
-    """While counting the Triton path, its value checks where a GPU run has them: in the kernels
-    (the finishing kernel's device assertion), not on the host as for the interpreter's CPU
-    tensors (``gkl_kernels.functional.kernels_check_values``)."""
-    if not triton_path:
-        yield
-        return
-    original = gkl_functional.kernels_check_values
-    gkl_functional.kernels_check_values = lambda use_triton, device: use_triton
-    try:
-        yield
-    finally:
-        gkl_functional.kernels_check_values = original
 
 
 def count_case(case, backend):
@@ -1078,8 +395,6 @@ STEP_COUNT_ROWS = 8  # the interpreter counts a case's launches at most at this 
 STEP_COUNT_ELEMENTS = 4096  # and at fewer where B x C would be larger than this
 H100_STEP_CASE = Case("imagenet", 256, 1000, PRIOR, IMAGENET)  # the bench's ImageNet case
 H100_STEP_TARGET = 0.3  # gkl_loss[triton]'s modelled step at most this share of F.kl_div's
-HOST_STEP_CASE = Case("host", 32, 10, PRIOR, IMAGENET)  # host time: bench.overhead's smallest
-HOST_STEPS, HOST_WARMUP_STEPS = 400, 20
 MODELLED_GOAL = (f"the project's goal that on an H100 a step of the Triton kernels costs at most "
                  f"{H100_STEP_TARGET:g}x plain KD's (F.kl_div's), so GKL is the cheaper loss")
 
@@ -1089,7 +404,7 @@ def step_count_batch(case):
     (``C`` kept): at most ``STEP_COUNT_ROWS``, and fewer (at least 2) where ``B x C`` would pass
     ``STEP_COUNT_ELEMENTS``. Triton's interpreter runs each program of a grid in Python (tens of
     milliseconds per row), and the launches (the number of kernels and of torch ops around them,
-    not their grids) do not depend on ``B`` (``tests/test_traffic_counters.py`` checks it)."""
+    not their grids) do not depend on ``B`` (``bench/test_bench_traffic.py`` checks it)."""
     return min(case.batch, STEP_COUNT_ROWS, max(2, STEP_COUNT_ELEMENTS // case.classes))
 
 
@@ -1102,7 +417,7 @@ def count_provider_step(case, provider_name, batch=None):
                          loss_kwargs)
     with value_checks_as_on_a_gpu(provider_name == PACKAGE_TRITON):
         passes.step()
-        return count_step(passes)
+        return count_step(passes.forward, passes.backward)
 
 
 def step_line(prefix, fields):
@@ -1128,47 +443,12 @@ def run_steps(cases, provider_names, progress=print):
     return rows
 
 
-@contextlib.contextmanager
-def triton_launches_stubbed():
-    """While active, every Triton launch (under the interpreter) returns at once and runs
-    nothing: what remains of a step is its host time (Python, dispatch, allocations)."""
-    kernel_type = interpreter.InterpretedFunction
-    original = kernel_type.__dict__.get("__getitem__")  # triton 3.2 has its own, 3.9 inherits it
-    kernel_type.__getitem__ = lambda self, grid: lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        if original is None:
-            del kernel_type.__getitem__
-        else:
-            kernel_type.__getitem__ = original
-
-
-def host_seconds_per_step(provider_name, case=HOST_STEP_CASE, steps=HOST_STEPS):
-    """Median wall time of ``steps`` forward+backward steps of the provider named
-    ``provider_name`` on ``make_inputs(case)`` (CPU), after a warm-up: ``gkl_loss[triton]`` with
-    its launches stubbed and its value checks as on a GPU (its host time); ``F.kl_div`` as it
-    runs, its arithmetic at that shape a few microseconds of aten's dispatch."""
-    student, teacher, loss_kwargs = make_inputs(case)
-    passes = make_passes(select_providers([provider_name])[0].build(), student, teacher,
-                         loss_kwargs)
-    triton_path = provider_name == PACKAGE_TRITON
-    with value_checks_as_on_a_gpu(triton_path), \
-            triton_launches_stubbed() if triton_path else contextlib.nullcontext():
-        times = []
-        for index in range(steps + HOST_WARMUP_STEPS):
-            start = time.perf_counter()
-            passes.step()
-            if index >= HOST_WARMUP_STEPS:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def modelled_step(case=H100_STEP_CASE):
     """The modelled H100 time (``modelled_h100_seconds``, a MODEL) of one training step of
     ``gkl_loss[triton]`` and of ``F.kl_div`` on ``case``, from the bytes and launches of the
     whole step (forward and backward) that ``count_case`` counts at the case's shape, and their
-    ratio with its target ``H100_STEP_TARGET``."""
+    ratio with its target ``H100_STEP_TARGET``; beside it each one's measured host time of a
+    step at ``HOST_STEP_CASE``'s shape (``bench.overhead``'s goal)."""
     steps = []
     for provider, backend in ((PACKAGE_TRITON, "triton"), (KL_DIV, KL_DIV_BACKEND)):
         counted = count_case(case, backend)
@@ -1190,7 +470,7 @@ def modelled_step(case=H100_STEP_CASE):
 
 
 def format_modelled_step(row):
-    """The modelled step as two lines: the ratio, then what the model is made of."""
+    """The modelled step as three lines: the ratio, its target, what the model is made of."""
     package, kl_div = row["steps"]
     verdict = "met" if row["met"] else "MISSED"
     details = "; ".join(
@@ -1208,20 +488,7 @@ def format_modelled_step(row):
             f"  a MODEL, no GPU was timed: bytes / {model['bandwidth_bytes_per_second'] / 1e12:.2f}"
             f" TB/s (H100 SXM HBM3) + launches x {model['launch_latency_seconds'] * 1e6:g} us "
             f"(assumed); bytes and launches of the whole step counted under Triton's interpreter "
-            f"and DispatchCounter at that shape: {details}\n"
-            f"  {host_text(row)}")
-
-
-def host_text(row):
-    """The measured host time of both steps, and what it bounds."""
-    package, kl_div = row["steps"]
-    return (f"host time of one step, measured on this CPU at B={row['host_batch']} "
-            f"C={row['host_classes']} (median of {HOST_STEPS} steps): {package['provider']} "
-            f"{format_seconds(package['host_seconds'])} with its Triton launches stubbed and its "
-            f"value checks as on a GPU, {kl_div['provider']} "
-            f"{format_seconds(kl_div['host_seconds'])} (its arithmetic there is a few "
-            f"microseconds): on a GPU a step takes at least its host time, unless earlier work "
-            f"(the model's) keeps the device busy")
+            f"and DispatchCounter at that shape: {details}")
 
 
 def modelled_headline(row):
@@ -1232,10 +499,7 @@ def modelled_headline(row):
             f"{row['dtype']}: {package['provider']} would be "
             f"{speed(1 / row['ratio'])} than {kl_div['provider']} (goal: at least "
             f"{1 / row['target']:.1f}x faster, so that on a GPU GKL costs less than plain KD: "
-            f"{verdict}); measured on this CPU, the host time of a step (Python and dispatch: "
-            f"a bound on a step the device does not hide): {package['provider']} "
-            f"{format_seconds(package['host_seconds'])}, {kl_div['provider']} "
-            f"{format_seconds(kl_div['host_seconds'])}")
+            f"{verdict})")
 
 
 def main_steps(args):

@@ -31,7 +31,7 @@ ones catch up and pass it later, hence the 300 epochs.
 Losses (every distillation run adds the label cross-entropy with weight ``LABEL_CE_WEIGHT`` = 1,
 as the authors' trainer does):
 - KL: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` with ``T`` = 4 (``F.kl_div``, batch mean).
-- GKL: SPEC.md's CIFAR-100 distillation row as it stands: ``mse_weight`` (the code's beta) 16,
+- GKL: docs/SPEC.md's CIFAR-100 distillation row as it stands: ``mse_weight`` (the code's beta) 16,
   ``ce_weight`` (alpha) 1, ``gamma`` 0.05, ``temperature`` T = 4, ``weight_temperature`` T2 = 4;
   the prior accumulates ``softmax(t / T2)`` per class at every step and turns it into the
   ``(C, C)`` prior at the end of every epoch (uniform during the first). With ``gamma`` = 0.05

@@ -21,8 +21,8 @@ one initialisation and one batch order:
 
 It prints each model's held-out perplexity, its KL to the true distribution, the training
 tokens per second of the student runs (the whole step: forward, loss, backward, optimiser) and
-the peak CPU memory of one step (``bench.memory``). Seeded; CPU only; run from the repository
-root::
+the peak CPU memory of one step (``gkl_kernels.testing.memory``). Seeded; CPU only; run from the
+repository root::
 
     python examples/lm_distillation.py            # the full run (about a minute on 2 cores)
     python examples/lm_distillation.py --quick    # seconds (the test's settings)
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gkl_kernels  # noqa: E402
-from bench.memory import measure_peak_memory  # noqa: E402
+from gkl_kernels.testing.memory import measure_peak_memory  # noqa: E402
 
 
 @dataclass(frozen=True)

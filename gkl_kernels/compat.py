@@ -32,6 +32,10 @@ from gkl_kernels.functional import gkl_loss
 ConsistencyName = Literal["ce", "mse", "kl", "ikl"]
 CONSISTENCY_NAMES = get_args(ConsistencyName)
 KL_TEMPERATURE = 0.5  # the fixed temperature of the authors' name='kl' consistency loss
+CE_IGNORE_INDEX = -100  # F.cross_entropy's: name='ce' rows with this class index add 0
+MASK_DTYPES = (*check.LOGIT_DTYPES, torch.bool)
+DISTILLATION_ARGUMENTS = ("logits_student", "logits_teacher")  # the logits as dkl_loss names them
+CONSISTENCY_ARGUMENTS = ("logits", "targets")  # the logits as consistency_loss names them
 
 
 def dkl_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float = 1.0,
@@ -112,11 +116,12 @@ def _check_loss_weights(alpha, beta):
     check.check_finite("beta", beta)
 
 
-def _checked_prior(logits_student, logits_teacher, alpha, beta, class_prior, gi, t2):
+def _checked_prior(logits_student, logits_teacher, alpha, beta, class_prior, gi, t2, *,
+                   names=DISTILLATION_ARGUMENTS):
     """Check the arguments the code names differently from ``gkl_loss``; the detached per-row
     ``(B, C)`` prior when ``gi``, else None. The logits are ``(B, C)``, as the authors' code
-    reads them."""
-    check.check_logits(logits_student, logits_teacher)
+    reads them; ``names``: theirs in the caller's signature."""
+    check.check_logits(logits_student, logits_teacher, names=names)
     check.check_positive("T2", t2)
     _check_loss_weights(alpha, beta)
     check.check_bool("GI", gi)
@@ -176,7 +181,7 @@ def adv_dkl_loss(logits_nat: Tensor, logits_adv: Tensor, weight: Tensor, alpha: 
         The loss, float32, 0-dim.
     """
     _check_loss_weights(alpha, beta)
-    check.check_logits(logits_adv, logits_nat)
+    check.check_logits(logits_nat, logits_adv, names=("logits_nat", "logits_adv"))
     check.check_weights(weight, logits_adv, "per_row", True, name="weight")
     return gkl_loss(logits_adv, logits_nat, weights=weight, weights_kind="per_row",
                     mse_weight=beta, ce_weight=alpha, normalize="batch", symmetric=True,
@@ -206,10 +211,11 @@ def consistency_loss(logits: Tensor, targets: Tensor, name: ConsistencyName = "c
 
     Args:
         logits: ``(B, C)`` logits (the strong augmentation's).
-        targets: ``(B, C)`` logits (``'ikl'``, ``'kl'``) or probabilities, or ``(B,)`` class
-            indices (``'ce'``).
+        targets: ``(B, C)`` logits (``'ikl'``, ``'kl'``) or probabilities, or ``(B,)`` int64 /
+            int32 class indices (``'ce'``; a row of ``-100`` adds 0, as in ``F.cross_entropy``).
         name: ``'ce'``, ``'mse'``, ``'kl'`` or ``'ikl'``.
-        mask: a ``(B,)`` float tensor of row weights, or None.
+        mask: the per-sample row weights, a ``(B,)`` float or bool tensor (nothing is
+            broadcast: a ``(B, 1)`` mask is refused), or None.
         temperature: ``'ikl'``: the targets' temperature in the cross-entropy.
         alpha, beta: ``'ikl'``: the cross-entropy's and the wMSE's factors (required).
         CLASS_PRIOR, GI, T2: ``'ikl'``: the pair weights, as in ``ikl_loss``.
@@ -219,6 +225,14 @@ def consistency_loss(logits: Tensor, targets: Tensor, name: ConsistencyName = "c
         The mean loss, 0-dim.
     """
     check.check_choice("name", name, CONSISTENCY_NAMES)
+    class_indices = name == "ce" and not (isinstance(targets, Tensor)
+                                          and targets.is_floating_point())
+    check.check_logits(logits, logits if class_indices else targets,
+                       names=CONSISTENCY_ARGUMENTS)
+    if class_indices:
+        check.check_labels(targets, *logits.shape, logits.device, True, CE_IGNORE_INDEX,
+                           name="targets")
+    mask = _checked_mask(mask, name, logits)
     weight_gradient = _wants_weight_gradient(teacher_weight_gradient, GI, targets)
     if name == "ikl":
         loss = _ikl_rows(logits, targets, temperature, alpha, beta, CLASS_PRIOR, GI, T2)
@@ -227,18 +241,27 @@ def consistency_loss(logits: Tensor, targets: Tensor, name: ConsistencyName = "c
     elif name == "mse":
         loss = ((torch.softmax(logits, dim=-1) - targets) ** 2).mean(dim=1)
     elif name == "kl":
-        if mask is None:
-            raise ValueError("name='kl' needs mask: its rows are weighted by 1 - mask")
         p = torch.softmax(targets / KL_TEMPERATURE, dim=-1)
         log_q = F.log_softmax(logits / KL_TEMPERATURE, dim=-1)
         loss = (torch.special.xlogy(p, p) - p * log_q).sum(dim=1) * (1.0 - mask)
     elif logits.shape == targets.shape:
         loss = -(targets * F.log_softmax(logits, dim=-1)).sum(dim=1)
     else:
-        loss = F.cross_entropy(logits, targets, reduction="none")
+        loss = F.cross_entropy(logits, targets.long(), reduction="none")
     if mask is not None and name != "kl":
         loss = loss * mask
     return loss.mean()
+
+
+def _checked_mask(mask, name, logits):
+    """``consistency_loss``'s ``mask``: None (not for ``'kl'``) or a per-sample ``(B,)`` float or
+    bool tensor on the logits' device; a bool mask as float32."""
+    if mask is None:
+        if name == "kl":
+            raise ValueError("name='kl' needs mask: its rows are weighted by 1 - mask")
+        return None
+    check.check_tensor("mask", mask, logits.shape[:1], MASK_DTYPES, logits.device)
+    return mask.float() if mask.dtype == torch.bool else mask
 
 
 def _ikl_rows(logits, targets, temperature, alpha, beta, class_prior, gi, t2):
@@ -246,7 +269,8 @@ def _ikl_rows(logits, targets, temperature, alpha, beta, class_prior, gi, t2):
     if alpha is None or beta is None:
         raise ValueError(f"name='ikl' needs alpha and beta, got alpha={alpha!r}, beta={beta!r}")
     check.check_positive("temperature", temperature)
-    weights = _checked_prior(logits, targets, alpha, beta, class_prior, gi, t2)
+    weights = _checked_prior(logits, targets, alpha, beta, class_prior, gi, t2,
+                             names=CONSISTENCY_ARGUMENTS)
     kind = None if weights is None else "factor"
     if temperature == 1.0:  # neither side of the cross-entropy is scaled: one call
         return gkl_loss(logits, targets, weights=weights, weights_kind=kind,

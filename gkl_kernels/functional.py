@@ -1,6 +1,6 @@
 """Public functional API: ``gkl_loss`` and ``pairwise_wmse``.
 
-``L = mse_weight * sum_b wmse_b / (4 N) + ce_weight * mean_b CE_b`` (SPEC.md). Rank-one pair
+``L = mse_weight * sum_b wmse_b / (4 N) + ce_weight * mean_b CE_b`` (docs/SPEC.md). Rank-one pair
 weights ``v_j v_k`` run in O(C) per row (``rank1``); shared ``(C, C)`` and per-row ``(B, C, C)``
 weights in tiled kernels (``pairs``). No ``B x C x C`` tensor is ever built.
 """
@@ -9,22 +9,18 @@ from dataclasses import replace
 from typing import Any, Optional, Union
 
 import torch
-from torch import Tensor, distributed
+from torch import Tensor
 
 from gkl_kernels import validation as check
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
-from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PAIRS,
-                                      SOURCE_PRIOR, SOURCE_TEACHER, TOTAL_CE, TOTAL_DEN,
-                                      TOTAL_K, TOTAL_ROWS, TOTAL_WMSE, RowConfig, compute_dtype)
-from gkl_kernels.rank1.op import (RankOneLoss, finish, gradients_needed, loss_backward,
-                                  rank1_loss, row_stats)
-from gkl_kernels.rank1.torch_impl import row_losses_torch
+from gkl_kernels.rank1.config import (SOURCE_EXPLICIT, SOURCE_PAIRS, SOURCE_PRIOR,
+                                      SOURCE_TEACHER, RowConfig, compute_dtype)
+from gkl_kernels.rows import MEAN, PER_ROW, RowLoss, SyncedMean
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
                                         compact_student, compact_teacher, optional_factor,
                                         readable_indices)
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction, WeightsKind
-
 
 
 def gkl_loss(student: Tensor, teacher: Union[Tensor, SparseTeacher], *,
@@ -107,6 +103,8 @@ def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher]
     check.check_logits(student, teacher, any_rows=True)
     lead = student.shape[:-1]
     if student.dim() != 2:
+        if weights is not None:  # the kind from the shapes as given: (C, C) is not ambiguous
+            weights_kind = check.check_weights(weights, student, weights_kind, False)
         student, teacher, labels, weights = _as_rows(student, teacher, labels, weights)
     use_triton = check.use_triton_for(options.backend, student.device)
     # the kernels' checks are the finishing kernel's assertion: per-row losses do not finish
@@ -148,15 +146,10 @@ def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher]
         source, factor = SOURCE_TEACHER, None
     config = row_config(options, source, labels is not None, use_triton, **pairs)
     if options.reduction != "mean":
-        rows = _RowLosses.apply(student, teacher, factor, labels, config)
+        rows = RowLoss.apply(student, teacher, factor, labels, config, PER_ROW)
         return rows.reshape(lead) if options.reduction == "none" else rows.sum()
-    if options.sync_normalizer:
-        return _SyncedRankOneLoss.apply(student, teacher, factor, labels, config,
-                                        options.process_group)
-    if not torch.compiler.is_compiling():
-        return RankOneLoss.apply(student, teacher, factor, labels, config)
-    return rank1_loss(student, teacher, factor, labels, config.floats, config.ints,
-                      _gradients_wanted(student, teacher))[0]
+    reduce = SyncedMean(options.process_group) if options.sync_normalizer else MEAN
+    return RowLoss.apply(student, teacher, factor, labels, config, reduce)
 
 
 def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights, weights_kind):
@@ -262,74 +255,6 @@ def row_config(options, source, has_labels, use_triton, **changes):
     return RowConfig(**fields)
 
 
-def _gradients_wanted(student, teacher):
-    """Whether a backward pass may follow (autograd records, a logit needs its gradient)."""
-    return torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad)
-
-
-def safe_ratio(numerator, denominator):
-    """``numerator / denominator``, 0 (with no gradient through it) where ``denominator`` is 0."""
-    empty = denominator == 0
-    return torch.where(empty, 0.0, numerator / torch.where(empty, 1.0, denominator))
-
-
-def _distributed():
-    return distributed.is_available() and distributed.is_initialized()
-
-
-def all_process_totals(totals, group):
-    """The batch totals of every process's rows together: the largest scale exponent ``K``, then
-    the sums (the normaliser mantissa and wMSE sum brought to that ``K``), two all-reduces."""
-    if not _distributed():
-        return totals
-    top = totals[TOTAL_K].clone()
-    distributed.all_reduce(top, op=distributed.ReduceOp.MAX, group=group)
-    f = torch.exp2(totals[TOTAL_K] - top)
-    sums = torch.stack([totals[TOTAL_DEN] * f * f, totals[TOTAL_ROWS],
-                        totals[TOTAL_WMSE] * f * f, totals[TOTAL_CE]])
-    distributed.all_reduce(sums, group=group)
-    merged = totals.clone()
-    merged[TOTAL_K] = top
-    merged[[TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE, TOTAL_CE]] = sums
-    return merged
-
-
-def loss_from_totals(totals, config):
-    """``mse_weight wmse_sum / (4 N) + ce_weight ce_sum / R`` from batch totals (0-dim)."""
-    rows = totals[TOTAL_ROWS].clamp_min(1.0)
-    loss = totals.new_zeros(())
-    if config.with_wmse:
-        norm = rows if config.normalize_batch else totals[TOTAL_DEN]
-        loss = (config.mse_weight / 4) * safe_ratio(totals[TOTAL_WMSE], norm)
-    if config.with_ce:
-        loss = loss + config.ce_weight * totals[TOTAL_CE] / rows
-    return loss
-
-
-class _SyncedRankOneLoss(torch.autograd.Function):
-    """``sync_normalizer``: the loss of every process's rows together, from this process's
-    statistics and the all-reduced totals; backward is this process's rows of its gradient."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, factor, labels, config, group):
-        stats = row_stats(student, teacher, factor, labels, config)
-        totals = all_process_totals(finish(stats, config)[1], group)
-        ctx.save_for_backward(student, teacher, factor, labels, stats, totals)
-        ctx.config = config
-        return loss_from_totals(totals, config)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        student, teacher, factor, labels, stats, totals = ctx.saved_tensors
-        config = ctx.config
-        need_ds, need_dt = gradients_needed(ctx, config)
-        empty = stats.new_empty(0)
-        ds, dt = loss_backward(grad_loss, student, teacher, factor, labels, stats, totals, empty,
-                               empty, config, need_ds, need_dt)
-        return ds if need_ds else None, dt if need_dt else None, None, None, None, None
-
-
 def _checked_weights_kind(weights, teacher, student, weights_kind, options, check_values,
                           use_triton):
     """The weights' kind, their values checked when ``check_values`` (``gkl_loss``: not where its
@@ -373,7 +298,7 @@ def pairwise_wmse(student: Tensor, teacher: Tensor, weights: Tensor, *,
     if kind == "factor":
         config = RowConfig(source=SOURCE_EXPLICIT, mse_weight=4.0, ce_weight=0.0,
                            normalize_batch=True, use_triton=use_triton, block_c=block_c or 0)
-        wmse = _RowLosses.apply(student, teacher, weights.detach(), None, config)
+        wmse = RowLoss.apply(student, teacher, weights.detach(), None, config, PER_ROW)
     else:
         wmse = pair_rows(student, teacher, weights.detach(), kind == "per_row", True, use_triton,
                          block_c or 0, dot_precision)[0]
@@ -382,28 +307,3 @@ def pairwise_wmse(student: Tensor, teacher: Tensor, weights: Tensor, *,
     if reduction == "mean":
         return wmse.mean()
     return wmse
-
-
-class _RowLosses(torch.autograd.Function):
-    """Per-row losses ``(B,)`` (``row_losses_torch``): the row kernel's statistics, and the loss's
-    backward kernel fed one gradient per row with totals ``N = R = 1``."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, factor, labels, config):
-        stats = row_stats(student, teacher, factor, labels, config)
-        ctx.save_for_backward(student, teacher, factor, labels, stats)
-        ctx.config = config
-        return row_losses_torch(stats, config)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_rows):
-        student, teacher, factor, labels, stats = ctx.saved_tensors
-        config = ctx.config
-        need_ds, need_dt = gradients_needed(ctx, config)
-        totals = stats.new_zeros(NUM_TOTALS)
-        totals[TOTAL_DEN] = totals[TOTAL_ROWS] = 1.0
-        empty = stats.new_empty(0)
-        ds, dt = loss_backward(grad_rows.contiguous(), student, teacher, factor, labels, stats,
-                               totals, empty, empty, config, need_ds, need_dt)
-        return ds if need_ds else None, dt if need_dt else None, None, None, None

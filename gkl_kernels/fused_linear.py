@@ -28,7 +28,7 @@ from gkl_kernels.functional import gkl_loss_with_options, kept_row_count, row_co
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR,
                                       SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS, RowConfig)
-from gkl_kernels.rank1.op import finish, loss_backward, row_stats
+from gkl_kernels.rank1.op import RowInputs, RowState, finish, gradients, statistics
 from gkl_kernels.rank1.torch_impl import row_stats_and_gradients_torch
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
                                         compact_student, compact_teacher, optional_factor,
@@ -366,13 +366,14 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
         t = _logits(teacher, chunk, t_block)
         chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
         chunk_labels = None if labels is None else labels[chunk]
+        inputs = RowInputs(s, t, chunk_factor, chunk_labels)
         if not (need_ds or need_dt):
-            stats[chunk] = row_stats(s, t, chunk_factor, chunk_labels, config)
+            stats[chunk] = statistics(inputs, config)[0]
             continue
         if config.use_triton:
-            stats[chunk] = row_stats(s, t, chunk_factor, chunk_labels, config)
-            ds, dt = loss_backward(one, s, t, chunk_factor, chunk_labels, stats[chunk], totals,
-                                   empty, empty, config, need_ds, need_dt)
+            stats[chunk] = statistics(inputs, config)[0]
+            ds, dt = gradients(one, RowState(inputs, stats[chunk], totals, empty, empty), config,
+                               need_ds, need_dt)
         else:  # the plain-PyTorch path forms each row block's gradient while it is in cache
             stats[chunk], ds, dt = row_stats_and_gradients_torch(
                 s, t, chunk_factor, chunk_labels, totals, config, need_ds, need_dt, s)
@@ -410,8 +411,9 @@ def _gradient_totals(teacher, labels, factor, plan):
             t = s = torch.zeros((), dtype=torch.float32, device=device).expand(
                 chunk.stop - chunk.start, plan.vocabulary)
         chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
-        stats[chunk] = row_stats(s, t, chunk_factor, None if labels is None else labels[chunk],
-                                 weights_only)
+        stats[chunk] = statistics(RowInputs(s, t, chunk_factor,
+                                            None if labels is None else labels[chunk]),
+                                  weights_only)[0]
     return finish(stats, weights_only)[1]
 
 

@@ -1,4 +1,4 @@
-"""``ClassPrior``: the class-wise prior ``P`` of GKL ("global information", SPEC.md).
+"""``ClassPrior``: the class-wise prior ``P`` of GKL ("global information", docs/SPEC.md).
 
 Row ``c`` of the ``(C, C)`` matrix ``P`` is the mean of ``softmax(t / T2)`` over the samples of
 class ``c`` seen in the previous epoch; before the first epoch every entry is ``1 / C``. Pass
@@ -46,6 +46,7 @@ class ClassPrior:
                  process_group: Optional[Any] = None) -> None:
         _check_num_classes(num_classes)
         _check_settings(weight_temperature, momentum)
+        device = _checked_device(device)
         self.num_classes = num_classes
         self.weight_temperature = weight_temperature
         self.momentum = momentum
@@ -115,7 +116,7 @@ class ClassPrior:
             ``P``, float32 ``(C, C)``, on the prior's device (the same tensor every epoch).
         """
         if device is not None:
-            wanted, held = torch.device(device), self._prior.device
+            wanted, held = _checked_device(device), self._prior.device
             if wanted.type != held.type or wanted.index not in (None, held.index):
                 raise ValueError(f"matrix(device={wanted}): mismatched device, the prior is on "
                                  f"{held}; create ClassPrior(..., device={str(wanted)!r}) instead")
@@ -143,14 +144,17 @@ class ClassPrior:
                 floating-point, finite and >= 0 (after the cast to float32), ``counts`` of an
                 integer dtype and >= 0.
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping (a state_dict()), got "
+                            f"{type(state).__name__}")
         missing = [key for key in ("num_classes", "weight_temperature", "momentum", "epochs",
                                    *STATE_TENSORS) if key not in state]
         if missing:
             raise ValueError(f"state is missing the keys {missing}")
         if state["num_classes"] != self.num_classes:
-            raise ValueError(f"state['num_classes'] = {state['num_classes']} does not match "
+            raise ValueError(f"state['num_classes'] = {state['num_classes']!r} does not match "
                              f"num_classes = {self.num_classes}")
-        _check_settings(state["weight_temperature"], state["momentum"])
+        _check_settings(state["weight_temperature"], state["momentum"], key="state['{}']")
         epochs = state["epochs"]
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"state['epochs'] must be an int >= 0, got {epochs!r}")
@@ -230,9 +234,25 @@ def _check_num_classes(num_classes):
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
 
 
-def _check_settings(weight_temperature, momentum):
-    check.check_positive("weight_temperature", weight_temperature)
+def _check_settings(weight_temperature, momentum, key="{}"):
+    """``weight_temperature`` and ``momentum``, named ``key.format(name)`` (as the caller gave
+    them: an argument, or an entry of ``state``)."""
+    check.check_positive(key.format("weight_temperature"), weight_temperature)
     if momentum is not None:
-        check.check_finite("momentum", momentum, minimum=0.0)
+        name = key.format("momentum")
+        check.check_finite(name, momentum, minimum=0.0)
         if momentum >= 1:
-            raise ValueError(f"momentum must be None or in [0, 1), got {momentum}")
+            raise ValueError(f"{name} must be None or in [0, 1), got {momentum}")
+
+
+def _checked_device(device):
+    """``device`` (None, a str, an int or a ``torch.device``) as a ``torch.device``."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device must be None, a str, an int or a torch.device, got "
+                        f"{type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device must name a device, got {device!r}: {error}") from None

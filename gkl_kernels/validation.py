@@ -106,10 +106,12 @@ def use_triton_for(backend, device):
     return runnable
 
 
-def check_logits(student, teacher, *, any_rows=False):
+def check_logits(student, teacher, *, any_rows=False, names=("student", "teacher")):
     """``student`` and ``teacher``: float tensors of one shape on one device, ``(B, C)`` with
-    B, C > 0; with ``any_rows``, ``(..., C)`` with C > 0 and any number of rows (0 included)."""
-    for name, x in (("student", student), ("teacher", teacher)):
+    B, C > 0; with ``any_rows``, ``(..., C)`` with C > 0 and any number of rows (0 included).
+    ``names``: the two arguments as the caller's signature names them."""
+    first, second = names
+    for name, x in ((first, student), (second, teacher)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in LOGIT_DTYPES:
@@ -121,14 +123,14 @@ def check_logits(student, teacher, *, any_rows=False):
             raise ValueError(f"{name} must be 2-D (B, C), got shape {tuple(x.shape)} (gkl_loss "
                              f"takes (..., C) logits)")
     if student.shape != teacher.shape:
-        raise ValueError(f"student and teacher must have the same shape, got "
+        raise ValueError(f"{first} and {second} must have the same shape, got "
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")
     if student.shape[-1] == 0 or (not any_rows and student.shape[0] == 0):
         rows = "C > 0 classes" if any_rows else "B > 0 rows and C > 0 classes"
-        raise ValueError(f"student and teacher must have {rows}, got shape "
+        raise ValueError(f"{first} and {second} must have {rows}, got shape "
                          f"{tuple(student.shape)}")
     if student.device != teacher.device:
-        raise ValueError(f"student and teacher must be on one device, got {student.device} and "
+        raise ValueError(f"{first} and {second} must be on one device, got {student.device} and "
                          f"{teacher.device}")
 
 
@@ -197,30 +199,34 @@ def check_nonnegative_finite(name, x, check_values, *, device_side=None):
 
 
 def check_weights(weights, student, weights_kind, check_values, name="weights"):
-    """Pair weights: ``(B, C)`` rank-one factor (``"factor"``), ``(C, C)`` shared matrix
-    (``"shared"``) or ``(B, C, C)`` per-row tensor (``"per_row"``), float, on the logits' device,
-    finite and >= 0. The shape decides the kind; ``weights_kind`` must name it when ``B == C``
-    makes a 2-D shape ambiguous. Returns the kind."""
+    """Pair weights of ``(..., C)`` logits ``student``: a rank-one factor of the logits' shape
+    (``"factor"``), a ``(C, C)`` matrix shared by all rows (``"shared"``) or ``(..., C, C)``, one
+    per row (``"per_row"``), float, on the logits' device, finite and >= 0. The shape decides the
+    kind; ``weights_kind`` must name it when a 2-D shape is ambiguous, ``(C, C)`` for ``(B, C)``
+    logits with ``B == C``. Returns the kind (for 1-D logits a ``(C, C)`` matrix is their one
+    row's: ``"per_row"``, named ``"shared"`` or not)."""
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weights).__name__}")
-    batch, num_classes = student.shape
-    shapes = {"factor": (batch, num_classes), "shared": (num_classes, num_classes),
-              "per_row": (batch, num_classes, num_classes)}
+    lead, num_classes = tuple(student.shape[:-1]), student.shape[-1]
+    shapes = {"factor": (*lead, num_classes), "shared": (num_classes, num_classes),
+              "per_row": (*lead, num_classes, num_classes)}
     if weights_kind is None:
         kinds = [kind for kind, shape in shapes.items() if tuple(weights.shape) == shape]
-        if len(kinds) > 1:
-            raise ValueError(f"{name} of shape {tuple(weights.shape)} with B == C == {batch} "
-                             f"is ambiguous: pass weights_kind='factor' (a (B, C) rank-one factor) "
-                             f"or weights_kind='shared' (a (C, C) matrix shared by all rows)")
+        if len(kinds) > 1 and "factor" in kinds:
+            raise ValueError(f"{name} of shape {tuple(weights.shape)} with B == C == "
+                             f"{num_classes} is ambiguous: pass weights_kind='factor' (a (B, C) "
+                             f"rank-one factor) or weights_kind='shared' (a (C, C) matrix shared "
+                             f"by all rows)")
         if not kinds:
-            raise ValueError(f"{name} must have shape (B, C) = {shapes['factor']}, (C, C) = "
-                             f"{shapes['shared']} or (B, C, C) = {shapes['per_row']}, got "
+            rows = "B" if len(lead) == 1 else "..."
+            raise ValueError(f"{name} must have shape ({rows}, C) = {shapes['factor']}, (C, C) = "
+                             f"{shapes['shared']} or ({rows}, C, C) = {shapes['per_row']}, got "
                              f"{tuple(weights.shape)}")
-        weights_kind = kinds[0]
+        weights_kind = kinds[-1]
     check_choice("weights_kind", weights_kind, WEIGHT_KINDS)
     check_tensor(name, weights, shapes[weights_kind], LOGIT_DTYPES, student.device)
     check_nonnegative_finite(name, weights, check_values)
-    return weights_kind
+    return "per_row" if not lead and weights_kind == "shared" else weights_kind
 
 
 def check_dot_dtype(dot_precision, dtype):
@@ -239,21 +245,22 @@ def check_dot_block(block_c):
 
 
 def check_labels(labels, rows, num_classes, device, check_values, ignore_index=None, *,
-                 device_side=None):
+                 device_side=None, name="labels"):
     """Class labels: int64/int32 ``(rows,)`` on ``device``, each in ``[0, num_classes)`` or equal
-    to ``ignore_index`` (when one is given); the values as ``assert_values`` checks them."""
+    to ``ignore_index`` (when one is given); the values as ``assert_values`` checks them.
+    ``name``: the argument as the caller's signature names it."""
     if isinstance(labels, torch.Tensor) and labels.is_floating_point():
-        raise TypeError(f"labels must be class indices (int64 or int32, shape ({rows},)), got a "
+        raise TypeError(f"{name} must be class indices (int64 or int32, shape ({rows},)), got a "
                         f"{labels.dtype} tensor of shape {tuple(labels.shape)}: for one-hot or "
-                        f"soft labels pass labels.argmax(-1)")
-    check_tensor("labels", labels, (rows,), INDEX_DTYPES, device)
+                        f"soft labels pass {name}.argmax(-1)")
+    check_tensor(name, labels, (rows,), INDEX_DTYPES, device)
     if not values_checked(check_values) or rows == 0:
         return
     outside = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
         outside &= labels != ignore_index
     allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
-    expected = f"labels must lie in [0, {num_classes}){allowed}"
+    expected = f"{name} must lie in [0, {num_classes}){allowed}"
     assert_values(~outside.any(), f"{expected}, found a label outside",
                   host_message=lambda: f"{expected}, found {int(labels[outside][0])}",
                   device_side=device_side)

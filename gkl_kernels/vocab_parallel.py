@@ -3,23 +3,23 @@
 
 Every process holds the same ``N`` rows of its own ``V_p`` columns of the ``(N, V)`` student and
 teacher logits; no logit leaves its process. Each process runs the rank-one row op over its shard
-(``gkl_kernels::rank1_row_stats``, Triton or torch like ``gkl_loss``), the ``(N, 16)`` statistics
-of every shard are gathered and merged with the rule the kernels apply between tiles
-(``rank1.torch_impl.merge_row_stats``), and the loss is finished from the merged statistics on
-every process; backward runs the loss's backward op on each shard with the merged statistics.
+(Triton or torch like ``gkl_loss``), the ``(N, 16)`` statistics of every shard are gathered and
+merged with the rule the kernels apply between tiles (``distributed.merged_row_stats``), and the
+loss is finished from the merged statistics on every process; backward runs the loss's backward
+op on each shard with the merged statistics (``rows.ShardMerged``).
 """
 
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, distributed
+from torch import Tensor
 
 from gkl_kernels import validation as check
+from gkl_kernels.distributed import all_reduced, world_size
 from gkl_kernels.functional import row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
-from gkl_kernels.rank1.op import finish, gradients_needed, loss_backward, row_stats
-from gkl_kernels.rank1.torch_impl import merge_row_stats
+from gkl_kernels.rows import RowLoss, ShardMerged
 from gkl_kernels.validation import Backend, Normalize
 
 UNBOUNDED_LABELS = 2**62  # the kernel's label bound here: labels index V, not the shard's V_p
@@ -95,9 +95,8 @@ def vocab_parallel_gkl_loss(student_shard: Tensor, teacher_shard: Tensor, *,
     config = row_config(options, source, labels is not None,
                         check.use_triton_for(backend, student_shard.device),
                         ignore_index=ignore_index, num_labels=UNBOUNDED_LABELS)
-    return _VocabParallelGKL.apply(student_shard, teacher_shard,
-                                   None if factor is None else factor.detach(), labels, config,
-                                   process_group)
+    return RowLoss.apply(student_shard, teacher_shard, None if factor is None else factor.detach(),
+                         labels, config, ShardMerged(process_group))
 
 
 # --------------------------------------------------------------------------- validation
@@ -126,7 +125,7 @@ def _check_prior_shard_shape(prior, student, group):
     width = student.shape[1]
     check.check_tensor("class_prior_shard", prior, (prior.shape[0], width), check.FLOAT_DTYPES,
                         student.device)
-    alone = _world_size(group) == 1
+    alone = world_size(group) == 1
     if prior.shape[0] < width or (alone and prior.shape[0] != width):
         expected = f"= V_p = {width} in one process" if alone else f">= V_p = {width}"
         raise ValueError(f"class_prior_shard must have V rows, the whole vocabulary ({expected}), "
@@ -148,7 +147,7 @@ def _total_vocabulary(student, class_prior_shard, group):
     if class_prior_shard is not None:
         return class_prior_shard.shape[0]
     width = torch.tensor([student.shape[1]], dtype=torch.int64, device=student.device)
-    return int(_all_reduced(width, "sum", group))
+    return int(all_reduced(width, "sum", group))
 
 
 def _check_prior_rows(prior, labels, ignore_index, check_values):
@@ -157,64 +156,3 @@ def _check_prior_rows(prior, labels, ignore_index, check_values):
         keep = labels != ignore_index
         check.check_label_rows("class_prior_shard", prior, torch.where(keep, labels, 0),
                                check_values, keep=keep)
-
-
-# --------------------------------------------------------------------------- communication
-
-
-def _distributed():
-    return distributed.is_available() and distributed.is_initialized()
-
-
-def _world_size(group):
-    return distributed.get_world_size(group) if _distributed() else 1
-
-
-def _all_reduced(tensor, op, group):
-    """``tensor`` reduced in place (``op``: ``"sum"`` or ``"max"``) over the processes of
-    ``group``; as it is without an initialised process group."""
-    if _distributed():
-        reduce_op = distributed.ReduceOp.SUM if op == "sum" else distributed.ReduceOp.MAX
-        distributed.all_reduce(tensor, op=reduce_op, group=group)
-    return tensor
-
-
-# --------------------------------------------------------------------------- autograd
-
-
-def merged_row_stats(stats, config, group):
-    """The statistics of the whole vocabulary: every shard's ``(N, NUM_STATS)`` gathered (one
-    all-gather) and merged in process order."""
-    if _world_size(group) == 1:
-        return stats
-    parts = [torch.empty_like(stats) for _ in range(_world_size(group))]
-    distributed.all_gather(parts, stats.contiguous(), group=group)
-    merged = parts[0]
-    for part in parts[1:]:
-        merged = merge_row_stats(merged, part, config)
-    return merged
-
-
-class _VocabParallelGKL(torch.autograd.Function):
-    """Forward: this shard's row statistics, merged over the group, then the loss. Backward:
-    local, this shard's gradient from the merged statistics."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, factor, labels, config, group):
-        stats = row_stats(student, teacher, factor, labels, config)
-        stats = merged_row_stats(stats, config, group)
-        loss, totals = finish(stats, config)
-        ctx.save_for_backward(student, teacher, factor, labels, stats, totals)
-        ctx.config = config
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        student, teacher, factor, labels, stats, totals = ctx.saved_tensors
-        config = ctx.config
-        need_ds, need_dt = gradients_needed(ctx, config)
-        empty = stats.new_empty(0)
-        ds, dt = loss_backward(grad_loss, student, teacher, factor, labels, stats, totals, empty,
-                               empty, config, need_ds, need_dt)
-        return ds if need_ds else None, dt if need_dt else None, None, None, None, None

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the GKL / DKL loss: the literal ``B x C x C`` formulas of SPEC.md.
+"""Pure-PyTorch reference of the GKL / DKL loss: the literal ``B x C x C`` formulas of docs/SPEC.md.
 
 Slow and memory-hungry by design; it is the oracle of the test suite (evaluate it in float64).
 """

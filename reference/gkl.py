@@ -1,4 +1,4 @@
-"""The literal formulas of SPEC.md, with every pairwise tensor built explicitly.
+"""The literal formulas of docs/SPEC.md, with every pairwise tensor built explicitly.
 
 Shapes: logits ``s``, ``t`` are ``(B, C)``; pair weights ``w`` are ``(B, C, C)``;
 ``Dt[b, j, k] = t[b, j] - t[b, k]`` and likewise ``Ds``.
@@ -44,7 +44,7 @@ def pairwise_wmse_reference(student, teacher, pair_weights, *, stop_student=Fals
 
 
 def rank1_wmse_reference(student, teacher, factor, *, stop_student=False):
-    """The O(C) identity of SPEC.md in its uncentred form, ``2 (W sum_j v_j d_j^2 - (sum_j v_j
+    """The O(C) identity of docs/SPEC.md in its uncentred form, ``2 (W sum_j v_j d_j^2 - (sum_j v_j
     d_j)^2)`` with ``d = t - s``, ``W = sum_j v_j``: the oracle where ``B x C x C`` cannot be built.
     Exact in float64 for logits of moderate size; per row, shape (B,)."""
     d = teacher - (student.detach() if stop_student else student)

@@ -17,7 +17,7 @@ from reference import gkl_loss_reference  # noqa: E402
 
 BACKENDS = ("triton", "torch")
 
-# Loss options of SPEC.md's table (mse_weight = the code's beta, ce_weight = alpha), plus plain KL's.
+# docs/SPEC.md's paper settings (mse_weight = the code's beta, ce_weight = alpha), plus plain KL's.
 PAPER_SETTINGS = {
     "default": dict(mse_weight=1.0, ce_weight=1.0, gamma=1.0, temperature=1.0,
                     weight_temperature=1.0),

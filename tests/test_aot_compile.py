@@ -3,7 +3,7 @@ the rank-one kernels and the pair-weight kernels for shared ``(C, C)`` and per-r
 weights.
 
 This test process runs Triton's interpreter (conftest.py), and one process is either interpreter
-or compiler, so ``python -m bench.compile_report`` runs in a subprocess without
+or compiler, so ``python -m tools.compile_report`` runs in a subprocess without
 ``TRITON_INTERPRET``. The report's results are cached in Triton's cache: a first run compiles
 the whole sweep (minutes on 2 cores), later runs take seconds while the kernels are unchanged.
 """
@@ -48,7 +48,7 @@ def report_rows(tmp_path_factory):
     """Rows of the compile report for both architectures; prints the report (``pytest -s``)."""
     rows_file = tmp_path_factory.mktemp("compile_report") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "bench.compile_report", "--json", str(rows_file)]
+    command = [sys.executable, "-m", "tools.compile_report", "--json", str(rows_file)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=1800)
     print(result.stdout, result.stderr, sep="\n")

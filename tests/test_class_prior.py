@@ -163,6 +163,13 @@ def test_state_dict_round_trip_continues_identically(generator, tmp_path, via_fi
     (dict(momentum=1.0), ValueError, "momentum"),
     (dict(momentum=-0.1), ValueError, "momentum"),
     (dict(momentum=float("nan")), ValueError, "momentum"),
+    (dict(momentum="0.5"), TypeError, "momentum must be a number"),
+    (dict(device="bogus"), ValueError, "device must name a device, got 'bogus'"),
+    (dict(device="cuda:x"), ValueError, "device must name a device, got 'cuda:x'"),
+    (dict(device=1.5), TypeError, "device must be None, a str, an int or a torch.device, got "
+                                  "float"),
+    (dict(device=True), TypeError, "device must be None, a str, an int or a torch.device, got "
+                                   "bool"),
 ])
 def test_bad_constructor_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -203,6 +210,14 @@ def _bad_batch(case, generator):
         labels = labels[:, None]
     elif case == "labels on meta":
         labels = labels.to("meta")
+    elif case == "logits None":
+        logits = None
+    elif case == "logits list":
+        logits = logits.tolist()
+    elif case == "labels None":
+        labels = None
+    elif case == "long labels":
+        labels = torch.cat([labels, labels[:1]])
     return logits, labels
 
 
@@ -219,6 +234,10 @@ def _bad_batch(case, generator):
     ("float labels", TypeError, "labels must be class indices"),
     ("2-D labels", ValueError, r"labels must have shape \(4,\)"),
     ("labels on meta", ValueError, "labels must be on cpu"),
+    ("logits None", TypeError, "teacher_logits must be a torch.Tensor, got NoneType"),
+    ("logits list", TypeError, "teacher_logits must be a torch.Tensor, got list"),
+    ("labels None", TypeError, "labels must be a torch.Tensor, got NoneType"),
+    ("long labels", ValueError, r"labels must have shape \(4,\), got \(5,\)"),
 ])
 def test_bad_update_inputs_leave_the_state_alone(generator, case, error, match):
     prior = ClassPrior(C)
@@ -235,6 +254,21 @@ def test_matrix_on_another_device_is_refused():
     with pytest.raises(ValueError, match="mismatched device.*cpu") as info:
         prior.matrix(device="meta")
     assert "meta" in str(info.value)
+    with pytest.raises(ValueError, match="device must name a device, got 'bogus'"):
+        prior.matrix(device="bogus")
+    with pytest.raises(TypeError, match="device must be None, a str, an int or a torch.device"):
+        prior.matrix(device=[0])
+    assert prior.matrix(device="cpu") is prior.matrix(device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("state", [None, [("num_classes", C)], "state", 7],
+                         ids=["None", "list", "str", "int"])
+def test_state_that_is_not_a_mapping_is_refused(state):
+    """It used to be "argument of type 'NoneType' is not iterable" (or a KeyError)."""
+    prior = ClassPrior(C)
+    with pytest.raises(TypeError, match=rf"state must be a mapping \(a state_dict\(\)\), got "
+                                        rf"{type(state).__name__}"):
+        prior.load_state_dict(state)
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -244,9 +278,14 @@ def test_matrix_on_another_device_is_refused():
     ("counts", torch.zeros(C, C, dtype=torch.int64), r"state\['counts'\]"),
     ("counts", [0] * C, r"state\['counts'\]"),
     ("epochs", -1, r"state\['epochs'\]"),
-    ("momentum", 1.5, "momentum"),
+    ("momentum", 1.5, r"state\['momentum'\] must be None or in \[0, 1\), got 1.5"),
+    ("momentum", float("nan"), r"state\['momentum'\] must be finite"),
+    ("weight_temperature", 0.0, r"state\['weight_temperature'\] must be finite and > 0"),
+    ("num_classes", "7", r"state\['num_classes'\] = '7' does not match num_classes = 7"),
+    ("epochs", 1.0, r"state\['epochs'\] must be an int >= 0, got 1.0"),
     ("sums", None, "missing the keys.*sums"),
-    ("weight_temperature", 1e-39, "weight_temperature must be >= 1 / float32 max"),
+    ("weight_temperature", 1e-39, r"state\['weight_temperature'\] must be >= 1 / float32 "
+                                  r"max"),
     ("prior", _poisoned(float("nan")), r"state\['prior'\] must be finite and >= 0, found inf"),
     ("prior", _poisoned(float("inf")), r"state\['prior'\] must be finite and >= 0, found inf"),
     ("prior", _poisoned(-0.25), r"state\['prior'\] must be finite and >= 0, found entries down to "
@@ -279,6 +318,16 @@ def test_mismatched_state_dict_is_refused(generator, key, value, match):
     assert_same_state(prior.state_dict(), before)
 
 
+@pytest.mark.parametrize("key, value", [("weight_temperature", "1"), ("momentum", "0.5"),
+                                        ("weight_temperature", None)])
+def test_state_settings_of_a_wrong_type_are_refused(generator, key, value):
+    prior = ClassPrior(C)
+    state = prior.state_dict()
+    state[key] = value
+    with pytest.raises(TypeError, match=rf"state\['{key}'\] must be a number"):
+        ClassPrior(C).load_state_dict(state)
+
+
 def test_state_dict_in_other_dtypes_is_cast(generator):
     """float64 ``prior``/``sums`` and int32 ``counts`` load (cast to float32 and int64)."""
     prior = ClassPrior(C, momentum=0.5)
@@ -300,7 +349,7 @@ def device_side(monkeypatch):
 
 def _host_syncs(fn):
     """How many device-to-host reads (``aten._local_scalar_dense``) ``fn()`` makes."""
-    from bench.traffic import DispatchCounter
+    from gkl_kernels.testing.dispatch import DispatchCounter
     with DispatchCounter() as counter:
         fn()
     return counter.host_syncs

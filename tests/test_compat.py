@@ -451,6 +451,38 @@ def test_consistency_other_names(name, mask_name, generator):
              lambda s: other_consistency_float64(loss_name, s, targets64, mask64), [logits])
 
 
+@pytest.mark.parametrize("name", ["ikl", "ce_hard", "ce_soft", "mse", "kl"])
+def test_consistency_bool_mask_is_the_float_mask(name, generator):
+    """A bool mask (``probs > threshold``) is the same as its float; ``(B, 1)`` is refused
+    (it used to broadcast the rows to ``(B, B)``: a wrong value), its ``(B,)`` reshape taken."""
+    logits, raw = logits_pair(generator)
+    targets = {"ce_hard": raw.argmax(1), "ce_soft": F.softmax(raw, 1),
+               "mse": F.softmax(raw, 1)}.get(name, raw)
+    keep = torch.rand(ROWS, generator=generator) > 0.5
+    options = dict(alpha=1.0, beta=0.1) if name == "ikl" else {}
+    loss_name = name.split("_")[0]
+    want = compat.consistency_loss(logits, targets, loss_name, keep.float(), **options)
+    got = compat.consistency_loss(logits, targets, loss_name, keep, **options)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"mask must have shape \(6,\), got \(6, 1\)"):
+        compat.consistency_loss(logits, targets, loss_name, keep.float()[:, None], **options)
+    got = compat.consistency_loss(logits, targets, loss_name, keep.float()[:, None].reshape(-1),
+                                  **options)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_consistency_ce_class_indices_as_cross_entropy(generator):
+    """int32 class indices are taken; a ``-100`` row adds 0, as in ``F.cross_entropy``."""
+    logits, raw = logits_pair(generator)
+    labels = raw.argmax(1)
+    labels[2] = -100
+    mask = masks(generator)["float"]
+    want = other_consistency_float64("ce", logits.double(), labels, mask.double())
+    for targets in (labels, labels.int()):
+        got = compat.consistency_loss(logits, targets, "ce", mask)
+        assert_close_rel(got, want, RTOL, "loss")
+
+
 def test_consistency_errors(generator):
     logits, targets = logits_pair(generator)
     with pytest.raises(ValueError, match="name must be one of"):

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.memory import measure_peak_memory
-from bench.traffic import DispatchCounter
 from gkl_kernels import FusedLinearGKLLoss, fused_linear_gkl, gkl_loss
+from gkl_kernels.testing.dispatch import DispatchCounter
+from gkl_kernels.testing.memory import measure_peak_memory
 from reference import gkl_loss_reference
 from tests.conftest import PAPER_SETTINGS, assert_close_rel
 
@@ -222,7 +222,7 @@ def test_half_precision_within_tolerance(dtype, generator):
 @torch_only
 def test_peak_memory_below_unfused_at_vocabulary_scale():
     """N = 4096 tokens, V = 32000, H = 512, float32: the fused loss's forward and backward peak
-    (allocator events, ``bench.memory``) is at most half of the unfused path's."""
+    (allocator events, ``gkl_kernels.testing.memory``) is at most half of the unfused path's."""
     generator = torch.Generator().manual_seed(6)
     student, teacher, labels = linear_inputs(generator, rows=4096, vocabulary=32000,
                                              bias=False)

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.traffic import DispatchCounter, TritonTrafficCounter
 from gkl_kernels import GKLLoss, compat, functional, gkl_loss, pairwise_wmse
 from gkl_kernels.pairs.op import pair_rows
 from gkl_kernels.rank1.config import SOURCE_PAIRS, STAT_ERROR, TOTAL_ERROR, RowConfig
-from gkl_kernels.rank1.op import rank1_loss, rank1_row_stats
+from gkl_kernels.rank1.op import RowInputs, loss_and_statistics, rank1_row_stats
+from gkl_kernels.testing.dispatch import DispatchCounter
+from gkl_kernels.testing.traffic import TritonTrafficCounter
 from tests.conftest import assert_close_rel, loss_and_grads, oracle
 
 KINDS = ("shared", "per_row")
@@ -243,7 +244,7 @@ def test_pair_kernels_flag_invalid_weights(kind, bad, generator):
         flagged = [0.0, 0.0, 2.0, 0.0]
     config = RowConfig(source=SOURCE_PAIRS, per_row=kind == "per_row", has_labels=True,
                        use_triton=True, block_c=16)
-    outputs = rank1_loss(student, teacher, weights, labels, config.floats, config.ints, False)
-    assert outputs[2][TOTAL_ERROR] == 2.0
+    _, state = loss_and_statistics(RowInputs(student, teacher, weights, labels), config)
+    assert state.totals[TOTAL_ERROR] == 2.0
     stats = rank1_row_stats(student, teacher, weights, labels, config.floats, config.ints)
     assert stats[:, STAT_ERROR].tolist() == flagged

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import gkl_kernels
-from bench.memory import measure_peak_memory
 from gkl_kernels import buffers
 from gkl_kernels.pairs import per_row_kernels, shared_kernels
 from gkl_kernels.pairs.torch_impl import CHUNK_ELEMENTS
+from gkl_kernels.testing.memory import measure_peak_memory
 from reference import gkl_loss_reference
 from tests.conftest import (BACKENDS, DTYPE_PAIRS, PaddedAllocator, assert_close_rel,
                             assert_half_precision, loss_and_grads, oracle, padded)

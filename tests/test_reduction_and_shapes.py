@@ -166,6 +166,55 @@ def test_leading_dims_errors_name_the_argument(generator):
         gkl_loss(student, teacher, weights=torch.rand(6, 5))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", [None, "shared"], ids=["kind_from_shape", "kind_shared"])
+def test_square_weights_of_higher_rank_logits_are_shared(kind, backend, generator):
+    """``(2, 3, C)`` logits with ``(C, C)`` weights, ``C == 6`` rows once flattened: not
+    ambiguous (a factor would be ``(2, 3, C)``), the shared matrix; as the flattened call."""
+    student, teacher = torch.randn(2, 3, 6, generator=generator), torch.randn(2, 3, 6)
+    weights = torch.rand(6, 6, generator=generator)
+    common = dict(backend=backend, **OPTIONS)
+    s_nd = student.clone().requires_grad_()
+    s_2d = student.reshape(6, 6).clone().requires_grad_()
+    for reduction in ("mean", "none"):
+        got = gkl_loss(s_nd, teacher, weights=weights, weights_kind=kind, reduction=reduction,
+                       **common)
+        want = gkl_loss(s_2d, teacher.reshape(6, 6), weights=weights, weights_kind="shared",
+                        reduction=reduction, **common)
+        assert got.shape == ((2, 3) if reduction == "none" else ())
+        torch.testing.assert_close(got.reshape(-1), want.reshape(-1), rtol=1e-6, atol=1e-7)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(s_nd.grad.reshape(6, 6), s_2d.grad, rtol=1e-6, atol=1e-7)
+        s_nd.grad = s_2d.grad = None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_square_weights_of_one_row_are_its_matrix(backend, generator):
+    """1-D logits ``(C,)``: a ``(C, C)`` matrix is the one row's, named "shared" or not."""
+    student, teacher = torch.randn(5, generator=generator), torch.randn(5, generator=generator)
+    weights = torch.rand(5, 5, generator=generator)
+    want = gkl_loss(student[None], teacher[None], weights=weights[None], backend=backend)
+    for kind in (None, "shared", "per_row"):
+        got = gkl_loss(student, teacher, weights=weights, weights_kind=kind, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("weights_shape, kind, message", [
+    ((6, 6), "factor", r"weights must have shape \(2, 3, 6\), got \(6, 6\)"),
+    ((2, 3, 6), "shared", r"weights must have shape \(6, 6\), got \(2, 3, 6\)"),
+    ((6, 6), "per_row", r"weights must have shape \(2, 3, 6, 6\), got \(6, 6\)"),
+    ((6, 6, 6), None, r"weights must have shape \(\.\.\., C\) = \(2, 3, 6\), \(C, C\) = "
+                      r"\(6, 6\) or \(\.\.\., C, C\) = \(2, 3, 6, 6\), got \(6, 6, 6\)"),
+], ids=["C_C_named_factor", "factor_named_shared", "C_C_named_per_row", "flattened_per_row"])
+def test_weights_of_higher_rank_logits_checked_as_given(weights_shape, kind, message):
+    """The weights' shape is checked against the logits' as the caller gave them, not against
+    the flattened ``(6, 6)`` rows (where each of these would pass as the named kind)."""
+    student, teacher = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    with pytest.raises(ValueError, match=message):
+        gkl_loss(student, teacher, weights=torch.rand(weights_shape), weights_kind=kind)
+
+
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_gradcheck(source, backend, generator):

@@ -4,12 +4,13 @@ statistics on both backends, and the launch / host-sync budget of a training ste
 import pytest
 import torch
 
-from bench.traffic import DispatchCounter, TritonTrafficCounter
 from gkl_kernels import functional, gkl_loss
 from gkl_kernels.rank1.config import (SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER, STAT_ERROR,
                                       STAT_KEPT, RowConfig)
 from gkl_kernels.rank1.op import rank1_finish, rank1_row_stats
 from gkl_kernels.rank1.torch_impl import finish_rows_torch, merge_row_stats
+from gkl_kernels.testing.dispatch import DispatchCounter
+from gkl_kernels.testing.traffic import TritonTrafficCounter
 from tests.conftest import make_inputs
 
 SOURCES = {"teacher": SOURCE_TEACHER, "prior": SOURCE_PRIOR, "explicit": SOURCE_EXPLICIT}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from gkl_kernels import GKLLoss, compat, gkl_loss, validation
 from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER, RowConfig
-from gkl_kernels.rank1.op import rank1_loss, rank1_row_stats
+from gkl_kernels.rank1.op import RowInputs, loss_and_statistics, rank1_row_stats
 from reference import gkl_loss_reference
 from tests.conftest import assert_close_rel, loss_and_grads
 
@@ -66,15 +66,6 @@ def op_case(source, use_triton, variant, generator):
 
 @pytest.mark.parametrize("use_triton, variant", LAUNCH_VARIANTS)
 @pytest.mark.parametrize("source", SOURCES)
-def test_opcheck_rank1_loss(source, use_triton, variant, generator):
-    student, teacher, factor, labels, config = op_case(source, use_triton, variant, generator)
-    args = (student.requires_grad_(), teacher.requires_grad_(), factor, labels, config.floats,
-            config.ints, True)
-    assert_opcheck(torch.ops.gkl_kernels.rank1_loss.default, args)
-
-
-@pytest.mark.parametrize("use_triton, variant", LAUNCH_VARIANTS)
-@pytest.mark.parametrize("source", SOURCES)
 def test_opcheck_rank1_stats_and_finish(source, use_triton, variant, generator):
     student, teacher, factor, labels, config = op_case(source, use_triton, variant, generator)
     assert_opcheck(torch.ops.gkl_kernels.rank1_row_stats.default,
@@ -89,10 +80,9 @@ def test_opcheck_rank1_stats_and_finish(source, use_triton, variant, generator):
 def test_opcheck_rank1_loss_backward(source, use_triton, variant, generator):
     need_ds, need_dt = variant.values[3:5]
     student, teacher, factor, labels, config = op_case(source, use_triton, variant, generator)
-    _, stats, totals, *directions = rank1_loss(student, teacher, factor, labels, config.floats,
-                                               config.ints, True)
+    _, state = loss_and_statistics(RowInputs(student, teacher, factor, labels), config, True)
     grad_loss = torch.rand((), generator=generator)
-    args = (grad_loss, student, teacher, factor, labels, stats, totals, *directions,
+    args = (grad_loss, *state.inputs, *state[1:],
             config.floats, config.ints, need_ds, need_dt)
     assert_opcheck(torch.ops.gkl_kernels.rank1_loss_backward.default, args)
 

@@ -3,7 +3,7 @@ their ``GKL_KD`` distiller calls it (positional arguments, a warm-up factor, the
 ``.mean()`` and sum of the losses), and ``ClassPrior`` in place of their hand-rolled priors (the
 distillation trainer's, fed the ``logits_teacher / T2`` that ``forward_train`` returns; the
 adversarial trainers', with the first paper's ``--m`` blend), against both written out in float64
-from SPEC.md."""
+from docs/SPEC.md."""
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ ADV_T = 4.0  # the adversarial trainers' --T: the prior's softmax(logits_nat / T
 
 
 def authors_gkl_float64(student, teacher, class_prior):
-    """SPEC.md's GKL with rank-one weights ``v = CLASS_PRIOR ** gamma``, pairwise, float64:
+    """docs/SPEC.md's GKL with rank-one weights ``v = CLASS_PRIOR ** gamma``, pairwise, float64:
     ``beta/4 * sum w (Dt - Ds)^2 / sum w + alpha * CE(softmax(t/T), log_softmax(s/T))``."""
     v = class_prior ** GAMMA
     w = v[:, :, None] * v[:, None, :]

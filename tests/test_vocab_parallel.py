@@ -278,7 +278,7 @@ def nothing_runs(monkeypatch):
         @staticmethod
         def apply(*args):
             pytest.fail("the loss was computed although the input is invalid")
-    monkeypatch.setattr(vocab_parallel, "_VocabParallelGKL", Forbidden)
+    monkeypatch.setattr(vocab_parallel, "RowLoss", Forbidden)
 
 
 def _valid_inputs(generator):

@@ -14,5 +14,5 @@ python -c "import torch, triton; print(torch.__version__, triton.__version__, to
     | tee -a "$out/gpu.txt"
 timeout 240 python -m pytest -q -p no:cacheprovider -p no:randomly tools/gpu_tests.py \
     --override-ini="testpaths=tools" 2>&1 | tee "$out/gpu_tests.txt"
-timeout 200 python -m bench --quick --skip-compile-report --json "$out/bench_quick_gpu.json" 2>&1 \
+timeout 200 python -m bench --quick --json "$out/bench_quick_gpu.json" 2>&1 \
     | tee "$out/bench_quick_gpu.txt"

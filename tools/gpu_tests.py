@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from bench.traffic import DispatchCounter
 from gkl_kernels import gkl_loss
+from gkl_kernels.testing.dispatch import DispatchCounter
 from tests.adversarial_cases import assert_within_rule, masked_oracle, plain_float32
 from tests.conftest import generator, make_inputs, oracle, relative_error  # noqa: F401, F811
 

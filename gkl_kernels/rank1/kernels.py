@@ -1,6 +1,6 @@
 """Triton kernels and launchers of the GKL loss with rank-one pair weights ``w[b,j,k] = v_j v_k``.
 
-Per row (SPEC.md, centred O(C) form), ``d = t - s``, ``W = sum_j v_j``, ``mu = sum_j v_j d_j / W``:
+Per row (docs/SPEC.md's O(C) form), ``d = t - s``, ``W = sum_j v_j``, ``mu = sum_j v_j d_j / W``:
 
     wmse_b = 2 W sum_j v_j (d_j - mu)^2          d wmse_b / d d_j = 4 W v_j (d_j - mu)
     ce_b   = sum_j p_j (lse(s/T) - s_j/T),        p = softmax(t/T)

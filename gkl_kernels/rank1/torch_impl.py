@@ -125,10 +125,21 @@ def _block_inputs(block, student, teacher, factor, labels, config):
             None if labels is None else labels[block])
 
 
-def _factor_exponent(v):
-    """``L = floor(log2(max_j v_j))`` per row, ``-inf`` for a row of zeros: ``v' = v 2^-L``."""
-    top = v.amax(dim=1)
+def _factor_exponent(top):
+    """``L = floor(log2(top))`` of the rows' largest weights, ``-inf`` for a row of zeros:
+    ``v' = v 2^-L``."""
     return torch.where(top > 0, torch.floor(torch.log2(top)), -INF)
+
+
+def _exact_difference(t, s, excluded, scratch):
+    """``(hi, lo)`` (R, C) in ``scratch`` with ``hi + lo == t - s`` exactly (TwoSum: ``hi`` the
+    rounded difference, ``lo`` its rounding error), both 0 on ``excluded`` classes."""
+    rows = t.shape[0]
+    hi = torch.sub(t, s, out=scratch.floats("d", rows))
+    back = torch.sub(hi, t, out=scratch.floats("back", rows))  # hi - t, the part of -s in hi
+    lo = torch.sub(hi, back, out=scratch.floats("lo", rows))
+    lo = torch.sub(t, lo, out=lo).sub_(back.add_(s))  # (t - (hi - back)) - (s + back)
+    return hi.masked_fill_(excluded, 0.0), lo.masked_fill_(excluded, 0.0)
 
 
 def _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t=None):
@@ -188,20 +199,20 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
             _scaled(torch.sub(t, ref_t, out=scratch.floats("d", rows)),
                     1.0 / config.weight_temperature).exp_().sum(dim=1)
     v, excluded = _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t)
+    top, heaviest = v.max(dim=1, keepdim=True)
     if config.source != SOURCE_TEACHER:
-        columns[STAT_L] = _factor_exponent(v)
+        columns[STAT_L] = _factor_exponent(top[:, 0])
         v.mul_(torch.exp2(-_ref(columns[STAT_L]))[:, None])
     weight = columns[STAT_W] = v.sum(dim=1)
-    safe = torch.where(weight != 0, weight, 1.0)
-    # the weighted mean of d (excluded classes: d = 0, weighing nothing), then corrected by the
-    # weighted mean of the deviations from it (exact differences near it): accurate when one
-    # weight dominates and under offsets
-    d = torch.sub(t, s, out=scratch.floats("d", rows)).masked_fill_(excluded, 0.0)
-    rough = _dot(v, d, scratch) / safe
-    dev = d.sub_(rough[:, None])
-    residual = _dot(v, dev, scratch) / safe
+    # d = t - s as the exact pair hi + lo, its deviations from the heaviest class's exact d (the
+    # pivot ph + pl: exact differences near it, under per-row offsets), then from their weighted
+    # mean dm (excluded classes: 0, weighing nothing): accurate when one weight dominates
+    hi, lo = _exact_difference(t, s, excluded, scratch)
+    ph, pl = hi.gather(1, heaviest), lo.gather(1, heaviest)
+    dev = hi.sub_(ph).add_(lo.sub_(pl))
+    residual = _dot(v, dev, scratch) / torch.where(weight != 0, weight, 1.0)
     dev.sub_(residual[:, None])
-    columns[STAT_PH], columns[STAT_DM] = rough, residual
+    columns[STAT_PH], columns[STAT_PL], columns[STAT_DM] = ph[:, 0], pl[:, 0], residual
     weighted = v.mul_(dev) if weighted_deviation is None else \
         torch.mul(v, dev, out=weighted_deviation)
     columns[STAT_M2] = _dot(weighted, dev, scratch)
@@ -435,8 +446,9 @@ def gradient_directions_torch(student, teacher, factor, labels, stats, config, s
                                scratch)
         if config.source != SOURCE_TEACHER:
             v.mul_(torch.exp2(-_ref(stats[:, STAT_L]))[:, None])
-        dev = torch.sub(t, s, out=scratch.floats("d", rows)).sub_(stats[:, STAT_PH, None]).sub_(
-            stats[:, STAT_PL, None]).sub_(stats[:, STAT_DM, None])
+        hi, lo = _exact_difference(t, s, excluded, scratch)
+        dev = hi.sub_(stats[:, STAT_PH, None]).add_(lo.sub_(stats[:, STAT_PL, None])).sub_(
+            stats[:, STAT_DM, None])
         weighted_deviation = v.mul_(dev.masked_fill_(excluded, 0.0))
     return softmax_difference, weighted_deviation
 

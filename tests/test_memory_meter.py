@@ -1,11 +1,12 @@
-"""The CPU peak-memory meter of ``bench.memory`` against hand counts."""
+"""The CPU peak-memory meter of ``gkl_kernels.testing.memory`` against hand counts."""
 
 import sys
 
 import pytest
 import torch
 
-from bench.memory import available_memory_bytes, measure_peak_memory, peak_of_allocations
+from gkl_kernels.testing.memory import (available_memory_bytes, measure_peak_memory,
+                                        peak_of_allocations)
 
 FLOAT32 = 4
 

@@ -1,4 +1,4 @@
-"""``python -m bench.chunk_model``: a MODEL, nothing is timed: ``fused_linear_gkl``'s step time on a
+"""``python -m tools.chunk_model``: a MODEL, nothing is timed: ``fused_linear_gkl``'s step time on a
 GPU against its chunk size, from the FLOPs and bytes each chunk costs, and the chunk it implies.
 
 Per chunk of ``c`` rows (vocabulary ``V``, hidden size ``H``, weights of ``e`` bytes an element):
@@ -86,7 +86,7 @@ def report(gpu=H100):
     """The model's lines: per shape and dtype, the step time at ``fused_linear_gkl``'s CUDA
     default chunk, at the model's chunk within the same memory and without a memory bound."""
     lines = [f"MODEL, nothing timed: fused_linear_gkl forward+backward on one {gpu.name}, "
-             f"against the chunk size c (bench/chunk_model.py); memory: eight float32 (c, V) "
+             f"against the chunk size c (tools/chunk_model.py); memory: eight float32 (c, V) "
              f"blocks"]
     for tokens, vocab, hidden in SHAPES:
         for dtype in ("bfloat16", "float32"):

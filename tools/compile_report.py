@@ -1,24 +1,24 @@
 """Ahead-of-time compile report for the Triton kernels on sm_80 (A100) and sm_90a (H100).
 
 No GPU is needed. Three kernel families, each a forward and a backward kernel with a launcher per
-pass: ``rank1`` (``row_stats`` / ``loss_backward``, and the one-program ``finish_loss``), ``shared`` (pair weights, one
-``(C, C)`` matrix, ``tl.dot``: ``shared_rows_forward`` / ``shared_rows_backward``) and ``per_row``
-(pair weights ``(B, C, C)``: ``per_row_rows_forward`` / ``per_row_rows_backward``). Each
-configuration is a call of a launcher on ``meta`` tensors with the Triton kernel swapped for a
-recorder, so the tiles, the warp count and every argument are the launchers' own choices
-(``pick_block_c``, ``pick_num_warps``, ``pick_shared_blocks``, ``pick_per_row_blocks``).
-The recorded launch is specialised as the JIT specialises a launch on contiguous torch tensors
-(pointers 16-byte aligned, integers equal to 1 become constants, integers divisible by 16 get
-``tt.divisibility``), compiled with ``triton.compile`` for each architecture, re-assembled with
-``ptxas -v`` and Triton's register-allocation options (registers, spills), and disassembled with
-``nvdisasm -c`` (instruction count, local-memory instructions, widths of global loads,
-matrix-unit instructions: ``HMMA`` on sm_80, warpgroup ``HGMMA`` or ``HMMA`` on sm_90a). The
+pass: ``rank1`` (``row_stats`` / ``loss_backward``, and the one-program ``finish_loss``),
+``shared`` (pair weights, one ``(C, C)`` matrix, ``tl.dot``: ``shared_rows_forward`` /
+``shared_rows_backward``) and ``per_row`` (pair weights ``(B, C, C)``: ``per_row_rows_forward`` /
+``per_row_rows_backward``). Each configuration is a call of a launcher on ``meta`` tensors with the
+Triton kernel swapped for a recorder, so the tiles, the warp count and every argument are the
+launchers' own choices (``pick_block_c``, ``pick_num_warps``, ``pick_shared_blocks``,
+``pick_per_row_blocks``). The recorded launch is specialised as the JIT specialises a launch on
+contiguous torch tensors (pointers 16-byte aligned, integers equal to 1 become constants, integers
+divisible by 16 get ``tt.divisibility``), compiled with ``triton.compile`` for each architecture,
+re-assembled with ``ptxas -v`` and Triton's register-allocation options (registers, spills), and
+disassembled with ``nvdisasm -c`` (instruction count, local-memory instructions, widths of global
+loads, matrix-unit instructions: ``HMMA`` on sm_80, warpgroup ``HGMMA`` or ``HMMA`` on sm_90a). The
 compiles run in a pool of forked processes; the ptxas / nvdisasm figures are cached in Triton's
 cache, keyed by the kernel's hash and the measuring code.
 
 Run from the repository root::
 
-    python -m bench.compile_report [--arch 80 90] [--family rank1 shared per_row]
+    python -m tools.compile_report [--arch 80 90] [--family rank1 shared per_row]
                                    [--workers 2] [--quick] [--json rows.json]
 
 It prints one row per configuration and exits with status 1 when a configuration fails to

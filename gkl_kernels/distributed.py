@@ -1,0 +1,57 @@
+"""The package's one ``torch.distributed`` helper: whether a process group is running, its size,
+and the collectives of the synced normaliser and the vocabulary shards (each the identity
+without an initialised process group)."""
+
+import torch
+from torch import distributed
+
+from gkl_kernels.rank1.config import TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS, TOTAL_WMSE
+from gkl_kernels.rank1.torch_impl import merge_row_stats
+
+
+def running():
+    """Whether a default process group is initialised."""
+    return distributed.is_available() and distributed.is_initialized()
+
+
+def world_size(group):
+    """The processes of ``group`` (None: the default group); 1 without a process group."""
+    return distributed.get_world_size(group) if running() else 1
+
+
+def all_reduced(tensor, op, group):
+    """``tensor`` reduced in place (``op``: ``"sum"`` or ``"max"``) over the processes of
+    ``group``."""
+    if running():
+        reduce_op = distributed.ReduceOp.SUM if op == "sum" else distributed.ReduceOp.MAX
+        distributed.all_reduce(tensor, op=reduce_op, group=group)
+    return tensor
+
+
+def all_process_totals(totals, group):
+    """The batch totals of every process's rows together: the largest scale exponent ``K``, then
+    the sums (the normaliser mantissa and wMSE sum brought to that ``K``), two all-reduces."""
+    if not running():
+        return totals
+    top = all_reduced(totals[TOTAL_K].clone(), "max", group)
+    f = torch.exp2(totals[TOTAL_K] - top)
+    sums = all_reduced(torch.stack([totals[TOTAL_DEN] * f * f, totals[TOTAL_ROWS],
+                                    totals[TOTAL_WMSE] * f * f, totals[TOTAL_CE]]), "sum", group)
+    merged = totals.clone()
+    merged[TOTAL_K] = top
+    merged[[TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE, TOTAL_CE]] = sums
+    return merged
+
+
+def merged_row_stats(stats, config, group):
+    """The statistics of the whole vocabulary: every shard's ``(N, NUM_STATS)`` gathered (one
+    all-gather) and merged in process order (``merge_row_stats``)."""
+    size = world_size(group)
+    if size == 1:
+        return stats
+    parts = [torch.empty_like(stats) for _ in range(size)]
+    distributed.all_gather(parts, stats.contiguous(), group=group)
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merge_row_stats(merged, part, config)
+    return merged

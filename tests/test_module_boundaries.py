@@ -1,0 +1,122 @@
+"""Who may import whom, read from the sources with ``ast``: the bench (``bench/``) is a leaf that
+nothing outside it imports (its own tests live in it; the README generator reads its sentences),
+its modules import each other without a cycle, and the package's counters
+(``gkl_kernels.testing``) are not imported by ``import gkl_kernels``."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OUTSIDE_BENCH = ("gkl_kernels", "reference", "tests", "tools", "examples")
+# tools/readme.py writes the README summary and docs/RESULTS.md from the bench's JSON in the
+# bench's own sentences (bench.report, bench.overhead, bench.traffic)
+BENCH_IMPORTERS = {"tools/readme.py"}
+
+pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
+
+
+def imported_modules(path, package):
+    """The absolute names of the modules ``path`` imports (function-level imports too), a
+    relative import resolved in ``package`` (dotted); ``from a import b`` gives ``a`` and
+    ``a.b``."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[:len(parts) - node.level + 1])
+                base = ".".join(part for part in (parent, base) if part)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def bench_importers(root):
+    """The ``.py`` files under ``root``'s folders ``OUTSIDE_BENCH`` that import ``bench``."""
+    found = []
+    for folder in OUTSIDE_BENCH:
+        for path in sorted((root / folder).rglob("*.py")):
+            package = ".".join(path.parent.relative_to(root).parts)
+            if any(name == "bench" or name.startswith("bench.")
+                   for name in imported_modules(path, package)):
+                found.append(path.relative_to(root).as_posix())
+    return found
+
+
+def import_cycles(package_dir):
+    """The import cycles among the modules of the package in ``package_dir`` (one folder, no
+    subpackages): each as the list of module names around it, the first repeated last."""
+    package = package_dir.name
+    modules = {path.stem: path for path in package_dir.glob("*.py")}
+    edges = {}
+    for name, path in modules.items():
+        imported = imported_modules(path, package)
+        edges[name] = sorted(other for other in modules
+                             if other != name and f"{package}.{other}" in imported)
+    cycles, done = [], set()
+
+    def visit(name, trail):
+        if name in trail:
+            cycles.append(trail[trail.index(name):] + [name])
+            return
+        if name in done:
+            return
+        for other in edges[name]:
+            visit(other, trail + [name])
+        done.add(name)
+
+    for name in sorted(modules):
+        visit(name, [])
+    return cycles
+
+
+def test_nothing_outside_the_bench_imports_it():
+    """Tests (``tests/``, ``tools/gpu_tests.py``), tools, examples and the package import the
+    counters from ``gkl_kernels.testing``; only the bench's own tests (``bench/test_bench_*.py``)
+    and the README generator import ``bench``."""
+    found = bench_importers(REPO)
+    assert set(found) <= BENCH_IMPORTERS, found
+    assert (REPO / "tests" / "test_traffic_counters.py").is_file()  # scanned, not vacuous
+
+
+def test_a_bench_import_is_found(tmp_path):
+    for folder, source in (("tests", "def f():\n    from bench.traffic import count_case\n"),
+                           ("tools", "import bench.cases as cases\n"),
+                           ("examples", "from bench import report\n"),
+                           ("gkl_kernels", "from .bench import report\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.py").write_text(source)
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "tools" / "ok.py").write_text("import benchmarks\nfrom gkl_kernels import bench\n")
+    assert bench_importers(tmp_path) == ["tests/x.py", "tools/x.py", "examples/x.py"]
+
+
+def test_bench_modules_import_each_other_without_a_cycle():
+    assert import_cycles(REPO / "bench") == []
+
+
+def test_an_import_cycle_is_found(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("from pkg.b import f\n")
+    (package / "b.py").write_text("def g():\n    from pkg import c\n")
+    (package / "c.py").write_text("from .a import h\nimport pkg.d\n")
+    (package / "d.py").write_text("import os\n")
+    assert import_cycles(package) == [["a", "b", "c", "a"]]
+    (package / "c.py").write_text("import pkg.d\n")
+    assert import_cycles(package) == []
+
+
+def test_the_counters_are_not_imported_with_the_package():
+    code = ("import sys, gkl_kernels; "
+            "print(sorted(m for m in sys.modules if m.startswith('gkl_kernels.testing')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
