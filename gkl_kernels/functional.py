@@ -15,11 +15,10 @@ from gkl_kernels import validation as check
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
 from gkl_kernels.rank1.config import (SOURCE_EXPLICIT, SOURCE_PAIRS, SOURCE_PRIOR,
-                                      SOURCE_TEACHER, RowConfig, compute_dtype)
+                                      SOURCE_TEACHER, compute_dtype)
 from gkl_kernels.rows import MEAN, PER_ROW, RowLoss, SyncedMean
-from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
-                                        compact_student, compact_teacher, optional_factor,
-                                        readable_indices)
+from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_rows,
+                                        optional_factor, readable_indices, sparse_teacher_loss)
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction, WeightsKind
 
 
@@ -80,13 +79,7 @@ def gkl_loss(student: Tensor, teacher: Union[Tensor, SparseTeacher], *,
         float32 (float64 for float64 logits): 0-dim for ``"mean"`` and ``"sum"``, ``(...)`` for
         ``"none"``.
     """
-    options = GKLOptions(gamma=gamma, temperature=temperature,
-                         weight_temperature=weight_temperature, mse_weight=mse_weight,
-                         ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
-                         reduction=reduction, backend=backend, check_values=check_values,
-                         block_c=block_c, dot_precision=dot_precision,
-                         sync_normalizer=sync_normalizer, process_group=process_group,
-                         ignore_index=ignore_index)
+    options = GKLOptions.of(locals())
     return gkl_loss_with_options(student, teacher, options, labels=labels,
                                  class_prior=class_prior, weights=weights,
                                  weights_kind=weights_kind)
@@ -133,18 +126,16 @@ def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher]
                              "empty batch")
         rows = (student.sum(1) + teacher.sum(1)).float() * 0.0  # zeros, gradients of zeros
         return rows.reshape(lead) if options.reduction == "none" else rows.sum()
-    pairs = {}
     if kind in ("shared", "per_row"):
         source, factor = SOURCE_PAIRS, weights.detach()
-        pairs = dict(per_row=kind == "per_row",
-                     dot_precision=check.DOT_PRECISIONS.index(options.dot_precision))
     elif weights is not None:
         source, factor = SOURCE_EXPLICIT, weights.detach()
     elif class_prior is not None:
         source, factor = SOURCE_PRIOR, class_prior.detach()
     else:
         source, factor = SOURCE_TEACHER, None
-    config = row_config(options, source, labels is not None, use_triton, **pairs)
+    config = options.row_config(source, labels is not None, use_triton,
+                                per_row=kind == "per_row")
     if options.reduction != "mean":
         rows = RowLoss.apply(student, teacher, factor, labels, config, PER_ROW)
         return rows.reshape(lead) if options.reduction == "none" else rows.sum()
@@ -153,9 +144,8 @@ def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher]
 
 
 def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights, weights_kind):
-    """``gkl_loss`` on a ``SparseTeacher``: the loss of the compact rows (``sparse_teacher``);
-    ``"drop"`` as its wMSE term plus ``ce_weight`` times the cached mass times each row's
-    renormalised cross-entropy (one more call of the row kernel)."""
+    """``gkl_loss`` on a ``SparseTeacher``: every input checked here, once, then taken as rows
+    ``(B, C)`` and the teacher's ``CompactRows``, and the loss is ``sparse_teacher_loss``'s."""
     check.check_logits(student, student, any_rows=True)
     if weights is not None and (weights_kind not in (None, "factor")
                                 or weights.shape != student.shape):
@@ -163,54 +153,41 @@ def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights
                          f"{tuple(student.shape)} or class_prior, got weights of shape "
                          f"{tuple(weights.shape)}" + (f" (weights_kind={weights_kind!r})"
                                                       if weights_kind else ""))
+    lead = student.shape[:-1]
+    student_rows, _, labels, weights = _as_rows(student, student, labels, weights)
+    num_classes = student.shape[-1]
     if labels is not None:
-        if isinstance(labels, Tensor) and labels.shape != student.shape[:-1]:
-            raise ValueError(f"labels must have the logits' leading shape "
-                             f"{tuple(student.shape[:-1])}, got {tuple(labels.shape)}")
-        check.check_labels(labels.reshape(-1) if isinstance(labels, Tensor) else labels,
-                           student[..., 0].numel(), student.shape[-1], student.device,
+        check.check_labels(labels, student_rows.shape[0], num_classes, student.device,
                            options.check_values, options.ignore_index)
     if class_prior is not None:
         if labels is None:
             raise ValueError("class_prior needs labels (...) to pick each row's prior")
-        check.check_tensor("class_prior", class_prior, (student.shape[-1],) * 2,
-                           check.LOGIT_DTYPES, student.device)
-    ignored = None if labels is None else labels == options.ignore_index
+        check.check_tensor("class_prior", class_prior, (num_classes,) * 2, check.LOGIT_DTYPES,
+                           student.device)
+    ignored = None if labels is None else (labels == options.ignore_index).reshape(lead)
     teacher = readable_indices(teacher, ignored)
     check_sparse_teacher(teacher, student, options.check_values, ignored)
-    s_rows = compact_student(student, teacher.indices, options.temperature, ignored)
-    t_rows, mass = compact_teacher(teacher, student.shape[-1], ignored)
-    factor = optional_factor(weights, class_prior, labels, options)
-    compact = None if factor is None else compact_factor(factor.detach(), teacher.indices)
-    # the compact rows need the labels only to drop the ignored rows (the prior is gathered)
-    mask = None if labels is None else torch.where(ignored, options.ignore_index, 0)
-
-    def loss(**changes):
-        return gkl_loss_with_options(s_rows, t_rows, replace(options, **changes), labels=mask,
-                                     weights=compact,
-                                     weights_kind=None if compact is None else "factor")
-    if mass is None:
-        return loss()
-    if options.sync_normalizer:
+    if teacher.rest == "drop" and options.sync_normalizer:
         raise ValueError("sync_normalizer does not combine with rest='drop' (its cross-entropy "
                          "is averaged here, per process)")
-    wmse = loss(ce_weight=0.0)
-    # "drop": each row's renormalised cross-entropy times its cached mass (0 on ignored rows)
-    rows_ce = loss(mse_weight=0.0, ce_weight=1.0, reduction="none") * mass.to(t_rows.dtype)
-    if options.reduction == "none":
-        return wmse + options.ce_weight * rows_ce
-    total = options.ce_weight * rows_ce.sum()
-    if options.reduction == "sum":
-        return wmse + total
-    return wmse + total / kept_row_count(ignored, mass.numel(), student.device)
-
-
-def kept_row_count(ignored, rows, device):
-    """The rows a mean is taken over, float32 0-dim, at least 1: those not ``ignored`` (a bool
-    tensor of the rows; None: all ``rows``). No host synchronisation."""
-    if ignored is None:
-        return torch.tensor(float(max(rows, 1)), device=device)
-    return (~ignored).sum(dtype=torch.float32).clamp_min(1.0)
+    top = teacher.indices.shape[-1]
+    teacher = replace(teacher, indices=teacher.indices.reshape(-1, top),
+                      values=teacher.values.reshape(-1, top))
+    factor = optional_factor(weights, class_prior, labels, options)
+    rows = compact_rows(teacher, num_classes, factor,
+                        None if ignored is None else ignored.reshape(-1), options.ignore_index)
+    if rows.factor is not None:  # the weights the loss reads: at the cached classes
+        check.check_nonnegative_finite("weights" if weights is not None else "class_prior",
+                                       rows.factor, options.check_values)
+    if student_rows.shape[0] == 0:
+        if options.sync_normalizer:
+            raise ValueError("sync_normalizer needs at least one row on every process, got an "
+                             "empty batch")
+        zeros = student.sum(-1).float() * 0.0  # zeros, gradients of zeros
+        return zeros if options.reduction == "none" else zeros.sum()
+    loss = sparse_teacher_loss(student_rows, rows, options,
+                               check.use_triton_for(options.backend, student.device))
+    return loss.reshape(lead) if options.reduction == "none" else loss
 
 
 def _as_rows(student, teacher, labels, weights):
@@ -241,18 +218,6 @@ def kernels_check_values(use_triton, device):
     Elsewhere reading the values is free (CPU tensors, where the interpreter runs no device
     assertion) or the torch path's own device-side assertions check them."""
     return use_triton and device.type == "cuda"
-
-
-def row_config(options, source, has_labels, use_triton, **changes):
-    """The ``RowConfig`` of ``options`` for one weight source (``changes`` override fields)."""
-    fields = dict(source=source, gamma=options.gamma, temperature=options.temperature,
-                  weight_temperature=options.weight_temperature, mse_weight=options.mse_weight,
-                  ce_weight=options.ce_weight, normalize_batch=options.normalize == "batch",
-                  symmetric=options.symmetric, has_labels=has_labels,
-                  ignore_index=options.ignore_index, use_triton=use_triton,
-                  block_c=options.block_c or 0)
-    fields.update(changes)
-    return RowConfig(**fields)
 
 
 def _checked_weights_kind(weights, teacher, student, weights_kind, options, check_values,
@@ -288,16 +253,14 @@ def pairwise_wmse(student: Tensor, teacher: Tensor, weights: Tensor, *,
     Returns:
         float32 (float64 for float64 logits): ``(B,)`` for ``"none"``, else 0-dim.
     """
-    check.check_choice("reduction", reduction, check.REDUCTIONS)
-    options = GKLOptions(backend=backend, check_values=check_values, block_c=block_c,
-                         dot_precision=dot_precision)
+    options = GKLOptions.of(locals())
     check.check_logits(student, teacher)
     use_triton = check.use_triton_for(backend, student.device)
     kind = _checked_weights_kind(weights, teacher, student, weights_kind, options, check_values,
                                  use_triton)
     if kind == "factor":
-        config = RowConfig(source=SOURCE_EXPLICIT, mse_weight=4.0, ce_weight=0.0,
-                           normalize_batch=True, use_triton=use_triton, block_c=block_c or 0)
+        config = options.row_config(SOURCE_EXPLICIT, False, use_triton, mse_weight=4.0,
+                                    ce_weight=0.0, normalize_batch=True)
         wmse = RowLoss.apply(student, teacher, weights.detach(), None, config, PER_ROW)
     else:
         wmse = pair_rows(student, teacher, weights.detach(), kind == "per_row", True, use_triton,

@@ -9,11 +9,18 @@ at once: ``dh = g W``, ``dW += g^T h`` (a float32 accumulator), ``db += sum_rows
 gradients are computed during the forward pass and scaled by the incoming gradient in backward
 (the loss is a scalar), so the peak extra memory is ``O(c V)`` plus the gradients themselves.
 
+Every fused loss (``fused_linear_gkl``, ``fused_linear_gkl_sparse``, the trainer's
+``FusedLinearDistillationLoss``) runs the one chunk loop ``chunk_loop``: it forms each chunk's
+logits and folds the gradient its per-chunk function returns back into the heads; that function
+forms the gradient from the row ops (``fused_linear_gkl``) or by autograd (the others). Their
+inputs are checked once, at the entry.
+
 The loss's coefficients ``mse_weight / (4 N)`` and ``ce_weight / R`` must be known before any
-chunk's gradient is formed. ``R`` (the kept rows) comes from the labels; ``N = sum_b W_b^2`` is
-``R`` for ``normalize="batch"`` and for teacher weights with ``gamma = 1`` (each row's softmax
-sums to 1); explicit and prior factors give ``W_b`` without any product; only teacher weights
-with ``gamma != 1`` need a first pass over the teacher's chunks (one more teacher product each).
+chunk's gradient is formed (``batch_totals``, the one normaliser). ``R`` (the kept rows) comes
+from the labels; ``N = sum_b W_b^2`` is ``R`` for ``normalize="batch"`` and for teacher weights
+with ``gamma = 1`` (each row's softmax sums to 1); explicit and prior factors give ``W_b``
+without any product; only teacher weights with ``gamma != 1`` need a first pass over the
+teacher's chunks (one more teacher product each).
 """
 
 from dataclasses import dataclass, replace
@@ -24,15 +31,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.functional import gkl_loss_with_options, kept_row_count, row_config
 from gkl_kernels.options import GKLOptions
-from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR,
-                                      SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS, RowConfig)
-from gkl_kernels.rank1.op import RowInputs, RowState, finish, gradients, statistics
+from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER,
+                                      TOTAL_DEN, TOTAL_K, TOTAL_ROWS, RowConfig)
 from gkl_kernels.rank1.torch_impl import row_stats_and_gradients_torch
-from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_factor,
-                                        compact_student, compact_teacher, optional_factor,
-                                        readable_indices)
+from gkl_kernels.row_ops import RowInputs, RowState, finish, gradients, statistics
+from gkl_kernels.rows import safe_ratio
+from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_rows,
+                                        kept_row_count, optional_factor, readable_indices,
+                                        sparse_teacher_loss)
 
 UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GKLOptions
 # default chunk: the largest power of two of rows with c * V <= one of these. On CPU the row math
@@ -41,7 +48,7 @@ UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GK
 # reused from chunk to chunk, and at N = 8192, V = 32000 on 2 cores 1024 rows ran 5.25-5.55 s
 # against 5.76 s at 256; where each chunk's (c, V) tensors are fresh (half-precision heads, or
 # autograd differentiating the chunk: fused_linear_gkl_sparse, FusedLinearDistillationLoss) a
-# 32 MiB block. On CUDA 2 GiB for eight float32 blocks (bench/chunk_model.py: fewer rows are
+# 32 MiB block. On CUDA 2 GiB for eight float32 blocks (tools/chunk_model.py: fewer rows are
 # bound by reading the weights once per chunk; a model, not timed on a GPU).
 REUSED_CHUNK_ELEMENTS = 2**25
 CHUNK_ELEMENTS = 2**23
@@ -120,10 +127,10 @@ class FusedLinearGKLLoss(nn.Module):
     def __init__(self, *, chunk_size: Optional[int] = None, teacher_grad: bool = False,
                  **gkl_options: Any) -> None:
         super().__init__()
-        _check_chunk_size(chunk_size)
+        check.check_chunk_size(chunk_size)
         check.check_bool("teacher_grad", teacher_grad)
         self.chunk_size, self.teacher_grad = chunk_size, teacher_grad
-        self.options = _options_from(gkl_options)
+        self.options = options_from(gkl_options)
         self._gkl_options = gkl_options
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
@@ -216,9 +223,9 @@ def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
     Returns:
         The loss, float32, 0-dim.
     """
-    options = _options_from(gkl_options)
-    _check_chunk_size(chunk_size)
-    rows, vocabulary = _check_linear("student", student_hidden, student_weight, student_bias)
+    options = options_from(gkl_options)
+    check.check_chunk_size(chunk_size)
+    rows, vocabulary = check.check_linear("student", student_hidden, student_weight, student_bias)
     device = student_hidden.device
     like = torch.zeros((), device=device).expand(rows, vocabulary)  # shapes only, no memory
     if labels is not None:
@@ -228,24 +235,21 @@ def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
     ignored = None if labels is None else labels == options.ignore_index
     teacher = readable_indices(teacher, ignored)
     check_sparse_teacher(teacher, like, options.check_values, ignored)
-    factor = optional_factor(weights, class_prior, labels, options)
+    rows = compact_rows(replace(teacher, values=teacher.values.detach()), vocabulary,
+                        optional_factor(weights, class_prior, labels, options), ignored,
+                        options.ignore_index)
     plan = SparsePlan(options, chunk_size or default_chunk_size(vocabulary, device.type),
-                      teacher.temperature, teacher.rest)
-    return FusedSparseFunction.apply(
-        student_hidden, student_weight, student_bias, teacher.indices, teacher.values.detach(),
-        labels, None if factor is None else compact_factor(factor.detach(), teacher.indices),
-        plan)
+                      check.use_triton_for(options.backend, device))
+    return FusedSparseFunction.apply(student_hidden, student_weight, student_bias, rows, plan)
 
 
 @dataclass(frozen=True)
 class SparsePlan:
-    """The sparse chunk loop's options: the loss options, the chunk size, and the cache's
-    temperature and rest option."""
+    """The sparse chunk loop's options: the loss options, the chunk size and the backend."""
 
     options: GKLOptions
     chunk_size: int
-    temperature: float
-    rest: str
+    use_triton: bool
 
 
 class FusedSparseFunction(torch.autograd.Function):
@@ -253,168 +257,164 @@ class FusedSparseFunction(torch.autograd.Function):
     chunk. Backward: those gradients times the incoming scalar gradient."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, indices, values, labels,
-                compact, plan):
+    def forward(ctx, student_hidden, student_weight, student_bias, rows, plan):
         student = (student_hidden, student_weight, student_bias)
-        grads = [_gradient_buffer(x, w) for x, w in zip(student, ctx.needs_input_grad[:3])]
-        loss = _sparse_loss_and_gradients(student, indices, values, labels, compact, plan,
-                                          grads)
+        grads = [gradient_buffer(x, w) for x, w in zip(student, ctx.needs_input_grad[:3])]
+        loss = _sparse_loss_and_gradients(student, rows, plan, grads)
         keep_gradients(ctx, student, grads)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        return (*scaled_gradients(ctx, grad_loss), None, None, None, None, None)
+        return (*scaled_gradients(ctx, grad_loss), None, None)
 
 
-def _sparse_loss_and_gradients(student, indices, values, labels, compact, plan, grads):
-    """The loss (float32, 0-dim), the student's gradients added into ``grads``: per chunk the
-    compact rows' wMSE and cross-entropy rows (two row-op calls, ``reduction="none"``), weighed by
-    ``mse_weight / N`` and ``ce_weight / R`` (``"drop"``: times the cached mass) from
-    ``_sparse_normalisers``."""
-    options = plan.options
-    teacher = SparseTeacher(indices, values, plan.temperature, plan.rest)
-    ignored = None if labels is None else labels == options.ignore_index
-    t_rows, mass = compact_teacher(teacher, student[1].shape[0], ignored)
-    mask = None if labels is None else torch.where(ignored, options.ignore_index, 0)
-    wmse_norm, ce_norm = _sparse_normalisers(t_rows, compact, ignored, options)
+def _sparse_loss_and_gradients(student, rows, plan, grads):
+    """The loss (float32, 0-dim) of the student's head ``student`` against the teacher's
+    ``CompactRows``, the student's gradients added into ``grads``: per chunk
+    ``sparse_teacher_loss``'s share of the mean with the batch's ``(1 / N, 1 / R)``
+    (``batch_totals``), differentiated by autograd."""
+    options, count = plan.options, rows.indices.shape[0]
 
-    def chunk_loss(chunk, logits, _):
-        s_rows = compact_student(logits, indices[chunk], options.temperature,
-                                 None if ignored is None else ignored[chunk])
+    def weight_inputs(chunk):  # the weights read the teacher's compact rows alone
+        part = rows.part(chunk)
+        return RowInputs(part.teacher, part.teacher, part.factor, part.labels)
 
-        def rows(**changes):
-            return gkl_loss_with_options(
-                s_rows, t_rows[chunk], replace(options, reduction="none", **changes),
-                labels=None if mask is None else mask[chunk],
-                weights=None if compact is None else compact[chunk],
-                weights_kind=None if compact is None else "factor")
+    shares = normaliser_shares(batch_totals(  # the compact rows (N, k + 1): one chunk
+        rows.config(options, plan.use_triton),
+        kept_row_count(rows.ignored, count, rows.teacher.device), count, count, weight_inputs))
 
-        ce = rows(mse_weight=0.0, ce_weight=1.0)
-        if mass is not None:
-            ce = ce * mass[chunk]
-        part = options.ce_weight * ce.sum() * ce_norm
-        if options.mse_weight != 0:
-            part = part + options.mse_weight * rows(mse_weight=1.0, ce_weight=0.0).sum() \
-                * wmse_norm
-        return part[None]
+    def chunk_terms(chunk, logits):
+        return sparse_teacher_loss(logits, rows.part(chunk), options, plan.use_triton,
+                                   shares)[None]
 
-    return chunked_with_autograd(student, None, indices.shape[0], plan.chunk_size, grads,
-                                 chunk_loss)[0]
+    terms = chunk_loop((student,), (grads,), count, plan.chunk_size,
+                       with_autograd(chunk_terms, any(g is not None for g in grads)))
+    return sum(terms)[0]
 
 
-def chunked_with_autograd(student, teacher, rows, chunk_size, grads, chunk_loss):
-    """The sum over chunks of rows of ``chunk_loss(chunk, s, t)``, a 1-D tensor (its element 0
-    the loss to differentiate, the others components), with ``s``, ``t`` the chunk's float32
-    logits of the ``(h, W, b)`` heads (``t`` None without a teacher head; constants); each
-    chunk's gradient of element 0 with respect to ``s`` (through autograd) is folded back into
-    ``grads`` at once. Returns the detached sums, float32."""
-    wanted = any(g is not None for g in grads)
-    total = None
+def chunk_loop(heads, grads, rows, chunk_size, chunk_function, reuse_blocks=False):
+    """The one chunk loop of the fused losses: for each chunk of ``rows`` rows the chunk's float32
+    logits ``h[chunk] W^T (+ b)`` ``(c, V)`` of each linear head ``(h, W, b)`` of ``heads``, then
+    ``terms, logit_grads = chunk_function(chunk, *logits)``; each logit gradient ``g`` (None: not
+    wanted) is folded back into the head's ``grads`` ``(dh, dW, db)`` at once: ``dh = g W``,
+    ``dW += g^T h[chunk]``, ``db += sum_rows g``. ``reuse_blocks``: the logits of float32 heads
+    are written into one ``(chunk_size, V)`` block per head, reused from chunk to chunk (a fresh
+    block a chunk costs its page faults on CPU). Returns the chunks' ``terms``, a list."""
+    blocks = [_chunk_block(head, chunk_size) if reuse_blocks and head[0].dtype == torch.float32
+              else None for head in heads]
+    terms = []
     for chunk in _chunks(rows, chunk_size):
-        logits = _logits(student, chunk).requires_grad_(wanted)
-        teacher_logits = None if teacher is None else _logits(teacher, chunk)
+        logits = [_logits(head, chunk, block) for head, block in zip(heads, blocks)]
+        part, logit_grads = chunk_function(chunk, *logits)
+        del logits  # fresh logits are freed before the products of the fold-back
+        for grad_logits, head, head_grads in zip(logit_grads, heads, grads):
+            if grad_logits is not None:
+                _fold_back(grad_logits, head, head_grads, chunk)
+        terms.append(part)
+    return terms
+
+
+def with_autograd(chunk_terms, wanted):
+    """A ``chunk_loop`` function from ``chunk_terms(chunk, s, *logits)``, a 1-D tensor of the
+    chunk's terms (element 0 the loss), that differentiates element 0 with respect to the
+    student's logits ``s`` by autograd (when ``wanted``); the terms come back detached,
+    float32."""
+    def chunk_function(chunk, s, *logits):
+        s.requires_grad_(wanted)
         with torch.enable_grad():  # the Function's forward runs without it
-            parts = chunk_loss(chunk, logits, teacher_logits)
-            loss = parts[0]
-        if wanted:
-            _fold_back(torch.autograd.grad(loss, logits)[0], student, grads, chunk)
-        parts = parts.detach().float()
-        total = parts if total is None else total + parts
-    return total
-
-
-def _sparse_normalisers(t_rows, compact, ignored, options):
-    """``(1 / N, 1 / R)`` (0-dim tensors): ``R`` the kept rows (at least 1), ``N`` their ``sum_b
-    W_b^2`` of the compact rows' weights (teacher ``softmax(t / T2) ** gamma`` over the present
-    columns, or the gathered factor), or ``R`` for ``normalize="batch"``; ``1 / N = 0`` for
-    ``N = 0``."""
-    count = kept_row_count(ignored, t_rows.shape[0], t_rows.device)
-    if options.normalize == "batch":
-        return 1.0 / count, 1.0 / count
-    if compact is None:
-        present = t_rows != float("-inf")
-        v = torch.softmax(t_rows.float() / options.weight_temperature, dim=-1)
-        weight = torch.where(present, v ** options.gamma, 0.0).sum(dim=-1)
-    else:
-        weight = compact.float().sum(dim=-1)
-    squares = weight * weight
-    norm = (squares if ignored is None else torch.where(ignored, 0.0, squares)).sum()
-    return torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, 1.0), 0.0), 1.0 / count
+            terms = chunk_terms(chunk, s, *logits)
+            loss = terms[0]
+        grad = torch.autograd.grad(loss, s)[0] if wanted else None
+        return terms.detach().float(), (grad,)
+    return chunk_function
 
 
 def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
     """``(loss, [d student_hidden, d student_weight, d student_bias, d teacher_hidden,
-    d teacher_weight, d teacher_bias])`` (None where not wanted), the gradients in float32."""
+    d teacher_weight, d teacher_bias])`` (None where not wanted), the gradients in float32: per
+    chunk the row statistics and, given the batch totals (``batch_totals``), the logits'
+    gradients from the row ops, no autograd."""
     config = plan.config
     rows = student[0].shape[0]
-    grads = [_gradient_buffer(x, w) for x, w in zip((*student, *teacher), wanted)]
+    grads = [gradient_buffer(x, w) for x, w in zip((*student, *teacher), wanted)]
     need_ds, need_dt = any(wanted[:3]), any(wanted[3:])
-    stats = torch.empty(rows, NUM_STATS, dtype=torch.float32, device=student[0].device)
-    totals = None
+
+    def row_inputs(chunk, s, t):
+        return RowInputs(s, t, factor[chunk] if config.source == SOURCE_EXPLICIT else factor,
+                         None if labels is None else labels[chunk])
+
     if need_ds or need_dt:
-        totals = _gradient_totals(teacher, labels, factor, plan)
+        totals = _rank_one_totals(teacher, labels, row_inputs, plan)
         one = torch.ones((), dtype=torch.float32, device=student[0].device)
         empty = one.new_empty(0)  # the Triton backward recomputes the directions
-    # one block per chunk for each logit tensor, reused (a fresh (c, V) block a chunk costs its
-    # page faults on CPU); on the plain-PyTorch path the student's gradient overwrites its logits
-    s_block, t_block = (_chunk_block(linear[0], plan, linear[0].dtype == torch.float32)
-                        for linear in (student, teacher))
-    for chunk in _chunks(rows, plan.chunk_size):
-        s = _logits(student, chunk, s_block)
-        t = _logits(teacher, chunk, t_block)
-        chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
-        chunk_labels = None if labels is None else labels[chunk]
-        inputs = RowInputs(s, t, chunk_factor, chunk_labels)
+
+    def chunk_rows(chunk, s, t):
+        inputs = row_inputs(chunk, s, t)
         if not (need_ds or need_dt):
-            stats[chunk] = statistics(inputs, config)[0]
-            continue
+            return statistics(inputs, config)[0], ()
         if config.use_triton:
-            stats[chunk] = statistics(inputs, config)[0]
-            ds, dt = gradients(one, RowState(inputs, stats[chunk], totals, empty, empty), config,
+            stats = statistics(inputs, config)[0]
+            ds, dt = gradients(one, RowState(inputs, stats, totals, empty, empty), config,
                                need_ds, need_dt)
-        else:  # the plain-PyTorch path forms each row block's gradient while it is in cache
-            stats[chunk], ds, dt = row_stats_and_gradients_torch(
-                s, t, chunk_factor, chunk_labels, totals, config, need_ds, need_dt, s)
-        del s, t
-        if need_ds:
-            _fold_back(ds, student, grads[:3], chunk)
-        if need_dt:
-            _fold_back(dt, teacher, grads[3:], chunk)
-    return finish(stats, config)[0], grads
+        else:  # the plain-PyTorch path forms each row block's gradient while it is in cache;
+            # the student's gradient overwrites its logits
+            stats, ds, dt = row_stats_and_gradients_torch(*inputs, totals, config, need_ds,
+                                                          need_dt, s)
+        return stats, (ds if need_ds else None, dt if need_dt else None)
+
+    stats = chunk_loop((student, teacher), (grads[:3], grads[3:]), rows, plan.chunk_size,
+                       chunk_rows, reuse_blocks=True)
+    return finish(torch.cat(stats), config)[0], grads
 
 
-def _gradient_totals(teacher, labels, factor, plan):
-    """The batch totals the gradient needs before any chunk's gradient is formed: ``K`` and
-    ``DEN`` of the normaliser and the kept rows ``R``. ``N = R`` for ``normalize="batch"`` and
-    for teacher weights with ``gamma = 1`` (each row's softmax sums to 1); else a first pass of
-    the row kernel over the weights alone (with teacher weights, one more teacher product per
-    chunk)."""
+def _rank_one_totals(teacher, labels, row_inputs, plan):
+    """``fused_linear_gkl``'s ``batch_totals``, its weights from the teacher's logits (one more
+    teacher product per chunk) or from the factor alone."""
     config = plan.config
     rows = teacher[0].shape[0]
-    device = teacher[0].device
-    kept = torch.ones(rows, dtype=torch.bool, device=device) if labels is None \
-        else labels != config.ignore_index
-    teacher_softmax = config.source == SOURCE_TEACHER and config.gamma == 1.0
-    if config.normalize_batch or not config.with_wmse or teacher_softmax:
-        totals = torch.zeros(NUM_TOTALS, dtype=torch.float32, device=device)
-        totals[TOTAL_ROWS] = kept.sum(dtype=torch.float32)
-        totals[TOTAL_DEN] = totals[TOTAL_ROWS]
-        return totals
-    weights_only = replace(config, ce_weight=0.0)
-    stats = torch.empty(rows, NUM_STATS, dtype=torch.float32, device=device)
-    for chunk in _chunks(rows, plan.chunk_size):
-        if config.source == SOURCE_TEACHER:
-            t = s = _logits(teacher, chunk)
-        else:  # the weights need no logits: a zero row read through stride 0
-            t = s = torch.zeros((), dtype=torch.float32, device=device).expand(
-                chunk.stop - chunk.start, plan.vocabulary)
-        chunk_factor = factor[chunk] if config.source == SOURCE_EXPLICIT else factor
-        stats[chunk] = statistics(RowInputs(s, t, chunk_factor,
-                                            None if labels is None else labels[chunk]),
-                                  weights_only)[0]
-    return finish(stats, weights_only)[1]
+    kept = kept_row_count(None if labels is None else labels == config.ignore_index, rows,
+                          teacher[0].device)
+    if config.source == SOURCE_TEACHER:
+        return batch_totals(config, kept, rows, plan.chunk_size,
+                            lambda chunk, t: row_inputs(chunk, t, t), (teacher,))
+
+    def factor_inputs(chunk):  # the weights need no logits: a zero row read through stride 0
+        zero = kept.new_zeros(()).expand(chunk.stop - chunk.start, plan.vocabulary)
+        return row_inputs(chunk, zero, zero)
+
+    return batch_totals(config, kept, rows, plan.chunk_size, factor_inputs)
+
+
+def batch_totals(config, kept_rows, rows, chunk_size, weight_inputs, heads=()):
+    """The one normaliser of the fused losses: the batch totals ``(NUM_TOTALS,)`` their gradients
+    need before the first chunk's, ``R`` = ``kept_rows`` (``kept_row_count``) and
+    ``N = DEN 2^(2K) = sum_b W_b^2`` over the kept rows: ``R`` for ``normalize="batch"``, without
+    a wMSE and for teacher weights at ``gamma = 1`` (each row's weights sum to 1); else from the
+    row op's weights-only statistics of the ``rows`` rows, chunk by chunk
+    (``weight_inputs(chunk, *logits) -> RowInputs``, the logits of ``heads``)."""
+    totals = kept_rows.new_zeros(NUM_TOTALS)
+    if config.normalize_batch or not config.with_wmse or (
+            config.source == SOURCE_TEACHER and config.gamma == 1.0):
+        totals[TOTAL_DEN] = kept_rows
+    else:
+        weights_only = replace(config, ce_weight=0.0)
+
+        def chunk_stats(chunk, *logits):
+            return statistics(weight_inputs(chunk, *logits), weights_only)[0], ()
+
+        stats = chunk_loop(heads, (), rows, chunk_size, chunk_stats)
+        totals = finish(torch.cat(stats), weights_only)[1]
+    totals[TOTAL_ROWS] = kept_rows
+    return totals
+
+
+def normaliser_shares(totals):
+    """``(1 / N, 1 / R)`` (0-dim) of ``batch_totals``: ``N = DEN 2^(2K)``, ``1 / N = 0`` for
+    ``N = 0``."""
+    return safe_ratio(torch.exp2(-2.0 * totals[TOTAL_K]), totals[TOTAL_DEN]), \
+        1.0 / totals[TOTAL_ROWS]
 
 
 def default_chunk_size(vocabulary, device_type="cpu", reused_blocks=False):
@@ -430,11 +430,10 @@ def _chunks(rows, chunk_size):
     return [slice(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
 
 
-def _chunk_block(hidden, plan, wanted):
-    """An uninitialised float32 ``(chunk_size, V)`` block when ``wanted``, else None."""
-    if not wanted:
-        return None
-    return hidden.new_empty(min(plan.chunk_size, hidden.shape[0]), plan.vocabulary,
+def _chunk_block(linear, chunk_size):
+    """An uninitialised float32 ``(chunk_size, V)`` block for the logits of ``(h, W, b)``."""
+    hidden, weight, _ = linear
+    return hidden.new_empty(min(chunk_size, hidden.shape[0]), weight.shape[0],
                             dtype=torch.float32)
 
 
@@ -450,7 +449,7 @@ def _logits(linear, chunk, block=None):
     return torch.addmm(bias, hidden[chunk], weight.t(), out=out)
 
 
-def _gradient_buffer(tensor, wanted):
+def gradient_buffer(tensor, wanted):
     """A float32 zero gradient for ``tensor`` when it is wanted, else None."""
     if tensor is None or not wanted:
         return None
@@ -475,7 +474,7 @@ def _fold_back(grad_logits, linear, grads, chunk):
         grad_bias += grad_logits.sum(dim=0)
 
 
-def _options_from(gkl_options):
+def options_from(gkl_options):
     """A checked ``GKLOptions`` from ``gkl_loss``'s keyword options (``sync_normalizer``,
     ``process_group`` and ``reduction`` are not for this loss: one process's mean loss)."""
     for name in UNSUPPORTED_OPTIONS:
@@ -488,46 +487,15 @@ def _options_from(gkl_options):
         raise TypeError(f"fused_linear_gkl got an unknown option: {error}") from None
 
 
-def _check_chunk_size(chunk_size):
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-
-
-def _check_linear(prefix, hidden, weight, bias):
-    """``hidden`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None: one float dtype, one device.
-    Returns ``(N, V)``."""
-    for name, x in ((f"{prefix}_hidden", hidden), (f"{prefix}_weight", weight)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in check.FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.dim() != 2 or 0 in x.shape:
-            raise ValueError(f"{name} must be 2-D and non-empty, got shape {tuple(x.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}_weight must have the dtype of {prefix}_hidden "
-                        f"({hidden.dtype}), got {weight.dtype}")
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"{prefix}_weight must have shape (V, {hidden.shape[1]}) to match "
-                         f"{prefix}_hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}")
-    if weight.device != hidden.device:
-        raise ValueError(f"{prefix}_weight must be on {hidden.device} like {prefix}_hidden, got "
-                         f"{weight.device}")
-    if bias is not None:
-        check.check_tensor(f"{prefix}_bias", bias, weight.shape[:1], (hidden.dtype,),
-                           hidden.device)
-    return hidden.shape[0], weight.shape[0]
-
-
 def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                   teacher_bias, labels, class_prior, weights, chunk_size, teacher_grad,
                   gkl_options):
     """Check every argument (before any product runs) and return the ``FusedLinearPlan``."""
-    options = _options_from(gkl_options)
-    _check_chunk_size(chunk_size)
+    options = options_from(gkl_options)
+    check.check_chunk_size(chunk_size)
     check.check_bool("teacher_grad", teacher_grad)
-    rows, vocabulary = _check_linear("student", student_hidden, student_weight, student_bias)
-    teacher_shape = _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    rows, vocabulary = check.check_linear("student", student_hidden, student_weight, student_bias)
+    teacher_shape = check.check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if teacher_shape != (rows, vocabulary):
         raise ValueError(f"teacher logits would have shape {teacher_shape}, the student's "
                          f"{(rows, vocabulary)}: teacher_hidden needs N = {rows} rows and "
@@ -541,8 +509,8 @@ def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, 
                            options.ignore_index)
     source = _checked_weight_source(weights, class_prior, labels, rows, vocabulary, device,
                                     options)
-    config = row_config(options, source, labels is not None,
-                        check.use_triton_for(options.backend, device))
+    config = options.row_config(source, labels is not None,
+                                check.use_triton_for(options.backend, device))
     reused = student_hidden.dtype == teacher_hidden.dtype == torch.float32  # see _chunk_block
     return FusedLinearPlan(config=config,
                            chunk_size=chunk_size or default_chunk_size(vocabulary, device.type,

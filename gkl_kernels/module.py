@@ -33,13 +33,7 @@ class GKLLoss(nn.Module):
                  sync_normalizer: bool = False, process_group: Optional[Any] = None,
                  ignore_index: int = -100) -> None:
         super().__init__()
-        self.options = GKLOptions(gamma=gamma, temperature=temperature,
-                                  weight_temperature=weight_temperature, mse_weight=mse_weight,
-                                  ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
-                                  reduction=reduction, backend=backend,
-                                  check_values=check_values, block_c=block_c,
-                                  dot_precision=dot_precision, sync_normalizer=sync_normalizer,
-                                  process_group=process_group, ignore_index=ignore_index)
+        self.options = GKLOptions.of(locals())
 
     def forward(self, student: Tensor, teacher: Union[Tensor, SparseTeacher],
                 labels: Optional[Tensor] = None,

@@ -1,9 +1,21 @@
-"""``GKLOptions``: the scalar options of the loss, checked once when they are made."""
+"""``GKLOptions``: the loss's scalar options, each declared once here with its type, default and
+check; the public signatures take them as keyword arguments of the same names, types and defaults
+(a test holds them to this list), and ``row_config`` derives the row ops' ``RowConfig`` from
+them."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Any, Optional
 
 from gkl_kernels import validation as check
+from gkl_kernels.rank1.config import RowConfig
+from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction
+
+
+def _option(default, checker=None, *arguments):
+    """A field whose value ``checker(name, value, *arguments)`` checks (and returns, converted,
+    or None)."""
+    return field(default=default, metadata={"check": checker, "arguments": arguments})
 
 
 @dataclass(frozen=True)
@@ -11,39 +23,70 @@ class GKLOptions:
     """Options of ``gkl_loss`` (see there for their meaning); invalid values raise at construction,
     numbers are stored as Python floats."""
 
-    gamma: float = 1.0
-    temperature: float = 1.0
-    weight_temperature: float = 1.0
-    mse_weight: float = 1.0
-    ce_weight: float = 1.0
-    normalize: str = "weights"
-    symmetric: bool = True
-    reduction: str = "mean"
-    backend: str = "auto"
-    check_values: bool = True
-    block_c: Optional[int] = None
-    dot_precision: str = "ieee"
-    sync_normalizer: bool = False
-    process_group: Any = None
-    ignore_index: int = -100
+    gamma: float = _option(1.0, check.check_finite, 0.0)
+    temperature: float = _option(1.0, check.check_positive)
+    weight_temperature: float = _option(1.0, check.check_positive)
+    mse_weight: float = _option(1.0, check.check_finite)
+    ce_weight: float = _option(1.0, check.check_finite)
+    normalize: Normalize = _option("weights", check.check_choice, check.NORMALIZERS)
+    symmetric: bool = _option(True, check.check_bool)
+    reduction: Reduction = _option("mean", check.check_choice, check.REDUCTIONS)
+    backend: Backend = _option("auto", check.check_choice, check.BACKENDS)
+    check_values: bool = _option(True, check.check_bool)
+    block_c: Optional[int] = _option(None, check.check_block)
+    dot_precision: DotPrecision = _option("ieee", check.check_choice, check.DOT_PRECISIONS)
+    sync_normalizer: bool = _option(False, check.check_bool)
+    process_group: Optional[Any] = _option(None)
+    ignore_index: int = _option(-100, check.check_index)
 
     def __post_init__(self):
-        numbers = dict(temperature=check.check_positive("temperature", self.temperature),
-                       weight_temperature=check.check_positive("weight_temperature",
-                                                               self.weight_temperature),
-                       gamma=check.check_finite("gamma", self.gamma, minimum=0.0),
-                       mse_weight=check.check_finite("mse_weight", self.mse_weight),
-                       ce_weight=check.check_finite("ce_weight", self.ce_weight))
-        for name, value in numbers.items():
-            object.__setattr__(self, name, value)
-        check.check_choice("normalize", self.normalize, check.NORMALIZERS)
-        check.check_choice("reduction", self.reduction, check.REDUCTIONS)
-        check.check_choice("backend", self.backend, check.BACKENDS)
-        check.check_bool("symmetric", self.symmetric)
-        check.check_bool("check_values", self.check_values)
-        check.check_block(self.block_c)
-        check.check_choice("dot_precision", self.dot_precision, check.DOT_PRECISIONS)
-        check.check_bool("sync_normalizer", self.sync_normalizer)
-        check.check_index("ignore_index", self.ignore_index)
+        for name, checker, arguments in _CHECKS:
+            value = checker(name, getattr(self, name), *arguments)
+            if value is not None:
+                object.__setattr__(self, name, value)
         if self.sync_normalizer and self.reduction != "mean":
             raise ValueError(f"sync_normalizer needs reduction='mean', got {self.reduction!r}")
+
+    @classmethod
+    def of(cls, arguments):
+        """The options among ``arguments`` (a function's ``locals()``), checked; the checked
+        value of values seen before (of the same types) is reused."""
+        given = {name: arguments[name] for name in OPTION_NAMES if name in arguments}
+        values = tuple(given.values())
+        key = (*given, *values, *map(type, values))
+        try:
+            return _CHECKED[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable value: the checks say what is wrong with it
+            return cls(**given)
+        if len(_CHECKED) >= CHECKED_LIMIT:
+            _CHECKED.clear()
+        options = _CHECKED[key] = cls(**given)
+        return options
+
+    def row_config(self, source, has_labels, use_triton, **changes):
+        """The ``RowConfig`` of these options for one weight source (``changes`` override
+        fields)."""
+        return _row_config(self, source, has_labels, use_triton, tuple(changes.items()))
+
+
+@lru_cache(maxsize=256)
+def _row_config(options, source, has_labels, use_triton, changes):
+    """``GKLOptions.row_config``, one ``RowConfig`` per distinct call (``changes``: pairs)."""
+    config = dict(source=source, gamma=options.gamma, temperature=options.temperature,
+                  weight_temperature=options.weight_temperature, mse_weight=options.mse_weight,
+                  ce_weight=options.ce_weight, normalize_batch=options.normalize == "batch",
+                  symmetric=options.symmetric, has_labels=has_labels,
+                  ignore_index=options.ignore_index, use_triton=use_triton,
+                  block_c=options.block_c or 0,
+                  dot_precision=check.DOT_PRECISIONS.index(options.dot_precision))
+    config.update(changes)
+    return RowConfig(**config)
+
+
+OPTION_NAMES = tuple(option.name for option in fields(GKLOptions))
+CHECKED_LIMIT = 1024  # checked option values kept for reuse (``GKLOptions.of``)
+_CHECKED = {}
+_CHECKS = tuple((option.name, option.metadata["check"], option.metadata["arguments"])
+                for option in fields(GKLOptions) if option.metadata["check"] is not None)

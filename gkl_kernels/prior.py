@@ -8,9 +8,10 @@ class ``c`` seen in the previous epoch; before the first epoch every entry is ``
 from typing import Any, Mapping, Optional, Union
 
 import torch
-from torch import Tensor, distributed
+from torch import Tensor
 
 from gkl_kernels import validation as check
+from gkl_kernels.distributed import all_reduced
 
 STATE_TENSORS = ("prior", "sums", "counts")  # state_dict keys of the (C, C), (C, C), (C,) tensors
 
@@ -92,9 +93,8 @@ class ClassPrior:
         Returns:
             ``P``, float32 ``(C, C)``: the tensor ``matrix()`` returns.
         """
-        if distributed.is_available() and distributed.is_initialized():
-            distributed.all_reduce(self._sums, group=self.process_group)
-            distributed.all_reduce(self._counts, group=self.process_group)
+        all_reduced(self._sums, "sum", self.process_group)
+        all_reduced(self._counts, "sum", self.process_group)
         seen = (self._counts > 0).unsqueeze(1)
         new = self._sums / self._counts.clamp_min(1).unsqueeze(1)
         if self.momentum is not None:

@@ -18,7 +18,7 @@ import torch
 
 from gkl_kernels.distributed import all_process_totals, merged_row_stats
 from gkl_kernels.rank1.config import NUM_TOTALS, TOTAL_CE, TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE
-from gkl_kernels.rank1.op import (RowInputs, RowState, finish, gradients, gradients_needed,
+from gkl_kernels.row_ops import (RowInputs, RowState, finish, gradients, gradients_needed,
                                   loss_and_statistics, statistics)
 from gkl_kernels.rank1.torch_impl import loss_gradients_torch, row_losses_torch
 
@@ -92,7 +92,7 @@ class ShardMerged(RowReduce):
     def outputs(self, inputs, config, keep_directions):
         stats = merged_row_stats(statistics(inputs, config)[0], config, self.group)
         loss, totals = finish(stats, config)
-        return loss, RowState(inputs, stats, totals, *(stats.new_empty(0),) * 2)
+        return loss, RowState(inputs, stats, totals)
 
 
 class RowLoss(torch.autograd.Function):

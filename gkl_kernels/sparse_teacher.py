@@ -18,15 +18,21 @@ With that, ``rest`` decides how the teacher's mass outside the top-k enters:
 ``1 - m_b`` at ``T_gen`` and the student's mass outside, in the cross-entropy and the wMSE).
 With ``k = C`` each is the dense loss. Only the ``(N, C)`` student is read in full (the rest
 column's log-sum-exp: one temporary of its size); nothing else of size ``N x C`` exists.
+
+``sparse_teacher_loss`` is the one routine that turns the compact rows into the loss (and the one
+place that knows what ``rest`` does to it), for ``gkl_loss`` and, chunk by chunk,
+``fused_linear_gkl_sparse``; both check their inputs once, before calling it.
 """
 
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, Optional, get_args
 
 import torch
 from torch import Tensor
 
 from gkl_kernels import validation as check
+from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_TEACHER
+from gkl_kernels.rows import MEAN, PER_ROW, RowLoss, SyncedMean
 
 TeacherRest = Literal["renormalize", "drop", "rest"]
 TEACHER_RESTS = get_args(TeacherRest)
@@ -160,3 +166,83 @@ def optional_factor(weights, class_prior, labels, options):
         return prior_rows(class_prior, labels, options.ignore_index) ** options.gamma
     return weights
 
+
+
+def kept_row_count(ignored, rows, device):
+    """The rows ``R`` a mean is taken over, float32 0-dim, at least 1: those not ``ignored`` (a bool
+    tensor of the rows; None: all ``rows``). No host synchronisation."""
+    if ignored is None:
+        return torch.tensor(float(max(rows, 1)), device=device)
+    return (~ignored).sum(dtype=torch.float32).clamp_min(1.0)
+
+
+class CompactRows(NamedTuple):
+    """The teacher's side of the compact rows of ``B`` rows, formed once (``compact_rows``):
+    the cached classes ``indices`` ``(B, k)``, the compact teacher logits ``teacher``
+    ``(B, k + 1)``, the cached mass ``(B,)`` of ``"drop"`` (else None), the rank-one ``factor``
+    ``(B, k + 1)`` (None: teacher weights), the rows' ``labels`` ``(B,)`` (``ignore_index`` on the
+    ignored rows, else 0; None without labels) and the ``ignored`` rows ``(B,)`` (or None)."""
+
+    indices: Tensor
+    teacher: Tensor
+    mass: Optional[Tensor]
+    factor: Optional[Tensor]
+    labels: Optional[Tensor]
+    ignored: Optional[Tensor]
+
+    def part(self, chunk):
+        """The rows ``chunk`` (a slice)."""
+        return CompactRows(*(None if x is None else x[chunk] for x in self))
+
+    def config(self, options, use_triton, **changes):
+        """The row ops' ``RowConfig`` of these rows under ``options`` (``GKLOptions``)."""
+        source = SOURCE_TEACHER if self.factor is None else SOURCE_EXPLICIT
+        return options.row_config(source, self.labels is not None, use_triton, **changes)
+
+
+def compact_rows(teacher, num_classes, factor, ignored, ignore_index):
+    """The ``CompactRows`` of a checked ``SparseTeacher`` ``(B, k)`` (``readable_indices``) of
+    ``(B, num_classes)`` logits, with the rank-one ``factor`` ``(B, C)`` (or None) and the
+    ``ignored`` rows ``(B,)`` (or None)."""
+    logits, mass = compact_teacher(teacher, num_classes, ignored)
+    compact = None if factor is None else compact_factor(factor.detach(), teacher.indices)
+    # the compact rows need the labels only to leave out the ignored rows (the prior is gathered)
+    labels = None if ignored is None else torch.where(ignored, ignore_index, 0)
+    return CompactRows(teacher.indices, logits, mass, compact, labels, ignored)
+
+
+def sparse_teacher_loss(student, rows, options, use_triton, shares=None):
+    """The loss of the student's logits ``(B, C)`` against the teacher's ``CompactRows`` (checked
+    inputs): the row loss of the compact rows; for ``"drop"`` its wMSE term plus ``ce_weight m_b
+    CE_b`` per row (``CE_b`` against the renormalised cache, ``m_b`` the cached mass).
+
+    ``shares`` None: reduced as ``options.reduction`` (``sync_normalizer`` included; not with
+    ``"drop"``) over these rows; ``(1 / N, 1 / R)`` (0-dim tensors) of a batch these rows are a
+    chunk of: their share of its mean, ``mse_weight sum_b wmse_b / (4 N) + ce_weight sum_b CE_b /
+    R``, a 0-dim tensor."""
+    s_rows = compact_student(student, rows.indices, options.temperature, rows.ignored)
+
+    def row_loss(reduce, **changes):
+        return RowLoss.apply(s_rows, rows.teacher, rows.factor, rows.labels,
+                             rows.config(options, use_triton, **changes), reduce)
+
+    if shares is None and rows.mass is None:
+        if options.reduction == "mean":
+            return row_loss(SyncedMean(options.process_group) if options.sync_normalizer
+                            else MEAN)
+        losses = row_loss(PER_ROW)
+        return losses if options.reduction == "none" else losses.sum()
+    ce = row_loss(PER_ROW, mse_weight=0.0, ce_weight=1.0)
+    if rows.mass is not None:  # "drop": the cached probabilities sum to m_b
+        ce = ce * rows.mass
+    if shares is not None:
+        loss = options.ce_weight * ce.sum() * shares[1]
+        if options.mse_weight != 0:
+            wmse = row_loss(PER_ROW, mse_weight=1.0, ce_weight=0.0).sum()
+            loss = loss + options.mse_weight * wmse * shares[0]
+        return loss
+    if options.reduction == "mean":
+        return row_loss(MEAN, ce_weight=0.0) + options.ce_weight * ce.sum() / kept_row_count(
+            rows.ignored, ce.shape[0], ce.device)
+    losses = row_loss(PER_ROW, ce_weight=0.0) + options.ce_weight * ce
+    return losses if options.reduction == "none" else losses.sum()

@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.functional import gkl_loss_with_options, kept_row_count
-from gkl_kernels.fused_linear import (_check_chunk_size, _check_linear, _gradient_buffer,
-                                      _options_from, chunked_with_autograd, default_chunk_size,
-                                      keep_gradients, scaled_gradients)
+from gkl_kernels.fused_linear import (chunk_loop, default_chunk_size, gradient_buffer,
+                                      keep_gradients, options_from, scaled_gradients,
+                                      with_autograd)
+from gkl_kernels.rank1.config import SOURCE_TEACHER
+from gkl_kernels.rows import PER_ROW, RowLoss
+from gkl_kernels.sparse_teacher import kept_row_count
 
 
 class FusedLinearDistillationLoss(nn.Module):
@@ -73,9 +75,9 @@ class FusedLinearDistillationLoss(nn.Module):
         self.final_logit_softcapping = None if final_logit_softcapping is None else \
             check.check_positive("final_logit_softcapping", final_logit_softcapping)
         check.check_bool("return_components", return_components)
-        _check_chunk_size(chunk_size)
+        check.check_chunk_size(chunk_size)
         self.return_components, self.chunk_size = return_components, chunk_size
-        self.options = replace(_options_from(gkl_options), temperature=temperature,
+        self.options = replace(options_from(gkl_options), temperature=temperature,
                                ignore_index=ignore_index, reduction="none")
 
     def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor,
@@ -99,9 +101,10 @@ class FusedLinearDistillationLoss(nn.Module):
         lead = student_input.shape[:-1] if isinstance(student_input, Tensor) else None
         student_hidden = _rows(student_input)
         teacher_hidden = _rows(teacher_input)
-        rows, vocabulary = _check_linear("student", student_hidden, student_weight, student_bias)
-        teacher_rows, teacher_vocabulary = _check_linear("teacher", teacher_hidden,
-                                                         teacher_weight, teacher_bias)
+        rows, vocabulary = check.check_linear("student", student_hidden, student_weight,
+                                              student_bias)
+        teacher_rows, teacher_vocabulary = check.check_linear("teacher", teacher_hidden,
+                                                              teacher_weight, teacher_bias)
         if teacher_vocabulary < vocabulary:
             raise ValueError(f"teacher_weight must have at least the student's V = {vocabulary} "
                              f"rows, got {teacher_vocabulary}")
@@ -121,9 +124,11 @@ class FusedLinearDistillationLoss(nn.Module):
         teacher = (teacher_hidden.detach(), teacher_weight[:vocabulary].detach(),
                    None if teacher_bias is None else teacher_bias[:vocabulary].detach())
         normaliser = self._normaliser(num_items_in_batch, labels, rows, device)
+        config = self.options.row_config(SOURCE_TEACHER, labels is not None,
+                                         check.use_triton_for(self.options.backend, device))
         loss, soft, hard = _DistillationFunction.apply(student_hidden, student_weight,
                                                        student_bias, teacher, labels, normaliser,
-                                                       self)
+                                                       config, self)
         return (loss, soft, hard) if self.return_components else loss
 
     def _normaliser(self, num_items, labels, rows, device):
@@ -150,10 +155,11 @@ class FusedLinearDistillationLoss(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    def _chunk_terms(self, s, t, labels, normaliser):
-        """``[loss, soft, hard]`` of one chunk of tokens (each sum divided by the normaliser)."""
+    def _chunk_terms(self, s, t, labels, normaliser, config):
+        """``[loss, soft, hard]`` of one chunk of tokens (each sum divided by the normaliser),
+        the soft term's per-token rows from the row loss under ``config`` (checked inputs)."""
         student, teacher = self._transform(s), self._transform(t)
-        soft = gkl_loss_with_options(student, teacher, self.options, labels=labels).sum()
+        soft = RowLoss.apply(student, teacher, None, labels, config, PER_ROW).sum()
         hard = soft * 0.0
         if labels is not None:
             hard = F.cross_entropy(student, labels, ignore_index=self.options.ignore_index,
@@ -183,18 +189,18 @@ class _DistillationFunction(torch.autograd.Function):
     chunk. Backward: those gradients times the incoming gradient of the loss."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, normaliser, module):
+    def forward(ctx, hidden, weight, bias, teacher, labels, normaliser, config, module):
         student = (hidden, weight, bias)
-        grads = [_gradient_buffer(x, wanted) for x, wanted in zip(student,
+        grads = [gradient_buffer(x, wanted) for x, wanted in zip(student,
                                                                    ctx.needs_input_grad[:3])]
         chunk_size = module.chunk_size or default_chunk_size(weight.shape[0], weight.device.type)
 
         def chunk_terms(chunk, s, t):
             return module._chunk_terms(s, t, None if labels is None else labels[chunk],
-                                       normaliser)
+                                       normaliser, config)
 
-        totals = chunked_with_autograd(student, teacher, hidden.shape[0], chunk_size, grads,
-                                       chunk_terms)
+        totals = sum(chunk_loop((student, teacher), (grads,), hidden.shape[0], chunk_size,
+                                with_autograd(chunk_terms, any(g is not None for g in grads))))
         keep_gradients(ctx, student, grads)
         loss, soft, hard = (total.clone() for total in totals)
         ctx.mark_non_differentiable(soft, hard)
@@ -203,4 +209,4 @@ class _DistillationFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_soft, _grad_hard):
-        return (*scaled_gradients(ctx, grad_loss), None, None, None, None)
+        return (*scaled_gradients(ctx, grad_loss), None, None, None, None, None)

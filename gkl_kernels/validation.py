@@ -18,6 +18,9 @@ from typing import Literal, get_args
 
 import torch
 
+from gkl_kernels.rank1.config import (DOT_PRECISIONS, MIN_DOT_BLOCK,  # noqa: F401 (the choices)
+                                      DotPrecision)
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the Triton kernels' inputs
 LOGIT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64: computed in float64
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -26,13 +29,10 @@ Backend = Literal["auto", "triton", "torch"]
 Normalize = Literal["weights", "batch"]
 Reduction = Literal["mean", "sum", "none"]
 WeightsKind = Literal["factor", "shared", "per_row"]  # (B, C) rank-one factor, (C, C), (B, C, C)
-DotPrecision = Literal["ieee", "tf32x3", "tf32"]  # tl.dot operands for shared (C, C) weights
 BACKENDS = get_args(Backend)
 NORMALIZERS = get_args(Normalize)
 REDUCTIONS = get_args(Reduction)
 WEIGHT_KINDS = get_args(WeightsKind)
-DOT_PRECISIONS = get_args(DotPrecision)  # RowConfig.dot_precision is an index into it
-MIN_DOT_BLOCK = 16  # tl.dot needs tiles of at least 16 when compiled
 FLOAT32_MAX = torch.finfo(torch.float32).max
 MIN_TEMPERATURE = 1.0 / FLOAT32_MAX  # below it 1 / T overflows float32 (about 2.9e-39)
 DEVICE_MESSAGE_LIMIT = 250  # torch's CUDA _assert_async refuses messages of 255 characters or more
@@ -321,6 +321,8 @@ def check_positive(name, value):
 def _number(name, value):
     """``value`` as a float; a TypeError unless it is a real number (Python's or numpy's int or
     float, not a bool), a ValueError for an int too large for a float."""
+    if type(value) is float:  # the common case, without the abstract-class check
+        return value
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     try:
@@ -350,8 +352,40 @@ def check_bool(name, value):
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def check_block(block_c):
+def check_block(name, block_c):
     """A forced tile width: None, or a power of two >= 1."""
     if block_c is not None and (isinstance(block_c, bool) or not isinstance(block_c, int)
                                 or block_c < 1 or block_c & (block_c - 1)):
-        raise ValueError(f"block_c must be None or a power of two >= 1, got {block_c!r}")
+        raise ValueError(f"{name} must be None or a power of two >= 1, got {block_c!r}")
+
+
+def check_chunk_size(chunk_size):
+    """Rows per chunk of the fused losses: None (the default) or an int >= 1."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+
+
+def check_linear(prefix, hidden, weight, bias):
+    """``hidden`` (N, H), ``weight`` (V, H), ``bias`` (V,) or None: one float dtype, one device.
+    Returns ``(N, V)``."""
+    for name, x in ((f"{prefix}_hidden", hidden), (f"{prefix}_weight", weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() != 2 or 0 in x.shape:
+            raise ValueError(f"{name} must be 2-D and non-empty, got shape {tuple(x.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}_weight must have the dtype of {prefix}_hidden "
+                        f"({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{prefix}_weight must have shape (V, {hidden.shape[1]}) to match "
+                         f"{prefix}_hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{prefix}_weight must be on {hidden.device} like {prefix}_hidden, got "
+                         f"{weight.device}")
+    if bias is not None:
+        check_tensor(f"{prefix}_bias", bias, weight.shape[:1], (hidden.dtype,),
+                           hidden.device)
+    return hidden.shape[0], weight.shape[0]

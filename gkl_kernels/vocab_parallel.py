@@ -16,7 +16,6 @@ from torch import Tensor
 
 from gkl_kernels import validation as check
 from gkl_kernels.distributed import all_reduced, world_size
-from gkl_kernels.functional import row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.rows import RowLoss, ShardMerged
@@ -74,13 +73,8 @@ def vocab_parallel_gkl_loss(student_shard: Tensor, teacher_shard: Tensor, *,
     Returns:
         The loss, float32, 0-dim, the same on every process.
     """
-    options = GKLOptions(gamma=gamma, temperature=temperature,
-                         weight_temperature=weight_temperature, mse_weight=mse_weight,
-                         ce_weight=ce_weight, normalize=normalize, symmetric=symmetric,
-                         check_values=check_values, process_group=process_group,
-                         backend=backend)
+    options = GKLOptions.of(locals())
     check.check_logits(student_shard, teacher_shard)
-    check.check_index("ignore_index", ignore_index)
     _check_weight_source(student_shard, labels, class_prior_shard, weights, options)
     if labels is not None:
         _check_labels(labels, student_shard, class_prior_shard, ignore_index, options)
@@ -92,9 +86,9 @@ def vocab_parallel_gkl_loss(student_shard: Tensor, teacher_shard: Tensor, *,
     elif weights is None:
         source = SOURCE_TEACHER
     # labels index the whole vocabulary (checked above): the kernel does not bound them by V_p
-    config = row_config(options, source, labels is not None,
-                        check.use_triton_for(backend, student_shard.device),
-                        ignore_index=ignore_index, num_labels=UNBOUNDED_LABELS)
+    config = options.row_config(source, labels is not None,
+                                check.use_triton_for(backend, student_shard.device),
+                                num_labels=UNBOUNDED_LABELS)
     return RowLoss.apply(student_shard, teacher_shard, None if factor is None else factor.detach(),
                          labels, config, ShardMerged(process_group))
 

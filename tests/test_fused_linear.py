@@ -2,11 +2,14 @@
 float64 reference: loss and gradients of hidden states, weights and biases, chunk sizes that do
 and do not divide N, every weight source, ignored rows, bfloat16, and its peak memory."""
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gkl_kernels import FusedLinearGKLLoss, fused_linear_gkl, gkl_loss
+from gkl_kernels import (FusedLinearDistillationLoss, FusedLinearGKLLoss, SparseTeacher,
+                         fused_linear_gkl, fused_linear_gkl_sparse, gkl_loss, validation)
 from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.memory import measure_peak_memory
 from reference import gkl_loss_reference
@@ -246,6 +249,37 @@ def test_peak_memory_below_unfused_at_vocabulary_scale():
     assert 2 * fused_peak < unfused_peak, (fused_peak, unfused_peak)
     for fused_grad, x in zip(fused_grads, student[:2]):
         assert_close_rel(fused_grad, x.grad, 1e-5, "gradient")
+
+
+@torch_only
+@pytest.mark.parametrize("loss_name", ["fused_linear_gkl", "fused_linear_gkl_sparse",
+                                       "FusedLinearDistillationLoss"])
+def test_inputs_are_checked_once_not_per_chunk(loss_name, generator, monkeypatch):
+    """Each fused loss checks its inputs once, at its entry: over 8 chunks the labels and the
+    weights are checked once each, and no chunk checks logits or weights again."""
+    calls = Counter()
+    for name in ("check_labels", "check_logits", "check_weights", "check_nonnegative_finite"):
+        def counted(*args, _name=name, _check=getattr(validation, name), **kwargs):
+            calls[_name] += 1
+            return _check(*args, **kwargs)
+        monkeypatch.setattr(validation, name, counted)
+    student, teacher, labels = linear_inputs(generator)
+    weights = torch.rand(ROWS, VOCABULARY, generator=generator)
+    options = dict(labels=labels, student_bias=student[2], weights=weights, chunk_size=3,
+                   backend="torch", gamma=0.5)
+    if loss_name == "fused_linear_gkl":
+        loss = fused_linear_gkl(student[0], student[1], teacher[0], teacher[1],
+                                teacher_bias=teacher[2], **options)
+    elif loss_name == "fused_linear_gkl_sparse":
+        values, indices = F.linear(*teacher).detach().log_softmax(-1).topk(5, dim=-1)
+        loss = fused_linear_gkl_sparse(student[0], student[1],
+                                       SparseTeacher(indices, values, rest="drop"), **options)
+    else:
+        weights = None
+        loss = FusedLinearDistillationLoss(chunk_size=3, backend="torch", gamma=0.5)(
+            student[0], student[1], teacher[0], teacher[1], labels, student[2], teacher[2])
+    loss.backward()
+    assert calls == Counter(check_labels=1, check_nonnegative_finite=int(weights is not None))
 
 
 @pytest.mark.parametrize("change, error, match", [

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from gkl_kernels import GKLLoss, compat, functional, gkl_loss, pairwise_wmse
+from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
 from gkl_kernels.rank1.config import SOURCE_PAIRS, STAT_ERROR, TOTAL_ERROR, RowConfig
-from gkl_kernels.rank1.op import RowInputs, loss_and_statistics, rank1_row_stats
+from gkl_kernels.row_ops import RowInputs, loss_and_statistics, rank1_row_stats
 from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.traffic import TritonTrafficCounter
 from tests.conftest import assert_close_rel, loss_and_grads, oracle
@@ -177,8 +178,8 @@ def test_adv_dkl_loss_matches_first_paper(weight_source, backend, generator, mon
     ``weight`` still runs through the per-row (B, C, C) kernel."""
     monkeypatch.setattr(functional.check, "triton_interpreter_active", lambda: backend == "triton")
     configs = []
-    row_config = functional.row_config
-    monkeypatch.setattr(functional, "row_config",
+    row_config = GKLOptions.row_config
+    monkeypatch.setattr(GKLOptions, "row_config",
                         lambda *args, **kwargs: configs.append(row_config(*args, **kwargs))
                         or configs[-1])
     batch, num_classes = 8, 10

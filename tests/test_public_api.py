@@ -1,6 +1,7 @@
 """The public API is typed (every parameter and return annotated, choices as ``Literal``), its
 docstrings have an ``Args:`` section, and ``py.typed`` ships with the package."""
 
+import dataclasses
 import inspect
 import pathlib
 import typing
@@ -11,6 +12,7 @@ from torch import nn
 import gkl_kernels
 from gkl_kernels import compat
 from gkl_kernels import validation as check
+from gkl_kernels.options import GKLOptions
 
 pytestmark = pytest.mark.torch_only
 
@@ -146,3 +148,61 @@ def test_py_typed_is_shipped():
         config = tomllib.load(f)
     package_data = config["tool"]["setuptools"]["package-data"]
     assert "py.typed" in package_data.get("gkl_kernels", []), package_data
+
+
+# ------------------------------------------------------------------ one option list
+
+OPTION_FIELDS = {option.name: option for option in dataclasses.fields(GKLOptions)}
+# the public callables that take GKLOptions' options as keyword arguments; pairwise_wmse sums
+# its rows by default (its own documented default)
+OPTION_TAKERS = ("gkl_loss", "GKLLoss.__init__", "vocab_parallel_gkl_loss", "pairwise_wmse")
+OWN_DEFAULTS = {("pairwise_wmse", "reduction"): "sum"}
+
+
+def _option_parameters(name):
+    function = CALLABLES[name][0]
+    return [p for p in _named_parameters(function) if p.name in OPTION_FIELDS]
+
+
+@pytest.mark.parametrize("name", OPTION_TAKERS)
+def test_option_parameters_follow_the_option_list(name):
+    """Each option a public callable takes has ``GKLOptions``' type and default, and its
+    docstring names it."""
+    parameters = _option_parameters(name)
+    assert parameters, f"{name} takes no option of GKLOptions"
+    hints = typing.get_type_hints(CALLABLES[name][0])
+    option_hints = typing.get_type_hints(GKLOptions)
+    doc = inspect.getdoc(CALLABLES[name][1] or CALLABLES[name][0]) if name.endswith(
+        "__init__") else inspect.getdoc(CALLABLES[name][0])
+    for parameter in parameters:
+        expected = OWN_DEFAULTS.get((name, parameter.name), OPTION_FIELDS[parameter.name].default)
+        assert parameter.default == expected and type(parameter.default) is type(expected), \
+            f"{name}({parameter.name}=...): default {parameter.default!r}, the list's {expected!r}"
+        assert hints[parameter.name] == option_hints[parameter.name], \
+            f"{name}({parameter.name}): type {hints[parameter.name]}, the list's " \
+            f"{option_hints[parameter.name]}"
+        assert parameter.name in doc, f"{name}'s docstring does not name {parameter.name}"
+
+
+def test_gkl_loss_and_the_module_take_every_option():
+    """``gkl_loss`` and ``GKLLoss`` take every option of the list, and nothing passes them on
+    unchecked: a bad value of each is refused at the entry."""
+    for name in ("gkl_loss", "GKLLoss.__init__"):
+        assert {p.name for p in _option_parameters(name)} == set(OPTION_FIELDS), name
+    bad = {"gamma": -1.0, "temperature": 0.0, "weight_temperature": -2.0, "mse_weight": "x",
+           "ce_weight": float("nan"), "normalize": "rows", "symmetric": 1, "reduction": "avg",
+           "backend": "cuda", "check_values": None, "block_c": 3, "dot_precision": "fp16",
+           "sync_normalizer": "yes", "ignore_index": 1.5}
+    assert set(bad) == set(OPTION_FIELDS) - {"process_group"}
+    for option, value in bad.items():
+        with pytest.raises((TypeError, ValueError), match=option):
+            gkl_kernels.GKLLoss(**{option: value})
+
+
+def test_a_wrong_option_default_is_reported(monkeypatch):
+    """The agreement test can fail: a signature whose default differs from the list."""
+    def loss(student, *, gamma: float = 2.0):
+        """Args: gamma."""
+    monkeypatch.setitem(CALLABLES, "gkl_loss", (loss, None))
+    with pytest.raises(AssertionError, match="gamma"):
+        test_option_parameters_follow_the_option_list("gkl_loss")

@@ -6,8 +6,8 @@ import torch
 
 from gkl_kernels import functional, gkl_loss
 from gkl_kernels.rank1.config import (SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER, STAT_ERROR,
-                                      STAT_KEPT, RowConfig)
-from gkl_kernels.rank1.op import rank1_finish, rank1_row_stats
+                                      STAT_KEPT, STAT_ZS, STAT_ZT, RowConfig)
+from gkl_kernels.row_ops import rank1_finish, rank1_row_stats
 from gkl_kernels.rank1.torch_impl import finish_rows_torch, merge_row_stats
 from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.traffic import TritonTrafficCounter
@@ -99,6 +99,46 @@ def test_merge_is_associative_up_to_rounding(generator):
     left = merge_row_stats(merge_row_stats(a, b, config), c, config)
     right = merge_row_stats(a, merge_row_stats(b, c, config), config)
     _assert_same(_finished(left, config), _finished(right, config))
+
+
+def _softmax_terms64(x, temperature):
+    """``(e, z - 1)``: ``e_j = exp((x_j - m) / T)`` in float64 of the float32 differences
+    ``x_j - m`` (rounded as in any float32 evaluation: ``|x_j - m| / T`` units of ``exp``) and per
+    row their sum less 1, summed without the maximal term (the rows have one)."""
+    difference = x - x.amax(dim=1, keepdim=True)
+    e = (difference.double() / temperature).exp()
+    return e, e.masked_fill(difference == 0, 0.0).sum(dim=1)
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize("splits", [(), (20,), (7, 23)])
+def test_merged_normalisers_stay_exact_near_one(splits, use_triton, generator):
+    """Peaked rows (logits ``30 N(0, 1)``; rows 0 and 1 with a logit 80 and 40 above the others):
+    ``z = 1 + x`` with ``x`` from 1e-17 up, all of which ``1 + x`` in float32 loses below 6e-8. The
+    statistics hold the rests ``z - 1``: whole rows, tiles of 16 (Triton) and column parts merged
+    keep them, and the rows' cross-entropies, to float32 precision (against float64)."""
+    temperature = 2.0
+    teacher = 30.0 * torch.randn(6, 40, generator=generator)
+    teacher[:2, 25] = teacher[:2].amax(dim=1) + torch.tensor([80.0, 40.0])
+    student = teacher + torch.randn(6, 40, generator=generator)
+    config = RowConfig(source=SOURCE_TEACHER, temperature=temperature, use_triton=use_triton,
+                       block_c=16 if use_triton else 0)
+    bounds = [0, *splits, student.shape[1]]
+    parts = [_stats(student, teacher, None, None, config, slice(a, b))
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merge_row_stats(merged, part, config)
+    (_, rest_s), (e_t, rest_t) = (_softmax_terms64(x, temperature) for x in (student, teacher))
+    assert rest_s.min() < 1e-15 and rest_s.max() > 1e-3
+    for column, rest in ((STAT_ZS, rest_s), (STAT_ZT, rest_t)):
+        torch.testing.assert_close(merged[:, column].double().log1p(), rest.log1p(), rtol=1e-6,
+                                   atol=0.0)
+    # CE = sum_j p_j (m_s - s_j) / T + log z_s
+    shortfall = (student.amax(dim=1, keepdim=True) - student).double()
+    ce = (e_t * shortfall).sum(dim=1) / (temperature * (1.0 + rest_t)) + rest_s.log1p()
+    torch.testing.assert_close(finish_rows_torch(merged, config)[2].double(), ce, rtol=1e-6,
+                               atol=0.0)
 
 
 @pytest.mark.parametrize("use_triton", [True, False])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from gkl_kernels import GKLLoss, compat, gkl_loss, validation
 from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER, RowConfig
-from gkl_kernels.rank1.op import RowInputs, loss_and_statistics, rank1_row_stats
+from gkl_kernels.row_ops import RowInputs, loss_and_statistics, rank1_row_stats
 from reference import gkl_loss_reference
 from tests.conftest import assert_close_rel, loss_and_grads
 
@@ -82,7 +82,10 @@ def test_opcheck_rank1_loss_backward(source, use_triton, variant, generator):
     student, teacher, factor, labels, config = op_case(source, use_triton, variant, generator)
     _, state = loss_and_statistics(RowInputs(student, teacher, factor, labels), config, True)
     grad_loss = torch.rand((), generator=generator)
-    args = (grad_loss, *state.inputs, *state[1:],
+    directions = [stats.new_empty(0) if d is None else d
+                  for stats, d in ((state.stats, state.softmax_difference),
+                                   (state.stats, state.weighted_deviation))]
+    args = (grad_loss, *state.inputs, state.stats, state.totals, *directions,
             config.floats, config.ints, need_ds, need_dt)
     assert_opcheck(torch.ops.gkl_kernels.rank1_loss_backward.default, args)
 

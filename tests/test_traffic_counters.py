@@ -11,10 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import interpreter
 
 import gkl_kernels
-from gkl_kernels.functional import row_config
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.config import SOURCE_PRIOR
-from gkl_kernels.rank1.op import rank1_row_stats
+from gkl_kernels.row_ops import rank1_row_stats
 from gkl_kernels.testing.dispatch import DispatchCounter, InductorKernelCounter, OpTraffic
 from gkl_kernels.testing.launches import (PassLaunches, count_step, triton_launches_stubbed,
                                           value_checks_as_on_a_gpu)
@@ -244,7 +243,7 @@ def test_eager_triton_path_dispatches_no_custom_op(reduction, launches, generato
         torch.autograd.grad(loss.sum(), [student])
     assert kernels.launches == launches
     assert not [name for name in ops.names if name.startswith("gkl_kernels")], ops.names
-    config = row_config(GKLOptions(backend="triton"), SOURCE_PRIOR, True, True)
+    config = GKLOptions(backend="triton").row_config(SOURCE_PRIOR, True, True)
     with OpNames() as ops:
         rank1_row_stats(student, teacher, kwargs["class_prior"], kwargs["labels"],
                         config.floats, config.ints)

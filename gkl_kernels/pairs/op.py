@@ -10,7 +10,7 @@ classes present in the row (neither logit ``-inf``) for shared ``(C, C)`` weight
 the tiles.
 
 The whole loss with pair weights (``RowConfig.source = SOURCE_PAIRS``) runs through the rank-one
-loss ops (``rank1.op``), which call ``pair_loss_triton`` / ``pair_loss_backward_triton`` here: the
+loss ops (``row_ops``), which call ``pair_loss_triton`` / ``pair_loss_backward_triton`` here: the
 pair kernel writes column parts of every row (wMSE, weight sums, the cross-entropy statistics,
 flags), the rank-one finishing kernel merges them into the loss and the rows' statistics; the
 backward is one pair kernel that also forms the cross-entropy's gradient.
@@ -25,8 +25,8 @@ from gkl_kernels.pairs.per_row_kernels import per_row_rows_backward, per_row_row
 from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_forward
 from gkl_kernels.pairs.torch_impl import pair_rows_backward_torch, pair_rows_forward_torch
 from gkl_kernels.rank1 import kernels as rank1_kernels
-from gkl_kernels.rank1.config import NUM_STATS, PART_WMSE, PART_WSUM, compute_dtype
-from gkl_kernels.validation import DOT_PRECISIONS
+from gkl_kernels.rank1.config import (DOT_PRECISIONS, NUM_STATS, PART_WMSE, PART_WSUM,
+                                      compute_dtype)
 
 
 def pair_parts(student, teacher, weights, labels, per_row, block_c, dot_precision, config=None):

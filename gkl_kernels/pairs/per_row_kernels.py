@@ -114,7 +114,6 @@ def wmse_per_row_fwd_kernel(
     read = _read_columns(labels_ptr, row, C, ignore_index, HAS_LABELS)
     j_cols, s, t, in_j, hi_j, lo_j = _row_difference_pairs(s_row, t_row, tile * BLOCK_J, read,
                                                            s_stride_c, t_stride_c, BLOCK_J, ACC)
-    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 0)  # before the loop: s, t die here
     wmse_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=ACC)
     wsum_acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=ACC)
     invalid = tl.zeros((BLOCK_J, BLOCK_K), dtype=ACC)
@@ -125,6 +124,7 @@ def wmse_per_row_fwd_kernel(
         wmse_acc += w * diff * diff
         wsum_acc += w
         invalid = tl.maximum(invalid, tl.where((w >= 0.0) & (w < POS_INF), 0.0, 1.0))
+    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 0)  # after the loop: not live there
     kept, bad = row_flags(labels_ptr, row, row >= 0, ignore_index, num_labels, HAS_LABELS)
     store_pair_parts(parts_ptr, tile.to(tl.int64) * B + row, tl.num_programs(1).to(tl.int64) * B,
                      row >= 0, tl.sum(tl.sum(wmse_acc, axis=1), axis=0),
@@ -185,8 +185,6 @@ def wmse_per_row_bwd_kernel(
          err, dm) = load_row_stats(stats_ptr, row, row >= 0)
         coef, coef_ce = pair_loss_coefficients(kept, totals_ptr, grad, mse_weight, ce_weight,
                                                inv_t, NORMALIZE_BATCH)
-        log_zs = tl.log(tl.where(zs != 0.0, zs, 1.0))
-        log_zt = tl.log(tl.where(zt != 0.0, zt, 1.0))
     else:
         coef = 2.0 * grad
     for c0 in range(0, C, BLOCK_K):
@@ -203,7 +201,7 @@ def wmse_per_row_bwd_kernel(
                             other=NEG_INF).to(ACC)
                 t = tl.load(t_row + cols * t_stride_c, mask=cols < read,
                             other=NEG_INF).to(ACC)
-                ds += coef_ce * softmax_difference(s, t, ms, log_zs, mt, log_zt, inv_t)
+                ds += coef_ce * softmax_difference(s, t, ms, zs, mt, zt, inv_t)
             tl.store(ds_ptr + row * C + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
         if NEED_DT:
             tl.store(dt_ptr + row * C + cols, g_d.to(dt_ptr.dtype.element_ty), mask=mask)

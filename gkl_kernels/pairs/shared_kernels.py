@@ -31,13 +31,12 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.rank1.config import compute_dtype
+from gkl_kernels.rank1.config import MIN_DOT_BLOCK, compute_dtype
 from gkl_kernels.pairs.loss_terms import (loss_arguments, loss_flags, loss_scalars,
                                           part_planes, part_scalars)
 from gkl_kernels.rank1.kernels import (NEG_INF, POS_INF, accumulator, load_row_stats, option,
                                        pair_loss_coefficients, row_flags, softmax_difference,
                                        store_pair_parts, tile_cross_entropy, two_sum)
-from gkl_kernels.validation import MIN_DOT_BLOCK
 
 MAX_BLOCK_ROWS = 64
 MAX_BLOCK_ROWS_FLOAT64 = 32  # float64 tiles of 64 rows spill
@@ -73,7 +72,7 @@ def reduction_block(block_b, block_c, dot_precision, dtype=torch.float32):
 def shared_launch_options(block_b, block_c, dtype=torch.float32):
     """``num_warps`` and ``num_stages`` for a tile: from 1024 elements per tile (in float64 also
     from 32 rows) 8 warps and no software pipelining, the choices under which every tile compiles
-    without register spills for sm_80 and sm_90a (``python -m bench.compile_report``)."""
+    without register spills for sm_80 and sm_90a (``python -m tools.compile_report``)."""
     wide = block_b * block_c >= 1024 or (dtype == torch.float64 and block_b >= 32)
     return dict(num_warps=8 if wide else 4, num_stages=1 if wide else 3)
 
@@ -190,11 +189,11 @@ def wmse_shared_fwd_kernel(
     rows, row_mask, n_cols, s, t, in_n, hi_n, lo_n = _output_tile(
         s_ptr, t_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
         ignore_index, HAS_LABELS, BLOCK_B, BLOCK_C, ACC)
-    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 1)  # before the loop: s, t die here
     _, square, weight, invalid = _shared_pair_sums(
         s_ptr, t_ptr, m_ptr, rows, row_mask, n_cols, in_n, hi_n, lo_n, C, s_stride_b,
         s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, True, BLOCK_B, BLOCK_C,
         BLOCK_K, DOT_PRECISION, ACC)
+    ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 1)  # after the loop: not live there
     in_batch = rows < B
     kept, bad = row_flags(labels_ptr, rows, in_batch, ignore_index, num_labels, HAS_LABELS)
     store_pair_parts(parts_ptr, tl.program_id(1).to(tl.int64) * B + rows,
@@ -227,6 +226,11 @@ def wmse_shared_bwd_kernel(
         s_ptr, t_ptr, labels_ptr, B, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
         ignore_index, HAS_LABELS, BLOCK_B, BLOCK_C, ACC)
     in_batch = rows < B
+    g, _, _, _ = _shared_pair_sums(
+        s_ptr, t_ptr, m_ptr, rows, row_mask, n_cols, in_n, hi_n, lo_n, C, s_stride_b,
+        s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, False, BLOCK_B, BLOCK_C,
+        BLOCK_K, DOT_PRECISION, ACC)
+    # the rows' statistics after the loop: nothing of them is live in it
     grad = tl.load(grad_ptr + rows * grad_stride, mask=in_batch, other=0.0).to(ACC)
     if LOSS:
         (ms, zs, mt, zt, a, z_w, scale, weight, ph, pl, m2, kept,
@@ -235,10 +239,6 @@ def wmse_shared_bwd_kernel(
                                                inv_t, NORMALIZE_BATCH)
     else:
         coef = 2.0 * grad
-    g, _, _, _ = _shared_pair_sums(
-        s_ptr, t_ptr, m_ptr, rows, row_mask, n_cols, in_n, hi_n, lo_n, C, s_stride_b,
-        s_stride_c, t_stride_b, t_stride_c, m_stride_j, m_stride_k, False, BLOCK_B, BLOCK_C,
-        BLOCK_K, DOT_PRECISION, ACC)
     g_d = coef[:, None] * g
     mask = in_batch[:, None] & (n_cols[None, :] < C)
     offsets = rows[:, None] * C + n_cols[None, :]
@@ -251,10 +251,8 @@ def wmse_shared_bwd_kernel(
             s, t, _, _, _ = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, n_cols, C,
                                                      s_stride_b, s_stride_c, t_stride_b,
                                                      t_stride_c, ACC)
-            log_zs = tl.log(tl.where(zs != 0.0, zs, 1.0))
-            log_zt = tl.log(tl.where(zt != 0.0, zt, 1.0))
-            ds += coef_ce[:, None] * softmax_difference(s, t, ms[:, None], log_zs[:, None],
-                                                        mt[:, None], log_zt[:, None], inv_t)
+            ds += coef_ce[:, None] * softmax_difference(s, t, ms[:, None], zs[:, None],
+                                                        mt[:, None], zt[:, None], inv_t)
         tl.store(ds_ptr + offsets, ds.to(ds_ptr.dtype.element_ty), mask=mask)
     if NEED_DT:
         tl.store(dt_ptr + offsets, g_d.to(dt_ptr.dtype.element_ty), mask=mask)

@@ -6,8 +6,13 @@ The custom ops take the config as two lists (``config.floats``, ``config.ints``)
 """
 
 from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 import torch
+
+DotPrecision = Literal["ieee", "tf32x3", "tf32"]  # tl.dot operands for shared (C, C) weights
+DOT_PRECISIONS = get_args(DotPrecision)  # RowConfig.dot_precision is an index into it
+MIN_DOT_BLOCK = 16  # tl.dot needs tiles of at least 16 when compiled
 
 # weight sources
 SOURCE_TEACHER = 0  # v = softmax(t / T2) ** gamma
@@ -17,8 +22,10 @@ SOURCE_NONE = 3  # no wMSE: the cross-entropy only
 SOURCE_PAIRS = 4  # general pair weights (C, C) or (B, C, C): the wMSE from ``pairs``
 
 # Per-row statistics, float32 (B, NUM_STATS), mergeable over any split of a row's columns
-# (``merge_row_stats``). Softmaxes at T of raw logits: maxima ``m_s``, ``m_t`` of s and t,
-# normalisers ``z = sum exp((x - m) / T)``, ``a = sum exp((t - m_t) / T) (m_s - s)``; teacher
+# (``merge_row_stats``). Softmaxes at T of raw logits: maxima ``m_s``, ``m_t`` of s and t, the
+# normalisers ``z = sum exp((x - m) / T)`` as their rests ``z - 1`` (STAT_ZS, STAT_ZT; summed
+# without one maximal term, which is 1, so exact near ``z = 1``; -1 for a row of -inf; PART_ZS,
+# PART_ZT likewise), ``a = sum exp((t - m_t) / T) (m_s - s)``; teacher
 # weights: ``z_w = sum exp((t - m_t) / T2)``. The factor is held as ``v' = v 2^-L`` (teacher:
 # ``exp(gamma (t - m_t) / T2)``): the wMSE moments ``W' = sum v'``, the mean of ``d = t - s`` as
 # a pivot ``ph + pl`` (Triton: the heaviest class's ``d``, an exact pair; PyTorch: a first

@@ -16,7 +16,9 @@ Exactness in float32: softmaxes relative to running maxima; ``d`` as the exact p
 plus a corrected weighted offset from it (so a dominant class's deviation is its own small
 number, not a difference of rounded means); tiles merged by Chan's rule anchored on the heavier
 side; the factor scaled by ``2^-L`` (its largest entry's
-exponent, or the teacher's running maximum) and the batch normaliser kept as ``DEN 2^(2K)``.
+exponent, or the teacher's running maximum) and the batch normaliser kept as ``DEN 2^(2K)``;
+the softmax normalisers as their rests ``z - 1`` (no ``1 + x`` rounded: peaked rows), the loss
+with ``log1p``, and ``q - p`` where both logits are maximal as ``(rest_t - rest_s) / (z_s z_t)``.
 Classes with ``s_j = -inf`` or ``t_j = -inf`` are left out of the wMSE; ``t_j = -inf`` gives
 ``p_j = 0``; masked-off lanes are loaded as ``-inf`` and so are absent. Rows whose label is
 ``ignore_index`` are never read and get a zero gradient.
@@ -107,31 +109,51 @@ def _rescale(m_part, m, inv_temperature):
 
 
 @triton.jit
+def merged_rest(rest_a, r_a, rest_b, r_b):
+    """The normaliser rest ``z - 1`` of two parts rescaled by ``r_a``, ``r_b`` (one of them 1, or
+    both 0 for two empty parts), with no ``1 + x`` formed: ``rest_a r_a + rest_b r_b + min(r_a,
+    r_b) + (max(r_a, r_b) - 1)``."""
+    return rest_a * r_a + rest_b * r_b + (tl.minimum(r_a, r_b) + (tl.maximum(r_a, r_b) - 1.0))
+
+
+@triton.jit
 def merge_cross_entropy(ms_a, zs_a, mt_a, zt_a, a_a, ms_b, zs_b, mt_b, zt_b, a_b, inv_t):
-    """The cross-entropy statistics of two parts: maxima, normalisers, and
+    """The cross-entropy statistics of two parts: maxima, normaliser rests ``z - 1``, and
     ``a = sum exp((t - m_t) / T) (ref(m_s) - s)``."""
     ms = tl.maximum(ms_a, ms_b)
     mt = tl.maximum(mt_a, mt_b)
     rt_a = _rescale(mt_a, mt, inv_t)
     rt_b = _rescale(mt_b, mt, inv_t)
-    shift_a = tl.where(zt_a != 0.0, zt_a * (_ref(ms) - _ref(ms_a)), 0.0)
-    shift_b = tl.where(zt_b != 0.0, zt_b * (_ref(ms) - _ref(ms_b)), 0.0)
+    shift_a = tl.where(zt_a != -1.0, (zt_a + 1.0) * (_ref(ms) - _ref(ms_a)), 0.0)
+    shift_b = tl.where(zt_b != -1.0, (zt_b + 1.0) * (_ref(ms) - _ref(ms_b)), 0.0)
     a = tl.where(rt_a != 0.0, rt_a * (a_a + shift_a), 0.0) + \
         tl.where(rt_b != 0.0, rt_b * (a_b + shift_b), 0.0)
-    zs = zs_a * _rescale(ms_a, ms, inv_t) + zs_b * _rescale(ms_b, ms, inv_t)
-    return ms, zs, mt, zt_a * rt_a + zt_b * rt_b, a
+    zs = merged_rest(zs_a, _rescale(ms_a, ms, inv_t), zs_b, _rescale(ms_b, ms, inv_t))
+    return ms, zs, mt, merged_rest(zt_a, rt_a, zt_b, rt_b), a
+
+
+@triton.jit
+def _tile_rest(x, m, e, AXIS: tl.constexpr):
+    """``sum e - 1`` along ``AXIS``, ``e = exp((x - m) / T)`` being 1 at the lanes where ``x`` is
+    maximal: those counted apart from the other terms, so that ``1 + x`` is never rounded; -1 for
+    an empty part (``m = -inf``)."""
+    top = x == tl.expand_dims(m, AXIS)
+    count = tl.sum(top.to(tl.int32), axis=AXIS)
+    rest = tl.sum(tl.where(top, 0.0, e), axis=AXIS) + (count - 1).to(e.dtype)
+    return tl.where(m != NEG_INF, rest, -1.0)
 
 
 @triton.jit
 def tile_cross_entropy(s, t, inv_t, AXIS: tl.constexpr):
-    """``(m_s, z_s, m_t, z_t, a)``: the cross-entropy statistics of a tile's columns, reduced
-    along ``AXIS`` (``-inf`` marks absent entries)."""
-    ms = tl.max(s, axis=AXIS, keep_dims=True)
-    mt = tl.max(t, axis=AXIS, keep_dims=True)
-    e_t = tl.exp((t - _ref(mt)) * inv_t)
-    a = tl.sum(tl.where(e_t != 0.0, e_t * (_ref(ms) - s), 0.0), axis=AXIS)
-    zs = tl.sum(tl.exp((s - _ref(ms)) * inv_t), axis=AXIS)
-    return tl.max(s, axis=AXIS), zs, tl.max(t, axis=AXIS), tl.sum(e_t, axis=AXIS), a
+    """``(m_s, z_s - 1, m_t, z_t - 1, a)``: the cross-entropy statistics of a tile's columns,
+    reduced along ``AXIS`` (``-inf`` marks absent entries)."""
+    ms = tl.max(s, axis=AXIS)
+    mt = tl.max(t, axis=AXIS)
+    ref_s = _ref(tl.expand_dims(ms, AXIS))
+    e_t = tl.exp((t - _ref(tl.expand_dims(mt, AXIS))) * inv_t)
+    a = tl.sum(tl.where(e_t != 0.0, e_t * (ref_s - s), 0.0), axis=AXIS)
+    zt = _tile_rest(t, mt, e_t, AXIS)
+    return ms, _tile_rest(s, ms, tl.exp((s - ref_s) * inv_t), AXIS), mt, zt, a
 
 
 @triton.jit
@@ -269,9 +291,9 @@ def row_stats_kernel(
     gamma_t2 = gamma * inv_t2 * LOG2E
     zero = tl.sum(tl.zeros([BLOCK_C], dtype=ACC), axis=0)
     ms = zero + NEG_INF
-    zs = zero
+    zs = zero - 1.0  # normaliser rests z - 1: -1 while empty
     mt = zero + NEG_INF
-    zt = zero
+    zt = zero - 1.0
     a = zero
     z_w = zero
     scale = zero + NEG_INF
@@ -318,10 +340,19 @@ def row_stats_kernel(
 
 
 @triton.jit
+def log1p(x):
+    """``log(1 + x)``, exact to a few units also for tiny ``x``: ``log(u) x / (u - 1)``,
+    ``u = fl(1 + x)`` (Goldberg's rewriting; ``x`` itself where ``u = 1``)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
 def finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE: tl.constexpr):
-    """``(E, wmse', ce)`` of a row from its statistics: the true weights are ``v' 2^E``, the true
-    ``wmse = 2^(2E) wmse'``; ``ce`` is ``inf`` when the student puts ``-inf`` where the teacher
-    has mass, and 0 for a row without teacher mass."""
+    """``(E, wmse', ce)`` of a row from its statistics (``zs``, ``zt``: the normaliser rests
+    ``z - 1``): the true weights are ``v' 2^E``, the true ``wmse = 2^(2E) wmse'``; ``ce = a / (T
+    z_t) + log1p(zs)`` is ``inf`` when the student puts ``-inf`` where the teacher has mass, and 0
+    for a row without teacher mass."""
     exponent = scale
     wmse = 2.0 * weight * m2
     if SOURCE == 0:
@@ -329,7 +360,8 @@ def finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE: tl.const
     if SOURCE == 4:  # pair weights: the wMSE itself, weights unscaled
         exponent = weight * 0.0
         wmse = m2
-    ce = tl.where(a != float("inf"), inv_t * a / tl.where(zt != 0.0, zt, 1.0) + tl.log(zs), a)
+    zt = zt + 1.0
+    ce = tl.where(a != float("inf"), inv_t * a / tl.where(zt != 0.0, zt, 1.0) + log1p(zs), a)
     return exponent, wmse, tl.where(zt != 0.0, ce, 0.0)
 
 
@@ -359,8 +391,8 @@ def store_row_stats(stats_ptr, rows, mask, ms, zs, mt, zt, a, z_w, scale, weight
 @triton.jit
 def load_row_stats(stats_ptr, rows, mask):
     base = stats_ptr + rows * 16
-    return (tl.load(base + 0, mask=mask, other=NEG_INF), tl.load(base + 1, mask=mask, other=0.0),
-            tl.load(base + 2, mask=mask, other=NEG_INF), tl.load(base + 3, mask=mask, other=0.0),
+    return (tl.load(base + 0, mask=mask, other=NEG_INF), tl.load(base + 1, mask=mask, other=-1.0),
+            tl.load(base + 2, mask=mask, other=NEG_INF), tl.load(base + 3, mask=mask, other=-1.0),
             tl.load(base + 4, mask=mask, other=0.0), tl.load(base + 5, mask=mask, other=0.0),
             tl.load(base + 6, mask=mask, other=NEG_INF), tl.load(base + 7, mask=mask, other=0.0),
             tl.load(base + 8, mask=mask, other=0.0), tl.load(base + 9, mask=mask, other=0.0),
@@ -409,9 +441,9 @@ def _merged_parts(parts_ptr, num_parts, B, rows, mask, inv_t, BLOCK_R: tl.conste
     first part, an invalid weight in any part an error."""
     zero = tl.zeros([BLOCK_R], dtype=ACC)
     ms = zero + NEG_INF
-    zs = zero
+    zs = zero - 1.0
     mt = zero + NEG_INF
-    zt = zero
+    zt = zero - 1.0
     a = zero
     m2 = zero
     weight = zero
@@ -424,9 +456,9 @@ def _merged_parts(parts_ptr, num_parts, B, rows, mask, inv_t, BLOCK_R: tl.conste
         invalid = tl.maximum(invalid, tl.load(at + 2 * plane, mask=mask, other=0.0))
         ms, zs, mt, zt, a = merge_cross_entropy(
             ms, zs, mt, zt, a, tl.load(at + 3 * plane, mask=mask, other=NEG_INF),
-            tl.load(at + 4 * plane, mask=mask, other=0.0),
+            tl.load(at + 4 * plane, mask=mask, other=-1.0),
             tl.load(at + 5 * plane, mask=mask, other=NEG_INF),
-            tl.load(at + 6 * plane, mask=mask, other=0.0),
+            tl.load(at + 6 * plane, mask=mask, other=-1.0),
             tl.load(at + 7 * plane, mask=mask, other=0.0), inv_t)
     kept = tl.load(parts_ptr + 8 * plane + rows, mask=mask, other=0.0)
     err = tl.load(parts_ptr + 9 * plane + rows, mask=mask, other=0.0) + \
@@ -545,11 +577,18 @@ def pair_loss_coefficients(kept, totals_ptr, grad, mse_weight, ce_weight, inv_t,
 
 
 @triton.jit
-def softmax_difference(s, t, ms, log_zs, mt, log_zt, inv_t):
-    """``softmax(s / T) - softmax(t / T)`` on a tile from the row's maxima and log-normalisers."""
-    q = tl.where(s != NEG_INF, tl.exp((s - _ref(ms)) * inv_t - log_zs), 0.0)
-    p = tl.where(t != NEG_INF, tl.exp((t - _ref(mt)) * inv_t - log_zt), 0.0)
-    return q - p
+def softmax_difference(s, t, ms, zs, mt, zt, inv_t):
+    """``q - p = softmax(s / T) - softmax(t / T)`` on a tile from the rows' maxima and normaliser
+    rests ``z - 1``; where both logits are maximal (``e_s = e_t = 1``) as ``(zt - zs) / (z_s
+    z_t)``, which does not cancel."""
+    log_zs = log1p(tl.where(zs != -1.0, zs, 0.0))  # an empty row: 0
+    log_zt = log1p(tl.where(zt != -1.0, zt, 0.0))
+    s_in = s != NEG_INF
+    t_in = t != NEG_INF
+    q = tl.where(s_in, tl.exp((s - _ref(ms)) * inv_t - log_zs), 0.0)
+    p = tl.where(t_in, tl.exp((t - _ref(mt)) * inv_t - log_zt), 0.0)
+    peak = (zt - zs) / tl.maximum((zs + 1.0) * (zt + 1.0), 1.0)  # z_s, z_t >= 1 where used
+    return tl.where(s_in & t_in & (s == ms) & (t == mt), peak, q - p)
 
 
 @triton.jit
@@ -597,8 +636,6 @@ def loss_backward_kernel(
         v_row = v_ptr + row * v_stride_b
     s_row = s_ptr + row * s_stride_b
     t_row = t_ptr + row * t_stride_b
-    log_zs = tl.log(tl.where(zs != 0.0, zs, 1.0))
-    log_zt = tl.log(tl.where(zt != 0.0, zt, 1.0))
     gamma_t2 = gamma * inv_t2 * LOG2E
     live_cols = tl.where(live, C, 0)
     for c0 in range(0, C, BLOCK_C):
@@ -618,7 +655,7 @@ def loss_backward_kernel(
             else:
                 ds = tl.zeros([BLOCK_C], dtype=ACC)
             if WITH_CE:
-                ds += coef_ce * softmax_difference(s, t, ms, log_zs, mt, log_zt, inv_t)
+                ds += coef_ce * softmax_difference(s, t, ms, zs, mt, zt, inv_t)
             tl.store(ds_ptr + row * C + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
         if NEED_DT:
             tl.store(dt_ptr + row * C + cols, g_d.to(dt_ptr.dtype.element_ty), mask=mask)

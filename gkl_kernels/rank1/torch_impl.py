@@ -26,7 +26,7 @@ from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SO
 
 INF = float("inf")
 BLOCK_ELEMENTS = 2**18  # logits in one row block: 1 MiB of float32 (8 rows at V = 32000)
-TINY = 1e-45  # the softmax normaliser of a row of -inf (0) divides its zeros by this instead
+ARGMAX_CHUNK = 128  # columns per chunk of ``_row_max``
 
 
 def row_blocks(rows, classes):
@@ -47,6 +47,51 @@ def _scaled(x, factor):
 
 def _rescale(m_part, m, inv_temperature):
     return torch.where(m_part != -INF, ((m_part - m) * inv_temperature).exp(), 0.0)
+
+
+def _merged_rest(rest_a, r_a, rest_b, r_b):
+    """The normaliser rest ``z - 1`` of two parts rescaled by ``r_a``, ``r_b`` (one of them 1, or
+    both 0 for two empty parts), with no ``1 + x`` formed: ``rest_a r_a + rest_b r_b + min(r_a,
+    r_b) + (max(r_a, r_b) - 1)``."""
+    return rest_a * r_a + rest_b * r_b + (torch.minimum(r_a, r_b) +
+                                          (torch.maximum(r_a, r_b) - 1.0))
+
+
+def _row_max(x):
+    """``(maxima (R,), the first column where each is (R, 1))`` of the rows of ``x``, through the
+    maxima of ``ARGMAX_CHUNK``-column chunks: on CPU ``max(dim=1)`` costs a dozen ``amax``."""
+    rows, classes = x.shape
+    chunks = classes // ARGMAX_CHUNK
+    if chunks < 2:
+        top, column = x.max(dim=1, keepdim=True)
+        return top[:, 0], column
+    width = chunks * ARGMAX_CHUNK
+    blocks = x[:, :width].unflatten(1, (chunks, ARGMAX_CHUNK))
+    top, chunk = blocks.amax(dim=2).max(dim=1, keepdim=True)
+    column = blocks.gather(1, chunk[:, :, None].expand(rows, 1, ARGMAX_CHUNK)).argmax(dim=2)
+    column.add_(chunk, alpha=ARGMAX_CHUNK)
+    if width < classes:
+        tail_top, tail = x[:, width:].max(dim=1, keepdim=True)
+        column = torch.where(tail_top > top, tail.add_(width), column)
+        top = torch.maximum(top, tail_top)
+    return top[:, 0], column
+
+
+def _lowered_rest(e, top):
+    """``sum_j e_j - 1`` per row (R,), ``e = exp((x - m) / T)`` being 1 at the maximal columns
+    ``top`` (R, 1) (0 in a row of ``-inf``: rest -1): ``e`` there lowered by 1, in place, then
+    summed, so that ``1 + x`` is never rounded (the caller raises it again where it needs it)."""
+    return e.scatter_(1, top, -1.0, reduce="add").sum(dim=1)
+
+
+def _difference_at(e_s, e_t, rest_s, rest_t, z_s, z_t):
+    """``q - p = e_s / z_s - e_t / z_t`` (R, 1) at one column per row, from ``e`` there (R, 1),
+    the rests ``z - 1`` and ``z`` (R,; an empty row's as 0 and 1: its ``e`` are 0) as ``((e_s -
+    e_t) + e_s rest_t - e_t rest_s) / (z_s z_t)``: where both logits are maximal (``e_s = e_t =
+    1``) the ones cancel exactly, ``(rest_t - rest_s) / (z_s z_t)``."""
+    numerator = torch.addcmul(e_s - e_t, e_s, rest_t[:, None]).addcmul_(e_t, rest_s[:, None],
+                                                                        value=-1.0)
+    return numerator.div_((z_s * z_t)[:, None])
 
 
 class Scratch:
@@ -174,34 +219,46 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
     columns[STAT_KEPT] = zeros + 1.0 if kept is None else kept.to(s.dtype)
     if bad is not None:
         columns[STAT_ERROR] = bad.to(s.dtype)
-    mt = columns[STAT_MT] = t.amax(dim=1)
-    ref_t = _ref(mt)[:, None]
     columns[STAT_MS] = columns[STAT_L] = zeros - INF
+    columns[STAT_ZS] = columns[STAT_ZT] = zeros - 1.0  # the rests of empty normalisers
+    if config.with_ce:
+        (ms, top_s), (mt, top_t) = _row_max(s), _row_max(t)
+        columns[STAT_MS] = ms
+    else:
+        mt = t.amax(dim=1)
+    columns[STAT_MT] = mt
+    ref_t = _ref(mt)[:, None]
     inv_t = 1.0 / config.temperature
     e_t = None
     if config.with_ce:
-        ms = columns[STAT_MS] = s.amax(dim=1)
         ref_s = _ref(ms)[:, None]
         e_s = _scaled(torch.sub(s, ref_s, out=scratch.floats("e_s", rows)), inv_t).exp_()
         e_t = _scaled(torch.sub(t, ref_t, out=scratch.floats("e_t", rows)), inv_t).exp_()
-        zs, zt = columns[STAT_ZS], columns[STAT_ZT] = e_s.sum(dim=1), e_t.sum(dim=1)
+        peak_s = e_s.gather(1, top_s)  # 1, or 0 in a row of -inf
+        rest_s = columns[STAT_ZS] = _lowered_rest(e_s, top_s)  # e_s there: rewritten below
+        rest_t = columns[STAT_ZT] = _lowered_rest(e_t, top_t)
+        e_t.scatter_(1, top_t, 1.0, reduce="add")
         # e_t (m_s - s): 0 x inf (s = -inf, e_t = 0) adds 0; a NaN logit stays in zs, zt
         columns[STAT_A] = torch.sub(ref_s, s, out=scratch.floats("d", rows)).mul_(
             e_t).nansum(dim=1)
         if softmax_difference is not None:
-            torch.div(e_s, zs.clamp_min(TINY)[:, None], out=softmax_difference)
-            softmax_difference.addcdiv_(e_t, zt.clamp_min(TINY)[:, None], value=-1.0)
+            rest_s, rest_t = rest_s.clamp_min(0.0), rest_t.clamp_min(0.0)  # empty rows: 0
+            z_s, z_t = rest_s + 1.0, rest_t + 1.0
+            torch.div(e_s, z_s[:, None], out=softmax_difference)
+            softmax_difference.addcdiv_(e_t, z_t[:, None], value=-1.0)
+            softmax_difference.scatter_(1, top_s, _difference_at(
+                peak_s, e_t.gather(1, top_s), rest_s, rest_t, z_s, z_t))
     if config.source >= SOURCE_NONE:
         return torch.stack(columns, dim=1, out=stats)
     if config.source == SOURCE_TEACHER:
-        columns[STAT_ZW] = columns[STAT_ZT] if (
+        columns[STAT_ZW] = columns[STAT_ZT] + 1.0 if (
             e_t is not None and config.weight_temperature == config.temperature) else \
             _scaled(torch.sub(t, ref_t, out=scratch.floats("d", rows)),
                     1.0 / config.weight_temperature).exp_().sum(dim=1)
     v, excluded = _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t)
-    top, heaviest = v.max(dim=1, keepdim=True)
+    top, heaviest = _row_max(v)
     if config.source != SOURCE_TEACHER:
-        columns[STAT_L] = _factor_exponent(top[:, 0])
+        columns[STAT_L] = _factor_exponent(top)
         v.mul_(torch.exp2(-_ref(columns[STAT_L]))[:, None])
     weight = columns[STAT_W] = v.sum(dim=1)
     # d = t - s as the exact pair hi + lo, its deviations from the heaviest class's exact d (the
@@ -260,9 +317,9 @@ def finish_rows_torch(stats, config):
     exponent = _row_exponent(stats, config)
     wmse = stats[:, STAT_M2] if config.source == SOURCE_PAIRS else \
         2.0 * stats[:, STAT_W] * stats[:, STAT_M2]
-    zt, a = stats[:, STAT_ZT], stats[:, STAT_A]
+    zt, a = stats[:, STAT_ZT] + 1.0, stats[:, STAT_A]
     ce = torch.where(a != INF, a / (config.temperature * torch.where(zt != 0, zt, 1.0))
-                     + stats[:, STAT_ZS].log(), a)
+                     + stats[:, STAT_ZS].log1p(), a)
     return exponent, wmse, torch.where(zt != 0, ce, 0.0)
 
 
@@ -433,14 +490,20 @@ def gradient_directions_torch(student, teacher, factor, labels, stats, config, s
     s, t, kept, bad = _kept_logits(student, teacher, labels, config, scratch)
     rows = s.shape[0]
     softmax_difference = weighted_deviation = None
-    mt = stats[:, STAT_MT]
+    ms, mt = stats[:, STAT_MS], stats[:, STAT_MT]
     if config.with_ce:
         inv_t = 1.0 / config.temperature
+        # the rests, an empty row's (-1) as 0: log z = log1p(rest), 0 there (its e are 0)
+        rest_s, rest_t = stats[:, STAT_ZS].clamp_min(0.0), stats[:, STAT_ZT].clamp_min(0.0)
         q, p = ((_scaled(torch.sub(x, _ref(m)[:, None], out=scratch.floats(name, rows)),
-                         inv_t).sub_(torch.where(z != 0, z, 1.0).log()[:, None]).exp_())
-                for name, x, m, z in (("e_s", s, stats[:, STAT_MS], stats[:, STAT_ZS]),
-                                      ("e_t", t, mt, stats[:, STAT_ZT])))
+                         inv_t).sub_(rest.log1p()[:, None]).exp_())
+                for name, x, m, rest in (("e_s", s, ms, rest_s), ("e_t", t, mt, rest_t)))
         softmax_difference = q.sub_(p)
+        top = _row_max(s)[1]
+        e_s, e_t = (_scaled(x.gather(1, top) - _ref(m)[:, None], inv_t).exp_()
+                    for x, m in ((s, ms), (t, mt)))
+        softmax_difference.scatter_(1, top, _difference_at(e_s, e_t, rest_s, rest_t,
+                                                           rest_s + 1.0, rest_t + 1.0))
     if config.with_wmse:
         v, excluded = _weights(s, t, factor, labels, kept, bad, _ref(mt)[:, None], config,
                                scratch)
@@ -461,13 +524,14 @@ def merge_row_stats(a, b, config):
     ms = torch.maximum(a[:, STAT_MS], b[:, STAT_MS])
     mt = torch.maximum(a[:, STAT_MT], b[:, STAT_MT])
     rt_a, rt_b = _rescale(a[:, STAT_MT], mt, inv_t), _rescale(b[:, STAT_MT], mt, inv_t)
-    shifted = [torch.where(x[:, STAT_ZT] != 0, x[:, STAT_ZT] * (_ref(ms) - _ref(x[:, STAT_MS])),
-                           0.0) for x in (a, b)]
+    shifted = [torch.where(x[:, STAT_ZT] != -1.0,
+                           (x[:, STAT_ZT] + 1.0) * (_ref(ms) - _ref(x[:, STAT_MS])), 0.0)
+               for x in (a, b)]
     out[:, STAT_A] = torch.where(rt_a != 0, rt_a * (a[:, STAT_A] + shifted[0]), 0.0) + \
         torch.where(rt_b != 0, rt_b * (b[:, STAT_A] + shifted[1]), 0.0)
-    out[:, STAT_ZS] = a[:, STAT_ZS] * _rescale(a[:, STAT_MS], ms, inv_t) + \
-        b[:, STAT_ZS] * _rescale(b[:, STAT_MS], ms, inv_t)
-    out[:, STAT_ZT] = a[:, STAT_ZT] * rt_a + b[:, STAT_ZT] * rt_b
+    out[:, STAT_ZS] = _merged_rest(a[:, STAT_ZS], _rescale(a[:, STAT_MS], ms, inv_t),
+                                   b[:, STAT_ZS], _rescale(b[:, STAT_MS], ms, inv_t))
+    out[:, STAT_ZT] = _merged_rest(a[:, STAT_ZT], rt_a, b[:, STAT_ZT], rt_b)
     inv_t2 = 1.0 / config.weight_temperature
     out[:, STAT_ZW] = a[:, STAT_ZW] * _rescale(a[:, STAT_MT], mt, inv_t2) + \
         b[:, STAT_ZW] * _rescale(b[:, STAT_MT], mt, inv_t2)

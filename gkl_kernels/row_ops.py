@@ -43,13 +43,13 @@ class RowInputs(NamedTuple):
 
 class RowState(NamedTuple):
     """What a backward needs: the inputs, their statistics and the batch totals, and the kept
-    gradient directions (empty: recomputed from the inputs and statistics)."""
+    gradient directions (None or empty: recomputed from the inputs and statistics)."""
 
     inputs: RowInputs
     stats: Tensor
     totals: Tensor
-    softmax_difference: Tensor
-    weighted_deviation: Tensor
+    softmax_difference: Optional[Tensor] = None
+    weighted_deviation: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,22 @@ class RowOps:
 
 
 def _without_directions(stats):
-    empty = stats.new_empty(0)
-    return stats, empty, torch.empty_like(empty)
+    return stats, None, None
+
+
+def _directions(state):
+    """The kept directions of a ``RowState``, empty tensors where there are none."""
+    return tuple(state.stats.new_empty(0) if direction is None else direction
+                 for direction in (state.softmax_difference, state.weighted_deviation))
 
 
 def _gradients_torch(grad, state, config, need_ds, need_dt):
     return loss_backward_torch(grad, *state.inputs, state.stats, state.totals, config, need_ds,
-                               need_dt, state.softmax_difference, state.weighted_deviation)
+                               need_dt, *_directions(state))
 
 
 def _gradients_torch_pairs(grad, state, config, need_ds, need_dt):
-    if not state.weighted_deviation.numel():  # pair weights' directions: formed again
+    if not _directions(state)[1].numel():  # pair weights' directions: formed again
         _, softmax_difference, weighted_deviation = pair_loss_stats_torch(*state.inputs, config,
                                                                           True)
         state = state._replace(softmax_difference=softmax_difference,
@@ -174,9 +179,9 @@ def _rank1_loss_backward_fake(grad_loss, student, teacher, factor, labels, stats
 
 def statistics(inputs, config, keep_directions=False):
     """``(stats, softmax_difference, weighted_deviation)``; the directions only on the
-    plain-PyTorch path in eager mode with ``keep_directions`` (else empty)."""
+    plain-PyTorch path in eager mode with ``keep_directions`` (else None or empty)."""
     if torch.compiler.is_compiling():
-        return _without_directions(rank1_row_stats(*inputs, config.floats, config.ints))
+        return rank1_row_stats(*inputs, config.floats, config.ints), None, None
     return row_ops(config).statistics(inputs, config, keep_directions)
 
 
@@ -190,12 +195,17 @@ def finish(stats, config):
 def loss_and_statistics(inputs, config, keep_directions=False):
     """``(loss, RowState)``: the loss of the rows and what its backward needs; one row kernel
     and one finishing kernel on the Triton path."""
-    fused = row_ops(config).fused
-    if fused is not None and not torch.compiler.is_compiling():
-        loss, stats, totals = fused(*inputs, config)
-        return loss, RowState(inputs, stats, totals, *_without_directions(stats)[1:])
-    stats, softmax_difference, weighted_deviation = statistics(inputs, config, keep_directions)
-    loss, totals = finish(stats, config)
+    if torch.compiler.is_compiling():
+        stats = rank1_row_stats(*inputs, config.floats, config.ints)
+        loss, totals = rank1_finish(stats, config.floats, config.ints)
+        return loss, RowState(inputs, stats, totals)
+    ops = row_ops(config)
+    if ops.fused is not None:
+        loss, stats, totals = ops.fused(*inputs, config)
+        return loss, RowState(inputs, stats, totals)
+    stats, softmax_difference, weighted_deviation = ops.statistics(inputs, config,
+                                                                   keep_directions)
+    loss, totals = ops.finish(stats, config)
     return loss, RowState(inputs, stats, totals, softmax_difference, weighted_deviation)
 
 
@@ -204,8 +214,8 @@ def gradients(grad, state, config, need_ds, need_dt):
     gradient (``grad`` 0-dim, or ``(B,)`` per-row weights with totals ``N = R = 1``)."""
     if torch.compiler.is_compiling():
         return rank1_loss_backward(grad, *state.inputs, state.stats, state.totals,
-                                   state.softmax_difference, state.weighted_deviation,
-                                   config.floats, config.ints, need_ds, need_dt)
+                                   *_directions(state), config.floats, config.ints, need_ds,
+                                   need_dt)
     return row_ops(config).gradients(grad, state, config, need_ds, need_dt)
 
 
