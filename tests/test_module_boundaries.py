@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_layering import cycles, import_graph
+
 REPO = Path(__file__).resolve().parents[1]
 OUTSIDE_BENCH = ("gkl_kernels", "reference", "tests", "tools", "examples")
 # tools/readme.py writes the README summary and docs/RESULTS.md from the bench's JSON in the
@@ -53,28 +55,8 @@ def bench_importers(root):
 def import_cycles(package_dir):
     """The import cycles among the modules of the package in ``package_dir`` (one folder, no
     subpackages): each as the list of module names around it, the first repeated last."""
-    package = package_dir.name
-    modules = {path.stem: path for path in package_dir.glob("*.py")}
-    edges = {}
-    for name, path in modules.items():
-        imported = imported_modules(path, package)
-        edges[name] = sorted(other for other in modules
-                             if other != name and f"{package}.{other}" in imported)
-    cycles, done = [], set()
-
-    def visit(name, trail):
-        if name in trail:
-            cycles.append(trail[trail.index(name):] + [name])
-            return
-        if name in done:
-            return
-        for other in edges[name]:
-            visit(other, trail + [name])
-        done.add(name)
-
-    for name in sorted(modules):
-        visit(name, [])
-    return cycles
+    graph = import_graph(package_dir.parent, package_dir.name)
+    return [[name.split(".")[-1] for name in cycle] for cycle in cycles(graph)]
 
 
 def test_nothing_outside_the_bench_imports_it():
