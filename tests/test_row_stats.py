@@ -70,6 +70,17 @@ def test_torch_backend_computes_the_same_statistics(source, generator):
                  _finished(_stats(student, teacher, factor, labels, on_triton), on_triton))
 
 
+def _merged_parts(student, teacher, factor, labels, config, splits):
+    """The statistics of the column parts between ``splits``, merged left to right."""
+    bounds = [0, *splits, student.shape[1]]
+    parts = [_stats(student, teacher, factor, labels, config, slice(a, b))
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merge_row_stats(merged, part, config)
+    return merged
+
+
 @pytest.mark.parametrize("use_triton", [True, False])
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("splits", [(1,), (16,), (17,), (39,), (10, 30), (15, 16, 29)])
@@ -81,12 +92,7 @@ def test_merge_of_column_parts_equals_the_whole_row(source, splits, use_triton, 
         labels = None
         source = "explicit"
     config = _config(source, use_triton)
-    bounds = [0, *splits, student.shape[1]]
-    parts = [_stats(student, teacher, factor, labels, config, slice(a, b))
-             for a, b in zip(bounds[:-1], bounds[1:])]
-    merged = parts[0]
-    for part in parts[1:]:
-        merged = merge_row_stats(merged, part, config)
+    merged = _merged_parts(student, teacher, factor, labels, config, splits)
     _assert_same(_finished(merged, config),
                  _finished(_stats(student, teacher, factor, labels, config), config))
 
@@ -123,12 +129,7 @@ def test_merged_normalisers_stay_exact_near_one(splits, use_triton, generator):
     student = teacher + torch.randn(6, 40, generator=generator)
     config = RowConfig(source=SOURCE_TEACHER, temperature=temperature, use_triton=use_triton,
                        block_c=16 if use_triton else 0)
-    bounds = [0, *splits, student.shape[1]]
-    parts = [_stats(student, teacher, None, None, config, slice(a, b))
-             for a, b in zip(bounds[:-1], bounds[1:])]
-    merged = parts[0]
-    for part in parts[1:]:
-        merged = merge_row_stats(merged, part, config)
+    merged = _merged_parts(student, teacher, None, None, config, splits)
     (_, rest_s), (e_t, rest_t) = (_softmax_terms64(x, temperature) for x in (student, teacher))
     assert rest_s.min() < 1e-15 and rest_s.max() > 1e-3
     for column, rest in ((STAT_ZS, rest_s), (STAT_ZT, rest_t)):

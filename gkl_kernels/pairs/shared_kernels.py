@@ -267,9 +267,9 @@ def _launch_args(student, teacher, weights):
 def shared_rows_forward(student, teacher, weights, dot_precision="ieee", block_c=None,
                         labels=None, config=None):
     """``parts`` ``(planes, P, B)`` in ``compute_dtype`` (``config.PART_*``) for shared
-    ``(C, C)`` pair weights; rows labelled ``config.ignore_index`` are not read (``config``: the loss's options,
-    for the cross-entropy's temperature and the labels; None: the wMSE and weight sums alone,
-    ``part_planes``)."""
+    ``(C, C)`` pair weights; rows labelled ``config.ignore_index`` are not read (``config``: the
+    loss's options, for the cross-entropy's temperature and the labels; None: the wMSE and weight
+    sums alone, ``part_planes``)."""
     batch, num_classes = student.shape
     dtype = compute_dtype(student, teacher)
     block_b, block = pick_shared_blocks(batch, num_classes, block_c, dot_precision, dtype)

@@ -71,8 +71,8 @@ def _shared_terms(d, present, weights):
 
 def _per_row_terms(d, present, weights):
     """``(g (B, C), weight_sum (B,))`` in float64 for per-row ``(B, C, C)`` weights (``present``
-    None: every class present): per chunk of rows, ``w [in, d]`` gives the present row sums and ``w d``, ``[in, d]^T w`` the column sums and
-    ``w^T d``."""
+    None: every class present): per chunk of rows, ``w [in, d]`` gives the present row sums and
+    ``w d``, ``[in, d]^T w`` the column sums and ``w^T d``."""
     batch, num_classes = d.shape
     present = torch.ones_like(d) if present is None else present
     g = torch.empty_like(d)

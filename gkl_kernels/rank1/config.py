@@ -28,8 +28,8 @@ SOURCE_PAIRS = 4  # general pair weights (C, C) or (B, C, C): the wMSE from ``pa
 # PART_ZT likewise), ``a = sum exp((t - m_t) / T) (m_s - s)``; teacher
 # weights: ``z_w = sum exp((t - m_t) / T2)``. The factor is held as ``v' = v 2^-L`` (teacher:
 # ``exp(gamma (t - m_t) / T2)``): the wMSE moments ``W' = sum v'``, the mean of ``d = t - s`` as
-# a pivot ``ph + pl`` (Triton: the heaviest class's ``d``, an exact pair; PyTorch: a first
-# weighted mean, ``pl = 0``) plus an offset ``dm``, and
+# a pivot ``ph + pl`` (the heaviest class's ``d``, an exact pair, on both backends) plus an
+# offset ``dm``, and
 # ``M2' = sum v' (d - mean)^2``. General pair weights (``SOURCE_PAIRS``) hold the row's pair-weight
 # sum in ``W`` and its wMSE in ``M2`` (sums over column parts: they add).
 (STAT_MS, STAT_ZS, STAT_MT, STAT_ZT, STAT_A, STAT_ZW, STAT_L, STAT_W, STAT_PH, STAT_PL, STAT_M2,

@@ -544,8 +544,8 @@ def finish_loss_kernel(
         if NORMALIZE_BATCH:
             loss = mse_weight * 0.25 * wmse_sum / tl.maximum(rows_kept, 1.0)
         else:
-            loss = tl.where(den != 0.0, mse_weight * 0.25 * wmse_sum / tl.where(den != 0.0, den, 1.0),
-                            0.0)
+            loss = tl.where(den != 0.0,
+                            mse_weight * 0.25 * wmse_sum / tl.where(den != 0.0, den, 1.0), 0.0)
     if WITH_CE:
         loss += ce_weight * ce_sum / tl.maximum(rows_kept, 1.0)
     tl.store(loss_ptr, loss)

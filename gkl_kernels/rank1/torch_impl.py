@@ -5,11 +5,10 @@ the rule that combines the statistics of two column parts of the same rows (voca
 Used for CPU tensors and with ``backend="torch"``. Rows go in blocks of at most
 ``BLOCK_ELEMENTS`` logits, as a kernel's tiles: a block's temporaries stay in cache (a whole
 ``(256, 32000)`` chunk at once ran 2.8 times slower on 2 CPU cores, from page faults and memory
-traffic), into ``Scratch`` tensors reused from block to block. ``d = t - s`` is rounded once,
-as a plain float32 evaluation rounds it (the Triton kernels also keep its rounding error,
-``STAT_PL``; it is 0 here), and its mean is a first weighted mean corrected once (the kernels
-pivot on the heaviest class instead). When a backward pass will
-follow, the forward keeps the two ``(B, C)`` gradient directions (``softmax(s/T) -
+traffic), into ``Scratch`` tensors reused from block to block. ``d = t - s`` is held as the
+exact pair ``hi + lo`` and its mean as the heaviest class's ``d`` (``STAT_PH + STAT_PL``) plus a
+corrected offset ``STAT_DM``, as in the kernels. When a backward pass will follow, the forward
+keeps the two ``(B, C)`` gradient directions (``softmax(s/T) -
 softmax(t/T)`` and ``v' (d - mu)``), so that the backward is two products: the memory of two
 ``B x C`` float32 tensors (as ``F.kl_div``'s saved log-probabilities) traded for recomputation.
 """
