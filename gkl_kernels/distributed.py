@@ -5,7 +5,7 @@ without an initialised process group)."""
 import torch
 from torch import distributed
 
-from gkl_kernels.rank1.config import TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS, TOTAL_WMSE
+from gkl_kernels.core.config import TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS, TOTAL_WMSE
 from gkl_kernels.rank1.torch_impl import merge_row_stats
 
 

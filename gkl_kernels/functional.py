@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from gkl_kernels import validation as check
+from gkl_kernels.core.config import (SOURCE_EXPLICIT, SOURCE_PAIRS, SOURCE_PRIOR,
+                                     SOURCE_TEACHER, compute_dtype)
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
-from gkl_kernels.rank1.config import (SOURCE_EXPLICIT, SOURCE_PAIRS, SOURCE_PRIOR,
-                                      SOURCE_TEACHER, compute_dtype)
 from gkl_kernels.rows import MEAN, PER_ROW, RowLoss, SyncedMean
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_rows,
                                         optional_factor, readable_indices, sparse_teacher_loss)

@@ -12,7 +12,8 @@ gradients are computed during the forward pass and scaled by the incoming gradie
 Every fused loss (``fused_linear_gkl``, ``fused_linear_gkl_sparse``, the trainer's
 ``FusedLinearDistillationLoss``) runs the one chunk loop ``chunk_loop``: it forms each chunk's
 logits and folds the gradient its per-chunk function returns back into the heads; that function
-forms the gradient from the row ops (``fused_linear_gkl``) or by autograd (the others). Their
+forms the gradient from the row ops (``fused_linear_gkl``) or by autograd (the others). One
+autograd function, ``ChunkedLoss``, carries the gradients of all of them to the caller. Their
 inputs are checked once, at the entry.
 
 The loss's coefficients ``mse_weight / (4 N)`` and ``ce_weight / R`` must be known before any
@@ -31,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
+from gkl_kernels.core.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER,
+                                     TOTAL_DEN, TOTAL_K, TOTAL_ROWS, RowConfig)
 from gkl_kernels.options import GKLOptions
-from gkl_kernels.rank1.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER,
-                                      TOTAL_DEN, TOTAL_K, TOTAL_ROWS, RowConfig)
 from gkl_kernels.rank1.torch_impl import row_stats_and_gradients_torch
 from gkl_kernels.row_ops import RowInputs, RowState, finish, gradients, statistics
 from gkl_kernels.rows import safe_ratio
@@ -106,10 +107,15 @@ def fused_linear_gkl(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     teacher = (teacher_hidden, teacher_weight, teacher_bias)
     if not teacher_grad:
         teacher = tuple(None if x is None else x.detach() for x in teacher)
+    student = (student_hidden, student_weight, student_bias)
     factor = weights if weights is not None else class_prior
-    return FusedLinearGKLFunction.apply(student_hidden, student_weight, student_bias, *teacher,
-                                        labels, None if factor is None else factor.detach(),
-                                        plan)
+    factor = None if factor is None else factor.detach()
+
+    def loss_and_gradients(wanted):
+        loss, grads = _loss_and_gradients(student, teacher, labels, factor, plan, wanted)
+        return (loss,), grads
+
+    return ChunkedLoss.apply(loss_and_gradients, *student, *teacher)[0]
 
 
 class FusedLinearGKLLoss(nn.Module):
@@ -162,24 +168,23 @@ class FusedLinearGKLLoss(nn.Module):
             f"{k}={v!r}" for k, v in vars(self.options).items() if k not in UNSUPPORTED_OPTIONS)
 
 
-class FusedLinearGKLFunction(torch.autograd.Function):
-    """Forward: the loss and, for the inputs that need them, its gradients, chunk by chunk.
-    Backward: those gradients times the incoming scalar gradient."""
+class ChunkedLoss(torch.autograd.Function):
+    """The one autograd function of the fused losses. Forward: ``loss_and_gradients(wanted) ->
+    (terms, grads)``, the loss (and further terms, not differentiable) with the float32 gradients
+    of the ``tensors`` that want them (None for the others), formed chunk by chunk. Backward:
+    those gradients times the incoming gradient of the loss, in the tensors' dtypes."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden,
-                teacher_weight, teacher_bias, labels, factor, plan):
-        wanted = ctx.needs_input_grad[:6]
-        inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                  teacher_bias)
-        loss, grads = _loss_and_gradients(inputs[:3], inputs[3:], labels, factor, plan, wanted)
-        keep_gradients(ctx, inputs, grads)
-        return loss
+    def forward(ctx, loss_and_gradients, *tensors):
+        terms, grads = loss_and_gradients(ctx.needs_input_grad[1:])
+        keep_gradients(ctx, tensors, grads)
+        ctx.mark_non_differentiable(*terms[1:])
+        return terms
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        return (*scaled_gradients(ctx, grad_loss), None, None, None)
+    def backward(ctx, grad_loss, *_grad_terms):
+        return (None, *scaled_gradients(ctx, grad_loss))
 
 
 def keep_gradients(ctx, inputs, grads):
@@ -238,58 +243,36 @@ def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
     rows = compact_rows(replace(teacher, values=teacher.values.detach()), vocabulary,
                         optional_factor(weights, class_prior, labels, options), ignored,
                         options.ignore_index)
-    plan = SparsePlan(options, chunk_size or default_chunk_size(vocabulary, device.type),
-                      check.use_triton_for(options.backend, device))
-    return FusedSparseFunction.apply(student_hidden, student_weight, student_bias, rows, plan)
+    chunk_size = chunk_size or default_chunk_size(vocabulary, device.type)
+    use_triton = check.use_triton_for(options.backend, device)
+    student = (student_hidden, student_weight, student_bias)
+
+    def loss_and_gradients(wanted):
+        grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
+        return (_sparse_loss(student, rows, options, chunk_size, use_triton, grads),), grads
+
+    return ChunkedLoss.apply(loss_and_gradients, *student)[0]
 
 
-@dataclass(frozen=True)
-class SparsePlan:
-    """The sparse chunk loop's options: the loss options, the chunk size and the backend."""
-
-    options: GKLOptions
-    chunk_size: int
-    use_triton: bool
-
-
-class FusedSparseFunction(torch.autograd.Function):
-    """Forward: the loss on the cached teacher and the student tensors' gradients, chunk by
-    chunk. Backward: those gradients times the incoming scalar gradient."""
-
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, rows, plan):
-        student = (student_hidden, student_weight, student_bias)
-        grads = [gradient_buffer(x, w) for x, w in zip(student, ctx.needs_input_grad[:3])]
-        loss = _sparse_loss_and_gradients(student, rows, plan, grads)
-        keep_gradients(ctx, student, grads)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        return (*scaled_gradients(ctx, grad_loss), None, None)
-
-
-def _sparse_loss_and_gradients(student, rows, plan, grads):
+def _sparse_loss(student, rows, options, chunk_size, use_triton, grads):
     """The loss (float32, 0-dim) of the student's head ``student`` against the teacher's
-    ``CompactRows``, the student's gradients added into ``grads``: per chunk
-    ``sparse_teacher_loss``'s share of the mean with the batch's ``(1 / N, 1 / R)``
+    ``CompactRows``, the student's gradients added into ``grads``: per chunk of ``chunk_size``
+    rows ``sparse_teacher_loss``'s share of the mean with the batch's ``(1 / N, 1 / R)``
     (``batch_totals``), differentiated by autograd."""
-    options, count = plan.options, rows.indices.shape[0]
+    count = rows.indices.shape[0]
 
     def weight_inputs(chunk):  # the weights read the teacher's compact rows alone
         part = rows.part(chunk)
         return RowInputs(part.teacher, part.teacher, part.factor, part.labels)
 
     shares = normaliser_shares(batch_totals(  # the compact rows (N, k + 1): one chunk
-        rows.config(options, plan.use_triton),
+        rows.config(options, use_triton),
         kept_row_count(rows.ignored, count, rows.teacher.device), count, count, weight_inputs))
 
     def chunk_terms(chunk, logits):
-        return sparse_teacher_loss(logits, rows.part(chunk), options, plan.use_triton,
-                                   shares)[None]
+        return sparse_teacher_loss(logits, rows.part(chunk), options, use_triton, shares)[None]
 
-    terms = chunk_loop((student,), (grads,), count, plan.chunk_size,
+    terms = chunk_loop((student,), (grads,), count, chunk_size,
                        with_autograd(chunk_terms, any(g is not None for g in grads)))
     return sum(terms)[0]
 

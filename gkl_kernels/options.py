@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any, Optional
 
 from gkl_kernels import validation as check
-from gkl_kernels.rank1.config import RowConfig
+from gkl_kernels.core.config import RowConfig
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction
 
 

@@ -2,12 +2,12 @@
 (``ROW_OPS``), and the ``torch.library`` custom ops that wrap the same bodies under
 ``torch.compile`` (``opcheck`` and ``fullgraph=True`` included).
 
-- ``statistics(inputs, config)``: the per-row statistics ``(B, NUM_STATS)`` (``config.py``) and,
+- ``statistics(inputs, config)``: the per-row statistics ``(B, NUM_STATS)`` (``core/config.py``) and,
   on the plain-PyTorch path when asked, the two ``(B, C)`` gradient directions ``softmax(s/T) -
   softmax(t/T)`` and ``v' (d - mu)`` (empty otherwise: the backward recomputes them);
 - ``finish(stats, config)``: the 0-dim loss and the batch totals ``(NUM_TOTALS,)``;
 - ``loss_and_statistics``: both, in one call where the backend fuses them (pair weights under
-  Triton: the pair kernel's column parts, finished by the rank-one finishing kernel);
+  Triton: the pair kernel's column parts, finished by the core's finishing kernel);
 - ``gradients(grad, state, config, need_ds, need_dt)``: ``(ds, dt)`` from a ``RowState``.
 
 The custom ops: ``gkl_kernels::rank1_row_stats``, ``gkl_kernels::rank1_finish`` and
@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
+from gkl_kernels.core.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS, RowConfig,
+                                     compute_dtype)
+from gkl_kernels.core.kernels import finish_loss
 from gkl_kernels.pairs.op import pair_loss_backward_triton, pair_loss_triton
 from gkl_kernels.pairs.torch_impl import pair_loss_stats_torch
 from gkl_kernels.rank1 import kernels
-from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS, RowConfig,
-                                      compute_dtype)
 from gkl_kernels.rank1.torch_impl import finish_loss_torch, loss_backward_torch, row_stats_torch
 
 
@@ -98,13 +99,13 @@ ROW_OPS = {  # (use_triton, pair weights) -> RowOps
     (True, False): RowOps(
         statistics=lambda inputs, config, keep: _without_directions(
             kernels.row_stats(*inputs, config)),
-        finish=kernels.finish_loss, fused=None,
+        finish=finish_loss, fused=None,
         gradients=lambda grad, state, config, need_ds, need_dt: kernels.loss_backward(
             grad, *state.inputs, state.stats, state.totals, config, need_ds, need_dt)),
     (True, True): RowOps(
         statistics=lambda inputs, config, keep: _without_directions(
             pair_loss_triton(*inputs, config)[1]),
-        finish=kernels.finish_loss, fused=pair_loss_triton,
+        finish=finish_loss, fused=pair_loss_triton,
         gradients=lambda grad, state, config, need_ds, need_dt: pair_loss_backward_triton(
             grad, *state.inputs, state.stats, state.totals, config, need_ds, need_dt)),
 }

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from gkl_kernels.core.config import NUM_TOTALS, TOTAL_CE, TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE
 from gkl_kernels.distributed import all_process_totals, merged_row_stats
-from gkl_kernels.rank1.config import NUM_TOTALS, TOTAL_CE, TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE
+from gkl_kernels.rank1.torch_impl import loss_gradients_torch, row_losses_torch
 from gkl_kernels.row_ops import (RowInputs, RowState, finish, gradients, gradients_needed,
                                   loss_and_statistics, statistics)
-from gkl_kernels.rank1.torch_impl import loss_gradients_torch, row_losses_torch
 
 
 class RowReduce:

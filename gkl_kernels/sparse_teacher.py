@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from gkl_kernels import validation as check
-from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_TEACHER
+from gkl_kernels.core.config import SOURCE_EXPLICIT, SOURCE_TEACHER
 from gkl_kernels.rows import MEAN, PER_ROW, RowLoss, SyncedMean
 
 TeacherRest = Literal["renormalize", "drop", "rest"]

@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.fused_linear import (chunk_loop, default_chunk_size, gradient_buffer,
-                                      keep_gradients, options_from, scaled_gradients,
-                                      with_autograd)
-from gkl_kernels.rank1.config import SOURCE_TEACHER
+from gkl_kernels.core.config import SOURCE_TEACHER
+from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_size,
+                                      gradient_buffer, options_from, with_autograd)
 from gkl_kernels.rows import PER_ROW, RowLoss
 from gkl_kernels.sparse_teacher import kept_row_count
 
@@ -126,9 +125,20 @@ class FusedLinearDistillationLoss(nn.Module):
         normaliser = self._normaliser(num_items_in_batch, labels, rows, device)
         config = self.options.row_config(SOURCE_TEACHER, labels is not None,
                                          check.use_triton_for(self.options.backend, device))
-        loss, soft, hard = _DistillationFunction.apply(student_hidden, student_weight,
-                                                       student_bias, teacher, labels, normaliser,
-                                                       config, self)
+        student = (student_hidden, student_weight, student_bias)
+        chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type)
+
+        def chunk_terms(chunk, s, t):
+            return self._chunk_terms(s, t, None if labels is None else labels[chunk], normaliser,
+                                     config)
+
+        def loss_and_gradients(wanted):
+            grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
+            totals = sum(chunk_loop((student, teacher), (grads,), rows, chunk_size,
+                                    with_autograd(chunk_terms, any(g is not None for g in grads))))
+            return tuple(total.clone() for total in totals), grads
+
+        loss, soft, hard = ChunkedLoss.apply(loss_and_gradients, *student)
         return (loss, soft, hard) if self.return_components else loss
 
     def _normaliser(self, num_items, labels, rows, device):
@@ -182,31 +192,3 @@ def _rows(hidden):
     if isinstance(hidden, Tensor) and hidden.dim() > 2:
         return hidden.reshape(-1, hidden.shape[-1])
     return hidden
-
-
-class _DistillationFunction(torch.autograd.Function):
-    """Forward: ``(loss, soft, hard)`` and the student tensors' gradients of the loss, chunk by
-    chunk. Backward: those gradients times the incoming gradient of the loss."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, labels, normaliser, config, module):
-        student = (hidden, weight, bias)
-        grads = [gradient_buffer(x, wanted) for x, wanted in zip(student,
-                                                                   ctx.needs_input_grad[:3])]
-        chunk_size = module.chunk_size or default_chunk_size(weight.shape[0], weight.device.type)
-
-        def chunk_terms(chunk, s, t):
-            return module._chunk_terms(s, t, None if labels is None else labels[chunk],
-                                       normaliser, config)
-
-        totals = sum(chunk_loop((student, teacher), (grads,), hidden.shape[0], chunk_size,
-                                with_autograd(chunk_terms, any(g is not None for g in grads))))
-        keep_gradients(ctx, student, grads)
-        loss, soft, hard = (total.clone() for total in totals)
-        ctx.mark_non_differentiable(soft, hard)
-        return loss, soft, hard
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_soft, _grad_hard):
-        return (*scaled_gradients(ctx, grad_loss), None, None, None, None, None)

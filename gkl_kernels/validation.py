@@ -18,8 +18,8 @@ from typing import Literal, get_args
 
 import torch
 
-from gkl_kernels.rank1.config import (DOT_PRECISIONS, MIN_DOT_BLOCK,  # noqa: F401 (the choices)
-                                      DotPrecision)
+from gkl_kernels.core.config import (DOT_PRECISIONS, MIN_DOT_BLOCK,  # noqa: F401 (the choices)
+                                     DotPrecision)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the Triton kernels' inputs
 LOGIT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # float64: computed in float64

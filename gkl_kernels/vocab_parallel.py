@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from gkl_kernels import validation as check
+from gkl_kernels.core.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.distributed import all_reduced, world_size
 from gkl_kernels.options import GKLOptions
-from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER
 from gkl_kernels.rows import RowLoss, ShardMerged
 from gkl_kernels.validation import Backend, Normalize
 

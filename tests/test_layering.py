@@ -1,6 +1,6 @@
 """The package's layers, read from its sources with ``ast``: no import cycle between its modules
-or between its subpackages (the row ops above both weight families, which import only their
-shared layout downwards), kernels free of the input checks, no module importing another's
+or between its subpackages (the row ops above both weight families, which build on the core),
+kernels free of the input checks, no module importing another's
 private names, and one ``torch.distributed`` helper."""
 
 import ast
@@ -104,11 +104,20 @@ def test_no_import_cycle_between_modules():
 
 
 def test_no_import_cycle_between_subpackages_and_modules():
-    """Above the modules: ``rank1`` and ``pairs`` do not import each other both ways, and no
-    top-level module and subpackage either."""
+    """Above the modules: ``core``, ``rank1`` and ``pairs`` do not import each other both ways,
+    and no top-level module and subpackage either."""
     units = unit_graph(import_graph(REPO, "gkl_kernels"), "gkl_kernels")
     assert "gkl_kernels.rank1" in units and "gkl_kernels.pairs" in units  # not vacuous
     assert cycles(units) == []
+
+
+def test_both_weight_families_build_on_the_core():
+    """``rank1`` and ``pairs`` import the core (layout, config, shared ``@triton.jit`` pieces);
+    the core imports neither family."""
+    units = unit_graph(import_graph(REPO, "gkl_kernels"), "gkl_kernels")
+    assert "gkl_kernels.core" in units["gkl_kernels.rank1"]
+    assert "gkl_kernels.core" in units["gkl_kernels.pairs"]
+    assert not {"gkl_kernels.rank1", "gkl_kernels.pairs"} & units.get("gkl_kernels.core", set())
 
 
 def reachable(graph, start):
@@ -125,7 +134,7 @@ def test_kernels_import_nothing_from_the_input_checks():
     graph = import_graph(REPO, "gkl_kernels")
     kernels = [m for m, path in package_modules(REPO, "gkl_kernels").items()
                if path.name in KERNEL_FILES]
-    assert len(kernels) == 3
+    assert len(kernels) == 4  # core, rank1, pairs' two
     for module in kernels:
         assert "gkl_kernels.validation" not in reachable(graph, module), module
 

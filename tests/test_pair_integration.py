@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from gkl_kernels import GKLLoss, compat, functional, gkl_loss, pairwise_wmse
+from gkl_kernels.core.config import SOURCE_PAIRS, STAT_ERROR, TOTAL_ERROR, RowConfig
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.pairs.op import pair_rows
-from gkl_kernels.rank1.config import SOURCE_PAIRS, STAT_ERROR, TOTAL_ERROR, RowConfig
 from gkl_kernels.row_ops import RowInputs, loss_and_statistics, rank1_row_stats
 from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.traffic import TritonTrafficCounter

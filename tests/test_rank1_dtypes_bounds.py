@@ -6,6 +6,7 @@ import torch
 
 import gkl_kernels
 from gkl_kernels import buffers
+from gkl_kernels.core import kernels as core_kernels
 from gkl_kernels.rank1 import kernels
 from reference import gkl_loss_reference
 from tests.conftest import (BACKENDS, DTYPE_PAIRS, PaddedAllocator, assert_close_rel,
@@ -33,8 +34,8 @@ def test_half_precision(s_dtype, t_dtype, source, backend, generator):
 @pytest.mark.parametrize("needs_teacher_grad", [False, True])
 def test_out_of_bounds_guard(source, needs_teacher_grad, generator, monkeypatch):
     allocator = PaddedAllocator()
-    monkeypatch.setattr(kernels, "torch", allocator)
-    monkeypatch.setattr(buffers, "torch", allocator)
+    for module in (kernels, core_kernels, buffers):  # every buffer the kernels write to
+        monkeypatch.setattr(module, "torch", allocator)
     student, teacher, weights = make_inputs(5, 37, source, generator)
     expected = oracle(student, teacher, gamma=0.6, **weights)
     weights = {k: padded(v) if torch.is_tensor(v) and v.dim() == 2 else v

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from gkl_kernels import functional, gkl_loss
-from gkl_kernels.rank1.config import (SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER, STAT_ERROR,
-                                      STAT_KEPT, STAT_ZS, STAT_ZT, RowConfig)
-from gkl_kernels.row_ops import rank1_finish, rank1_row_stats
+from gkl_kernels.core.config import (SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER, STAT_ERROR,
+                                     STAT_KEPT, STAT_ZS, STAT_ZT, RowConfig)
 from gkl_kernels.rank1.torch_impl import finish_rows_torch, merge_row_stats
+from gkl_kernels.row_ops import rank1_finish, rank1_row_stats
 from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.traffic import TritonTrafficCounter
 from tests.conftest import make_inputs

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gkl_kernels import GKLLoss, compat, gkl_loss, validation
-from gkl_kernels.rank1.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER, RowConfig
+from gkl_kernels.core.config import SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER, RowConfig
 from gkl_kernels.row_ops import RowInputs, loss_and_statistics, rank1_row_stats
 from reference import gkl_loss_reference
 from tests.conftest import assert_close_rel, loss_and_grads

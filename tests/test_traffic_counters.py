@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime import interpreter
 
 import gkl_kernels
+from gkl_kernels.core.config import SOURCE_PRIOR
 from gkl_kernels.options import GKLOptions
-from gkl_kernels.rank1.config import SOURCE_PRIOR
 from gkl_kernels.row_ops import rank1_row_stats
 from gkl_kernels.testing.dispatch import DispatchCounter, InductorKernelCounter, OpTraffic
 from gkl_kernels.testing.launches import (PassLaunches, count_step, triton_launches_stubbed,

@@ -58,11 +58,12 @@ from triton.backends.nvidia import compiler as nvidia_compiler
 from triton.compiler import ASTSource
 from triton.runtime.cache import get_cache_manager
 
+from gkl_kernels.core import config as core_config
+from gkl_kernels.core import kernels as core_kernels
+from gkl_kernels.core.config import NUM_STATS, NUM_TOTALS, RowConfig
 from gkl_kernels.pairs import per_row_kernels, shared_kernels
 from gkl_kernels.pairs.loss_terms import PairLossTerms
-from gkl_kernels.rank1 import config as rank1_config
 from gkl_kernels.rank1 import kernels as rank1_kernels
-from gkl_kernels.rank1.config import NUM_STATS, NUM_TOTALS, RowConfig
 from gkl_kernels.validation import DOT_PRECISIONS
 
 
@@ -113,7 +114,7 @@ class LaunchCase:
     num_classes: int
     batch: int = 2
     weights: torch.dtype = None  # rank1: the explicit factor or class prior; pairs: the weights
-    source: int = rank1_config.SOURCE_TEACHER  # rank1
+    source: int = core_config.SOURCE_TEACHER  # rank1
     with_ce: bool = True  # rank1
     symmetric: bool = True  # rank1, backward
     need_ds: bool = True  # backward
@@ -211,7 +212,7 @@ def rank1_cases():
              for student, teacher in LOGIT_DTYPE_PAIRS
              for kernel in PASSES]
     cases += [case(kernel, torch.float32, torch.float32, most, source=source, weights=weights)
-              for source in (rank1_config.SOURCE_PRIOR, rank1_config.SOURCE_EXPLICIT)
+              for source in (core_config.SOURCE_PRIOR, core_config.SOURCE_EXPLICIT)
               for weights in WEIGHT_DTYPES
               for kernel in PASSES]
     cases.append(case("forward", torch.float32, torch.float32, most, with_ce=False))
@@ -224,11 +225,11 @@ def rank1_cases():
               for kernel in PASSES]
     cases += [case("finish", torch.float32, torch.float32, most, source=source, with_ce=with_ce,
                    symmetric=normalize_batch)
-              for source in (rank1_config.SOURCE_TEACHER, rank1_config.SOURCE_PRIOR,
-                             rank1_config.SOURCE_NONE)
+              for source in (core_config.SOURCE_TEACHER, core_config.SOURCE_PRIOR,
+                             core_config.SOURCE_NONE)
               for with_ce in (True, False)
               for normalize_batch in (True, False)
-              if with_ce or source != rank1_config.SOURCE_NONE]
+              if with_ce or source != core_config.SOURCE_NONE]
     return cases
 
 
@@ -237,10 +238,10 @@ def launch_rank1(case):
     ``symmetric`` stands for ``normalize="batch"``)."""
     student, teacher = meta_logits(case)
     factor = labels = None
-    if case.source == rank1_config.SOURCE_PRIOR:
+    if case.source == core_config.SOURCE_PRIOR:
         factor = meta_tensor(case.num_classes, case.num_classes, dtype=case.weights)
         labels = meta_tensor(case.batch, dtype=torch.int64)
-    elif case.source == rank1_config.SOURCE_EXPLICIT:
+    elif case.source == core_config.SOURCE_EXPLICIT:
         factor = meta_tensor(case.batch, case.num_classes, dtype=case.weights)
     config = RowConfig(source=case.source, gamma=0.6, ce_weight=1.0 if case.with_ce else 0.0,
                        symmetric=case.symmetric, has_labels=labels is not None)
@@ -248,7 +249,7 @@ def launch_rank1(case):
     if case.kernel == "forward":
         rank1_kernels.row_stats(student, teacher, factor, labels, config)
     elif case.kernel == "finish":
-        rank1_kernels.finish_loss(stats, replace(config, normalize_batch=case.symmetric))
+        core_kernels.finish_loss(stats, replace(config, normalize_batch=case.symmetric))
     else:
         rank1_kernels.loss_backward(meta_tensor(), student, teacher, factor, labels, stats,
                                     meta_tensor(NUM_TOTALS), config, case.need_ds, case.need_dt)
@@ -325,7 +326,7 @@ def pair_loss(case):
     """The loss's terms for a pair-weight case's launch (``gkl_loss``'s variants: the
     cross-entropy fused in, every part plane written; ``pairwise_wmse``'s wMSE-only variants
     keep a subset of their values)."""
-    config = RowConfig(source=rank1_config.SOURCE_PAIRS, per_row=case.family == "per_row")
+    config = RowConfig(source=core_config.SOURCE_PAIRS, per_row=case.family == "per_row")
     return config, PairLossTerms(meta_tensor(case.batch, NUM_STATS), meta_tensor(NUM_TOTALS),
                                  None, config)
 
@@ -365,7 +366,7 @@ class Family:
     family's launch cases."""
 
     module: ModuleType
-    kernel_names: dict  # pass -> name of the @triton.jit kernel in module
+    kernel_names: dict  # pass -> name of the @triton.jit kernel in module (or in the core's)
     launch: Callable  # (LaunchCase) -> None, calls the launcher on meta tensors
     flags: Callable  # (LaunchCase) -> list of str
     cases: Callable  # () -> list of LaunchCase
@@ -394,9 +395,16 @@ def sweep_cases(families=tuple(FAMILIES), quick=False):
     return cases
 
 
+def kernel_module(family, kernel_name):
+    """The module that holds a family's kernel ``kernel_name``: the family's, or the core's
+    (the finishing kernel)."""
+    module = FAMILIES[family].module
+    return module if hasattr(module, kernel_name) else core_kernels
+
+
 def jit_kernel(family, kernel_name):
     """The ``@triton.jit`` kernel ``kernel_name`` of a family."""
-    return getattr(FAMILIES[family].module, kernel_name)
+    return getattr(kernel_module(family, kernel_name), kernel_name)
 
 
 def record_launch(case):
@@ -406,7 +414,7 @@ def record_launch(case):
     family = FAMILIES[case.family]
     name = family.kernel_names[case.kernel]
     recorder = LaunchRecorder(jit_kernel(case.family, name))
-    with mock.patch.object(family.module, name, recorder):
+    with mock.patch.object(kernel_module(case.family, name), name, recorder):
         family.launch(case)
     return recorder.kernel, recorder.arguments, recorder.options
 

@@ -6,10 +6,13 @@ scalars."""
 from dataclasses import dataclass
 from typing import Optional
 
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from gkl_kernels.rank1.config import NUM_PART_PLANES, PART_WSUM, RowConfig
-from gkl_kernels.rank1.kernels import float32_pair
+from gkl_kernels.core.config import NUM_PART_PLANES, PART_WSUM, RowConfig
+
+WMSE_ONLY = RowConfig(mse_weight=0.0, ce_weight=0.0)  # pair_rows: the rows' wMSE alone
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,9 @@ def loss_arguments(loss, like, grad):
 
 def loss_scalars(loss):
     """``(ignore_index, 1 / T, mse_weight, ce_weight)``, the floats as ``float32_pair``s."""
-    if loss is None:
-        return -100, *float32_pair(1.0), *float32_pair(0.0), *float32_pair(0.0)
-    config = loss.config
-    return (config.ignore_index, *float32_pair(1.0 / config.temperature),
-            *float32_pair(config.mse_weight), *float32_pair(config.ce_weight))
+    config = WMSE_ONLY if loss is None else loss.config
+    options = config.kernel_options
+    return (config.ignore_index, *options.inv_t, *options.mse_weight, *options.ce_weight)
 
 
 def loss_flags(loss):
@@ -54,12 +55,29 @@ def loss_flags(loss):
 def part_scalars(config, num_classes):
     """The forward kernels' ``(ignore_index, num_labels, 1 / T)`` (``config`` None: defaults),
     ``1 / T`` as a ``float32_pair``."""
-    config = config or RowConfig()
+    config = config or WMSE_ONLY
     return (config.ignore_index, config.num_labels or num_classes,
-            *float32_pair(1.0 / config.temperature))
+            *config.kernel_options.inv_t)
 
 
 def part_planes(config):
     """The planes of the forward kernels' parts: all of them for the loss (``config`` given), the
     wMSE and weight sums alone for ``pair_rows`` (the kernels' ``LOSS`` flag)."""
     return NUM_PART_PLANES if config is not None else PART_WSUM + 1
+
+
+@triton.jit
+def pair_loss_coefficients(kept, totals_ptr, grad, mse_weight, ce_weight, inv_t,
+                           NORMALIZE_BATCH: tl.constexpr):
+    """``(coef_g, coef_ce)`` of rows under pair weights (``kept``: their flags): ``dL/dd =
+    coef_g g`` (``2 mse_weight / 4N``) and the cross-entropy's ``dL/ds = coef_ce (q - p)``,
+    scaled by the incoming ``grad``; 0 for rows not kept."""
+    rows_kept = tl.maximum(tl.load(totals_ptr + 2), 1.0)
+    if NORMALIZE_BATCH:
+        norm = 1.0 / rows_kept
+    else:
+        den = tl.load(totals_ptr + 1)
+        norm = tl.where(den != 0.0, 1.0 / tl.where(den != 0.0, den, 1.0), 0.0)
+    live = kept > 0.0
+    return (tl.where(live, grad * 0.5 * mse_weight * norm, 0.0),
+            tl.where(live, grad * ce_weight * inv_t / rows_kept, 0.0))

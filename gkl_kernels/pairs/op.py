@@ -12,7 +12,7 @@ the tiles.
 The whole loss with pair weights (``RowConfig.source = SOURCE_PAIRS``) runs through the rank-one
 loss ops (``row_ops``), which call ``pair_loss_triton`` / ``pair_loss_backward_triton`` here: the
 pair kernel writes column parts of every row (wMSE, weight sums, the cross-entropy statistics,
-flags), the rank-one finishing kernel merges them into the loss and the rows' statistics; the
+flags), the core's finishing kernel merges them into the loss and the rows' statistics; the
 backward is one pair kernel that also forms the cross-entropy's gradient.
 """
 
@@ -20,13 +20,13 @@ import torch
 from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
+from gkl_kernels.core.config import (DOT_PRECISIONS, NUM_STATS, PART_WMSE, PART_WSUM,
+                                     compute_dtype)
+from gkl_kernels.core.kernels import finish_loss
 from gkl_kernels.pairs.loss_terms import PairLossTerms
 from gkl_kernels.pairs.per_row_kernels import per_row_rows_backward, per_row_rows_forward
 from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_forward
 from gkl_kernels.pairs.torch_impl import pair_rows_backward_torch, pair_rows_forward_torch
-from gkl_kernels.rank1 import kernels as rank1_kernels
-from gkl_kernels.rank1.config import (DOT_PRECISIONS, NUM_STATS, PART_WMSE, PART_WSUM,
-                                      compute_dtype)
 
 
 def pair_parts(student, teacher, weights, labels, per_row, block_c, dot_precision, config=None):
@@ -55,7 +55,7 @@ def pair_loss_triton(student, teacher, weights, labels, config):
     parts = pair_parts(student, teacher, weights, labels, config.per_row, config.block_c,
                        DOT_PRECISIONS[config.dot_precision], config)
     stats = torch.empty(student.shape[0], NUM_STATS, dtype=parts.dtype, device=student.device)
-    loss, totals = rank1_kernels.finish_loss(stats, config, parts)
+    loss, totals = finish_loss(stats, config, parts)
     return loss, stats, totals
 
 

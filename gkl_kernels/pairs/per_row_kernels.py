@@ -26,12 +26,12 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.rank1.config import compute_dtype
+from gkl_kernels.core.config import compute_dtype
+from gkl_kernels.core.kernels import (NEG_INF, POS_INF, accumulator, load_row_stats, option,
+                                      row_flags, softmax_difference, store_column_parts,
+                                      store_gradients, tile_cross_entropy, two_sum)
 from gkl_kernels.pairs.loss_terms import (loss_arguments, loss_flags, loss_scalars,
-                                          part_planes, part_scalars)
-from gkl_kernels.rank1.kernels import (NEG_INF, POS_INF, accumulator, load_row_stats, option,
-                                       pair_loss_coefficients, row_flags, softmax_difference,
-                                       store_pair_parts, tile_cross_entropy, two_sum)
+                                          pair_loss_coefficients, part_planes, part_scalars)
 
 BLOCK_J = 32  # rows j of a weight tile
 MAX_BLOCK_K = 64  # columns k of a weight tile (contiguous in memory)
@@ -126,7 +126,7 @@ def wmse_per_row_fwd_kernel(
         invalid = tl.maximum(invalid, tl.where((w >= 0.0) & (w < POS_INF), 0.0, 1.0))
     ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 0)  # after the loop: not live there
     kept, bad = row_flags(labels_ptr, row, row >= 0, ignore_index, num_labels, HAS_LABELS)
-    store_pair_parts(parts_ptr, tile.to(tl.int64) * B + row, tl.num_programs(1).to(tl.int64) * B,
+    store_column_parts(parts_ptr, tile.to(tl.int64) * B + row, tl.num_programs(1).to(tl.int64) * B,
                      row >= 0, tl.sum(tl.sum(wmse_acc, axis=1), axis=0),
                      tl.sum(tl.sum(wsum_acc, axis=1), axis=0),
                      tl.max(tl.max(invalid, axis=1), axis=0), ms, zs, mt, zt, a, kept, bad, LOSS)
@@ -191,20 +191,13 @@ def wmse_per_row_bwd_kernel(
         cols = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask = cols < C
         g_d = coef * tl.load(acc_row + cols, mask=mask, other=0.0)
-        if NEED_DS:
-            if SYMMETRIC:
-                ds = -g_d
-            else:
-                ds = tl.zeros([BLOCK_K], dtype=ACC)
-            if LOSS and WITH_CE:
-                s = tl.load(s_row + cols * s_stride_c, mask=cols < read,
-                            other=NEG_INF).to(ACC)
-                t = tl.load(t_row + cols * t_stride_c, mask=cols < read,
-                            other=NEG_INF).to(ACC)
-                ds += coef_ce * softmax_difference(s, t, ms, zs, mt, zt, inv_t)
-            tl.store(ds_ptr + row * C + cols, ds.to(ds_ptr.dtype.element_ty), mask=mask)
-        if NEED_DT:
-            tl.store(dt_ptr + row * C + cols, g_d.to(dt_ptr.dtype.element_ty), mask=mask)
+        ce_grad = tl.zeros([BLOCK_K], dtype=ACC)
+        if LOSS and WITH_CE and NEED_DS:
+            s = tl.load(s_row + cols * s_stride_c, mask=cols < read, other=NEG_INF).to(ACC)
+            t = tl.load(t_row + cols * t_stride_c, mask=cols < read, other=NEG_INF).to(ACC)
+            ce_grad = coef_ce * softmax_difference(s, t, ms, zs, mt, zt, inv_t)
+        store_gradients(ds_ptr, dt_ptr, row * C + cols, mask, g_d, ce_grad, SYMMETRIC, NEED_DS,
+                        NEED_DT)
 
 
 def _launch_args(student, teacher, weights):

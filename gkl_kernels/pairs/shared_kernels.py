@@ -31,12 +31,12 @@ import triton
 import triton.language as tl
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.rank1.config import MIN_DOT_BLOCK, compute_dtype
+from gkl_kernels.core.config import MIN_DOT_BLOCK, compute_dtype
+from gkl_kernels.core.kernels import (NEG_INF, POS_INF, accumulator, load_row_stats, option,
+                                      row_flags, softmax_difference, store_column_parts,
+                                      store_gradients, tile_cross_entropy, two_sum)
 from gkl_kernels.pairs.loss_terms import (loss_arguments, loss_flags, loss_scalars,
-                                          part_planes, part_scalars)
-from gkl_kernels.rank1.kernels import (NEG_INF, POS_INF, accumulator, load_row_stats, option,
-                                       pair_loss_coefficients, row_flags, softmax_difference,
-                                       store_pair_parts, tile_cross_entropy, two_sum)
+                                          pair_loss_coefficients, part_planes, part_scalars)
 
 MAX_BLOCK_ROWS = 64
 MAX_BLOCK_ROWS_FLOAT64 = 32  # float64 tiles of 64 rows spill
@@ -196,7 +196,7 @@ def wmse_shared_fwd_kernel(
     ms, zs, mt, zt, a = tile_cross_entropy(s, t, inv_t, 1)  # after the loop: not live there
     in_batch = rows < B
     kept, bad = row_flags(labels_ptr, rows, in_batch, ignore_index, num_labels, HAS_LABELS)
-    store_pair_parts(parts_ptr, tl.program_id(1).to(tl.int64) * B + rows,
+    store_column_parts(parts_ptr, tl.program_id(1).to(tl.int64) * B + rows,
                      tl.num_programs(1).to(tl.int64) * B, in_batch, square, weight,
                      tl.zeros((BLOCK_B,), dtype=ACC) + invalid, ms, zs, mt, zt, a, kept,
                      bad, LOSS)
@@ -242,20 +242,14 @@ def wmse_shared_bwd_kernel(
     g_d = coef[:, None] * g
     mask = in_batch[:, None] & (n_cols[None, :] < C)
     offsets = rows[:, None] * C + n_cols[None, :]
-    if NEED_DS:
-        if SYMMETRIC:
-            ds = -g_d
-        else:
-            ds = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC)
-        if LOSS and WITH_CE:
-            s, t, _, _, _ = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, n_cols, C,
-                                                     s_stride_b, s_stride_c, t_stride_b,
-                                                     t_stride_c, ACC)
-            ds += coef_ce[:, None] * softmax_difference(s, t, ms[:, None], zs[:, None],
+    ce_grad = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC)
+    if LOSS and WITH_CE and NEED_DS:
+        s, t, _, _, _ = present_difference_pairs(s_ptr, t_ptr, rows, row_mask, n_cols, C,
+                                                 s_stride_b, s_stride_c, t_stride_b, t_stride_c,
+                                                 ACC)
+        ce_grad = coef_ce[:, None] * softmax_difference(s, t, ms[:, None], zs[:, None],
                                                         mt[:, None], zt[:, None], inv_t)
-        tl.store(ds_ptr + offsets, ds.to(ds_ptr.dtype.element_ty), mask=mask)
-    if NEED_DT:
-        tl.store(dt_ptr + offsets, g_d.to(dt_ptr.dtype.element_ty), mask=mask)
+    store_gradients(ds_ptr, dt_ptr, offsets, mask, g_d, ce_grad, SYMMETRIC, NEED_DS, NEED_DT)
 
 
 def _launch_args(student, teacher, weights):

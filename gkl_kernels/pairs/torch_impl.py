@@ -21,8 +21,8 @@ No ``B x C x C`` temporary exists. The forward also returns ``g``
 
 import torch
 
-from gkl_kernels.rank1.config import STAT_ERROR, STAT_KEPT, STAT_M2, STAT_W
-from gkl_kernels.rank1.config import compute_dtype
+from gkl_kernels.core.config import STAT_ERROR, STAT_KEPT, STAT_M2, STAT_W
+from gkl_kernels.core.config import compute_dtype
 from gkl_kernels.rank1.torch_impl import row_stats_torch
 
 CHUNK_ELEMENTS = 1 << 18  # float64 elements of one per-row weight chunk (2 MiB)

@@ -17,11 +17,11 @@ import math
 
 import torch
 
-from gkl_kernels.rank1.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE,
-                                      SOURCE_PAIRS, SOURCE_PRIOR, SOURCE_TEACHER, STAT_A, STAT_DM,
-                                      STAT_ERROR, STAT_KEPT, STAT_L, STAT_M2, STAT_MS, STAT_MT,
-                                      STAT_PH, STAT_PL, STAT_W, STAT_ZS, STAT_ZT, STAT_ZW,
-                                      TOTAL_DEN, TOTAL_K, TOTAL_ROWS, compute_dtype)
+from gkl_kernels.core.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE,
+                                     SOURCE_PAIRS, SOURCE_PRIOR, SOURCE_TEACHER, STAT_A, STAT_DM,
+                                     STAT_ERROR, STAT_KEPT, STAT_L, STAT_M2, STAT_MS, STAT_MT,
+                                     STAT_PH, STAT_PL, STAT_W, STAT_ZS, STAT_ZT, STAT_ZW,
+                                     TOTAL_DEN, TOTAL_K, TOTAL_ROWS, compute_dtype)
 
 INF = float("inf")
 BLOCK_ELEMENTS = 2**18  # logits in one row block: 1 MiB of float32 (8 rows at V = 32000)

@@ -1,12 +1,15 @@
-"""``RowConfig``: every scalar option of the rank-one loss ops in one frozen object, and the layout
-of the per-row statistics and the batch totals those ops exchange.
+"""``RowConfig``: every scalar option of the row ops in one frozen object (its float options packed
+once for the kernels, ``RowConfig.kernel_options``), and the layout of the per-row statistics,
+the pair kernels' column parts and the batch totals those ops exchange.
 
 The custom ops take the config as two lists (``config.floats``, ``config.ints``), the form a
 ``torch.library`` schema accepts; ``RowConfig.unpack`` rebuilds it.
 """
 
+import struct
 from dataclasses import dataclass, fields
-from typing import Literal, get_args
+from functools import cached_property
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
@@ -58,6 +61,27 @@ def compute_dtype(student, teacher):
     return torch.promote_types(torch.float32, torch.promote_types(student.dtype, teacher.dtype))
 
 
+def float32_pair(x):
+    """A float option as the float32 pair ``(hi, lo)`` with ``hi + lo = x`` to about 2^-48
+    (``option`` in the kernels): Triton passes Python floats as float32, and the float64
+    kernels need the option to float64 precision."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32: as float32 gives it
+        return float("inf") if x > 0 else float("-inf"), 0.0
+    return hi, x - hi
+
+
+class KernelOptions(NamedTuple):
+    """The float options as the kernels take them, each a ``float32_pair`` ``(hi, lo)``."""
+
+    gamma: tuple[float, float]
+    inv_t: tuple[float, float]  # 1 / temperature
+    inv_t2: tuple[float, float]  # 1 / weight_temperature
+    mse_weight: tuple[float, float]
+    ce_weight: tuple[float, float]
+
+
 @dataclass(frozen=True)
 class RowConfig:
     """The options of one rank-one loss evaluation (see ``gkl_loss``). ``block_c = 0``: the
@@ -86,6 +110,13 @@ class RowConfig:
     @property
     def with_wmse(self):
         return self.source != SOURCE_NONE and self.mse_weight != 0
+
+    @cached_property
+    def kernel_options(self) -> KernelOptions:
+        """The float options packed for the kernels, once per config."""
+        return KernelOptions(float32_pair(self.gamma), float32_pair(1.0 / self.temperature),
+                             float32_pair(1.0 / self.weight_temperature),
+                             float32_pair(self.mse_weight), float32_pair(self.ce_weight))
 
     @property
     def floats(self):
