@@ -30,6 +30,8 @@ from gkl_kernels.testing.launches import value_checks_as_on_a_gpu
 from gkl_kernels.testing.traffic import TritonTrafficCounter
 from tools import readme
 
+pytestmark = pytest.mark.end_to_end  # the bench's commands: CI runs them with the newest triton
+
 QUICK_CASES = ["sweep C=10", "sweep C=100", "adv per-row C=50"]
 SECONDS = r"([0-9.]+ (?:us|ms|s))"
 

@@ -35,6 +35,7 @@ def test_documents_have_python_blocks():
             "docs/RESULTS.md"} <= set(counted)
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("doc, index, code", blocks())
 def test_python_block_runs(doc, index, code):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
