@@ -1,4 +1,4 @@
-"""Public functional API: ``gkl_loss`` and ``pairwise_wmse``.
+"""Public functional API: ``gkl_loss``, ``jsd_loss`` and ``pairwise_wmse``.
 
 ``L = mse_weight * sum_b wmse_b / (4 N) + ce_weight * mean_b CE_b`` (docs/SPEC.md). Rank-one pair
 weights ``v_j v_k`` run in O(C) per row (``rank1``); shared ``(C, C)`` and per-row ``(B, C, C)``
@@ -100,9 +100,7 @@ def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher]
             weights_kind = check.check_weights(weights, student, weights_kind, False)
         student, teacher, labels, weights = _as_rows(student, teacher, labels, weights)
     use_triton = check.use_triton_for(options.backend, student.device)
-    # the kernels' checks are the finishing kernel's assertion: per-row losses do not finish
-    host_values = options.check_values and not (
-        kernels_check_values(use_triton, student.device) and options.reduction == "mean")
+    host_values = _host_checks(options, use_triton, student.device)
     if labels is not None:
         check.check_labels(labels, *student.shape, student.device, host_values,
                            options.ignore_index)
@@ -124,7 +122,7 @@ def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher]
         if options.sync_normalizer:
             raise ValueError("sync_normalizer needs at least one row on every process, got an "
                              "empty batch")
-        rows = (student.sum(1) + teacher.sum(1)).float() * 0.0  # zeros, gradients of zeros
+        rows = _zero_rows(student, teacher)
         return rows.reshape(lead) if options.reduction == "none" else rows.sum()
     if kind in ("shared", "per_row"):
         source, factor = SOURCE_PAIRS, weights.detach()
@@ -141,6 +139,62 @@ def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher]
         return rows.reshape(lead) if options.reduction == "none" else rows.sum()
     reduce = SyncedMean(options.process_group) if options.sync_normalizer else MEAN
     return RowLoss.apply(student, teacher, factor, labels, config, reduce)
+
+
+def jsd_loss(student: Tensor, teacher: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
+             labels: Optional[Tensor] = None, ignore_index: int = -100,
+             reduction: Reduction = "mean", backend: Backend = "auto",
+             check_values: bool = True) -> Tensor:
+    """The generalized Jensen-Shannon divergence of TRL's and Liger-Kernel's distillation losses,
+    per row ``beta KL(P || M) + (1 - beta) KL(Q || M)`` with ``M = beta P + (1 - beta) Q``,
+    ``P = softmax(teacher / T)``, ``Q = softmax(student / T)``; at ``beta = 0`` forward KL
+    ``KL(P || Q)``, at ``beta = 1`` reverse KL ``KL(Q || P)`` (``docs/MATH.md``). The teacher is
+    a constant (no gradient).
+
+    Args:
+        student, teacher: logits ``(..., C)`` of one shape, dtypes as in ``gkl_loss``.
+        beta: the teacher's share of the mixture ``M``, in ``[0, 1]``.
+        temperature: ``T``, dividing both models' logits (no ``T^2`` factor).
+        labels: ``(...)`` class indices; rows equal to ``ignore_index`` are left out.
+        ignore_index: the label of the rows left out (0 loss, 0 gradient, not counted).
+        reduction: ``"mean"`` the mean over the kept rows (``F.kl_div``'s ``"batchmean"``, TRL's
+            ``generalized_jsd_loss``), ``"sum"`` the rows' sum, ``"none"`` the rows ``(...)``
+            (0 for ignored rows).
+        backend, check_values: as in ``gkl_loss``.
+
+    Returns:
+        float32 (float64 for float64 logits): 0-dim for ``"mean"`` and ``"sum"``, ``(...)`` for
+        ``"none"``.
+    """
+    options = GKLOptions.of(locals())
+    check.check_logits(student, teacher, any_rows=True)
+    lead = student.shape[:-1]
+    student, teacher, labels, _ = _as_rows(student, teacher, labels, None)
+    use_triton = check.use_triton_for(options.backend, student.device)
+    if labels is not None:
+        check.check_labels(labels, *student.shape, student.device,
+                           _host_checks(options, use_triton, student.device), ignore_index)
+    config = options.jsd_config(labels is not None, use_triton)
+    if student.shape[0] == 0:
+        rows = _zero_rows(student, teacher)
+    elif reduction == "mean":
+        return RowLoss.apply(student, teacher, None, labels, config, MEAN)
+    else:
+        rows = RowLoss.apply(student, teacher, None, labels, config, PER_ROW)
+    return rows.reshape(lead) if reduction == "none" else rows.sum()
+
+
+def _zero_rows(student, teacher):
+    """The losses ``(0,)`` of an empty batch, with (empty) gradients to both logits."""
+    return (student.sum(1) + teacher.sum(1)).float() * 0.0
+
+
+def _host_checks(options, use_triton, device):
+    """Whether the entry checks label and weight values on the host: unless the finishing
+    kernel's device assertion does (compiled Triton, ``reduction="mean"``; per-row losses do not
+    finish)."""
+    return options.check_values and not (kernels_check_values(use_triton, device)
+                                         and options.reduction == "mean")
 
 
 def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights, weights_kind):

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.core.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_PRIOR, SOURCE_TEACHER,
-                                     TOTAL_DEN, TOTAL_K, TOTAL_ROWS, RowConfig)
+from gkl_kernels.core.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_JSD, SOURCE_PRIOR,
+                                     SOURCE_TEACHER, TOTAL_DEN, TOTAL_K, TOTAL_ROWS, RowConfig)
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.torch_impl import row_stats_and_gradients_torch
 from gkl_kernels.row_ops import RowInputs, RowState, finish, gradients, statistics
@@ -41,6 +41,7 @@ from gkl_kernels.rows import safe_ratio
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_rows,
                                         kept_row_count, optional_factor, readable_indices,
                                         sparse_teacher_loss)
+from gkl_kernels.validation import Backend
 
 UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GKLOptions
 # default chunk: the largest power of two of rows with c * V <= one of these. On CPU the row math
@@ -103,7 +104,7 @@ def fused_linear_gkl(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     """
     plan = _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden,
                          teacher_weight, teacher_bias, labels, class_prior, weights, chunk_size,
-                         teacher_grad, gkl_options)
+                         teacher_grad, options_from(gkl_options))
     teacher = (teacher_hidden, teacher_weight, teacher_bias)
     if not teacher_grad:
         teacher = tuple(None if x is None else x.detach() for x in teacher)
@@ -116,6 +117,45 @@ def fused_linear_gkl(student_hidden: Tensor, student_weight: Tensor, teacher_hid
         return (loss,), grads
 
     return ChunkedLoss.apply(loss_and_gradients, *student, *teacher)[0]
+
+
+def fused_linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                     teacher_weight: Tensor, *, labels: Optional[Tensor] = None,
+                     student_bias: Optional[Tensor] = None,
+                     teacher_bias: Optional[Tensor] = None, beta: float = 0.5,
+                     temperature: float = 1.0, ignore_index: int = -100,
+                     chunk_size: Optional[int] = None, backend: Backend = "auto",
+                     check_values: bool = True) -> Tensor:
+    """``jsd_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, ...)`` (the mean over the kept rows) without
+    the ``(N, V)`` logits, chunk of rows by chunk as ``fused_linear_gkl``; the teacher is a
+    constant.
+
+    Args:
+        student_hidden, student_weight, student_bias: ``(N, H_s)``, ``(V, H_s)``, ``(V,)`` or
+            None, as in ``fused_linear_gkl``.
+        teacher_hidden, teacher_weight, teacher_bias: ``(N, H_t)``, ``(V, H_t)``, ``(V,)`` or
+            None.
+        labels: ``(N,)``; rows equal to ``ignore_index`` are left out.
+        beta, temperature, ignore_index, backend, check_values: as in ``jsd_loss``.
+        chunk_size: rows per chunk, as in ``fused_linear_gkl``.
+
+    Returns:
+        The loss, float32, 0-dim.
+    """
+    options = GKLOptions.of(locals())
+    plan = _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden,
+                         teacher_weight, teacher_bias, labels, None, None, chunk_size, False,
+                         options, jsd=True)
+    student = (student_hidden, student_weight, student_bias)
+    teacher = tuple(None if x is None else x.detach()
+                    for x in (teacher_hidden, teacher_weight, teacher_bias))
+
+    def loss_and_gradients(wanted):
+        loss, grads = _loss_and_gradients(student, teacher, labels, None, plan,
+                                          (*wanted, False, False, False))
+        return (loss,), grads[:3]
+
+    return ChunkedLoss.apply(loss_and_gradients, *student)[0]
 
 
 class FusedLinearGKLLoss(nn.Module):
@@ -165,7 +205,8 @@ class FusedLinearGKLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, teacher_grad={self.teacher_grad}, " + ", ".join(
-            f"{k}={v!r}" for k, v in vars(self.options).items() if k not in UNSUPPORTED_OPTIONS)
+            f"{k}={v!r}" for k, v in vars(self.options).items()
+            if k not in (*UNSUPPORTED_OPTIONS, "beta"))
 
 
 class ChunkedLoss(torch.autograd.Function):
@@ -337,7 +378,7 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
         inputs = row_inputs(chunk, s, t)
         if not (need_ds or need_dt):
             return statistics(inputs, config)[0], ()
-        if config.use_triton:
+        if config.use_triton or config.source == SOURCE_JSD:
             stats = statistics(inputs, config)[0]
             ds, dt = gradients(one, RowState(inputs, stats, totals, empty, empty), config,
                                need_ds, need_dt)
@@ -464,6 +505,8 @@ def options_from(gkl_options):
         if name in gkl_options:
             raise ValueError(f"fused_linear_gkl does not support {name}: it computes one "
                              f"process's mean loss")
+    if "beta" in gkl_options:
+        raise TypeError("beta is the generalized JSD's option (jsd_loss); the GKL loss has none")
     try:
         return GKLOptions(**gkl_options)
     except TypeError as error:
@@ -472,9 +515,9 @@ def options_from(gkl_options):
 
 def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                   teacher_bias, labels, class_prior, weights, chunk_size, teacher_grad,
-                  gkl_options):
-    """Check every argument (before any product runs) and return the ``FusedLinearPlan``."""
-    options = options_from(gkl_options)
+                  options, jsd=False):
+    """Check every argument (before any product runs) and return the ``FusedLinearPlan`` of the
+    GKL loss under ``options`` or (``jsd``) of the generalized JSD."""
     check.check_chunk_size(chunk_size)
     check.check_bool("teacher_grad", teacher_grad)
     rows, vocabulary = check.check_linear("student", student_hidden, student_weight, student_bias)
@@ -490,10 +533,13 @@ def _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden, 
     if labels is not None:
         check.check_labels(labels, rows, vocabulary, device, options.check_values,
                            options.ignore_index)
-    source = _checked_weight_source(weights, class_prior, labels, rows, vocabulary, device,
-                                    options)
-    config = options.row_config(source, labels is not None,
-                                check.use_triton_for(options.backend, device))
+    use_triton = check.use_triton_for(options.backend, device)
+    if jsd:
+        config = options.jsd_config(labels is not None, use_triton)
+    else:
+        config = options.row_config(
+            _checked_weight_source(weights, class_prior, labels, rows, vocabulary, device,
+                                   options), labels is not None, use_triton)
     reused = student_hidden.dtype == teacher_hidden.dtype == torch.float32  # see _chunk_block
     return FusedLinearPlan(config=config,
                            chunk_size=chunk_size or default_chunk_size(vocabulary, device.type,

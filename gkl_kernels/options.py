@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any, Optional
 
 from gkl_kernels import validation as check
-from gkl_kernels.core.config import RowConfig
+from gkl_kernels.core.config import SOURCE_JSD, RowConfig
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction
 
 
@@ -20,8 +20,8 @@ def _option(default, checker=None, *arguments):
 
 @dataclass(frozen=True)
 class GKLOptions:
-    """Options of ``gkl_loss`` (see there for their meaning); invalid values raise at construction,
-    numbers are stored as Python floats."""
+    """Options of ``gkl_loss`` (see there for their meaning) and ``beta`` of ``jsd_loss``; invalid
+    values raise at construction, numbers are stored as Python floats."""
 
     gamma: float = _option(1.0, check.check_finite, 0.0)
     temperature: float = _option(1.0, check.check_positive)
@@ -38,6 +38,7 @@ class GKLOptions:
     sync_normalizer: bool = _option(False, check.check_bool)
     process_group: Optional[Any] = _option(None)
     ignore_index: int = _option(-100, check.check_index)
+    beta: float = _option(0.5, check.check_fraction)  # jsd_loss only
 
     def __post_init__(self):
         for name, checker, arguments in _CHECKS:
@@ -70,6 +71,12 @@ class GKLOptions:
         fields)."""
         return _row_config(self, source, has_labels, use_triton, tuple(changes.items()))
 
+    def jsd_config(self, has_labels, use_triton):
+        """The ``RowConfig`` of the generalized JSD under these options (``beta``,
+        ``temperature``, ``ignore_index``, ...): its rows' divergence as the loss's only term."""
+        return self.row_config(SOURCE_JSD, has_labels, use_triton, mse_weight=0.0,
+                               ce_weight=1.0)
+
 
 @lru_cache(maxsize=256)
 def _row_config(options, source, has_labels, use_triton, changes):
@@ -80,7 +87,8 @@ def _row_config(options, source, has_labels, use_triton, changes):
                   symmetric=options.symmetric, has_labels=has_labels,
                   ignore_index=options.ignore_index, use_triton=use_triton,
                   block_c=options.block_c or 0,
-                  dot_precision=check.DOT_PRECISIONS.index(options.dot_precision))
+                  dot_precision=check.DOT_PRECISIONS.index(options.dot_precision),
+                  beta=options.beta)
     config.update(changes)
     return RowConfig(**config)
 

@@ -23,9 +23,11 @@ import torch
 from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
-from gkl_kernels.core.config import (NUM_STATS, NUM_TOTALS, SOURCE_NONE, SOURCE_PAIRS, RowConfig,
-                                     compute_dtype)
+from gkl_kernels.core.config import (NUM_STATS, NUM_TOTALS, SOURCE_JSD, SOURCE_PAIRS,
+                                     WMSE_SOURCES, RowConfig, compute_dtype)
 from gkl_kernels.core.kernels import finish_loss
+from gkl_kernels.jsd.kernels import jsd_backward, jsd_row_stats
+from gkl_kernels.jsd.torch_impl import jsd_gradients_torch, jsd_row_stats_torch
 from gkl_kernels.pairs.op import pair_loss_backward_triton, pair_loss_triton
 from gkl_kernels.pairs.torch_impl import pair_loss_stats_torch
 from gkl_kernels.rank1 import kernels
@@ -55,14 +57,15 @@ class RowState(NamedTuple):
 
 @dataclass(frozen=True)
 class RowOps:
-    """One backend x weight family: ``statistics(inputs, config, keep) -> (stats, q - p,
-    v' (d - mu))``, ``finish(stats, config) -> (loss, totals)``, ``fused(*inputs, config) ->
-    (loss, stats, totals)`` or None, ``gradients(grad, state, config, need_ds, need_dt)``."""
+    """One backend x weight family (or divergence): ``statistics(inputs, config, keep) -> (stats,
+    q - p, v' (d - mu))``, ``finish(stats, config) -> (loss, totals)``, ``fused(*inputs, config)
+    -> (loss, stats, totals)`` or None, ``gradients(grad, state, config, need_ds, need_dt)``."""
 
     statistics: Callable
     finish: Callable
     fused: Optional[Callable]
     gradients: Callable
+    keeps_directions: bool = False  # statistics can keep the gradient's directions
 
 
 def _without_directions(stats):
@@ -89,32 +92,48 @@ def _gradients_torch_pairs(grad, state, config, need_ds, need_dt):
     return _gradients_torch(grad, state, config, need_ds, need_dt)
 
 
-ROW_OPS = {  # (use_triton, pair weights) -> RowOps
-    (False, False): RowOps(
+ROW_OPS = {  # (use_triton, family) -> RowOps
+    (False, "rank1"): RowOps(
         statistics=lambda inputs, config, keep: row_stats_torch(*inputs, config, keep),
-        finish=finish_loss_torch, fused=None, gradients=_gradients_torch),
-    (False, True): RowOps(
+        finish=finish_loss_torch, fused=None, gradients=_gradients_torch, keeps_directions=True),
+    (False, "pairs"): RowOps(
         statistics=lambda inputs, config, keep: pair_loss_stats_torch(*inputs, config, keep),
-        finish=finish_loss_torch, fused=None, gradients=_gradients_torch_pairs),
-    (True, False): RowOps(
+        finish=finish_loss_torch, fused=None, gradients=_gradients_torch_pairs,
+        keeps_directions=True),
+    (True, "rank1"): RowOps(
         statistics=lambda inputs, config, keep: _without_directions(
             kernels.row_stats(*inputs, config)),
         finish=finish_loss, fused=None,
         gradients=lambda grad, state, config, need_ds, need_dt: kernels.loss_backward(
             grad, *state.inputs, state.stats, state.totals, config, need_ds, need_dt)),
-    (True, True): RowOps(
+    (True, "pairs"): RowOps(
         statistics=lambda inputs, config, keep: _without_directions(
             pair_loss_triton(*inputs, config)[1]),
         finish=finish_loss, fused=pair_loss_triton,
         gradients=lambda grad, state, config, need_ds, need_dt: pair_loss_backward_triton(
             grad, *state.inputs, state.stats, state.totals, config, need_ds, need_dt)),
+    (False, "jsd"): RowOps(
+        statistics=lambda inputs, config, keep: _without_directions(
+            jsd_row_stats_torch(inputs.student, inputs.teacher, inputs.labels, config)),
+        finish=finish_loss_torch, fused=None,
+        gradients=lambda grad, state, config, need_ds, need_dt: jsd_gradients_torch(
+            grad, *state.inputs[:2], state.stats, state.totals, config, need_ds)),
+    (True, "jsd"): RowOps(
+        statistics=lambda inputs, config, keep: _without_directions(
+            jsd_row_stats(inputs.student, inputs.teacher, inputs.labels, config)),
+        finish=finish_loss, fused=None,
+        gradients=lambda grad, state, config, need_ds, need_dt: jsd_backward(
+            grad, *state.inputs[:2], state.stats, state.totals, config, need_ds)),
 }
 
 
 def row_ops(config):
     """The ``RowOps`` of a ``RowConfig``: Triton (CUDA tensors, or CPU tensors under
-    ``TRITON_INTERPRET=1``) or plain PyTorch, rank-one or pair weights."""
-    return ROW_OPS[config.use_triton, config.source == SOURCE_PAIRS]
+    ``TRITON_INTERPRET=1``) or plain PyTorch; rank-one weights, pair weights or the generalized
+    JSD."""
+    family = "pairs" if config.source == SOURCE_PAIRS else \
+        "jsd" if config.source == SOURCE_JSD else "rank1"
+    return ROW_OPS[config.use_triton, family]
 
 
 @lru_cache(maxsize=256)
@@ -222,5 +241,6 @@ def gradients(grad, state, config, need_ds, need_dt):
 
 def gradients_needed(ctx, config):
     """``(need_ds, need_dt)`` of an autograd context whose first two inputs are the student and
-    teacher logits: the teacher's probabilities are constants, it gets only the wMSE's gradient."""
-    return ctx.needs_input_grad[0], ctx.needs_input_grad[1] and config.source != SOURCE_NONE
+    teacher logits: the teacher's probabilities are constants, it gets only the wMSE's gradient
+    (none from the generalized JSD, as in TRL's and Liger-Kernel's distillation losses)."""
+    return ctx.needs_input_grad[0], ctx.needs_input_grad[1] and config.source in WMSE_SOURCES

@@ -20,7 +20,7 @@ from gkl_kernels.core.config import NUM_TOTALS, TOTAL_CE, TOTAL_DEN, TOTAL_ROWS,
 from gkl_kernels.distributed import all_process_totals, merged_row_stats
 from gkl_kernels.rank1.torch_impl import loss_gradients_torch, row_losses_torch
 from gkl_kernels.row_ops import (RowInputs, RowState, finish, gradients, gradients_needed,
-                                  loss_and_statistics, statistics)
+                                  loss_and_statistics, row_ops, statistics)
 
 
 class RowReduce:
@@ -105,7 +105,7 @@ class RowLoss(torch.autograd.Function):
     def forward(ctx, student, teacher, factor, labels, config, reduce):
         need_ds, need_dt = gradients_needed(ctx, config)
         keep = (need_ds or need_dt) and reduce.keeps_directions and not config.use_triton \
-            and not torch.compiler.is_compiling()
+            and not torch.compiler.is_compiling() and row_ops(config).keeps_directions
         output, state = reduce.outputs(RowInputs(student, teacher, factor, labels), config, keep)
         ctx.config, ctx.per_row, ctx.prescaled = config, reduce.per_row, False
         if keep and not reduce.per_row:

@@ -12,7 +12,7 @@ optional, gradients through both),
     loss   = (weight_hard_loss sum_b hard_b + weight_soft_loss sum_b soft_b) / normaliser
 
 where ``soft_b`` is ``gkl_loss``'s per-row loss (``reduction="none"``, teacher weights by
-default), the sums run over the tokens whose label is not ``ignore_index``, and the normaliser
+default), or with ``divergence="jsd"`` the row's generalized JSD (``jsd_loss``), the sums run over the tokens whose label is not ``ignore_index``, and the normaliser
 is ``num_items_in_batch`` when given (a tensor or a number: the global token count of a
 gradient-accumulation step or of all data-parallel processes; no host synchronisation) or the
 local count of those tokens. With teacher weights at ``gamma = 1`` each token's weights sum to 1,
@@ -35,10 +35,15 @@ from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_siz
                                       gradient_buffer, options_from, with_autograd)
 from gkl_kernels.rows import PER_ROW, RowLoss
 from gkl_kernels.sparse_teacher import kept_row_count
+from gkl_kernels.validation import Divergence
+
+
+GKL_ONLY_OPTIONS = ("gamma", "weight_temperature", "mse_weight", "ce_weight", "symmetric")
 
 
 class FusedLinearDistillationLoss(nn.Module):
-    """Hard cross-entropy plus GKL distillation from the last hidden states and output layers.
+    """Hard cross-entropy plus GKL (or generalized JSD) distillation from the last hidden states
+    and output layers.
 
     Args:
         weight_hard_loss: factor of the hard-label cross-entropy.
@@ -51,9 +56,13 @@ class FusedLinearDistillationLoss(nn.Module):
             not weighted).
         chunk_size: tokens per chunk (None: the largest power of two with
             ``chunk_size * V <= 2**23``, on CUDA ``2**26``).
+        divergence: the soft term: ``"gkl"`` (the GKL loss per token) or ``"jsd"`` (the
+            generalized JSD of ``jsd_loss``, TRL's and Liger-Kernel's).
+        beta: ``divergence="jsd"``'s mixture weight (None: 0.5; 0 forward KL, 1 reverse KL); an
+            error with ``"gkl"``.
         **gkl_options: ``gkl_loss`` options of the soft term: ``gamma``, ``weight_temperature``,
-            ``mse_weight``, ``ce_weight``, ``symmetric``, ``backend``, ``check_values``,
-            ``block_c``.
+            ``mse_weight``, ``ce_weight``, ``symmetric`` (GKL only), ``backend``,
+            ``check_values``, ``block_c``.
     """
 
     def __init__(self, *, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5,
@@ -61,12 +70,22 @@ class FusedLinearDistillationLoss(nn.Module):
                  logit_scale: Optional[float] = None,
                  final_logit_softcapping: Optional[float] = None,
                  return_components: bool = False, chunk_size: Optional[int] = None,
+                 divergence: Divergence = "gkl", beta: Optional[float] = None,
                  **gkl_options: Any) -> None:
         super().__init__()
         for name in ("reduction", "normalize"):  # the soft term is a per-token sum here
             if name in gkl_options:
                 raise TypeError(f"{name} is not a gkl_options entry here: the soft term is the "
                                 f"per-token GKL summed and divided by the normaliser")
+        check.check_choice("divergence", divergence, check.DIVERGENCES)
+        if divergence == "gkl" and beta is not None:
+            raise ValueError("beta is the generalized JSD's mixture weight: give it with "
+                             "divergence='jsd' (the GKL loss has none)")
+        gkl_only = sorted(set(gkl_options) & set(GKL_ONLY_OPTIONS))
+        if divergence == "jsd" and gkl_only:
+            raise ValueError(f"{', '.join(gkl_only)}: GKL options, not the generalized JSD's "
+                             f"(divergence='jsd' takes beta and temperature)")
+        self.divergence = divergence
         self.weight_hard_loss = check.check_finite("weight_hard_loss", weight_hard_loss)
         self.weight_soft_loss = check.check_finite("weight_soft_loss", weight_soft_loss)
         self.logit_scale = None if logit_scale is None else check.check_positive(
@@ -77,7 +96,8 @@ class FusedLinearDistillationLoss(nn.Module):
         check.check_chunk_size(chunk_size)
         self.return_components, self.chunk_size = return_components, chunk_size
         self.options = replace(options_from(gkl_options), temperature=temperature,
-                               ignore_index=ignore_index, reduction="none")
+                               ignore_index=ignore_index, reduction="none",
+                               beta=0.5 if beta is None else check.check_fraction("beta", beta))
 
     def forward(self, student_input: Tensor, student_weight: Tensor, teacher_input: Tensor,
                 teacher_weight: Tensor, true_labels: Optional[Tensor] = None,
@@ -123,8 +143,10 @@ class FusedLinearDistillationLoss(nn.Module):
         teacher = (teacher_hidden.detach(), teacher_weight[:vocabulary].detach(),
                    None if teacher_bias is None else teacher_bias[:vocabulary].detach())
         normaliser = self._normaliser(num_items_in_batch, labels, rows, device)
-        config = self.options.row_config(SOURCE_TEACHER, labels is not None,
-                                         check.use_triton_for(self.options.backend, device))
+        use_triton = check.use_triton_for(self.options.backend, device)
+        config = self.options.jsd_config(labels is not None, use_triton) \
+            if self.divergence == "jsd" else \
+            self.options.row_config(SOURCE_TEACHER, labels is not None, use_triton)
         student = (student_hidden, student_weight, student_bias)
         chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type)
 
@@ -179,7 +201,9 @@ class FusedLinearDistillationLoss(nn.Module):
                             hard])
 
     def extra_repr(self) -> str:
-        return (f"weight_hard_loss={self.weight_hard_loss}, "
+        divergence = f"divergence={self.divergence!r}" + (
+            f", beta={self.options.beta}" if self.divergence == "jsd" else "")
+        return (f"{divergence}, weight_hard_loss={self.weight_hard_loss}, "
                 f"weight_soft_loss={self.weight_soft_loss}, logit_scale={self.logit_scale}, "
                 f"final_logit_softcapping={self.final_logit_softcapping}, "
                 f"return_components={self.return_components}, chunk_size={self.chunk_size}, "

@@ -29,9 +29,11 @@ Backend = Literal["auto", "triton", "torch"]
 Normalize = Literal["weights", "batch"]
 Reduction = Literal["mean", "sum", "none"]
 WeightsKind = Literal["factor", "shared", "per_row"]  # (B, C) rank-one factor, (C, C), (B, C, C)
+Divergence = Literal["gkl", "jsd"]  # the trainer loss's soft term
 BACKENDS = get_args(Backend)
 NORMALIZERS = get_args(Normalize)
 REDUCTIONS = get_args(Reduction)
+DIVERGENCES = get_args(Divergence)
 WEIGHT_KINDS = get_args(WeightsKind)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 MIN_TEMPERATURE = 1.0 / FLOAT32_MAX  # below it 1 / T overflows float32 (about 2.9e-39)
@@ -337,6 +339,14 @@ def check_finite(name, value, minimum=None):
     if not math.isfinite(value) or (minimum is not None and value < minimum):
         bound = "" if minimum is None else f" and >= {minimum}"
         raise ValueError(f"{name} must be finite{bound}, got {value}")
+    return value
+
+
+def check_fraction(name, value):
+    """A mixture weight as a float: a number in ``[0, 1]``."""
+    value = _number(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
     return value
 
 

@@ -117,7 +117,9 @@ def test_both_weight_families_build_on_the_core():
     units = unit_graph(import_graph(REPO, "gkl_kernels"), "gkl_kernels")
     assert "gkl_kernels.core" in units["gkl_kernels.rank1"]
     assert "gkl_kernels.core" in units["gkl_kernels.pairs"]
-    assert not {"gkl_kernels.rank1", "gkl_kernels.pairs"} & units.get("gkl_kernels.core", set())
+    assert "gkl_kernels.core" in units["gkl_kernels.jsd"]
+    assert not {"gkl_kernels.rank1", "gkl_kernels.pairs", "gkl_kernels.jsd"} & units.get(
+        "gkl_kernels.core", set())
 
 
 def reachable(graph, start):
@@ -134,7 +136,7 @@ def test_kernels_import_nothing_from_the_input_checks():
     graph = import_graph(REPO, "gkl_kernels")
     kernels = [m for m, path in package_modules(REPO, "gkl_kernels").items()
                if path.name in KERNEL_FILES]
-    assert len(kernels) == 4  # core, rank1, pairs' two
+    assert len(kernels) == 5  # core, rank1, jsd, pairs' two
     for module in kernels:
         assert "gkl_kernels.validation" not in reachable(graph, module), module
 

@@ -7,6 +7,7 @@ import pathlib
 import typing
 
 import pytest
+import torch
 from torch import nn
 
 import gkl_kernels
@@ -21,7 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHOICES = {"reduction": check.REDUCTIONS, "normalize": check.NORMALIZERS,
            "backend": check.BACKENDS, "dot_precision": check.DOT_PRECISIONS,
            "weights_kind": check.WEIGHT_KINDS, "name": compat.CONSISTENCY_NAMES}
-EXPECTED = {"gkl_loss", "pairwise_wmse", "fused_linear_gkl", "vocab_parallel_gkl_loss",
+EXPECTED = {"gkl_loss", "jsd_loss", "pairwise_wmse", "fused_linear_gkl", "fused_linear_jsd",
+            "vocab_parallel_gkl_loss",
             "GKLLoss.__init__", "GKLLoss.forward", "FusedLinearGKLLoss.__init__",
             "FusedLinearGKLLoss.forward", "ClassPrior.__init__", "ClassPrior.update",
             "ClassPrior.end_epoch", "ClassPrior.matrix", "ClassPrior.state_dict",
@@ -155,7 +157,9 @@ def test_py_typed_is_shipped():
 OPTION_FIELDS = {option.name: option for option in dataclasses.fields(GKLOptions)}
 # the public callables that take GKLOptions' options as keyword arguments; pairwise_wmse sums
 # its rows by default (its own documented default)
-OPTION_TAKERS = ("gkl_loss", "GKLLoss.__init__", "vocab_parallel_gkl_loss", "pairwise_wmse")
+OPTION_TAKERS = ("gkl_loss", "GKLLoss.__init__", "vocab_parallel_gkl_loss", "pairwise_wmse",
+                 "jsd_loss", "fused_linear_jsd")
+JSD_ONLY = {"beta"}  # the generalized JSD's own option: the GKL entry points do not take it
 OWN_DEFAULTS = {("pairwise_wmse", "reduction"): "sum"}
 
 
@@ -188,15 +192,20 @@ def test_gkl_loss_and_the_module_take_every_option():
     """``gkl_loss`` and ``GKLLoss`` take every option of the list, and nothing passes them on
     unchecked: a bad value of each is refused at the entry."""
     for name in ("gkl_loss", "GKLLoss.__init__"):
-        assert {p.name for p in _option_parameters(name)} == set(OPTION_FIELDS), name
+        assert {p.name for p in _option_parameters(name)} == set(OPTION_FIELDS) - JSD_ONLY, name
+    for name in ("jsd_loss", "fused_linear_jsd"):
+        assert JSD_ONLY <= {p.name for p in _option_parameters(name)}, name
     bad = {"gamma": -1.0, "temperature": 0.0, "weight_temperature": -2.0, "mse_weight": "x",
            "ce_weight": float("nan"), "normalize": "rows", "symmetric": 1, "reduction": "avg",
            "backend": "cuda", "check_values": None, "block_c": 3, "dot_precision": "fp16",
            "sync_normalizer": "yes", "ignore_index": 1.5}
-    assert set(bad) == set(OPTION_FIELDS) - {"process_group"}
+    assert set(bad) == set(OPTION_FIELDS) - {"process_group"} - JSD_ONLY
     for option, value in bad.items():
         with pytest.raises((TypeError, ValueError), match=option):
             gkl_kernels.GKLLoss(**{option: value})
+    for value in (-0.5, 2.0, "half"):
+        with pytest.raises((TypeError, ValueError), match="beta"):
+            gkl_kernels.jsd_loss(torch.zeros(2, 3), torch.zeros(2, 3), beta=value)
 
 
 def test_a_wrong_option_default_is_reported(monkeypatch):

@@ -23,6 +23,11 @@ SOURCE_PRIOR = 1  # v = prior[label] ** gamma
 SOURCE_EXPLICIT = 2  # v given, (B, C)
 SOURCE_NONE = 3  # no wMSE: the cross-entropy only
 SOURCE_PAIRS = 4  # general pair weights (C, C) or (B, C, C): the wMSE from ``pairs``
+SOURCE_JSD = 5  # no weights: the generalized JSD of ``jsd``, the row's divergence in STAT_A
+WMSE_SOURCES = (SOURCE_TEACHER, SOURCE_PRIOR, SOURCE_EXPLICIT, SOURCE_PAIRS)
+
+# the generalized JSD's three forms (``jsd_form``): beta = 0, beta = 1, between
+JSD_FORWARD_KL, JSD_REVERSE_KL, JSD_MIXTURE = range(3)
 
 # Per-row statistics, float32 (B, NUM_STATS), mergeable over any split of a row's columns
 # (``merge_row_stats``). Softmaxes at T of raw logits: maxima ``m_s``, ``m_t`` of s and t, the
@@ -34,10 +39,15 @@ SOURCE_PAIRS = 4  # general pair weights (C, C) or (B, C, C): the wMSE from ``pa
 # a pivot ``ph + pl`` (the heaviest class's ``d``, an exact pair, on both backends) plus an
 # offset ``dm``, and
 # ``M2' = sum v' (d - mean)^2``. General pair weights (``SOURCE_PAIRS``) hold the row's pair-weight
-# sum in ``W`` and its wMSE in ``M2`` (sums over column parts: they add).
+# sum in ``W`` and its wMSE in ``M2`` (sums over column parts: they add). The generalized JSD
+# (``SOURCE_JSD``) holds the row's divergence in ``a``, ``sum P log(P / M)`` in STAT_KL_P and
+# ``sum Q log(Q / M)`` in two parts, over the student's maximal classes (STAT_KL_Q_TOP, the
+# wMSE's M2 slot) and over the others (STAT_KL_Q), so that the gradient at a dominant class
+# does not cancel (not mergeable: taken after the normalisers).
 (STAT_MS, STAT_ZS, STAT_MT, STAT_ZT, STAT_A, STAT_ZW, STAT_L, STAT_W, STAT_PH, STAT_PL, STAT_M2,
- STAT_KEPT, STAT_ERROR, STAT_DM) = range(14)
-NUM_STATS = 16  # padded: 64-byte rows
+ STAT_KEPT, STAT_ERROR, STAT_DM, STAT_KL_P, STAT_KL_Q) = range(16)
+STAT_KL_Q_TOP = STAT_M2
+NUM_STATS = 16  # 64-byte rows
 ERROR_LABEL = 1.0  # a label outside [0, C) that is not ignore_index
 ERROR_WEIGHT = 2.0  # a weight (explicit factor or prior entry) negative, inf or NaN
 
@@ -80,6 +90,7 @@ class KernelOptions(NamedTuple):
     inv_t2: tuple[float, float]  # 1 / weight_temperature
     mse_weight: tuple[float, float]
     ce_weight: tuple[float, float]
+    beta: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,7 @@ class RowConfig:
     block_c: int = 0
     per_row: bool = False  # SOURCE_PAIRS: (B, C, C) weights, else (C, C)
     dot_precision: int = 0  # SOURCE_PAIRS, (C, C) under Triton: index in DOT_PRECISIONS
+    beta: float = 0.5  # SOURCE_JSD: the teacher's share of the mixture
 
     @property
     def with_ce(self):
@@ -109,14 +121,21 @@ class RowConfig:
 
     @property
     def with_wmse(self):
-        return self.source != SOURCE_NONE and self.mse_weight != 0
+        return self.source in WMSE_SOURCES and self.mse_weight != 0
+
+    @property
+    def jsd_form(self):
+        """``JSD_FORWARD_KL`` (beta = 0), ``JSD_REVERSE_KL`` (beta = 1) or ``JSD_MIXTURE``."""
+        return JSD_FORWARD_KL if self.beta == 0 else \
+            JSD_REVERSE_KL if self.beta == 1 else JSD_MIXTURE
 
     @cached_property
     def kernel_options(self) -> KernelOptions:
         """The float options packed for the kernels, once per config."""
         return KernelOptions(float32_pair(self.gamma), float32_pair(1.0 / self.temperature),
                              float32_pair(1.0 / self.weight_temperature),
-                             float32_pair(self.mse_weight), float32_pair(self.ce_weight))
+                             float32_pair(self.mse_weight), float32_pair(self.ce_weight),
+                             float32_pair(self.beta))
 
     @property
     def floats(self):

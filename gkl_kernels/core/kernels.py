@@ -114,11 +114,20 @@ def log1p(x):
 
 
 @triton.jit
+def expm1(x):
+    """``exp(x) - 1`` for ``x <= 0``, exact to a few units also for tiny ``x``: ``(u - 1) x /
+    log(u)``, ``u = fl(exp(x))`` (Kahan's rewriting; ``x`` where ``u = 1``, -1 where ``u = 0``)."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0,
+                                          (u - 1.0) * (x / tl.log(tl.where(u == 1.0, 0.5, u)))))
+
+
+@triton.jit
 def finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE: tl.constexpr):
     """``(E, wmse', ce)`` of a row from its statistics (``zs``, ``zt``: the normaliser rests
     ``z - 1``): the true weights are ``v' 2^E``, the true ``wmse = 2^(2E) wmse'``; ``ce = a / (T
     z_t) + log1p(zs)`` is ``inf`` when the student puts ``-inf`` where the teacher has mass, and 0
-    for a row without teacher mass."""
+    for a row without teacher mass; for the generalized JSD (``SOURCE_JSD``) ``ce = a``."""
     exponent = scale
     wmse = 2.0 * weight * m2
     if SOURCE == 0:
@@ -128,6 +137,8 @@ def finish_row(zs, zt, a, z_w, scale, weight, m2, gamma, inv_t, SOURCE: tl.const
         wmse = m2
     zt = zt + 1.0
     ce = tl.where(a != float("inf"), inv_t * a / tl.where(zt != 0.0, zt, 1.0) + log1p(zs), a)
+    if SOURCE == 5:  # the generalized JSD: the row's divergence itself
+        ce = a
     return exponent, wmse, tl.where(zt != 0.0, ce, 0.0)
 
 

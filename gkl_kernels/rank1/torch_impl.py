@@ -17,15 +17,15 @@ import math
 
 import torch
 
-from gkl_kernels.core.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_NONE,
-                                     SOURCE_PAIRS, SOURCE_PRIOR, SOURCE_TEACHER, STAT_A, STAT_DM,
-                                     STAT_ERROR, STAT_KEPT, STAT_L, STAT_M2, STAT_MS, STAT_MT,
-                                     STAT_PH, STAT_PL, STAT_W, STAT_ZS, STAT_ZT, STAT_ZW,
-                                     TOTAL_DEN, TOTAL_K, TOTAL_ROWS, compute_dtype)
+from gkl_kernels.core.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_JSD,
+                                     SOURCE_NONE, SOURCE_PAIRS, SOURCE_PRIOR, SOURCE_TEACHER,
+                                     STAT_A, STAT_DM, STAT_ERROR, STAT_KEPT, STAT_L, STAT_M2,
+                                     STAT_MS, STAT_MT, STAT_PH, STAT_PL, STAT_W, STAT_ZS, STAT_ZT,
+                                     STAT_ZW, TOTAL_DEN, TOTAL_K, TOTAL_ROWS, compute_dtype)
 
 INF = float("inf")
 BLOCK_ELEMENTS = 2**18  # logits in one row block: 1 MiB of float32 (8 rows at V = 32000)
-ARGMAX_CHUNK = 128  # columns per chunk of ``_row_max``
+ARGMAX_CHUNK = 128  # columns per chunk of ``row_max``
 
 
 def row_blocks(rows, classes):
@@ -34,7 +34,7 @@ def row_blocks(rows, classes):
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-def _ref(m):
+def finite_ref(m):
     """``m``, 0 where it is ``-inf`` (NaN and ``+inf`` kept)."""
     return m.nan_to_num(float("nan"), INF, 0.0)
 
@@ -56,7 +56,7 @@ def _merged_rest(rest_a, r_a, rest_b, r_b):
                                           (torch.maximum(r_a, r_b) - 1.0))
 
 
-def _row_max(x):
+def row_max(x):
     """``(maxima (R,), the first column where each is (R, 1))`` of the rows of ``x``, through the
     maxima of ``ARGMAX_CHUNK``-column chunks: on CPU ``max(dim=1)`` costs a dozen ``amax``."""
     rows, classes = x.shape
@@ -76,14 +76,14 @@ def _row_max(x):
     return top[:, 0], column
 
 
-def _lowered_rest(e, top):
+def lowered_rest(e, top):
     """``sum_j e_j - 1`` per row (R,), ``e = exp((x - m) / T)`` being 1 at the maximal columns
     ``top`` (R, 1) (0 in a row of ``-inf``: rest -1): ``e`` there lowered by 1, in place, then
     summed, so that ``1 + x`` is never rounded (the caller raises it again where it needs it)."""
     return e.scatter_(1, top, -1.0, reduce="add").sum(dim=1)
 
 
-def _difference_at(e_s, e_t, rest_s, rest_t, z_s, z_t):
+def difference_at(e_s, e_t, rest_s, rest_t, z_s, z_t):
     """``q - p = e_s / z_s - e_t / z_t`` (R, 1) at one column per row, from ``e`` there (R, 1),
     the rests ``z - 1`` and ``z`` (R,; an empty row's as 0 and 1: its ``e`` are 0) as ``((e_s -
     e_t) + e_s rest_t - e_t rest_s) / (z_s z_t)``: where both logits are maximal (``e_s = e_t =
@@ -189,7 +189,7 @@ def _exact_difference(t, s, excluded, scratch):
 def _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t=None):
     """``(v, excluded)``: the factor (0 on excluded classes: ``-inf`` in either logit) and the
     excluded mask. Teacher weights ``v = exp(gamma (t - m_t) / T2)`` (``ref_t`` the teacher's row
-    maxima ``_ref(m_t)``, (R, 1); ``e_t = exp((t - m_t) / T)`` of the cross-entropy taken, and
+    maxima ``finite_ref(m_t)``, (R, 1); ``e_t = exp((t - m_t) / T)`` of the cross-entropy taken, and
     overwritten, when ``gamma / T2 = 1 / T``); a given factor as given (unscaled:
     ``v' = v 2^-L``)."""
     rows = s.shape[0]
@@ -221,21 +221,21 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
     columns[STAT_MS] = columns[STAT_L] = zeros - INF
     columns[STAT_ZS] = columns[STAT_ZT] = zeros - 1.0  # the rests of empty normalisers
     if config.with_ce:
-        (ms, top_s), (mt, top_t) = _row_max(s), _row_max(t)
+        (ms, top_s), (mt, top_t) = row_max(s), row_max(t)
         columns[STAT_MS] = ms
     else:
         mt = t.amax(dim=1)
     columns[STAT_MT] = mt
-    ref_t = _ref(mt)[:, None]
+    ref_t = finite_ref(mt)[:, None]
     inv_t = 1.0 / config.temperature
     e_t = None
     if config.with_ce:
-        ref_s = _ref(ms)[:, None]
+        ref_s = finite_ref(ms)[:, None]
         e_s = _scaled(torch.sub(s, ref_s, out=scratch.floats("e_s", rows)), inv_t).exp_()
         e_t = _scaled(torch.sub(t, ref_t, out=scratch.floats("e_t", rows)), inv_t).exp_()
         peak_s = e_s.gather(1, top_s)  # 1, or 0 in a row of -inf
-        rest_s = columns[STAT_ZS] = _lowered_rest(e_s, top_s)  # e_s there: rewritten below
-        rest_t = columns[STAT_ZT] = _lowered_rest(e_t, top_t)
+        rest_s = columns[STAT_ZS] = lowered_rest(e_s, top_s)  # e_s there: rewritten below
+        rest_t = columns[STAT_ZT] = lowered_rest(e_t, top_t)
         e_t.scatter_(1, top_t, 1.0, reduce="add")
         # e_t (m_s - s): 0 x inf (s = -inf, e_t = 0) adds 0; a NaN logit stays in zs, zt
         columns[STAT_A] = torch.sub(ref_s, s, out=scratch.floats("d", rows)).mul_(
@@ -245,7 +245,7 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
             z_s, z_t = rest_s + 1.0, rest_t + 1.0
             torch.div(e_s, z_s[:, None], out=softmax_difference)
             softmax_difference.addcdiv_(e_t, z_t[:, None], value=-1.0)
-            softmax_difference.scatter_(1, top_s, _difference_at(
+            softmax_difference.scatter_(1, top_s, difference_at(
                 peak_s, e_t.gather(1, top_s), rest_s, rest_t, z_s, z_t))
     if config.source >= SOURCE_NONE:
         return torch.stack(columns, dim=1, out=stats)
@@ -255,10 +255,10 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
             _scaled(torch.sub(t, ref_t, out=scratch.floats("d", rows)),
                     1.0 / config.weight_temperature).exp_().sum(dim=1)
     v, excluded = _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t)
-    top, heaviest = _row_max(v)
+    top, heaviest = row_max(v)
     if config.source != SOURCE_TEACHER:
         columns[STAT_L] = _factor_exponent(top)
-        v.mul_(torch.exp2(-_ref(columns[STAT_L]))[:, None])
+        v.mul_(torch.exp2(-finite_ref(columns[STAT_L]))[:, None])
     weight = columns[STAT_W] = v.sum(dim=1)
     # d = t - s as the exact pair hi + lo, its deviations from the heaviest class's exact d (the
     # pivot ph + pl: exact differences near it, under per-row offsets), then from their weighted
@@ -317,8 +317,9 @@ def finish_rows_torch(stats, config):
     wmse = stats[:, STAT_M2] if config.source == SOURCE_PAIRS else \
         2.0 * stats[:, STAT_W] * stats[:, STAT_M2]
     zt, a = stats[:, STAT_ZT] + 1.0, stats[:, STAT_A]
-    ce = torch.where(a != INF, a / (config.temperature * torch.where(zt != 0, zt, 1.0))
-                     + stats[:, STAT_ZS].log1p(), a)
+    ce = a if config.source == SOURCE_JSD else torch.where(
+        a != INF, a / (config.temperature * torch.where(zt != 0, zt, 1.0))
+        + stats[:, STAT_ZS].log1p(), a)
     return exponent, wmse, torch.where(zt != 0, ce, 0.0)
 
 
@@ -494,20 +495,20 @@ def gradient_directions_torch(student, teacher, factor, labels, stats, config, s
         inv_t = 1.0 / config.temperature
         # the rests, an empty row's (-1) as 0: log z = log1p(rest), 0 there (its e are 0)
         rest_s, rest_t = stats[:, STAT_ZS].clamp_min(0.0), stats[:, STAT_ZT].clamp_min(0.0)
-        q, p = ((_scaled(torch.sub(x, _ref(m)[:, None], out=scratch.floats(name, rows)),
+        q, p = ((_scaled(torch.sub(x, finite_ref(m)[:, None], out=scratch.floats(name, rows)),
                          inv_t).sub_(rest.log1p()[:, None]).exp_())
                 for name, x, m, rest in (("e_s", s, ms, rest_s), ("e_t", t, mt, rest_t)))
         softmax_difference = q.sub_(p)
-        top = _row_max(s)[1]
-        e_s, e_t = (_scaled(x.gather(1, top) - _ref(m)[:, None], inv_t).exp_()
+        top = row_max(s)[1]
+        e_s, e_t = (_scaled(x.gather(1, top) - finite_ref(m)[:, None], inv_t).exp_()
                     for x, m in ((s, ms), (t, mt)))
-        softmax_difference.scatter_(1, top, _difference_at(e_s, e_t, rest_s, rest_t,
+        softmax_difference.scatter_(1, top, difference_at(e_s, e_t, rest_s, rest_t,
                                                            rest_s + 1.0, rest_t + 1.0))
     if config.with_wmse:
-        v, excluded = _weights(s, t, factor, labels, kept, bad, _ref(mt)[:, None], config,
+        v, excluded = _weights(s, t, factor, labels, kept, bad, finite_ref(mt)[:, None], config,
                                scratch)
         if config.source != SOURCE_TEACHER:
-            v.mul_(torch.exp2(-_ref(stats[:, STAT_L]))[:, None])
+            v.mul_(torch.exp2(-finite_ref(stats[:, STAT_L]))[:, None])
         hi, lo = _exact_difference(t, s, excluded, scratch)
         dev = hi.sub_(stats[:, STAT_PH, None]).add_(lo.sub_(stats[:, STAT_PL, None])).sub_(
             stats[:, STAT_DM, None])
@@ -524,7 +525,7 @@ def merge_row_stats(a, b, config):
     mt = torch.maximum(a[:, STAT_MT], b[:, STAT_MT])
     rt_a, rt_b = _rescale(a[:, STAT_MT], mt, inv_t), _rescale(b[:, STAT_MT], mt, inv_t)
     shifted = [torch.where(x[:, STAT_ZT] != -1.0,
-                           (x[:, STAT_ZT] + 1.0) * (_ref(ms) - _ref(x[:, STAT_MS])), 0.0)
+                           (x[:, STAT_ZT] + 1.0) * (finite_ref(ms) - finite_ref(x[:, STAT_MS])), 0.0)
                for x in (a, b)]
     out[:, STAT_A] = torch.where(rt_a != 0, rt_a * (a[:, STAT_A] + shifted[0]), 0.0) + \
         torch.where(rt_b != 0, rt_b * (b[:, STAT_A] + shifted[1]), 0.0)

@@ -1,0 +1,298 @@
+"""``jsd_loss``, the generalized JSD, on both backends: against the float64 formula of TRL and
+Liger-Kernel (``reference.jsd``), its reductions, the hostile inputs under the accuracy rule of
+``test_adversarial`` (at most 4 times the best plain float32 evaluation's error, floor 1e-5), its
+launches and host syncs, and its argument checks."""
+
+import math
+
+import pytest
+import torch
+
+import gkl_kernels
+from gkl_kernels.testing.dispatch import DispatchCounter
+from gkl_kernels.testing.launches import value_checks_as_on_a_gpu
+from gkl_kernels.testing.traffic import TritonTrafficCounter
+from reference import jsd_loss_reference, jsd_rows_reference
+from tests.conftest import BACKENDS, relative_error
+
+BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
+FLOAT32_FACTOR, FLOAT32_FLOOR = 4.0, 1e-5
+
+
+def loss_and_student_grad(fn, student, teacher, **options):
+    s = student.detach().clone().requires_grad_()
+    loss = fn(s, teacher.detach(), **options)
+    return loss.detach(), torch.autograd.grad(loss, s)[0]
+
+
+def oracle(student, teacher, **options):
+    """The float64 reference's loss and student gradient."""
+    return loss_and_student_grad(jsd_loss_reference, student.double(), teacher.double(),
+                                 **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", (0.5, 1.0, 4.0))
+@pytest.mark.parametrize("beta", BETAS)
+def test_matches_the_float64_formula(beta, temperature, backend, generator):
+    """Loss and student gradient, with ignored rows, on tiles of 16 (three per row)."""
+    student = 3 * torch.randn(6, 37, generator=generator)
+    teacher = 3 * torch.randn(6, 37, generator=generator)
+    labels = torch.tensor([0, -100, 5, 36, -100, 2])
+    options = dict(beta=beta, temperature=temperature, labels=labels)
+    actual = loss_and_student_grad(gkl_kernels.jsd_loss, student, teacher, backend=backend,
+                                   **options)
+    assert_within_the_rule(actual, student, teacher, **options)
+    assert actual[1][labels == -100].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_rows_span_several_tiles(backend, generator):
+    """C = 5000: two 4096-column tiles per row on the Triton path."""
+    student = 4 * torch.randn(3, 5000, generator=generator)
+    teacher = 4 * torch.randn(3, 5000, generator=generator)
+    actual = loss_and_student_grad(gkl_kernels.jsd_loss, student, teacher, beta=0.3,
+                                   backend=backend)
+    assert_within_the_rule(actual, student, teacher, beta=0.3, temperature=1.0, labels=None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ("none", "sum"))
+def test_reductions_and_leading_shape(reduction, backend, generator):
+    student = torch.randn(2, 3, 11, generator=generator)
+    teacher = torch.randn(2, 3, 11, generator=generator)
+    labels = torch.tensor([[1, -100, 2], [0, 3, -100]])
+    rows = jsd_rows_reference(student.double(), teacher.double(), beta=0.7)
+    rows = torch.where(labels != -100, rows, 0.0)
+    out = gkl_kernels.jsd_loss(student, teacher, beta=0.7, labels=labels, reduction=reduction,
+                               backend=backend)
+    expected = rows if reduction == "none" else rows.sum()
+    assert out.shape == expected.shape
+    assert relative_error(out, expected) <= 2e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_teacher_is_a_constant_and_ends_are_the_two_kls(backend, generator):
+    """No teacher gradient; ``beta = 0`` is ``F.kl_div``'s forward KL with ``"batchmean"``."""
+    student = torch.randn(4, 9, generator=generator, requires_grad=True)
+    teacher = torch.randn(4, 9, generator=generator, requires_grad=True)
+    loss = gkl_kernels.jsd_loss(student, teacher, beta=0.0, backend=backend)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None
+    kl = torch.nn.functional.kl_div(student.log_softmax(1), teacher.log_softmax(1),
+                                    reduction="batchmean", log_target=True)
+    assert torch.allclose(loss, kl, rtol=1e-6, atol=0)
+    reverse = gkl_kernels.jsd_loss(student, teacher, beta=1.0, backend=backend)
+    assert torch.allclose(reverse, torch.nn.functional.kl_div(
+        teacher.log_softmax(1), student.log_softmax(1), reduction="batchmean", log_target=True),
+        rtol=1e-6, atol=0)
+
+
+# ---- hostile inputs ----------------------------------------------------------------------------
+
+def plain_float32(student, teacher, beta, temperature, labels):
+    """The best honest float32 evaluations of the formula: as given, and on row-max-shifted
+    logits; ``(loss, grad)`` errors against the oracle, quantity by quantity."""
+    def evaluate(s, t):
+        return loss_and_student_grad(jsd_loss_reference, s, t, beta=beta,
+                                     temperature=temperature, labels=labels)
+
+    shift = torch.where(torch.isfinite(student), student, -math.inf).amax(1, keepdim=True)
+    shift_t = torch.where(torch.isfinite(teacher), teacher, -math.inf).amax(1, keepdim=True)
+    return [evaluate(student.float(), teacher.float()),
+            evaluate((student - shift.nan_to_num(0.0)).float(),
+                     (teacher - shift_t.nan_to_num(0.0)).float())]
+
+
+def assert_within_the_rule(actual, student, teacher, *, beta, temperature, labels):
+    """``(loss, grad)`` within ``max(4 x plain float32, 1e-5)`` of the float64 oracle, quantity
+    by quantity (relative to the largest entry)."""
+    expected = oracle(student, teacher, beta=beta, temperature=temperature, labels=labels)
+    baselines = plain_float32(student, teacher, beta, temperature, labels)
+    for index, name in enumerate(("loss", "grad")):
+        plain = min(relative_error(b[index], expected[index]) for b in baselines)
+        bound = max(FLOAT32_FACTOR * plain, FLOAT32_FLOOR)
+        error = relative_error(actual[index], expected[index])
+        assert error <= bound, f"{name}: {error:.3e} > {bound:.3e} (plain float32 {plain:.3e})"
+
+
+def hostile_case(name, generator, num_classes=33):
+    """``(student, teacher, labels)`` of one hostile category."""
+    s = 3 * torch.randn(6, num_classes, generator=generator)
+    t = 3 * torch.randn(6, num_classes, generator=generator)
+    labels = None
+    if name.startswith("mask"):  # masked columns in both models (a masked vocabulary)
+        value = {"mask-1e9": -1e9, "mask-min": torch.finfo(torch.float32).min,
+                 "mask-inf": -math.inf}[name]
+        s[:, 3:9] = value
+        t[:, 3:9] = value
+        s[2, 20:] = value
+        t[2, 20:] = value
+    elif name.startswith("offset"):
+        scale = float(name.split("-")[1])
+        side = name.split("-")[2]
+        offsets = scale * (1 + torch.rand(6, 1, generator=generator))
+        if side in ("student", "both", "opposite"):
+            s = s + offsets
+        if side in ("teacher", "both"):
+            t = t + offsets
+        if side == "opposite":
+            t = t - offsets
+    elif name == "peaked":  # a teacher sure of one class
+        t[:, 4] += 40.0
+        s[:, 4] += 38.0
+    elif name == "wide":
+        s = 30 * torch.randn(6, num_classes, generator=generator)
+        t = s + torch.randn(6, num_classes, generator=generator)
+    elif name == "ignored-nan":
+        labels = torch.tensor([0, -100, 2, -100, 4, 5])
+        s[1] = math.nan
+        t[3] = math.nan
+    return s, t, labels
+
+
+HOSTILE = ("mask-1e9", "mask-min", "mask-inf", "offset-1e4-student", "offset-1e5-teacher",
+           "offset-1e6-both", "offset-1e6-opposite", "peaked", "wide", "ignored-nan")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_inputs_within_four_times_plain_float32(case, beta, backend, generator):
+    student, teacher, labels = hostile_case(case, generator)
+    options = dict(beta=beta, temperature=1.0, labels=labels)
+    actual = loss_and_student_grad(gkl_kernels.jsd_loss, student, teacher, backend=backend,
+                                   **options)
+    assert_within_the_rule(actual, student, teacher, **options)
+    assert torch.isfinite(actual[0]) and torch.isfinite(actual[1]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_half_precision_logits(dtype, backend, generator):
+    """Half inputs, float32 arithmetic: within the float32 rule of the rounded inputs."""
+    student = (3 * torch.randn(5, 40, generator=generator)).to(dtype)
+    teacher = (3 * torch.randn(5, 40, generator=generator)).to(dtype)
+    expected = oracle(student, teacher, beta=0.5)
+    s = student.clone().requires_grad_()
+    loss = gkl_kernels.jsd_loss(s, teacher, beta=0.5, backend=backend)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert relative_error(loss, expected[0]) <= 1e-5
+    assert relative_error(grad, expected[1]) <= 2 * {torch.float16: 2**-10,
+                                                     torch.bfloat16: 2**-7}[dtype]
+
+
+def test_a_student_without_mass_where_the_teacher_has_some_is_infinite(generator):
+    """Forward KL with ``Q_j = 0 < P_j``: +inf, as the formula says, on both backends."""
+    student = torch.randn(2, 8, generator=generator)
+    student[0, 3] = -math.inf
+    teacher = torch.randn(2, 8, generator=generator)
+    for backend in BACKENDS:
+        assert gkl_kernels.jsd_loss(student, teacher, beta=0.0, backend=backend) == math.inf
+        assert torch.isfinite(gkl_kernels.jsd_loss(student, teacher, beta=0.5, backend=backend))
+
+
+# ---- launches, checks --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta", (0.0, 0.5, 1.0))
+def test_two_kernels_forward_one_backward_no_host_sync(beta, generator):
+    student = torch.randn(8, 50, generator=generator, requires_grad=True)
+    teacher = torch.randn(8, 50, generator=generator)
+    labels = torch.tensor([0, 1, -100, 3, 4, 5, 6, -100])
+    with value_checks_as_on_a_gpu():
+        with TritonTrafficCounter() as kernels, DispatchCounter() as ops:
+            loss = gkl_kernels.jsd_loss(student, teacher, beta=beta, labels=labels,
+                                        backend="triton")
+        with TritonTrafficCounter() as backward_kernels, DispatchCounter() as backward_ops:
+            torch.autograd.grad(loss, [student])
+    assert (kernels.launches, backward_kernels.launches) == (2, 1)
+    assert ops.host_syncs == backward_ops.host_syncs == 0
+
+
+def test_bad_arguments_are_named(generator):
+    student, teacher = torch.randn(3, 5), torch.randn(3, 5)
+    for options, pattern in ((dict(beta=1.5), "beta"), (dict(beta=-0.1), "beta"),
+                             (dict(beta="x"), "beta"), (dict(temperature=0.0), "temperature"),
+                             (dict(reduction="avg"), "reduction"),
+                             (dict(labels=torch.tensor([0, 1])), "labels")):
+        with pytest.raises((TypeError, ValueError), match=pattern):
+            gkl_kernels.jsd_loss(student, teacher, **options)
+    with pytest.raises(ValueError, match="shape"):
+        gkl_kernels.jsd_loss(student, torch.randn(3, 6))
+    with pytest.raises(TypeError, match="beta"):
+        gkl_kernels.fused_linear_gkl(torch.randn(2, 4), torch.randn(5, 4), torch.randn(2, 4),
+                                     torch.randn(5, 4), beta=0.5)
+
+
+# ---- from hidden states ------------------------------------------------------------------------
+
+def heads(generator, rows=12, vocabulary=40, hidden=8, bias=True):
+    student = [torch.randn(rows, hidden, generator=generator),
+               0.5 * torch.randn(vocabulary, hidden, generator=generator),
+               0.1 * torch.randn(vocabulary, generator=generator) if bias else None]
+    teacher = [torch.randn(rows, hidden + 2, generator=generator),
+               0.5 * torch.randn(vocabulary, hidden + 2, generator=generator),
+               0.1 * torch.randn(vocabulary, generator=generator) if bias else None]
+    return student, teacher
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", (0.0, 0.4, 1.0))
+def test_fused_linear_jsd_is_jsd_loss_of_the_heads_logits(beta, backend, generator):
+    """Chunks of 5 rows (three chunks, the last short), ignored rows: the loss and the student
+    head's gradients of ``jsd_loss`` on the full logits."""
+    (h, w, b), (ht, wt, bt) = heads(generator)
+    labels = torch.randint(0, 40, (12,), generator=generator)
+    labels[[2, 7]] = -100
+    tensors = [x.clone().requires_grad_() for x in (h, w, b)]
+    loss = gkl_kernels.fused_linear_jsd(*tensors[:2], ht, wt, labels=labels,
+                                        student_bias=tensors[2], teacher_bias=bt, beta=beta,
+                                        temperature=2.0, chunk_size=5, backend=backend)
+    grads = torch.autograd.grad(loss, tensors)
+    dense = [x.double().requires_grad_() for x in (h, w, b)]
+    logits = torch.nn.functional.linear(dense[0], dense[1], dense[2])
+    expected = jsd_loss_reference(logits, torch.nn.functional.linear(ht, wt, bt).double(),
+                                  beta=beta, temperature=2.0, labels=labels)
+    expected_grads = torch.autograd.grad(expected, dense)
+    assert relative_error(loss, expected) <= 2e-6
+    for got, want in zip(grads, expected_grads):
+        assert relative_error(got, want) <= 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_trainer_loss_switches_to_jsd_with_one_argument(backend, generator):
+    """``FusedLinearDistillationLoss(divergence="jsd", beta=...)``: soft term the summed JSD over
+    the normaliser, hard term the cross-entropy, as Liger's JSD loss defines them."""
+    (h, w, b), (ht, wt, bt) = heads(generator)
+    labels = torch.randint(0, 40, (12,), generator=generator)
+    labels[3] = -100
+    criterion = gkl_kernels.FusedLinearDistillationLoss(
+        divergence="jsd", beta=0.3, temperature=2.0, weight_hard_loss=0.25,
+        weight_soft_loss=0.75, return_components=True, backend=backend, chunk_size=5)
+    hidden = h.clone().requires_grad_()
+    loss, soft, hard = criterion(hidden, w, ht, wt, labels, b, bt)
+    logits = torch.nn.functional.linear(hidden.double(), w.double(), b.double())
+    kept = (labels != -100).sum()
+    rows = jsd_rows_reference(logits, torch.nn.functional.linear(ht, wt, bt).double(), beta=0.3,
+                              temperature=2.0)
+    expected_soft = torch.where(labels != -100, rows, 0.0).sum() / kept
+    expected_hard = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / kept
+    expected = 0.75 * expected_soft + 0.25 * expected_hard
+    assert relative_error(soft, expected_soft) <= 2e-6
+    assert relative_error(hard, expected_hard) <= 2e-6
+    assert relative_error(loss, expected) <= 2e-6
+    grad = torch.autograd.grad(loss, hidden)[0]
+    assert relative_error(grad, torch.autograd.grad(expected, hidden)[0]) <= 2e-5
+    assert "divergence='jsd', beta=0.3" in repr(criterion)
+
+
+def test_the_divergence_switch_refuses_what_does_not_apply():
+    with pytest.raises(ValueError, match="beta"):
+        gkl_kernels.FusedLinearDistillationLoss(beta=0.5)
+    with pytest.raises(ValueError, match="gamma"):
+        gkl_kernels.FusedLinearDistillationLoss(divergence="jsd", gamma=0.6)
+    with pytest.raises(ValueError, match="divergence"):
+        gkl_kernels.FusedLinearDistillationLoss(divergence="kl")
+    with pytest.raises(ValueError, match="beta"):
+        gkl_kernels.FusedLinearDistillationLoss(divergence="jsd", beta=1.5)
