@@ -60,6 +60,9 @@ class FusedLinearDistillationLoss(nn.Module):
             generalized JSD of ``jsd_loss``, TRL's and Liger-Kernel's).
         beta: ``divergence="jsd"``'s mixture weight (None: 0.5; 0 forward KL, 1 reverse KL); an
             error with ``"gkl"``.
+        return_soft_hard_loss: Liger-Kernel's name of ``return_components`` (None: not given).
+        compiled: accepted for Liger-Kernel's call sites; nothing is compiled here (the chunks
+            run the package's kernels, or its row blocks on CPU), in eager mode or not.
         **gkl_options: ``gkl_loss`` options of the soft term: ``gamma``, ``weight_temperature``,
             ``mse_weight``, ``ce_weight``, ``symmetric`` (GKL only), ``backend``,
             ``check_values``, ``block_c``.
@@ -71,8 +74,17 @@ class FusedLinearDistillationLoss(nn.Module):
                  final_logit_softcapping: Optional[float] = None,
                  return_components: bool = False, chunk_size: Optional[int] = None,
                  divergence: Divergence = "gkl", beta: Optional[float] = None,
+                 return_soft_hard_loss: Optional[bool] = None, compiled: bool = True,
                  **gkl_options: Any) -> None:
         super().__init__()
+        check.check_bool("compiled", compiled)
+        if return_soft_hard_loss is not None:  # Liger-Kernel's name of return_components
+            check.check_bool("return_soft_hard_loss", return_soft_hard_loss)
+            if return_components and not return_soft_hard_loss:
+                raise ValueError("return_soft_hard_loss=False contradicts return_components=True "
+                                 "(the same option: give one)")
+            return_components = return_soft_hard_loss
+        self.compiled = compiled
         for name in ("reduction", "normalize"):  # the soft term is a per-token sum here
             if name in gkl_options:
                 raise TypeError(f"{name} is not a gkl_options entry here: the soft term is the "
@@ -216,3 +228,30 @@ def _rows(hidden):
     if isinstance(hidden, Tensor) and hidden.dim() > 2:
         return hidden.reshape(-1, hidden.shape[-1])
     return hidden
+
+
+class FusedLinearJSDLoss(FusedLinearDistillationLoss):
+    """Liger-Kernel's ``LigerFusedLinearJSDLoss``, as a drop-in: its constructor (names, order,
+    defaults) and call, the hard cross-entropy plus the generalized JSD (``jsd_loss``) from the
+    hidden states, each summed over the tokens not labelled ``ignore_index`` and divided by
+    their count. ``FusedLinearDistillationLoss(divergence="jsd", ...)`` with Liger's defaults.
+
+    Args:
+        weight_hard_loss, weight_soft_loss: the two terms' factors.
+        beta: the mixture weight (0: forward KL, 1: reverse KL).
+        ignore_index: the label of the tokens left out.
+        temperature: divides both models' logits in the soft term.
+        compiled: accepted; nothing is compiled here.
+        chunk_size: tokens per chunk (Liger splits the ``N`` tokens into ``N // chunk_size``
+            chunks of about equal size; here every chunk but the last has ``chunk_size``).
+        return_soft_hard_loss: also return the soft and hard terms.
+    """
+
+    def __init__(self, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5,
+                 beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0,
+                 compiled: bool = True, chunk_size: int = 1024,
+                 return_soft_hard_loss: bool = False) -> None:
+        super().__init__(weight_hard_loss=weight_hard_loss, weight_soft_loss=weight_soft_loss,
+                         temperature=temperature, ignore_index=ignore_index,
+                         chunk_size=chunk_size, divergence="jsd", beta=beta,
+                         return_soft_hard_loss=return_soft_hard_loss, compiled=compiled)
