@@ -175,15 +175,15 @@ def _factor_exponent(top):
     return torch.where(top > 0, torch.floor(torch.log2(top)), -INF)
 
 
-def _exact_difference(t, s, excluded, scratch):
+def _exact_difference(t, s, scratch):
     """``(hi, lo)`` (R, C) in ``scratch`` with ``hi + lo == t - s`` exactly (TwoSum: ``hi`` the
-    rounded difference, ``lo`` its rounding error), both 0 on ``excluded`` classes."""
+    rounded difference, ``lo`` its rounding error; not finite where a logit is ``-inf``)."""
     rows = t.shape[0]
     hi = torch.sub(t, s, out=scratch.floats("d", rows))
     back = torch.sub(hi, t, out=scratch.floats("back", rows))  # hi - t, the part of -s in hi
     lo = torch.sub(hi, back, out=scratch.floats("lo", rows))
     lo = torch.sub(t, lo, out=lo).sub_(back.add_(s))  # (t - (hi - back)) - (s + back)
-    return hi.masked_fill_(excluded, 0.0), lo.masked_fill_(excluded, 0.0)
+    return hi, lo
 
 
 def _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t=None):
@@ -255,7 +255,10 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
             _scaled(torch.sub(t, ref_t, out=scratch.floats("d", rows)),
                     1.0 / config.weight_temperature).exp_().sum(dim=1)
     v, excluded = _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t)
-    top, heaviest = row_max(v)
+    if config.source == SOURCE_TEACHER and config.with_ce:
+        heaviest = top_t  # exp(gamma (t - m_t) / T2) is largest where t is (gamma >= 0)
+    else:
+        top, heaviest = row_max(v)
     if config.source != SOURCE_TEACHER:
         columns[STAT_L] = _factor_exponent(top)
         v.mul_(torch.exp2(-finite_ref(columns[STAT_L]))[:, None])
@@ -263,9 +266,10 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
     # d = t - s as the exact pair hi + lo, its deviations from the heaviest class's exact d (the
     # pivot ph + pl: exact differences near it, under per-row offsets), then from their weighted
     # mean dm (excluded classes: 0, weighing nothing): accurate when one weight dominates
-    hi, lo = _exact_difference(t, s, excluded, scratch)
-    ph, pl = hi.gather(1, heaviest), lo.gather(1, heaviest)
-    dev = hi.sub_(ph).add_(lo.sub_(pl))
+    hi, lo = _exact_difference(t, s, scratch)
+    ph, pl = (torch.where(torch.isfinite(x), x, 0.0)  # an excluded pivot (a row without
+              for x in (hi.gather(1, heaviest), lo.gather(1, heaviest)))  # weight): 0
+    dev = hi.sub_(ph).add_(lo.sub_(pl)).masked_fill_(excluded, 0.0)
     residual = _dot(v, dev, scratch) / torch.where(weight != 0, weight, 1.0)
     dev.sub_(residual[:, None])
     columns[STAT_PH], columns[STAT_PL], columns[STAT_DM] = ph[:, 0], pl[:, 0], residual
@@ -509,7 +513,7 @@ def gradient_directions_torch(student, teacher, factor, labels, stats, config, s
                                scratch)
         if config.source != SOURCE_TEACHER:
             v.mul_(torch.exp2(-finite_ref(stats[:, STAT_L]))[:, None])
-        hi, lo = _exact_difference(t, s, excluded, scratch)
+        hi, lo = _exact_difference(t, s, scratch)
         dev = hi.sub_(stats[:, STAT_PH, None]).add_(lo.sub_(stats[:, STAT_PL, None])).sub_(
             stats[:, STAT_DM, None])
         weighted_deviation = v.mul_(dev.masked_fill_(excluded, 0.0))
