@@ -222,3 +222,16 @@ def row_offsets(batch, offset):
     pattern = torch.tensor([1.0, -1.0, 2.0, -0.5, 0.25, -3.0, 1.5, -2.0])
     assert batch <= len(pattern)
     return offset * pattern[:batch, None]
+
+
+def offset_rows(student, teacher, offset, side):
+    """Per-row offsets (signs and sizes vary by row) added to s, to t, to both (the same offset:
+    d carries none, the softmaxes do) or with opposite signs (d carries twice the offset)."""
+    shift = row_offsets(student.shape[0], offset)
+    if side in ("student", "both", "opposite"):
+        student = student + shift
+    if side in ("teacher", "both"):
+        teacher = teacher + shift
+    if side == "opposite":
+        teacher = teacher - shift
+    return student, teacher

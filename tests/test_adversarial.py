@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from tests.adversarial_cases import (NAMES, check_case, drop_columns, mask_positions,
-                                     masked_oracle, plain_float32, row_offsets, with_columns)
+                                     masked_oracle, offset_rows, plain_float32, row_offsets,
+                                     with_columns)
 from tests.conftest import PAPER_SETTINGS, make_inputs, oracle, relative_error
 
 SOURCES = ("teacher", "prior", "explicit")
@@ -236,19 +237,6 @@ def test_minus_inf_classes(side, position, options, source, backend, block_c, ge
 
 OFFSET_SIDES = ("student", "teacher", "both", "opposite")
 OFFSET_OPTIONS = {1e4: "default", 1e5: "imagenet_kd", 1e6: "cifar_adv-dkl"}
-
-
-def offset_rows(student, teacher, offset, side):
-    """Per-row offsets (signs and sizes vary by row) added to s, to t, to both (the same offset:
-    d carries none, the softmaxes do) or with opposite signs (d carries twice the offset)."""
-    shift = row_offsets(student.shape[0], offset)
-    if side in ("student", "both", "opposite"):
-        student = student + shift
-    if side in ("teacher", "both"):
-        teacher = teacher + shift
-    if side == "opposite":
-        teacher = teacher - shift
-    return student, teacher
 
 
 @pytest.mark.parametrize("backend, block_c", BACKEND_TILES)

@@ -13,10 +13,10 @@ from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.launches import value_checks_as_on_a_gpu
 from gkl_kernels.testing.traffic import TritonTrafficCounter
 from reference import jsd_loss_reference, jsd_rows_reference
+from tests.adversarial_cases import assert_within_rule, offset_rows, row_max_shifted
 from tests.conftest import BACKENDS, relative_error
 
 BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
-FLOAT32_FACTOR, FLOAT32_FLOOR = 4.0, 1e-5
 
 
 def loss_and_student_grad(fn, student, teacher, **options):
@@ -91,29 +91,19 @@ def test_the_teacher_is_a_constant_and_ends_are_the_two_kls(backend, generator):
 # ---- hostile inputs ----------------------------------------------------------------------------
 
 def plain_float32(student, teacher, beta, temperature, labels):
-    """The best honest float32 evaluations of the formula: as given, and on row-max-shifted
-    logits; ``(loss, grad)`` errors against the oracle, quantity by quantity."""
-    def evaluate(s, t):
-        return loss_and_student_grad(jsd_loss_reference, s, t, beta=beta,
-                                     temperature=temperature, labels=labels)
-
-    shift = torch.where(torch.isfinite(student), student, -math.inf).amax(1, keepdim=True)
-    shift_t = torch.where(torch.isfinite(teacher), teacher, -math.inf).amax(1, keepdim=True)
-    return [evaluate(student.float(), teacher.float()),
-            evaluate((student - shift.nan_to_num(0.0)).float(),
-                     (teacher - shift_t.nan_to_num(0.0)).float())]
+    """The honest float32 evaluations of the formula, as given and on row-max-shifted logits:
+    ``[(loss, grad), ...]``."""
+    return [loss_and_student_grad(jsd_loss_reference, s.float(), t.float(), beta=beta,
+                                  temperature=temperature, labels=labels)
+            for s, t in ((student, teacher), (row_max_shifted(student), row_max_shifted(teacher)))]
 
 
 def assert_within_the_rule(actual, student, teacher, *, beta, temperature, labels):
     """``(loss, grad)`` within ``max(4 x plain float32, 1e-5)`` of the float64 oracle, quantity
-    by quantity (relative to the largest entry)."""
-    expected = oracle(student, teacher, beta=beta, temperature=temperature, labels=labels)
-    baselines = plain_float32(student, teacher, beta, temperature, labels)
-    for index, name in enumerate(("loss", "grad")):
-        plain = min(relative_error(b[index], expected[index]) for b in baselines)
-        bound = max(FLOAT32_FACTOR * plain, FLOAT32_FLOOR)
-        error = relative_error(actual[index], expected[index])
-        assert error <= bound, f"{name}: {error:.3e} > {bound:.3e} (plain float32 {plain:.3e})"
+    by quantity (``adversarial_cases.assert_within_rule``)."""
+    options = dict(beta=beta, temperature=temperature, labels=labels)
+    assert_within_rule(actual, oracle(student, teacher, **options),
+                       plain_float32(student, teacher, **options), torch.float32)
 
 
 def hostile_case(name, generator, num_classes=33):
@@ -129,15 +119,8 @@ def hostile_case(name, generator, num_classes=33):
         s[2, 20:] = value
         t[2, 20:] = value
     elif name.startswith("offset"):
-        scale = float(name.split("-")[1])
-        side = name.split("-")[2]
-        offsets = scale * (1 + torch.rand(6, 1, generator=generator))
-        if side in ("student", "both", "opposite"):
-            s = s + offsets
-        if side in ("teacher", "both"):
-            t = t + offsets
-        if side == "opposite":
-            t = t - offsets
+        _, scale, side = name.split("-")
+        s, t = offset_rows(s, t, float(scale), side)
     elif name == "peaked":  # a teacher sure of one class
         t[:, 4] += 40.0
         s[:, 4] += 38.0
