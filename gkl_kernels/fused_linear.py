@@ -371,26 +371,31 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
 
     if need_ds or need_dt:
         totals = _rank_one_totals(teacher, labels, row_inputs, plan)
-        one = torch.ones((), dtype=torch.float32, device=student[0].device)
-        empty = one.new_empty(0)  # the Triton backward recomputes the directions
 
     def chunk_rows(chunk, s, t):
         inputs = row_inputs(chunk, s, t)
         if not (need_ds or need_dt):
             return statistics(inputs, config)[0], ()
-        if config.use_triton or config.source == SOURCE_JSD:
-            stats = statistics(inputs, config)[0]
-            ds, dt = gradients(one, RowState(inputs, stats, totals, empty, empty), config,
-                               need_ds, need_dt)
-        else:  # the plain-PyTorch path forms each row block's gradient while it is in cache;
-            # the student's gradient overwrites its logits
-            stats, ds, dt = row_stats_and_gradients_torch(*inputs, totals, config, need_ds,
-                                                          need_dt, s)
+        stats, ds, dt = rows_with_gradients(inputs, totals, config, need_ds, need_dt, out=s)
         return stats, (ds if need_ds else None, dt if need_dt else None)
 
     stats = chunk_loop((student, teacher), (grads[:3], grads[3:]), rows, plan.chunk_size,
                        chunk_rows, reuse_blocks=True)
     return finish(torch.cat(stats), config)[0], grads
+
+
+def rows_with_gradients(inputs, totals, config, need_ds, need_dt, out=None):
+    """``(stats, ds, dt)`` of rows (``RowInputs``) given the batch totals their gradients need,
+    for an incoming gradient of 1, no autograd: the row ops' statistics, then their gradients;
+    on the plain-PyTorch path for GKL both in one pass over each row block while it is in cache,
+    the student's gradient written into ``out`` (``(B, C)``, maybe the student's logits
+    themselves: each block is written once it is read)."""
+    if config.use_triton or config.source == SOURCE_JSD:
+        stats = statistics(inputs, config)[0]
+        one = stats.new_ones(())
+        state = RowState(inputs, stats, totals, one.new_empty(0), one.new_empty(0))
+        return (stats, *gradients(one, state, config, need_ds, need_dt))
+    return row_stats_and_gradients_torch(*inputs, totals, config, need_ds, need_dt, out)
 
 
 def _rank_one_totals(teacher, labels, row_inputs, plan):

@@ -26,14 +26,14 @@ from dataclasses import replace
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.core.config import SOURCE_TEACHER
+from gkl_kernels.core.config import NUM_TOTALS, SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS
 from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_size,
-                                      gradient_buffer, options_from, with_autograd)
-from gkl_kernels.rows import PER_ROW, RowLoss
+                                      gradient_buffer, options_from, rows_with_gradients)
+from gkl_kernels.rank1.torch_impl import row_losses_torch
+from gkl_kernels.row_ops import RowInputs, statistics
 from gkl_kernels.sparse_teacher import kept_row_count
 from gkl_kernels.validation import Divergence
 
@@ -160,16 +160,21 @@ class FusedLinearDistillationLoss(nn.Module):
             if self.divergence == "jsd" else \
             self.options.row_config(SOURCE_TEACHER, labels is not None, use_triton)
         student = (student_hidden, student_weight, student_bias)
-        chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type)
-
-        def chunk_terms(chunk, s, t):
-            return self._chunk_terms(s, t, None if labels is None else labels[chunk], normaliser,
-                                     config)
+        reused = student_hidden.dtype == teacher_hidden.dtype == torch.float32  # chunk_loop
+        chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type, reused)
+        per_row = normaliser.new_zeros(NUM_TOTALS)  # the soft rows' sum: d row_b / d logits
+        per_row[TOTAL_DEN] = per_row[TOTAL_ROWS] = 1.0
 
         def loss_and_gradients(wanted):
             grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
-            totals = sum(chunk_loop((student, teacher), (grads,), rows, chunk_size,
-                                    with_autograd(chunk_terms, any(g is not None for g in grads))))
+            need_ds = any(g is not None for g in grads)
+
+            def chunk_terms(chunk, s, t):
+                return self._chunk_terms(s, t, None if labels is None else labels[chunk],
+                                         normaliser, config, per_row, need_ds)
+
+            totals = sum(chunk_loop((student, teacher), (grads,), rows, chunk_size, chunk_terms,
+                                    reuse_blocks=True))
             return tuple(total.clone() for total in totals), grads
 
         loss, soft, hard = ChunkedLoss.apply(loss_and_gradients, *student)
@@ -199,18 +204,33 @@ class FusedLinearDistillationLoss(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    def _chunk_terms(self, s, t, labels, normaliser, config):
-        """``[loss, soft, hard]`` of one chunk of tokens (each sum divided by the normaliser),
-        the soft term's per-token rows from the row loss under ``config`` (checked inputs)."""
+    def _chunk_terms(self, s, t, labels, normaliser, config, per_row, need_ds):
+        """``([loss, soft, hard], (ds,))`` of one chunk of tokens (each sum divided by the
+        normaliser) and, when ``need_ds``, the loss's gradient with respect to the student's raw
+        logits ``s`` (written into ``s``'s memory), no autograd: the soft rows and their
+        gradient from the row ops under ``config`` (``per_row`` totals), the hard
+        cross-entropy's by hand, then the chain rule of the logit transforms."""
         student, teacher = self._transform(s), self._transform(t)
-        soft = RowLoss.apply(student, teacher, None, labels, config, PER_ROW).sum()
-        hard = soft * 0.0
-        if labels is not None:
-            hard = F.cross_entropy(student, labels, ignore_index=self.options.ignore_index,
-                                   reduction="sum")
+        hard, hard_grad = _cross_entropy_sum(student, labels, self.options.ignore_index,
+                                             need_ds and self.weight_hard_loss != 0)
+        inputs = RowInputs(student, teacher, None, labels)
+        if need_ds:  # the raw logits are not read again: the gradient goes there
+            stats, ds, _ = rows_with_gradients(inputs, per_row, config, True, False, out=s)
+        else:
+            stats, ds = statistics(inputs, config)[0], None
+        soft = row_losses_torch(stats, config).sum()
+        if ds is not None:
+            ds.mul_(self.weight_soft_loss / normaliser)
+            if hard_grad is not None:
+                ds.add_(hard_grad.mul_(self.weight_hard_loss / normaliser))
+            if self.final_logit_softcapping is not None:  # d cap tanh(z / cap) = 1 - tanh^2
+                ds.mul_(1.0 - (student / self.final_logit_softcapping).square_())
+            if self.logit_scale is not None:
+                ds.mul_(self.logit_scale)
         soft, hard = soft / normaliser, hard / normaliser
-        return torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard, soft,
-                            hard])
+        terms = torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard, soft,
+                             hard])
+        return terms, (ds,)
 
     def extra_repr(self) -> str:
         divergence = f"divergence={self.divergence!r}" + (
@@ -221,6 +241,23 @@ class FusedLinearDistillationLoss(nn.Module):
                 f"return_components={self.return_components}, chunk_size={self.chunk_size}, "
                 f"temperature={self.options.temperature}, "
                 f"ignore_index={self.options.ignore_index}")
+
+
+def _cross_entropy_sum(logits, labels, ignore_index, need_grad):
+    """``(sum of CE_b, its gradient or None)`` over the rows not labelled ``ignore_index``
+    (``F.cross_entropy(..., reduction="sum")``): ``CE_b = logsumexp(z_b) - z_b[label_b]``, the
+    gradient ``softmax(z_b) - onehot(label_b)`` on those rows, 0 on the others (not read)."""
+    if labels is None:
+        return logits.new_zeros(()), None
+    kept = labels != ignore_index
+    picked = torch.where(kept, labels, 0)[:, None]
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)
+    rows = torch.where(kept, (lse - logits.gather(1, picked))[:, 0], 0.0)
+    if not need_grad:
+        return rows.sum(), None
+    grad = torch.sub(logits, lse).exp_().scatter_add_(
+        1, picked, logits.new_full(picked.shape, -1.0))
+    return rows.sum(), grad.masked_fill_(~kept[:, None], 0.0)
 
 
 def _rows(hidden):

@@ -252,13 +252,18 @@ def test_the_trainer_loss_switches_to_jsd_with_one_argument(backend, generator):
     labels[3] = -100
     criterion = gkl_kernels.FusedLinearDistillationLoss(
         divergence="jsd", beta=0.3, temperature=2.0, weight_hard_loss=0.25,
-        weight_soft_loss=0.75, return_components=True, backend=backend, chunk_size=5)
+        weight_soft_loss=0.75, return_components=True, backend=backend, chunk_size=5,
+        logit_scale=1.5, final_logit_softcapping=4.0)
     hidden = h.clone().requires_grad_()
     loss, soft, hard = criterion(hidden, w, ht, wt, labels, b, bt)
-    logits = torch.nn.functional.linear(hidden.double(), w.double(), b.double())
+
+    def transformed(z):
+        return 4.0 * torch.tanh(1.5 * z / 4.0)
+
+    logits = transformed(torch.nn.functional.linear(hidden.double(), w.double(), b.double()))
     kept = (labels != -100).sum()
-    rows = jsd_rows_reference(logits, torch.nn.functional.linear(ht, wt, bt).double(), beta=0.3,
-                              temperature=2.0)
+    rows = jsd_rows_reference(logits, transformed(torch.nn.functional.linear(ht, wt, bt).double()),
+                              beta=0.3, temperature=2.0)
     expected_soft = torch.where(labels != -100, rows, 0.0).sum() / kept
     expected_hard = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / kept
     expected = 0.75 * expected_soft + 0.25 * expected_hard

@@ -47,15 +47,16 @@ def unfused(student, teacher, labels, *, hard, soft_weight, temperature, scale, 
     return soft_weight * soft + hard * hard_term, soft, hard_term
 
 
+@pytest.mark.parametrize("backend", ("torch", "triton"))
 @pytest.mark.parametrize("scale, cap", [(None, None), (0.5, None), (None, 2.0), (1.7, 3.0)])
 @pytest.mark.parametrize("chunk_size", [1, 5, None])
-def test_matches_the_unfused_loss(scale, cap, chunk_size, generator):
+def test_matches_the_unfused_loss(scale, cap, chunk_size, backend, generator):
     tensors = heads(generator, teacher_vocabulary=VOCABULARY + 3)
     labels = labels_for(generator)
     criterion = FusedLinearDistillationLoss(
         weight_hard_loss=0.3, weight_soft_loss=0.9, temperature=2.0, logit_scale=scale,
         final_logit_softcapping=cap, return_components=True, chunk_size=chunk_size,
-        backend="torch", **SOFT_OPTIONS)
+        backend=backend, **SOFT_OPTIONS)
     ours = [x.clone().requires_grad_() for x in tensors[:3]]
     loss, soft, hard = criterion(ours[0], ours[1], tensors[3], tensors[4], labels, ours[2],
                                  tensors[5])
