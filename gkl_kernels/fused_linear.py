@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from gkl_kernels import validation as check
 from gkl_kernels.core.config import (NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_JSD, SOURCE_PRIOR,
                                      SOURCE_TEACHER, TOTAL_DEN, TOTAL_K, TOTAL_ROWS, RowConfig)
+from gkl_kernels.jsd.torch_impl import jsd_row_stats_torch
 from gkl_kernels.options import GKLOptions
 from gkl_kernels.rank1.torch_impl import row_stats_and_gradients_torch
 from gkl_kernels.row_ops import RowInputs, RowState, finish, gradients, statistics
@@ -389,8 +390,11 @@ def rows_with_gradients(inputs, totals, config, need_ds, need_dt, out=None):
     for an incoming gradient of 1, no autograd: the row ops' statistics, then their gradients;
     on the plain-PyTorch path for GKL both in one pass over each row block while it is in cache,
     the student's gradient written into ``out`` (``(B, C)``, maybe the student's logits
-    themselves: each block is written once it is read)."""
-    if config.use_triton or config.source == SOURCE_JSD:
+    themselves: each block is written once it is read); for the JSD in one pass too."""
+    if config.source == SOURCE_JSD and not config.use_triton:
+        return jsd_row_stats_torch(inputs.student, inputs.teacher, inputs.labels, config, totals,
+                                   need_ds)
+    if config.use_triton:
         stats = statistics(inputs, config)[0]
         one = stats.new_ones(())
         state = RowState(inputs, stats, totals, one.new_empty(0), one.new_empty(0))

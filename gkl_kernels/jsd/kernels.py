@@ -44,20 +44,12 @@ def _log_probabilities(x, m, rest, inv_t):
 
 
 @triton.jit
-def _log_mix(x, a):
-    """``log((1 - a) + a e^x)`` without cancellation near ``x = 0`` (``log1p`` of ``expm1``, of
-    a non-positive argument on each side); ``log(1 - a)`` at ``x = -inf``."""
-    low = log1p(a * expm1(tl.minimum(x, 0.0)))
-    high = x + log1p((1.0 - a) * expm1(-tl.maximum(x, 0.0)))
-    return tl.where(x <= 0.0, low, high)
-
-
-@triton.jit
 def _log_ratios(log_p, log_q, beta, FORM: tl.constexpr):
     """``(log(P / M), log(Q / M))`` on a tile from ``delta = log Q - log P``: forward KL (FORM 0,
-    ``M = Q``) ``(-delta, 0)``, reverse KL (1, ``M = P``) ``(0, delta)``, the mixture (2)
-    ``(-log(beta + (1 - beta) e^delta), -log((1 - beta) + beta e^-delta))``, exact where ``P``
-    and ``Q`` nearly agree (a peaked row's top class)."""
+    ``M = Q``) ``(-delta, 0)``, reverse KL (1, ``M = P``) ``(0, delta)``, the mixture (2): the
+    smaller of the two directly, ``-log1p(a expm1(-|delta|))`` (``a = beta`` where ``Q >= P``,
+    else ``1 - beta``), the other from it and ``delta``, so that neither cancels (a peaked row's
+    top class, where ``P`` and ``Q`` nearly agree)."""
     delta = log_q - log_p
     log_pm = -delta
     log_qm = delta
@@ -66,8 +58,11 @@ def _log_ratios(log_p, log_q, beta, FORM: tl.constexpr):
     if FORM == 1:
         log_pm = delta * 0.0
     if FORM == 2:
-        log_pm = -_log_mix(delta, 1.0 - beta)
-        log_qm = -_log_mix(-delta, beta)
+        q_larger = delta >= 0.0
+        share = tl.where(q_larger, beta, 1.0 - beta)
+        small = -log1p(share * expm1(-tl.abs(delta)))
+        log_pm = tl.where(q_larger, small - delta, small)
+        log_qm = tl.where(q_larger, small, small + delta)
     return log_pm, log_qm
 
 
