@@ -9,12 +9,12 @@ at once: ``dh = g W``, ``dW += g^T h`` (a float32 accumulator), ``db += sum_rows
 gradients are computed during the forward pass and scaled by the incoming gradient in backward
 (the loss is a scalar), so the peak extra memory is ``O(c V)`` plus the gradients themselves.
 
-Every fused loss (``fused_linear_gkl``, ``fused_linear_gkl_sparse``, the trainer's
-``FusedLinearDistillationLoss``) runs the one chunk loop ``chunk_loop``: it forms each chunk's
-logits and folds the gradient its per-chunk function returns back into the heads; that function
-forms the gradient from the row ops (``fused_linear_gkl``) or by autograd (the others). One
-autograd function, ``ChunkedLoss``, carries the gradients of all of them to the caller. Their
-inputs are checked once, at the entry.
+Every fused loss (``fused_linear_gkl``, ``fused_linear_jsd``, ``fused_linear_gkl_sparse``, the
+trainer's ``FusedLinearDistillationLoss``) runs the one chunk loop ``chunk_loop``: it forms each
+chunk's logits and folds the gradient its per-chunk function returns back into the heads; that
+function forms the gradient from the row ops (``rows_with_gradients``; the sparse teacher's
+compact rows by autograd). One autograd function, ``ChunkedLoss``, carries the gradients of all
+of them to the caller. Their inputs are checked once, at the entry.
 
 The loss's coefficients ``mse_weight / (4 N)`` and ``ce_weight / R`` must be known before any
 chunk's gradient is formed (``batch_totals``, the one normaliser). ``R`` (the kept rows) comes

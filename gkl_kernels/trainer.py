@@ -1,6 +1,6 @@
 """``FusedLinearDistillationLoss``: language-model distillation from hidden states, in the
-interface the LLM trainers call (the order of Liger-Kernel's fused linear distillation losses,
-as TRL's GKD trainer uses them):
+interface of Liger-Kernel's fused linear distillation losses (which TRL's GKD trainer and the
+trainers that followed it call), and ``FusedLinearJSDLoss``, Liger's JSD loss as a drop-in:
 ``loss(student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
 teacher_bias)``.
 
@@ -19,7 +19,9 @@ local count of those tokens. With teacher weights at ``gamma = 1`` each token's 
 so the soft term is ``gkl_loss``'s mean loss, rescaled by the normaliser. A teacher vocabulary
 larger than the student's (padding tokens beyond it) is cut to the student's: the teacher's
 softmax is taken over the shared vocabulary. Chunk by chunk of tokens, as ``fused_linear_gkl``:
-the ``(N, V)`` logits never exist; the teacher is a constant.
+the ``(N, V)`` logits never exist, each chunk's gradient is formed without autograd (the soft
+rows' from the row ops, the hard cross-entropy's ``softmax - onehot``, then the transforms'
+chain rule); the teacher is a constant.
 """
 
 from dataclasses import replace

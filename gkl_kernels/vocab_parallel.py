@@ -43,7 +43,7 @@ def vocab_parallel_gkl_loss(student_shard: Tensor, teacher_shard: Tensor, *,
 
     Every process must pass the same options. Communication: one all-gather of the ``(N, 16)``
     float32 row statistics of every shard (mergeable softmax normalisers and weighted moments,
-    ``rank1.config``); backward communicates nothing and recomputes the gradient from the inputs
+    ``core.config``); backward communicates nothing and recomputes the gradient from the inputs
     and the merged statistics (no ``(N, V_p)`` float32 tensor is kept between the passes).
 
     Args:
