@@ -2,9 +2,10 @@
 (``ROW_OPS``), and the ``torch.library`` custom ops that wrap the same bodies under
 ``torch.compile`` (``opcheck`` and ``fullgraph=True`` included).
 
-- ``statistics(inputs, config)``: the per-row statistics ``(B, NUM_STATS)`` (``core/config.py``) and,
-  on the plain-PyTorch path when asked, the two ``(B, C)`` gradient directions ``softmax(s/T) -
-  softmax(t/T)`` and ``v' (d - mu)`` (empty otherwise: the backward recomputes them);
+- ``statistics(inputs, config)``: the per-row statistics ``(B, NUM_STATS)``
+  (``core/config.py``) and, on the plain-PyTorch path when asked, the two ``(B, C)`` gradient
+  directions ``softmax(s/T) - softmax(t/T)`` and ``v' (d - mu)`` (empty otherwise: the
+  backward recomputes them);
 - ``finish(stats, config)``: the 0-dim loss and the batch totals ``(NUM_TOTALS,)``;
 - ``loss_and_statistics``: both, in one call where the backend fuses them (pair weights under
   Triton: the pair kernel's column parts, finished by the core's finishing kernel);

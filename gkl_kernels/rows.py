@@ -43,12 +43,19 @@ class _PerRow(RowReduce):
 
     def outputs(self, inputs, config, keep_directions):
         stats, *directions = statistics(inputs, config, keep_directions)
-        totals = stats.new_zeros(NUM_TOTALS)
-        totals[TOTAL_DEN] = totals[TOTAL_ROWS] = 1.0  # d row_b / d logits: N = R = 1
-        return row_losses_torch(stats, config), RowState(inputs, stats, totals, *directions)
+        return row_losses_torch(stats, config), RowState(inputs, stats, per_row_totals(stats),
+                                                         *directions)
 
 
 MEAN, PER_ROW = _Mean(), _PerRow()
+
+
+def per_row_totals(like):
+    """The batch totals ``(NUM_TOTALS,)`` (``like``'s dtype and device) under which the row ops'
+    gradient is that of the sum of the per-row losses: ``N = R = 1``."""
+    totals = like.new_zeros(NUM_TOTALS)
+    totals[TOTAL_DEN] = totals[TOTAL_ROWS] = 1.0
+    return totals
 
 
 def safe_ratio(numerator, denominator):

@@ -12,8 +12,9 @@ optional, gradients through both),
     loss   = (weight_hard_loss sum_b hard_b + weight_soft_loss sum_b soft_b) / normaliser
 
 where ``soft_b`` is ``gkl_loss``'s per-row loss (``reduction="none"``, teacher weights by
-default), or with ``divergence="jsd"`` the row's generalized JSD (``jsd_loss``), the sums run over the tokens whose label is not ``ignore_index``, and the normaliser
-is ``num_items_in_batch`` when given (a tensor or a number: the global token count of a
+default), or with ``divergence="jsd"`` the row's generalized JSD (``jsd_loss``), the sums run
+over the tokens whose label is not ``ignore_index``, and the normaliser is
+``num_items_in_batch`` when given (a tensor or a number: the global token count of a
 gradient-accumulation step or of all data-parallel processes; no host synchronisation) or the
 local count of those tokens. With teacher weights at ``gamma = 1`` each token's weights sum to 1,
 so the soft term is ``gkl_loss``'s mean loss, rescaled by the normaliser. A teacher vocabulary
@@ -31,11 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
-from gkl_kernels.core.config import NUM_TOTALS, SOURCE_TEACHER, TOTAL_DEN, TOTAL_ROWS
+from gkl_kernels.core.config import SOURCE_TEACHER
 from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_size,
                                       gradient_buffer, options_from, rows_with_gradients)
 from gkl_kernels.rank1.torch_impl import row_losses_torch
 from gkl_kernels.row_ops import RowInputs, statistics
+from gkl_kernels.rows import per_row_totals
 from gkl_kernels.sparse_teacher import kept_row_count
 from gkl_kernels.validation import Divergence
 
@@ -164,8 +166,7 @@ class FusedLinearDistillationLoss(nn.Module):
         student = (student_hidden, student_weight, student_bias)
         reused = student_hidden.dtype == teacher_hidden.dtype == torch.float32  # chunk_loop
         chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type, reused)
-        per_row = normaliser.new_zeros(NUM_TOTALS)  # the soft rows' sum: d row_b / d logits
-        per_row[TOTAL_DEN] = per_row[TOTAL_ROWS] = 1.0
+        per_row = per_row_totals(normaliser)  # the soft rows' sum
 
         def loss_and_gradients(wanted):
             grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]

@@ -254,8 +254,8 @@ def _finished_rows(stats_ptr, parts_ptr, num_parts, r0, B, gamma, inv_t, SOURCE:
     rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
     mask = rows < B
     if FROM_PARTS:
-        ms, zs, mt, zt, a, weight, m2, kept, err = _merged_column_parts(parts_ptr, num_parts, B, rows,
-                                                                 mask, inv_t, BLOCK_R, ACC)
+        ms, zs, mt, zt, a, weight, m2, kept, err = _merged_column_parts(
+            parts_ptr, num_parts, B, rows, mask, inv_t, BLOCK_R, ACC)
         z_w = weight * 0.0
         scale = z_w + NEG_INF
         if STORE:

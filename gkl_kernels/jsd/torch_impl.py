@@ -10,8 +10,8 @@ from gkl_kernels.core.config import (JSD_FORWARD_KL, JSD_REVERSE_KL, NUM_STATS, 
                                      STAT_ERROR, STAT_KEPT, STAT_KL_P, STAT_KL_Q, STAT_KL_Q_TOP,
                                      STAT_MS, STAT_MT, STAT_ZS, STAT_ZT, TOTAL_ROWS,
                                      compute_dtype)
-from gkl_kernels.rank1.torch_impl import (INF, difference_at, finite_ref, lowered_rest, row_blocks,
-                                          row_max)
+from gkl_kernels.rank1.torch_impl import (INF, difference_at, finite_ref, kept_logits,
+                                          lowered_rest, row_blocks, row_max, scratch_and_blocks)
 
 
 def jsd_weights(config):
@@ -24,21 +24,6 @@ def jsd_weights(config):
     if form == JSD_REVERSE_KL:
         return 0.0, 1.0
     return config.beta, 1.0 - config.beta
-
-
-def _read_rows(student, teacher, labels, block, config, dtype):
-    """``(s, t, kept, bad)`` of the rows ``block``: the logits in ``dtype``, ``-inf`` on rows not
-    read (ignored, or with a label outside ``[0, C)``), and those rows' flags (R,)."""
-    s, t = student[block].to(dtype), teacher[block].to(dtype)
-    rows = s.shape[0]
-    if labels is None:
-        kept = torch.ones(rows, dtype=torch.bool, device=s.device)
-        return s, t, kept, torch.zeros_like(kept)
-    label = labels[block]
-    kept = label != config.ignore_index
-    bad = kept & ((label < 0) | (label >= (config.num_labels or s.shape[1])))
-    live = (kept & ~bad)[:, None]
-    return s.masked_fill(~live, -INF), t.masked_fill(~live, -INF), kept, bad
 
 
 def _log_softmax(x, inv_t):
@@ -128,14 +113,18 @@ def jsd_row_stats_torch(student, teacher, labels, config, totals=None, need_ds=F
     dtype = compute_dtype(student, teacher)
     stats = student.new_zeros(student.shape[0], NUM_STATS, dtype=dtype)
     ds, dt = empty_gradients(student, teacher, need_ds, False)
-    for block in row_blocks(*student.shape):
-        s, t, kept, bad = _read_rows(student, teacher, labels, block, config, dtype)
+    scratch, blocks = scratch_and_blocks(student, dtype)
+    for block in blocks:
+        s, t, kept, bad = kept_logits(student[block], teacher[block],
+                                      None if labels is None else labels[block], config, scratch)
         out = stats[block]
-        coef = _coefficients(stats.new_ones(()), totals, kept & ~bad, config) if need_ds \
-            else None
+        out[:, STAT_KEPT] = 1.0 if kept is None else kept.to(dtype)
+        out[:, STAT_ERROR] = 0.0 if bad is None else bad.to(dtype)
+        coef = None
+        if need_ds:
+            live = (out[:, STAT_KEPT] > 0) & (out[:, STAT_ERROR] == 0)  # read, label in range
+            coef = _coefficients(stats.new_ones(()), totals, live, config)
         _block(s, t, config, out, coef, ds[block] if need_ds else None)
-        out[:, STAT_KEPT] = kept.to(dtype)
-        out[:, STAT_ERROR] = bad.to(dtype)
     return (stats, ds, dt) if totals is not None else stats
 
 

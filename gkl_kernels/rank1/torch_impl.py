@@ -114,7 +114,7 @@ class Scratch:
         return self._get(name, rows, torch.bool)
 
 
-def _scratch_and_blocks(student, dtype):
+def scratch_and_blocks(student, dtype):
     """``(Scratch, row blocks)`` of one call over the rows of ``student``."""
     blocks = row_blocks(*student.shape)
     rows = blocks[0].stop - blocks[0].start if blocks else 0
@@ -141,7 +141,7 @@ def given_factor(factor, labels, config, out):
     return out if config.gamma == 1.0 else out.log_().mul_(config.gamma).exp_()
 
 
-def _kept_logits(student, teacher, labels, config, scratch):
+def kept_logits(student, teacher, labels, config, scratch):
     """s, t in ``compute_dtype``, ``-inf`` on rows not read (ignored, or with a bad label); the
     kept mask and the bad-label mask (R,), None without labels."""
     rows = student.shape[0]
@@ -211,7 +211,7 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
     """Write the statistics of a block of rows into ``stats`` (R, NUM_STATS) and, where given
     (else None), ``q - p`` into ``softmax_difference`` and ``v' (d - mu)`` into
     ``weighted_deviation`` (R, C)."""
-    s, t, kept, bad = _kept_logits(student, teacher, labels, config, scratch)
+    s, t, kept, bad = kept_logits(student, teacher, labels, config, scratch)
     rows = s.shape[0]
     zeros = s.new_zeros(rows)
     columns = [zeros] * NUM_STATS
@@ -292,7 +292,7 @@ def row_stats_torch(student, teacher, factor, labels, config, keep_directions):
     softmax_difference = _direction(student, dtype, keep_directions and config.with_ce)
     weighted_deviation = _direction(student, dtype,
                                     keep_directions and config.source < SOURCE_NONE)
-    scratch, blocks = _scratch_and_blocks(student, dtype)
+    scratch, blocks = scratch_and_blocks(student, dtype)
     for block in blocks:
         _block_stats(*_block_inputs(block, student, teacher, factor, labels, config), config,
                      scratch, stats[block], _rows_of(softmax_difference, block),
@@ -444,7 +444,7 @@ def loss_gradients_torch(grad_loss, student, teacher, factor, labels, stats, tot
                  ds if need_ds else None, dt if need_dt else None)
         return ds, dt
     ds, dt = (_direction(student, stats.dtype, wanted) for wanted in (need_ds, need_dt))
-    scratch, blocks = _scratch_and_blocks(student, stats.dtype)
+    scratch, blocks = scratch_and_blocks(student, stats.dtype)
     for block in blocks:
         if kept:
             directions = (_rows_of(softmax_difference, block), _rows_of(weighted_deviation, block))
@@ -470,7 +470,7 @@ def row_stats_and_gradients_torch(student, teacher, factor, labels, totals, conf
     dt = _direction(student, dtype, need_dt)
     scales = coefficient_scales(stats.new_ones(()), totals, config)
     wants_deviation = config.with_wmse and (need_dt or (need_ds and config.symmetric))
-    scratch, blocks = _scratch_and_blocks(student, dtype)
+    scratch, blocks = scratch_and_blocks(student, dtype)
     for block in blocks:
         rows = block.stop - block.start
         ds_rows = ds[block] if need_ds else None  # written by _combine, after the block's reads
@@ -491,7 +491,7 @@ def row_stats_and_gradients_torch(student, teacher, factor, labels, totals, conf
 def gradient_directions_torch(student, teacher, factor, labels, stats, config, scratch):
     """``(q - p, v' (d - mu))`` (R, C) of a block of rows, in ``scratch``, from the logits and
     merged statistics (None for a term the loss does not have); ignored rows give zeros."""
-    s, t, kept, bad = _kept_logits(student, teacher, labels, config, scratch)
+    s, t, kept, bad = kept_logits(student, teacher, labels, config, scratch)
     rows = s.shape[0]
     softmax_difference = weighted_deviation = None
     ms, mt = stats[:, STAT_MS], stats[:, STAT_MT]
@@ -529,8 +529,8 @@ def merge_row_stats(a, b, config):
     mt = torch.maximum(a[:, STAT_MT], b[:, STAT_MT])
     rt_a, rt_b = _rescale(a[:, STAT_MT], mt, inv_t), _rescale(b[:, STAT_MT], mt, inv_t)
     shifted = [torch.where(x[:, STAT_ZT] != -1.0,
-                           (x[:, STAT_ZT] + 1.0) * (finite_ref(ms) - finite_ref(x[:, STAT_MS])), 0.0)
-               for x in (a, b)]
+                           (x[:, STAT_ZT] + 1.0) * (finite_ref(ms) - finite_ref(x[:, STAT_MS])),
+                           0.0) for x in (a, b)]
     out[:, STAT_A] = torch.where(rt_a != 0, rt_a * (a[:, STAT_A] + shifted[0]), 0.0) + \
         torch.where(rt_b != 0, rt_b * (b[:, STAT_A] + shifted[1]), 0.0)
     out[:, STAT_ZS] = _merged_rest(a[:, STAT_ZS], _rescale(a[:, STAT_MS], ms, inv_t),
