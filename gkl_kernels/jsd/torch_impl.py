@@ -10,8 +10,7 @@ from gkl_kernels.core.config import (JSD_FORWARD_KL, JSD_REVERSE_KL, NUM_STATS, 
                                      STAT_ERROR, STAT_KEPT, STAT_KL_P, STAT_KL_Q, STAT_KL_Q_TOP,
                                      STAT_MS, STAT_MT, STAT_ZS, STAT_ZT, TOTAL_ROWS,
                                      compute_dtype)
-from gkl_kernels.rank1.torch_impl import (INF, difference_at, finite_ref, kept_logits,
-                                          lowered_rest, row_blocks, row_max, scratch_and_blocks)
+from gkl_kernels.rank1.torch_impl import INF, finite_ref, kept_logits, scratch_and_blocks
 
 
 def jsd_weights(config):
@@ -26,76 +25,102 @@ def jsd_weights(config):
     return config.beta, 1.0 - config.beta
 
 
-def _log_softmax(x, inv_t):
+def _log_softmax(x, inv_t, scratch, name):
     """``(m, rest, log softmax(x / T), top)``: the row maxima (R,), the normaliser rests ``z - 1``
-    (R,; -1 for a row of ``-inf``), the log-probabilities (R, C), ``-inf`` where ``x`` is, and
-    the first maximal column of each row (R, 1)."""
-    m, top = row_max(x)
-    z = (x - finite_ref(m)[:, None]) * inv_t
-    rest = lowered_rest(z.exp(), top)
+    (R,; -1 for a row of ``-inf``), the log-probabilities (R, C; ``-inf`` where ``x`` is) and the
+    float mask of the maximal columns (R, C), the last two in ``scratch``. The rest sums ``e -
+    top``, 0 at the maximal columns (``e = 1`` there), so that ``1 + x`` is never rounded."""
+    rows = x.shape[0]
+    m = x.amax(dim=1)
+    top = torch.eq(x, m[:, None], out=scratch.floats(name + " top", rows))
+    z = torch.sub(x, finite_ref(m)[:, None], out=scratch.floats(name, rows))
+    if inv_t != 1.0:
+        z.mul_(inv_t)
+    e = torch.exp(z, out=scratch.floats("e", rows)).sub_(top)
+    rest = e.sum(dim=1) + (top.sum(dim=1) - 1.0)
     return m, rest, z.sub_(rest.clamp_min(0.0).log1p()[:, None]), top
 
 
-def _log_ratios(log_p, log_q, config):
+def _log_ratios(log_p, log_q, config, scratch):
     """``(log(P / M), log(Q / M))`` (R, C) from ``delta = log Q - log P``, as the kernels'
-    ``_log_ratios`` (None for the side a KL end does not use)."""
-    delta = log_q - log_p
+    ``_log_ratios`` (None for the side a KL end does not use), in ``scratch``."""
+    rows = log_p.shape[0]
+    delta = torch.sub(log_q, log_p, out=scratch.floats("delta", rows))
     form = config.jsd_form
     if form == JSD_FORWARD_KL:
-        return -delta, None
+        return delta.neg_(), None
     if form == JSD_REVERSE_KL:
         return None, delta
     # the smaller of the two directly, -log(1 + a expm1(-|delta|)) (a = beta where Q >= P, else
     # 1 - beta), the other from it and delta: neither cancels
-    q_larger = delta >= 0
-    share = torch.where(q_larger, config.beta, 1.0 - config.beta)
-    small = torch.log1p(share * torch.expm1(-delta.abs())).neg_()
-    return torch.where(q_larger, small - delta, small), torch.where(q_larger, small, small + delta)
+    beta = config.beta
+    share = torch.ge(delta, 0.0, out=scratch.floats("share", rows)).mul_(2.0 * beta - 1.0).add_(
+        1.0 - beta)
+    small = torch.abs(delta, out=scratch.floats("log_pm", rows)).neg_().expm1_().mul_(
+        share).log1p_().neg_()
+    positive = torch.clamp_min(delta, 0.0, out=share)
+    log_qm = delta.clamp_max_(0.0).add_(small)
+    return small.sub_(positive), log_qm
 
 
-def _kl_terms(x, log_ratio):
-    """``x_j log(x_j / m_j)`` (R, C), 0 for ``x_j = 0``; None for a side not used."""
-    return None if log_ratio is None else torch.where(x != 0, x * log_ratio, 0.0)
+def _kl_terms(x, log_ratio, out):
+    """``x_j log(x_j / m_j)`` (R, C) into ``out`` (it may be ``log_ratio``), 0 for ``x_j = 0``
+    (``0 x (-inf)``); None for a side not used."""
+    if log_ratio is None:
+        return None
+    return torch.mul(x, log_ratio, out=out).nan_to_num_(0.0, INF, -INF)
 
 
-def _block(s, t, config, out, coef=None, ds=None):
+def _block(s, t, config, out, scratch, coef=None, ds=None):
     """The statistics of a block of rows (``s``, ``t`` in the compute dtype, ``-inf`` on rows not
     read) written into ``out`` (R, NUM_STATS) except the flags; with ``coef`` (R,) the student's
     gradient ``coef_b dJSD_b / ds`` written into ``ds`` (R, C): ``q_j (g_j - sum_k q_k g_k)``,
     ``g = w_q log(Q / M)``, or ``q_j - p_j`` for forward KL, scaled by ``1 / T``, formed from the
     same log-probabilities. At the student's maximal classes ``g_j - sum_k q_k g_k`` is ``w_q
     ((1 - q_j) log(q_j / m_j) - (the other maximal classes' terms) - (the rest's))``, ``1 - q_j =
-    rest_s / z_s``, which does not cancel where ``q_j`` is near 1."""
+    rest_s / z_s``, which does not cancel where ``q_j`` is near 1. Masks are float (0, 1) and
+    temporaries live in ``scratch``: on CPU boolean and fresh ``(R, C)`` tensors cost more than
+    the arithmetic."""
+    rows = s.shape[0]
     inv_t = 1.0 / config.temperature
     w_p, w_q = jsd_weights(config)
-    ms, rest_s, log_q, peak = _log_softmax(s, inv_t)
-    mt, rest_t, log_p, _ = _log_softmax(t, inv_t)
-    log_pm, log_qm = _log_ratios(log_p, log_q, config)
+    ms, rest_s, log_q, top_s = _log_softmax(s, inv_t, scratch, "log_q")
+    mt, rest_t, log_p, top_t = _log_softmax(t, inv_t, scratch, "log_p")
+    log_pm, log_qm = _log_ratios(log_p, log_q, config, scratch)
     q, p = log_q.exp_(), log_p.exp_()
-    top = s == ms[:, None]
     zero = ms.new_zeros(())
-    p_terms, q_terms = _kl_terms(p, log_pm), _kl_terms(q, log_qm)
+    p_terms = _kl_terms(p, log_pm, log_pm)
+    q_terms = _kl_terms(q, log_qm, scratch.floats("q_terms", rows))
     kl_p = zero.expand_as(ms) if p_terms is None else p_terms.sum(dim=1)
-    kl_q_top, kl_q = (zero.expand_as(ms), zero.expand_as(ms)) if q_terms is None else (
-        torch.where(top, q_terms, 0.0).sum(dim=1), torch.where(top, 0.0, q_terms).sum(dim=1))
+    if q_terms is None:
+        kl_q_top, kl_q = zero.expand_as(ms), zero.expand_as(ms)
+    else:  # the maximal classes' terms and the others', each summed apart
+        at_top = torch.mul(q_terms, top_s, out=scratch.floats("at_top", rows))
+        kl_q_top = at_top.sum(dim=1)
+        kl_q = torch.sub(q_terms, at_top, out=at_top).sum(dim=1)
     out[:, STAT_MS], out[:, STAT_ZS], out[:, STAT_MT], out[:, STAT_ZT] = ms, rest_s, mt, rest_t
     out[:, STAT_KL_P], out[:, STAT_KL_Q_TOP], out[:, STAT_KL_Q] = kl_p, kl_q_top, kl_q
     whole = kl_q_top + kl_q
-    out[:, STAT_A] = kl_p if w_q == 0 else whole if w_p == 0 else w_p * kl_p + w_q * whole
+    divergence = kl_p if w_q == 0 else whole if w_p == 0 else w_p * kl_p + w_q * whole
+    out[:, STAT_A] = divergence + 0.0 * (rest_s + rest_t)  # a NaN logit: NaN (its terms are 0)
     if coef is None:
         return
     rest_s, rest_t = rest_s.clamp_min(0.0), rest_t.clamp_min(0.0)  # empty rows: 0
-    if config.jsd_form == JSD_FORWARD_KL:  # q - p, exact where both logits are maximal
-        g = q.sub_(p)
-        e_s = ((s.gather(1, peak) - finite_ref(ms)[:, None]) * inv_t).exp()
-        e_t = ((t.gather(1, peak) - finite_ref(mt)[:, None]) * inv_t).exp()
-        g.scatter_(1, peak, difference_at(e_s, e_t, rest_s, rest_t, rest_s + 1.0, rest_t + 1.0))
-    else:
-        at_top = ((rest_s / (rest_s + 1.0))[:, None] * log_qm - (kl_q_top[:, None] - q_terms)) \
-            - kl_q[:, None]
-        inner = torch.where(top, at_top, log_qm - whole[:, None])
-        g = torch.where(q != 0, q.mul_(w_q).mul_(inner), 0.0)
-    ds.copy_(g.mul_((coef * inv_t)[:, None]))
+    if config.jsd_form == JSD_FORWARD_KL:  # q - p, where both logits are maximal (zt - zs) / zs zt
+        g = torch.sub(q, p, out=scratch.floats("g", rows))
+        both = top_s.mul_(top_t)
+        g.addcmul_(g, both, value=-1.0).addcmul_(both, ((rest_t - rest_s) / (
+            (rest_s + 1.0) * (rest_t + 1.0)))[:, None])
+        scale = coef * inv_t
+    else:  # q (log(Q / M) - whole), at the maximal classes as above (0 x inf where q = 0)
+        g = torch.sub(log_qm, whole[:, None], out=scratch.floats("g", rows))
+        at_top = torch.sub(q_terms, kl_q_top[:, None], out=q_terms).addcmul_(
+            log_qm, (rest_s / (rest_s + 1.0))[:, None]).sub_(kl_q[:, None])
+        g.addcmul_(g, top_s, value=-1.0).addcmul_(at_top, top_s).mul_(q).nan_to_num_(0.0, INF,
+                                                                                     -INF)
+        scale = coef * (w_q * inv_t)
+    torch.mul(g, scale[:, None], out=ds) if ds.dtype == g.dtype else \
+        ds.copy_(g.mul_(scale[:, None]))
 
 
 def _coefficients(grad, totals, kept, config):
@@ -124,7 +149,7 @@ def jsd_row_stats_torch(student, teacher, labels, config, totals=None, need_ds=F
         if need_ds:
             live = (out[:, STAT_KEPT] > 0) & (out[:, STAT_ERROR] == 0)  # read, label in range
             coef = _coefficients(stats.new_ones(()), totals, live, config)
-        _block(s, t, config, out, coef, ds[block] if need_ds else None)
+        _block(s, t, config, out, scratch, coef, ds[block] if need_ds else None)
     return (stats, ds, dt) if totals is not None else stats
 
 
@@ -138,9 +163,12 @@ def jsd_gradients_torch(grad, student, teacher, stats, totals, config, need_ds):
         return ds, dt
     kept = stats[:, STAT_KEPT] > 0
     coef = _coefficients(grad, totals, kept, config).expand(student.shape[0])
-    for block in row_blocks(*student.shape):
-        live = kept[block, None]
-        s = student[block].to(stats.dtype).masked_fill(~live, -INF)
-        t = teacher[block].to(stats.dtype).masked_fill(~live, -INF)
-        _block(s, t, config, torch.empty_like(stats[block]), coef[block], ds[block])
+    scratch, blocks = scratch_and_blocks(student, stats.dtype)
+    masked = stats.new_full((), -INF)
+    for block in blocks:
+        live, rows = kept[block, None], block.stop - block.start
+        s, t = (torch.where(live, scratch.floats(name, rows).copy_(x[block]), masked,
+                            out=scratch.floats(name, rows))
+                for name, x in (("s", student), ("t", teacher)))
+        _block(s, t, config, torch.empty_like(stats[block]), scratch, coef[block], ds[block])
     return ds, dt

@@ -5,7 +5,9 @@ the rule that combines the statistics of two column parts of the same rows (voca
 Used for CPU tensors and with ``backend="torch"``. Rows go in blocks of at most
 ``BLOCK_ELEMENTS`` logits, as a kernel's tiles: a block's temporaries stay in cache (a whole
 ``(256, 32000)`` chunk at once ran 2.8 times slower on 2 CPU cores, from page faults and memory
-traffic), into ``Scratch`` tensors reused from block to block. ``d = t - s`` is held as the
+traffic), into ``Scratch`` tensors reused from block to block (on CPU from call to call), with
+float masks (0, 1) where a mask multiplies, as boolean ``(R, C)`` tensors cost more than the
+arithmetic on CPU. ``d = t - s`` is held as the
 exact pair ``hi + lo`` and its mean as the heaviest class's ``d`` (``STAT_PH + STAT_PL``) plus a
 corrected offset ``STAT_DM``, as in the kernels. When a backward pass will follow, the forward
 keeps the two ``(B, C)`` gradient directions (``softmax(s/T) -
@@ -14,6 +16,7 @@ softmax(t/T)`` and ``v' (d - mu)``), so that the backward is two products: the m
 """
 
 import math
+import threading
 
 import torch
 
@@ -25,7 +28,8 @@ from gkl_kernels.core.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOU
 
 INF = float("inf")
 BLOCK_ELEMENTS = 2**18  # logits in one row block: 1 MiB of float32 (8 rows at V = 32000)
-ARGMAX_CHUNK = 128  # columns per chunk of ``row_max``
+LOG2E = math.log2(math.e)
+SHORT_ROW = 256  # columns up to which ``row_max`` takes ``max(dim=1)``
 
 
 def row_blocks(rows, classes):
@@ -44,6 +48,15 @@ def _scaled(x, factor):
     return x if factor == 1.0 else x.mul_(factor)
 
 
+def _teacher_weights(t, ref_t, config, out):
+    """``v = exp(gamma (t - m_t) / T2)`` into ``out``, as the kernels, ``2^((t - m_t) gamma log2(e)
+    / T2)`` (on CPU ``exp2`` takes half the time of ``exp``); 1 for ``gamma = 0``."""
+    if config.gamma == 0.0:  # exp(0 x (-inf)) would be NaN
+        return out.fill_(1.0)
+    return torch.sub(t, ref_t, out=out).mul_(config.gamma / config.weight_temperature *
+                                             LOG2E).exp2_()
+
+
 def _rescale(m_part, m, inv_temperature):
     return torch.where(m_part != -INF, ((m_part - m) * inv_temperature).exp(), 0.0)
 
@@ -56,24 +69,20 @@ def _merged_rest(rest_a, r_a, rest_b, r_b):
                                           (torch.maximum(r_a, r_b) - 1.0))
 
 
-def row_max(x):
-    """``(maxima (R,), the first column where each is (R, 1))`` of the rows of ``x``, through the
-    maxima of ``ARGMAX_CHUNK``-column chunks: on CPU ``max(dim=1)`` costs a dozen ``amax``."""
+def row_max(x, below=None):
+    """``(maxima (R,), the first column where each is (R, 1))`` of the rows of ``x``: beyond
+    ``SHORT_ROW`` columns the column as the least ``j + C [x_j < m]`` (the last column in a row
+    holding NaN), ``below`` an ``(R, C)`` float scratch tensor: float comparisons and reductions
+    only (on CPU ``max(dim=1)`` over long rows and boolean temporaries are slow)."""
     rows, classes = x.shape
-    chunks = classes // ARGMAX_CHUNK
-    if chunks < 2:
+    if classes <= SHORT_ROW:
         top, column = x.max(dim=1, keepdim=True)
         return top[:, 0], column
-    width = chunks * ARGMAX_CHUNK
-    blocks = x[:, :width].unflatten(1, (chunks, ARGMAX_CHUNK))
-    top, chunk = blocks.amax(dim=2).max(dim=1, keepdim=True)
-    column = blocks.gather(1, chunk[:, :, None].expand(rows, 1, ARGMAX_CHUNK)).argmax(dim=2)
-    column.add_(chunk, alpha=ARGMAX_CHUNK)
-    if width < classes:
-        tail_top, tail = x[:, width:].max(dim=1, keepdim=True)
-        column = torch.where(tail_top > top, tail.add_(width), column)
-        top = torch.maximum(top, tail_top)
-    return top[:, 0], column
+    top = x.amax(dim=1)
+    below = torch.ne(x, top[:, None], out=x.new_empty(x.shape) if below is None else below)
+    columns = torch.arange(classes, dtype=x.dtype, device=x.device)
+    column = torch.add(columns, below, alpha=classes, out=below).amin(dim=1)
+    return top, column.clamp_max_(classes - 1).long()[:, None]
 
 
 def lowered_rest(e, top):
@@ -94,24 +103,35 @@ def difference_at(e_s, e_t, rest_s, rest_t, z_s, z_t):
 
 
 class Scratch:
-    """Block-sized scratch tensors of one call, made at first use and reused by every row block
-    (on CPU a fresh block-sized temporary costs its page faults each time): ``floats(name, rows)``
-    in the compute dtype, ``masks(name, rows)`` bool, both ``(rows, C)`` views."""
+    """Block-sized scratch tensors of one call, made at first use and reused by every row block:
+    ``floats(name, rows)`` in the compute dtype, ``(rows, C)`` views. On CPU their storage is
+    kept for the thread's next call (a fresh block-sized temporary costs its page faults each
+    time); a call that starts while another holds it makes its own. On a GPU the caching
+    allocator keeps them."""
+
+    _idle = threading.local()  # the thread's storage between calls: {(name, dtype): flat tensor}
 
     def __init__(self, like, block_rows, dtype):
-        self._like, self._shape, self.dtype = like, (block_rows, like.shape[1]), dtype
-        self._tensors = {}
+        self._like, self._classes, self.dtype = like, like.shape[1], dtype
+        self._size = block_rows * like.shape[1]
+        self._kept = like.device.type == "cpu"
+        self._storage = self._idle.__dict__.pop("storage", {}) if self._kept else {}
+        self._views = {}
 
-    def _get(self, name, rows, dtype):
-        if name not in self._tensors:
-            self._tensors[name] = self._like.new_empty(self._shape, dtype=dtype)
-        return self._tensors[name][:rows]
+    def __del__(self):
+        if self._kept:
+            self._idle.__dict__.setdefault("storage", self._storage)
 
     def floats(self, name, rows):
-        return self._get(name, rows, self.dtype)
-
-    def masks(self, name, rows):
-        return self._get(name, rows, torch.bool)
+        view = self._views.get((name, rows))
+        if view is None:
+            key = (name, self.dtype)
+            stored = self._storage.get(key)
+            if stored is None or stored.numel() < self._size:
+                stored = self._storage[key] = self._like.new_empty(self._size, dtype=self.dtype)
+            view = self._views[name, rows] = stored[:rows * self._classes].view(rows,
+                                                                                 self._classes)
+        return view
 
 
 def scratch_and_blocks(student, dtype):
@@ -138,7 +158,7 @@ def given_factor(factor, labels, config, out):
     else:
         out.copy_(factor.index_select(0, labels))
     # exp(gamma log p), 0 for p = 0: about 4 times faster than a fractional pow on CPU
-    return out if config.gamma == 1.0 else out.log_().mul_(config.gamma).exp_()
+    return out if config.gamma == 1.0 else out.log2_().mul_(config.gamma).exp2_()
 
 
 def kept_logits(student, teacher, labels, config, scratch):
@@ -177,8 +197,11 @@ def _factor_exponent(top):
 
 def _exact_difference(t, s, scratch):
     """``(hi, lo)`` (R, C) in ``scratch`` with ``hi + lo == t - s`` exactly (TwoSum: ``hi`` the
-    rounded difference, ``lo`` its rounding error; not finite where a logit is ``-inf``)."""
+    rounded difference, ``lo`` its rounding error), a ``-inf`` logit taken as 0 (its class is
+    excluded: finite values to multiply by 0; NaN stays)."""
     rows = t.shape[0]
+    t, s = (torch.nan_to_num(x, float("nan"), INF, 0.0, out=scratch.floats(name, rows))
+            for name, x in (("t_finite", t), ("s_finite", s)))
     hi = torch.sub(t, s, out=scratch.floats("d", rows))
     back = torch.sub(hi, t, out=scratch.floats("back", rows))  # hi - t, the part of -s in hi
     lo = torch.sub(hi, back, out=scratch.floats("lo", rows))
@@ -187,23 +210,22 @@ def _exact_difference(t, s, scratch):
 
 
 def _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t=None):
-    """``(v, excluded)``: the factor (0 on excluded classes: ``-inf`` in either logit) and the
-    excluded mask. Teacher weights ``v = exp(gamma (t - m_t) / T2)`` (``ref_t`` the teacher's row
-    maxima ``finite_ref(m_t)``, (R, 1); ``e_t = exp((t - m_t) / T)`` of the cross-entropy taken, and
-    overwritten, when ``gamma / T2 = 1 / T``); a given factor as given (unscaled:
-    ``v' = v 2^-L``)."""
+    """``(v, inside)``: the factor (0 on excluded classes: ``-inf`` in either logit) and the
+    float mask of the other classes (1; NaN counts as inside). Teacher weights ``v = exp(gamma (t
+    - m_t) / T2)`` (``ref_t`` the teacher's row maxima ``finite_ref(m_t)``, (R, 1); ``e_t =
+    exp((t - m_t) / T)`` of the cross-entropy taken, and overwritten, when ``gamma / T2 = 1 /
+    T``); a given factor as given (unscaled: ``v' = v 2^-L``)."""
     rows = s.shape[0]
-    excluded = torch.isneginf(s, out=scratch.masks("excluded", rows)).logical_or_(
-        torch.isneginf(t, out=scratch.masks("teacher_masked", rows)))
+    inside = torch.ne(s, -INF, out=scratch.floats("inside", rows)).mul_(
+        torch.ne(t, -INF, out=scratch.floats("teacher_inside", rows)))
     if config.source != SOURCE_TEACHER:
         v = given_factor(factor, _usable_labels(labels, kept, bad), config,
                          scratch.floats("v", rows))
     elif e_t is not None and config.gamma / config.weight_temperature == 1.0 / config.temperature:
         v = e_t
     else:
-        v = _scaled(torch.sub(t, ref_t, out=scratch.floats("v", rows)),
-                    config.gamma / config.weight_temperature).exp_()
-    return v.masked_fill_(excluded, 0.0), excluded
+        v = _teacher_weights(t, ref_t, config, scratch.floats("v", rows))
+    return v.mul_(inside), inside
 
 
 def _block_stats(student, teacher, factor, labels, config, scratch, stats, softmax_difference,
@@ -221,7 +243,7 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
     columns[STAT_MS] = columns[STAT_L] = zeros - INF
     columns[STAT_ZS] = columns[STAT_ZT] = zeros - 1.0  # the rests of empty normalisers
     if config.with_ce:
-        (ms, top_s), (mt, top_t) = row_max(s), row_max(t)
+        (ms, top_s), (mt, top_t) = (row_max(x, scratch.floats("below", rows)) for x in (s, t))
         columns[STAT_MS] = ms
     else:
         mt = t.amax(dim=1)
@@ -254,11 +276,11 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
             e_t is not None and config.weight_temperature == config.temperature) else \
             _scaled(torch.sub(t, ref_t, out=scratch.floats("d", rows)),
                     1.0 / config.weight_temperature).exp_().sum(dim=1)
-    v, excluded = _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t)
+    v, inside = _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t)
     if config.source == SOURCE_TEACHER and config.with_ce:
         heaviest = top_t  # exp(gamma (t - m_t) / T2) is largest where t is (gamma >= 0)
     else:
-        top, heaviest = row_max(v)
+        top, heaviest = row_max(v, scratch.floats("below", rows))
     if config.source != SOURCE_TEACHER:
         columns[STAT_L] = _factor_exponent(top)
         v.mul_(torch.exp2(-finite_ref(columns[STAT_L]))[:, None])
@@ -269,7 +291,7 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
     hi, lo = _exact_difference(t, s, scratch)
     ph, pl = (torch.where(torch.isfinite(x), x, 0.0)  # an excluded pivot (a row without
               for x in (hi.gather(1, heaviest), lo.gather(1, heaviest)))  # weight): 0
-    dev = hi.sub_(ph).add_(lo.sub_(pl)).masked_fill_(excluded, 0.0)
+    dev = hi.sub_(ph).add_(lo.sub_(pl)).mul_(inside)
     residual = _dot(v, dev, scratch) / torch.where(weight != 0, weight, 1.0)
     dev.sub_(residual[:, None])
     columns[STAT_PH], columns[STAT_PL], columns[STAT_DM] = ph[:, 0], pl[:, 0], residual
@@ -503,20 +525,20 @@ def gradient_directions_torch(student, teacher, factor, labels, stats, config, s
                          inv_t).sub_(rest.log1p()[:, None]).exp_())
                 for name, x, m, rest in (("e_s", s, ms, rest_s), ("e_t", t, mt, rest_t)))
         softmax_difference = q.sub_(p)
-        top = row_max(s)[1]
+        top = row_max(s, scratch.floats("below", rows))[1]
         e_s, e_t = (_scaled(x.gather(1, top) - finite_ref(m)[:, None], inv_t).exp_()
                     for x, m in ((s, ms), (t, mt)))
         softmax_difference.scatter_(1, top, difference_at(e_s, e_t, rest_s, rest_t,
                                                            rest_s + 1.0, rest_t + 1.0))
     if config.with_wmse:
-        v, excluded = _weights(s, t, factor, labels, kept, bad, finite_ref(mt)[:, None], config,
-                               scratch)
+        v, inside = _weights(s, t, factor, labels, kept, bad, finite_ref(mt)[:, None], config,
+                             scratch)
         if config.source != SOURCE_TEACHER:
             v.mul_(torch.exp2(-finite_ref(stats[:, STAT_L]))[:, None])
         hi, lo = _exact_difference(t, s, scratch)
         dev = hi.sub_(stats[:, STAT_PH, None]).add_(lo.sub_(stats[:, STAT_PL, None])).sub_(
             stats[:, STAT_DM, None])
-        weighted_deviation = v.mul_(dev.masked_fill_(excluded, 0.0))
+        weighted_deviation = v.mul_(dev.mul_(inside))
     return softmax_difference, weighted_deviation
 
 
