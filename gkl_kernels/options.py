@@ -12,10 +12,11 @@ from gkl_kernels.core.config import SOURCE_JSD, RowConfig
 from gkl_kernels.validation import Backend, DotPrecision, Normalize, Reduction
 
 
-def _option(default, checker=None, *arguments):
+def _option(default, checker=None, *arguments, only=None):
     """A field whose value ``checker(name, value, *arguments)`` checks (and returns, converted,
-    or None)."""
-    return field(default=default, metadata={"check": checker, "arguments": arguments})
+    or None); ``only``: the one divergence (``"gkl"``, ``"jsd"``) it belongs to, None: both."""
+    return field(default=default, metadata={"check": checker, "arguments": arguments,
+                                            "only": only})
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,13 @@ class GKLOptions:
     """Options of ``gkl_loss`` (see there for their meaning) and ``beta`` of ``jsd_loss``; invalid
     values raise at construction, numbers are stored as Python floats."""
 
-    gamma: float = _option(1.0, check.check_finite, 0.0)
+    gamma: float = _option(1.0, check.check_finite, 0.0, only="gkl")
     temperature: float = _option(1.0, check.check_positive)
-    weight_temperature: float = _option(1.0, check.check_positive)
-    mse_weight: float = _option(1.0, check.check_finite)
-    ce_weight: float = _option(1.0, check.check_finite)
+    weight_temperature: float = _option(1.0, check.check_positive, only="gkl")
+    mse_weight: float = _option(1.0, check.check_finite, only="gkl")
+    ce_weight: float = _option(1.0, check.check_finite, only="gkl")
     normalize: Normalize = _option("weights", check.check_choice, check.NORMALIZERS)
-    symmetric: bool = _option(True, check.check_bool)
+    symmetric: bool = _option(True, check.check_bool, only="gkl")
     reduction: Reduction = _option("mean", check.check_choice, check.REDUCTIONS)
     backend: Backend = _option("auto", check.check_choice, check.BACKENDS)
     check_values: bool = _option(True, check.check_bool)
@@ -38,7 +39,7 @@ class GKLOptions:
     sync_normalizer: bool = _option(False, check.check_bool)
     process_group: Optional[Any] = _option(None)
     ignore_index: int = _option(-100, check.check_index)
-    beta: float = _option(0.5, check.check_fraction)  # jsd_loss only
+    beta: float = _option(0.5, check.check_fraction, only="jsd")
 
     def __post_init__(self):
         for name, checker, arguments in _CHECKS:
@@ -94,6 +95,8 @@ def _row_config(options, source, has_labels, use_triton, changes):
 
 
 OPTION_NAMES = tuple(option.name for option in fields(GKLOptions))
+GKL_ONLY_OPTIONS = tuple(option.name for option in fields(GKLOptions)
+                         if option.metadata["only"] == "gkl")
 CHECKED_LIMIT = 1024  # checked option values kept for reuse (``GKLOptions.of``)
 _CHECKED = {}
 _CHECKS = tuple((option.name, option.metadata["check"], option.metadata["arguments"])

@@ -35,14 +35,12 @@ from gkl_kernels import validation as check
 from gkl_kernels.core.config import SOURCE_TEACHER
 from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_size,
                                       gradient_buffer, options_from, rows_with_gradients)
+from gkl_kernels.options import GKL_ONLY_OPTIONS
 from gkl_kernels.rank1.torch_impl import row_losses_torch
 from gkl_kernels.row_ops import RowInputs, statistics
 from gkl_kernels.rows import per_row_totals
 from gkl_kernels.sparse_teacher import kept_row_count
 from gkl_kernels.validation import Divergence
-
-
-GKL_ONLY_OPTIONS = ("gamma", "weight_temperature", "mse_weight", "ce_weight", "symmetric")
 
 
 class FusedLinearDistillationLoss(nn.Module):
