@@ -1,1 +1,2 @@
-"""Benchmarks and ahead-of-time compile checks for gkl_kernels."""
+"""The benchmark comparison of gkl_kernels: ``python -m bench`` and ``python -m bench.fused_linear``
+(their tests: ``tests/test_bench_*.py``)."""

@@ -14,7 +14,8 @@
    exact CPU fallback) against ``F.kl_div`` at B=32, C=10 and B=64, C=100, where a step's time is
    overhead, and the Python time of one call.
 3. The MODELLED (not measured) H100 time of one step of ``gkl_loss[triton]`` against
-   ``F.kl_div`` at the ImageNet shape, from counted bytes and launches (``bench.traffic``).
+   ``F.kl_div`` at the ImageNet shape, from bytes and launches counted by ``bench.traffic``
+   (the model: ``tools.h100_model``).
 4. ``--traffic``: the memory traffic and launches of the Triton kernels and the torch path,
    counted under Triton's interpreter and a dispatch mode, with a modelled H100 time
    (``bench.traffic``; minutes).
@@ -59,8 +60,8 @@ from bench.measure import (QuadraticScaling, Settings, planned_oracle_seconds,  
                            planned_seconds, record_interpreted_launches, run_case)
 from bench.progress import Progress, format_duration  # noqa: E402
 from bench.providers import ORACLE, PACKAGE, PROVIDERS, select_providers  # noqa: E402
-from bench.traffic import (format_modelled_step, modelled_headline,  # noqa: E402
-                           planned_traffic_seconds)
+from bench.traffic import planned_traffic_seconds  # noqa: E402
+from tools.h100_model import format_modelled_step, modelled_headline  # noqa: E402
 
 DEFAULT_MAX_REFERENCE_PAIRS = 256 * 1000 * 1000
 # the plan's seconds (bench.progress) for the parts that are not per case, on the 2-core CPU

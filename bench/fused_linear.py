@@ -57,7 +57,7 @@ from bench import report  # noqa: E402
 from bench.devices import CpuMeter  # noqa: E402
 from bench.measure import record_timing  # noqa: E402
 from bench.providers import Passes  # noqa: E402
-from bench.report import format_bytes, format_seconds  # noqa: E402
+from bench.report import format_bytes, format_error, format_seconds  # noqa: E402
 from gkl_kernels import fused_linear_gkl, gkl_loss  # noqa: E402
 from gkl_kernels.fused_linear import default_chunk_size  # noqa: E402
 from gkl_kernels.testing.dispatch import DispatchCounter  # noqa: E402
@@ -396,10 +396,6 @@ def _count(value, format_value):
     return "-" if value is None else format_value(value)
 
 
-def _error(value):
-    return "-" if value is None else f"{value:.1e}"
-
-
 def table_row(result, results):
     """The cells of one result (ratios against ``unfused`` at the same size)."""
     size = size_of(result)
@@ -411,8 +407,8 @@ def table_row(result, results):
     return head + (format_seconds(result.seconds), _giga(size.flops / result.seconds),
                    format_bytes(result.peak_bytes), _ratio(time_ratio), _ratio(memory_ratio),
                    _count(result.bytes_moved, format_bytes), _count(result.launches, str),
-                   _count(result.host_syncs, str), _error(result.loss_error),
-                   _error(result.grad_error),
+                   _count(result.host_syncs, str), format_error(result.loss_error),
+                   format_error(result.grad_error),
                    f"median of {result.repeats}, min {format_seconds(result.seconds_min)}")
 
 

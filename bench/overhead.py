@@ -197,7 +197,7 @@ def format_overhead(payload, step):
 
 def host_goal(step):
     """``(ratio, met)``: ``gkl_loss[triton]``'s host time per step over ``F.kl_div``'s, from the
-    modelled step's JSON (``bench.traffic.modelled_step``), and whether it is at most
+    modelled step's JSON (``tools.h100_model.modelled_step``), and whether it is at most
     ``HOST_TARGET_RATIO``."""
     package, kl_div = step["steps"]
     ratio = package["host_seconds"] / kl_div["host_seconds"]

@@ -228,7 +228,8 @@ def add_bandwidth(case, results, copy_bandwidth):
             r.copy_fraction = r.floor_bandwidth / copy_bandwidth
 
 
-def _error(value):
+def format_error(value):
+    """``3.1e-07``, or ``-`` for ``None`` (not compared)."""
     return "-" if value is None else f"{value:.1e}"
 
 
@@ -250,8 +251,8 @@ def table_rows(cases, results):
                 note = (f"floor bytes at {r.floor_bandwidth / 1e9:.1f} GB/s, "
                         f"{r.copy_fraction:.0%} of the device copy's")
         rows.append((r.case, shapes[r.case], r.dtype, r.provider, forward, backward, timing, peak,
-                     _error(r.loss_error), _error(r.student_grad_error),
-                     _error(r.teacher_grad_error), *launch_cells(r), note))
+                     format_error(r.loss_error), format_error(r.student_grad_error),
+                     format_error(r.teacher_grad_error), *launch_cells(r), note))
     return rows
 
 
@@ -322,7 +323,7 @@ def write_json(path, info, settings, cases, results, oracles, headlines, traffic
     """Everything measured, with the machine description, as JSON: ``traffic`` the rows of
     ``bench.traffic``, ``compile_rows`` those of ``tools.compile_report`` (``None``: not run),
     ``overhead`` part 2 (``bench.overhead.run_overhead``), ``modelled_step`` part 3
-    (``bench.traffic.modelled_step``, a model)."""
+    (``tools.h100_model.modelled_step``, a model)."""
     payload = {
         "machine": info,
         "settings": dataclasses.asdict(settings),

@@ -1,15 +1,15 @@
 """Memory traffic and kernel launches of the loss per case, counted per pass, with a modelled H100
 time (part 4 of ``python -m bench``); the launches per step of ``python -m bench``'s cases under
-Triton's interpreter and the modelled H100 step (its part 3).
+Triton's interpreter (its part 1) and the counted step of its modelled H100 step (part 3).
 
 Each case is counted for three losses: ``gkl_loss`` on the Triton kernels, ``gkl_loss`` on its
 plain-PyTorch path, and ``F.kl_div`` (plain KL distillation, as ``python -m bench`` times it), the
 bar a user compares with; by the counters of ``gkl_kernels.testing``: ``TritonTrafficCounter``
 (the Triton kernels' loads and stores, lane by lane, under Triton's interpreter) and
 ``DispatchCounter`` (the torch ops around them). Bytes and launches are counted, not estimated;
-nothing runs on a GPU. The time ``modelled_h100_seconds`` is a MODEL, not a measurement:
-``bytes / 3.35e12 B/s`` (the H100 SXM's HBM3 bandwidth) plus ``launches x 4 us`` (an assumed
-launch overhead).
+nothing runs on a GPU. The time ``modelled_h100_seconds`` (``tools.h100_model``) is a MODEL, not
+a measurement: ``bytes / 3.35e12 B/s`` (the H100 SXM's HBM3 bandwidth) plus ``launches x 4 us``
+(an assumed launch overhead).
 
 A "transfer" is one read or write of a ``B x C`` tensor in the logits' dtype. The floor is what
 the loss cannot avoid: forward read ``s`` and ``t``; backward read ``s`` and ``t`` and write the
@@ -18,8 +18,9 @@ and counted in the measured bytes (``weight_bytes`` says how large they are).
 
 Launches per step (``--steps``): ``gkl_kernels.testing.launches.count_step`` on each provider
 ``python -m bench`` counts under the interpreter (``gkl_loss[triton]``), and the MODELLED H100
-time of one step at the ImageNet shape (``modelled_step``, with the measured host time of a step,
-``bench.overhead.host_seconds_per_step``).
+time of one step at the ImageNet shape (``count_modelled_step``: the step counted here, with the
+measured host time of a step, ``bench.overhead.host_seconds_per_step``, and modelled by
+``tools.h100_model.modelled_step``).
 
 Run from the repository root: ``python -m bench.traffic [--quick] [--json PATH]``, or
 ``python -m bench.traffic --steps [--quick] [--cases NAME ...] [--providers NAME ...] [--json
@@ -59,31 +60,22 @@ import gkl_kernels  # noqa: E402
 from bench.cases import (CIFAR100_ADV, EXPLICIT, IMAGENET, PER_ROW, PRIOR, SHARED,  # noqa: E402
                          TEACHER, TOKEN_KD, Case, full_cases, make_inputs, quick_cases,
                          select_cases)
-from bench.overhead import HOST_STEP_CASE, host_seconds_per_step  # noqa: E402
+from bench.overhead import host_seconds_per_step  # noqa: E402
 from bench.progress import Progress  # noqa: E402
 from bench.providers import (KL_DIV, PACKAGE_TRITON, make_passes,  # noqa: E402
                              select_providers)
-from bench.report import format_bytes, format_seconds, speed  # noqa: E402
+from bench.report import format_bytes, format_seconds  # noqa: E402
 from gkl_kernels.testing.dispatch import DispatchCounter  # noqa: E402
 from gkl_kernels.testing.launches import count_step, value_checks_as_on_a_gpu  # noqa: E402
 from gkl_kernels.testing.traffic import KernelTraffic, TritonTrafficCounter  # noqa: E402
+from tools.h100_model import (H100_BANDWIDTH_BYTES_PER_SECOND, H100_STEP_CASE,  # noqa: E402
+                              LAUNCH_LATENCY_SECONDS, MODEL_LABEL, model_constants,
+                              modelled_h100_seconds, modelled_step)
 
-H100_BANDWIDTH_BYTES_PER_SECOND = 3.35e12  # H100 SXM, HBM3
-LAUNCH_LATENCY_SECONDS = 4e-6
-MODEL_LABEL = ("model, not a measurement: counted bytes / H100 HBM3 bandwidth + counted launches "
-               "x assumed launch latency")
 KL_DIV_BACKEND = "F.kl_div"  # plain KL distillation at the same shape, the bar to compare with
 BACKENDS = ("triton", "torch", KL_DIV_BACKEND)
 PASSES = ("forward", "backward", "total")
 TOP_OPS = 5  # torch ops listed per pass in a row
-
-
-def modelled_h100_seconds(nbytes, launches):
-    """A MODEL of an H100's time for ``nbytes`` of DRAM traffic in ``launches`` kernels:
-    ``nbytes / H100_BANDWIDTH_BYTES_PER_SECOND + launches * LAUNCH_LATENCY_SECONDS``.
-    ``LAUNCH_LATENCY_SECONDS`` (4 us) is an assumption of the model, typical of CUDA kernel
-    launch overhead; no GPU was timed."""
-    return nbytes / H100_BANDWIDTH_BYTES_PER_SECOND + launches * LAUNCH_LATENCY_SECONDS
 
 
 def most_bytes(by_name, count):
@@ -264,9 +256,7 @@ def traffic_row(counted):
         **{name: _pass_row(getattr(counted, name), counted.transfer_bytes, case.elements,
                            case.batch)
            for name in PASSES},
-        "model": {"label": MODEL_LABEL,
-                  "bandwidth_bytes_per_second": H100_BANDWIDTH_BYTES_PER_SECOND,
-                  "launch_latency_seconds": LAUNCH_LATENCY_SECONDS},
+        "model": model_constants(),
     }
 
 
@@ -389,14 +379,10 @@ def format_traffic_table(rows):
     return "\n".join(text)
 
 
-# ---- launches per step of python -m bench's cases, and the modelled H100 step -------------------
+# ---- launches per step of python -m bench's cases, and the counted step of the H100 model -------
 
 STEP_COUNT_ROWS = 8  # the interpreter counts a case's launches at most at this many rows
 STEP_COUNT_ELEMENTS = 4096  # and at fewer where B x C would be larger than this
-H100_STEP_CASE = Case("imagenet", 256, 1000, PRIOR, IMAGENET)  # the bench's ImageNet case
-H100_STEP_TARGET = 0.3  # gkl_loss[triton]'s modelled step at most this share of F.kl_div's
-MODELLED_GOAL = (f"the project's goal that on an H100 a step of the Triton kernels costs at most "
-                 f"{H100_STEP_TARGET:g}x plain KD's (F.kl_div's), so GKL is the cheaper loss")
 
 
 def step_count_batch(case):
@@ -404,7 +390,7 @@ def step_count_batch(case):
     (``C`` kept): at most ``STEP_COUNT_ROWS``, and fewer (at least 2) where ``B x C`` would pass
     ``STEP_COUNT_ELEMENTS``. Triton's interpreter runs each program of a grid in Python (tens of
     milliseconds per row), and the launches (the number of kernels and of torch ops around them,
-    not their grids) do not depend on ``B`` (``bench/test_bench_traffic.py`` checks it)."""
+    not their grids) do not depend on ``B`` (``tests/test_bench_traffic.py`` checks it)."""
     return min(case.batch, STEP_COUNT_ROWS, max(2, STEP_COUNT_ELEMENTS // case.classes))
 
 
@@ -443,63 +429,15 @@ def run_steps(cases, provider_names, progress=print):
     return rows
 
 
-def modelled_step(case=H100_STEP_CASE):
-    """The modelled H100 time (``modelled_h100_seconds``, a MODEL) of one training step of
-    ``gkl_loss[triton]`` and of ``F.kl_div`` on ``case``, from the bytes and launches of the
-    whole step (forward and backward) that ``count_case`` counts at the case's shape, and their
-    ratio with its target ``H100_STEP_TARGET``; beside it each one's measured host time of a
-    step at ``HOST_STEP_CASE``'s shape (``bench.overhead``'s goal)."""
-    steps = []
-    for provider, backend in ((PACKAGE_TRITON, "triton"), (KL_DIV, KL_DIV_BACKEND)):
-        counted = count_case(case, backend)
-        total = counted.total
-        steps.append({"provider": provider, "bytes": total.bytes, "launches": total.launches,
-                      "forward_launches": counted.forward.launches,
-                      "backward_launches": counted.backward.launches,
-                      "host_syncs": total.host_syncs,
-                      "modelled_seconds": modelled_h100_seconds(total.bytes, total.launches),
-                      "host_seconds": host_seconds_per_step(provider)})
-    ratio = steps[0]["modelled_seconds"] / steps[1]["modelled_seconds"]
-    return {"case": case.name, "batch": case.batch, "classes": case.classes,
-            "dtype": case.dtype, "weights": case.weights, "steps": steps, "ratio": ratio,
-            "target": H100_STEP_TARGET, "met": ratio <= H100_STEP_TARGET,
-            "host_batch": HOST_STEP_CASE.batch, "host_classes": HOST_STEP_CASE.classes,
-            "model": {"label": MODEL_LABEL,
-                      "bandwidth_bytes_per_second": H100_BANDWIDTH_BYTES_PER_SECOND,
-                      "launch_latency_seconds": LAUNCH_LATENCY_SECONDS}}
-
-
-def format_modelled_step(row):
-    """The modelled step as three lines: the ratio, its target, what the model is made of."""
-    package, kl_div = row["steps"]
-    verdict = "met" if row["met"] else "MISSED"
-    details = "; ".join(
-        f"{step['provider']} {format_bytes(step['bytes'])} in {step['launches']} launches "
-        f"(fwd {step['forward_launches']} + bwd {step['backward_launches']}), "
-        f"{step['host_syncs']} syncs" for step in row["steps"])
-    model = row["model"]
-    return (f"modelled (not measured) H100 step at B={row['batch']} C={row['classes']} "
-            f"{row['dtype']}, {row['weights']} weights, forward+backward: {package['provider']} "
-            f"{format_seconds(package['modelled_seconds'])} vs {kl_div['provider']} "
-            f"{format_seconds(kl_div['modelled_seconds'])} = {row['ratio']:.2f}x "
-            f"(target: at most {row['target']:g}x: {verdict}), i.e. "
-            f"{speed(1 / row['ratio'])} than {kl_div['provider']}\n"
-            f"  target: {MODELLED_GOAL}\n"
-            f"  a MODEL, no GPU was timed: bytes / {model['bandwidth_bytes_per_second'] / 1e12:.2f}"
-            f" TB/s (H100 SXM HBM3) + launches x {model['launch_latency_seconds'] * 1e6:g} us "
-            f"(assumed); bytes and launches of the whole step counted under Triton's interpreter "
-            f"and DispatchCounter at that shape: {details}")
-
-
-def modelled_headline(row):
-    """The modelled step as one closing line, labelled as a model."""
-    package, kl_div = row["steps"]
-    verdict = "met" if row["met"] else "MISSED"
-    return (f"MODELLED, not measured: one H100 step at B={row['batch']} C={row['classes']} "
-            f"{row['dtype']}: {package['provider']} would be "
-            f"{speed(1 / row['ratio'])} than {kl_div['provider']} (goal: at least "
-            f"{1 / row['target']:.1f}x faster, so that on a GPU GKL costs less than plain KD: "
-            f"{verdict})")
+def count_modelled_step(case=H100_STEP_CASE):
+    """The modelled H100 step (``tools.h100_model.modelled_step``, a MODEL) of ``gkl_loss[triton]``
+    and ``F.kl_div`` on ``case``: the bytes and launches of the whole step (forward and backward)
+    that ``count_case`` counts at the case's shape, and beside them each one's measured host time
+    of a step at ``HOST_STEP_CASE``'s shape (``bench.overhead``'s goal)."""
+    return modelled_step(case, [(provider, count_case(case, backend),
+                                 host_seconds_per_step(provider))
+                                for provider, backend in ((PACKAGE_TRITON, "triton"),
+                                                          (KL_DIV, KL_DIV_BACKEND))])
 
 
 def main_steps(args):
@@ -512,7 +450,7 @@ def main_steps(args):
     else:
         cases = select_cases(listed, args.cases) if args.cases else []
     rows = run_steps(cases, args.providers, progress=lambda line: print(line, flush=True))
-    step = modelled_step()
+    step = count_modelled_step()
     if args.json:
         args.json.write_text(json.dumps({"launches": rows, "modelled_h100_step": step},
                                         indent=1))

@@ -5,7 +5,8 @@ import os
 import pathlib
 import zlib
 
-# every Triton test runs in the interpreter, except tools/gpu_tests.py (compiled, on CUDA), which
+# every Triton test runs in the interpreter (the bench's tests, test_bench_*.py, count the Triton
+# path's launches and traffic there), except tools/gpu_tests.py (compiled, on CUDA), which
 # tools/gpu_check.sh runs with GKL_COMPILED_TRITON=1
 if os.environ.get("GKL_COMPILED_TRITON") != "1":
     os.environ["TRITON_INTERPRET"] = "1"

@@ -1,7 +1,8 @@
 """Who may import whom, read from the sources with ``ast``: the bench (``bench/``) is a leaf that
-nothing outside it imports (its own tests live in it; the README generator reads its sentences),
-its modules import each other without a cycle, and the package's counters
-(``gkl_kernels.testing``) are not imported by ``import gkl_kernels``."""
+nothing outside it imports but its own tests (``tests/test_bench_*.py``) and two tools built on it
+(the README generator reads its sentences, the H100 model its cases), its modules import each
+other and ``tools`` without a cycle, and the package's counters (``gkl_kernels.testing``) are not
+imported by ``import gkl_kernels``."""
 
 import ast
 import subprocess
@@ -10,13 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_layering import cycles, import_graph
+from tests.test_layering import cycles, import_graph, imports_of, package_modules
 
 REPO = Path(__file__).resolve().parents[1]
 OUTSIDE_BENCH = ("gkl_kernels", "reference", "tests", "tools", "examples")
+# the bench's own tests, in tests/ beside the package's
+BENCH_TESTS = {f"tests/test_bench_{name}.py" for name in ("loss", "fused_linear", "traffic",
+                                                          "command")}
 # tools/readme.py writes the README summary and docs/RESULTS.md from the bench's JSON in the
-# bench's own sentences (bench.report, bench.overhead, bench.traffic)
-BENCH_IMPORTERS = {"tools/readme.py"}
+# bench's own sentences (bench.report, bench.overhead); tools/h100_model.py models the step that
+# bench.traffic counts (its case from bench.cases, its sentences in bench.report's units)
+BENCH_IMPORTERS = {"tools/readme.py", "tools/h100_model.py", *BENCH_TESTS}
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
@@ -61,10 +66,11 @@ def import_cycles(package_dir):
 
 def test_nothing_outside_the_bench_imports_it():
     """Tests (``tests/``, ``tools/gpu_tests.py``), tools, examples and the package import the
-    counters from ``gkl_kernels.testing``; only the bench's own tests (``bench/test_bench_*.py``)
-    and the README generator import ``bench``."""
+    counters from ``gkl_kernels.testing``; only the bench's own tests (``tests/test_bench_*.py``),
+    the README generator and the H100 model import ``bench``."""
     found = bench_importers(REPO)
     assert set(found) <= BENCH_IMPORTERS, found
+    assert BENCH_TESTS <= set(found)  # they exist, and tests/ is scanned
     assert (REPO / "tests" / "test_traffic_counters.py").is_file()  # scanned, not vacuous
 
 
@@ -82,6 +88,39 @@ def test_a_bench_import_is_found(tmp_path):
 
 def test_bench_modules_import_each_other_without_a_cycle():
     assert import_cycles(REPO / "bench") == []
+
+
+def joint_import_graph(root, packages):
+    """``import_graph`` of the folders ``packages`` (names such as ``bench``) together: ``{module:
+    the modules of any of them it imports}``."""
+    modules = {}
+    for package in packages:
+        modules.update(package_modules(root, package))
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for base, names in imports_of(path, name, path.name == "__init__.py"):
+            submodules = {f"{base}.{n}" for n in names} & modules.keys()
+            targets |= submodules or {base} & modules.keys()
+        graph[name] = targets - {name}
+    return graph
+
+
+def test_bench_and_tools_import_each_other_without_a_cycle():
+    """The bench imports the H100 model from ``tools``, which imports the bench's cases and
+    units (as the README generator imports its sentences): never both ways round."""
+    graph = joint_import_graph(REPO, ("bench", "tools"))
+    assert "tools.h100_model" in graph["bench.traffic"]  # not vacuous
+    assert "bench.cases" in graph["tools.h100_model"]
+    assert cycles(graph) == []
+
+
+def test_a_cycle_between_two_folders_is_found(tmp_path):
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "one" / "a.py").write_text("from two import b\n")
+    (tmp_path / "two" / "b.py").write_text("def f():\n    import one.a\n")
+    assert cycles(joint_import_graph(tmp_path, ("one", "two"))) == [["one.a", "two.b", "one.a"]]
 
 
 def test_an_import_cycle_is_found(tmp_path):

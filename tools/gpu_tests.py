@@ -12,8 +12,11 @@ import torch
 
 from gkl_kernels import gkl_loss
 from gkl_kernels.testing.dispatch import DispatchCounter
+from tests import conftest
 from tests.adversarial_cases import assert_within_rule, masked_oracle, plain_float32
-from tests.conftest import generator, make_inputs, oracle, relative_error  # noqa: F401, F811
+from tests.conftest import make_inputs, oracle, relative_error
+
+generator = conftest.generator  # the fixture (tests/conftest.py does not apply to tools/)
 
 CUDA = torch.device("cuda")
 SOURCES = ("teacher", "prior", "explicit")

@@ -24,11 +24,12 @@ from bench.overhead import (HOST_STEPS, HOST_TARGET_RATIO, SHAPES, host_goal, ho
 from bench.providers import (KL_DIV, PACKAGE, PACKAGE_TRITON, REFERENCE, Passes, make_passes,
                              select_providers)
 from bench.report import format_seconds, ratio_sentence, speed, times
-from bench.traffic import H100_STEP_CASE, modelled_h100_seconds, step_count_batch
+from bench.traffic import step_count_batch
 from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.launches import value_checks_as_on_a_gpu
 from gkl_kernels.testing.traffic import TritonTrafficCounter
 from tools import readme
+from tools.h100_model import H100_STEP_CASE, modelled_h100_seconds
 
 pytestmark = pytest.mark.end_to_end  # the bench's commands: CI runs them with the newest triton
 

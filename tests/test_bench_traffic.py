@@ -1,6 +1,7 @@
 """The bench's counts per case (``bench.traffic``): the traffic of each pass against hand counts,
 the rows and table of part 4, the launches per step of ``python -m bench``'s cases at fewer rows,
-and the modelled H100 step of part 3 with the host times of part 2's goal."""
+and the modelled H100 step of part 3 (``tools.h100_model``) with the host times of part 2's
+goal."""
 
 import json
 
@@ -10,12 +11,12 @@ from bench.cases import (CIFAR100_ADV, EXPLICIT, IMAGENET, PER_ROW, PRIOR, SHARE
                          Case, make_inputs)
 from bench.overhead import HOST_STEP_CASE
 from bench.providers import KL_DIV, PACKAGE, PACKAGE_TRITON, make_passes, select_providers
-from bench.traffic import (LAUNCH_LATENCY_SECONDS, PASSES, STEP_COUNT_ELEMENTS, STEP_COUNT_ROWS,
-                           count_case, count_provider_step, format_modelled_step,
-                           format_traffic_table, modelled_h100_seconds, modelled_step, run_steps,
-                           run_traffic, step_count_batch, traffic_cases)
+from bench.traffic import (PASSES, STEP_COUNT_ELEMENTS, STEP_COUNT_ROWS, count_case,
+                           count_modelled_step, count_provider_step, format_traffic_table,
+                           run_steps, run_traffic, step_count_batch, traffic_cases)
 from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.traffic import KernelTraffic
+from tools.h100_model import LAUNCH_LATENCY_SECONDS, format_modelled_step, modelled_h100_seconds
 
 
 def test_rank_one_triton_moves_five_transfers_and_row_statistics():
@@ -127,7 +128,7 @@ def test_run_steps_rows():
 
 def test_modelled_step_is_the_model_of_the_counted_step():
     case = Case("small prior", 16, 100, PRIOR, IMAGENET)
-    step = modelled_step(case)
+    step = count_modelled_step(case)
     package, kl_div = step["steps"]
     assert (package["provider"], kl_div["provider"]) == (PACKAGE_TRITON, KL_DIV)
     for counted, row in ((count_case(case, "triton"), package),
