@@ -393,7 +393,7 @@ def rows_with_gradients(inputs, totals, config, need_ds, need_dt, out=None):
     themselves: each block is written once it is read); for the JSD in one pass too."""
     if config.source == SOURCE_JSD and not config.use_triton:
         return jsd_row_stats_torch(inputs.student, inputs.teacher, inputs.labels, config, totals,
-                                   need_ds)
+                                   need_ds, out)
     if config.use_triton:
         stats = statistics(inputs, config)[0]
         one = stats.new_ones(())

@@ -130,14 +130,17 @@ def _coefficients(grad, totals, kept, config):
     return torch.where(kept, scale, 0.0)
 
 
-def jsd_row_stats_torch(student, teacher, labels, config, totals=None, need_ds=False):
+def jsd_row_stats_torch(student, teacher, labels, config, totals=None, need_ds=False, out=None):
     """The statistics ``(B, NUM_STATS)`` of the generalized JSD of the rows: maxima, normaliser
     rests, the divergence (``STAT_A``), its KL sums, kept and label-error flags; with ``totals``
     (the batch's, known before the rows) and ``need_ds``, also ``(ds, empty)``, the student's
-    gradient for an incoming gradient of 1, each block's formed while it is in cache."""
+    gradient for an incoming gradient of 1, each block's formed while it is in cache, written
+    into ``out`` where given (``(B, C)``, maybe ``student`` itself: a block is written once it
+    is read)."""
     dtype = compute_dtype(student, teacher)
     stats = student.new_zeros(student.shape[0], NUM_STATS, dtype=dtype)
-    ds, dt = empty_gradients(student, teacher, need_ds, False)
+    ds, dt = empty_gradients(student, teacher, need_ds and out is None, False)
+    ds = ds if out is None or not need_ds else out
     scratch, blocks = scratch_and_blocks(student, dtype)
     for block in blocks:
         s, t, kept, bad = kept_logits(student[block], teacher[block],
