@@ -16,6 +16,12 @@ no gradient), and returns the gradients of the student's hidden states and weigh
   are cleared at each size, so the warm-up step compiles for that size) and with
   ``compiled=False``; 1024-row chunks (its default).
 
+``--trainer`` compares the trainer-facing losses, hard cross-entropy plus distillation term with
+Liger's default weights ``weight_hard_loss = weight_soft_loss = 0.5``, at ``TRAINER_SIZES``:
+``trainer-gkl`` (``FusedLinearDistillationLoss``, GKL), ``trainer-jsd`` (``FusedLinearJSDLoss``,
+JSD with ``beta=0.5``, 1024-row chunks) and ``liger-trainer`` (``LigerFusedLinearJSDLoss``
+compiled, the same weights), judged against Liger's time and peak memory.
+
 All GKL providers use the loss's default options (weights from the teacher, ``gamma=1``,
 ``T=1``). Inputs are drawn once per size with ``torch.manual_seed``: hidden states ``N(0, 1)``,
 weights ``N(0, 1/H)`` (logits of unit scale), labels uniform in ``[0, V)`` with about 10% set to
@@ -58,7 +64,8 @@ from bench.devices import CpuMeter  # noqa: E402
 from bench.measure import record_timing  # noqa: E402
 from bench.providers import Passes  # noqa: E402
 from bench.report import format_bytes, format_error, format_seconds  # noqa: E402
-from gkl_kernels import fused_linear_gkl, gkl_loss  # noqa: E402
+from gkl_kernels import (FusedLinearDistillationLoss, FusedLinearJSDLoss,  # noqa: E402
+                         fused_linear_gkl, gkl_loss)
 from gkl_kernels.fused_linear import default_chunk_size  # noqa: E402
 from gkl_kernels.testing.dispatch import DispatchCounter  # noqa: E402
 from gkl_kernels.testing.memory import available_memory_bytes  # noqa: E402
@@ -72,6 +79,9 @@ LIGER_CHUNK = 1024  # LigerFusedLinearJSDLoss's default chunk_size
 TARGET_SECONDS = 2.0  # time each provider for at least this long (and at least --repeats steps)
 UNFUSED, FUSED, FUSED_CHUNKED = "unfused", "fused", f"fused-chunk{FUSED_CHUNK}"
 LIGER, LIGER_EAGER = "liger-jsd", "liger-jsd-eager"
+TRAINER_GKL, TRAINER_JSD, LIGER_TRAINER = "trainer-gkl", "trainer-jsd", "liger-trainer"
+TRAINER_WEIGHTS = dict(weight_hard_loss=0.5, weight_soft_loss=0.5)  # Liger's defaults
+DISTILLATION_ONLY = dict(weight_hard_loss=0.0, weight_soft_loss=1.0)  # liger-jsd's weights
 GOAL_MEMORY_RATIO, GOAL_TIME_RATIO = 4.0, 1.5  # the issue's: fused peak / 4 or less, time x 1.5
 # against Liger's fused linear JSD at GOAL_SIZE: time at most 1.0x, peak memory at most 0.6x
 LIGER_TIME_RATIO, LIGER_MEMORY_RATIO = 1.0, 0.6
@@ -117,6 +127,8 @@ QUICK_SIZES = (Size(1024, 32000, 512), Size(4096, 32000, 512))
 DEFAULT_SIZES = (Size(1024, 32000, 512), Size(4096, 32000, 512), GOAL_SIZE,
                  Size(4096, 128256, 512), Size(4096, 32000, 2048),
                  Size(4096, 32000, 512, "bfloat16"))
+TRAINER_SIZES = tuple(Size(n, v, 512, dtype) for n, v in ((8192, 32000), (4096, 128256))
+                      for dtype in ("float32", "bfloat16"))
 ALL_SIZES = (*(Size(n, v, h) for v in (32000, 128256) for h in (512, 2048)
                for n in (1024, 4096, 8192)),
              Size(4096, 32000, 512, "bfloat16"))
@@ -199,21 +211,38 @@ def _fused_default_rows(size):
     return min(size.tokens, default_chunk_size(size.vocab, "cpu", size.dtype == "float32"))
 
 
-def _liger(compiled):
+def _module_loss(module):
+    """A loss function calling ``module`` as Liger's fused linear losses are called."""
+    def module_loss(inputs):
+        return module(inputs.student_hidden, inputs.student_weight, inputs.teacher_hidden,
+                      inputs.teacher_weight, inputs.labels)
+    return module_loss
+
+
+def _liger(compiled, weights=DISTILLATION_ONLY):
     """Liger's loss; Dynamo's caches cleared first, so that the warm-up step compiles for this
     size and no size meets the recompile limit (past it Dynamo quietly runs eager)."""
     def build():
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
         torch._dynamo.reset()
-        module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5,
-                                         ignore_index=IGNORE_INDEX, compiled=compiled,
-                                         chunk_size=LIGER_CHUNK)
+        return _module_loss(LigerFusedLinearJSDLoss(**weights, beta=0.5,
+                                                    ignore_index=IGNORE_INDEX,
+                                                    compiled=compiled, chunk_size=LIGER_CHUNK))
+    return build
 
-        def liger_loss(inputs):
-            return module(inputs.student_hidden, inputs.student_weight, inputs.teacher_hidden,
-                          inputs.teacher_weight, inputs.labels)
-        return liger_loss
+
+def _trainer(divergence):
+    """The package's trainer-facing loss with ``TRAINER_WEIGHTS``: GKL
+    (``FusedLinearDistillationLoss``) or JSD (``FusedLinearJSDLoss``, Liger's constructor)."""
+    def build():
+        if divergence == "gkl":
+            module = FusedLinearDistillationLoss(**TRAINER_WEIGHTS, ignore_index=IGNORE_INDEX,
+                                                 backend="torch")
+        else:
+            module = FusedLinearJSDLoss(**TRAINER_WEIGHTS, beta=0.5, ignore_index=IGNORE_INDEX,
+                                        chunk_size=LIGER_CHUNK)
+        return _module_loss(module)
     return build
 
 
@@ -228,9 +257,15 @@ PROVIDERS = (
     Provider(FUSED_CHUNKED, _fused(FUSED_CHUNK), lambda size: min(size.tokens, FUSED_CHUNK)),
     Provider(LIGER, _liger(True), _liger_rows, computes_gkl=False, eager=False),
     Provider(LIGER_EAGER, _liger(False), _liger_rows, computes_gkl=False),
+    Provider(TRAINER_GKL, _trainer("gkl"), _fused_default_rows, computes_gkl=False),
+    Provider(TRAINER_JSD, _trainer("jsd"), lambda size: min(size.tokens, LIGER_CHUNK),
+             computes_gkl=False),
+    Provider(LIGER_TRAINER, _liger(True, TRAINER_WEIGHTS), _liger_rows, computes_gkl=False,
+             eager=False),
 )
 QUICK_PROVIDERS = (UNFUSED, FUSED, LIGER)
 DEFAULT_PROVIDERS = (UNFUSED, FUSED, FUSED_CHUNKED, LIGER)
+TRAINER_PROVIDERS = (TRAINER_GKL, TRAINER_JSD, LIGER_TRAINER)
 
 
 @dataclasses.dataclass
@@ -475,6 +510,25 @@ def check_liger_goal(results):
                 1 / memory_ratio, time_ratio, met)
 
 
+def check_trainer_goal(results):
+    """The ``Goal`` of the trainer-facing losses against ``liger-trainer`` at every size where
+    both ran (``time_ratio``, ``memory_factor``: the worst of them)."""
+    goal = (f"Goal of {TRAINER_GKL} and {TRAINER_JSD} against {LIGER_TRAINER}: time <= "
+            f"{LIGER_TIME_RATIO:g}x, peak memory <= {LIGER_MEMORY_RATIO:g}x its:")
+    pairs = [(size_of(r), r, find(results, size_of(r), LIGER_TRAINER)) for r in results
+             if r.provider in (TRAINER_GKL, TRAINER_JSD) and not r.skipped]
+    pairs = [(size, ours, liger) for size, ours, liger in pairs if liger is not None]
+    if not pairs:
+        return Goal(f"{goal} n/a (not measured; run with --trainer)")
+    time_ratio = max(ours.seconds / liger.seconds for _, ours, liger in pairs)
+    memory_ratio = max(ours.peak_bytes / liger.peak_bytes for _, ours, liger in pairs)
+    met = time_ratio <= LIGER_TIME_RATIO and memory_ratio <= LIGER_MEMORY_RATIO
+    lines = "; ".join(f"{ours.provider} at {size.label} {_liger_ratios(ours, liger)}"
+                      for size, ours, liger in pairs)
+    return Goal(f"{goal} {'met' if met else 'MISSED'}: {lines}", 1 / memory_ratio, time_ratio,
+                met)
+
+
 def _liger_ratios(fused, liger):
     return (f"time {format_seconds(fused.seconds)} vs {format_seconds(liger.seconds)} "
             f"({fused.seconds / liger.seconds:.2f}x), peak {format_bytes(fused.peak_bytes)} vs "
@@ -505,6 +559,7 @@ def write_json(path, info, sizes, results, goals, wall_seconds):
         "results": [dataclasses.asdict(r) for r in results],
         "goal": dataclasses.asdict(goals[0]),
         "liger_goal": dataclasses.asdict(goals[1]),
+        "trainer_goal": dataclasses.asdict(goals[2]),
         "wall_seconds": wall_seconds,
     }
     with open(path, "w", encoding="utf-8") as out:
@@ -560,6 +615,9 @@ def parse_args(argv=None):
     parser.add_argument("--all-sizes", action="store_true",
                         help="the whole grid N in {1024, 4096, 8192}, V in {32000, 128256}, H in "
                         "{512, 2048} (hours on a small CPU)")
+    parser.add_argument("--trainer", action="store_true",
+                        help=f"the trainer-facing losses against Liger's at their sizes: "
+                        f"providers {', '.join(TRAINER_PROVIDERS)} (about 15 minutes)")
     parser.add_argument("--sizes", nargs="+", type=parse_size, metavar="NxVxH[:dtype]",
                         help="run these sizes instead, e.g. 8192x32000x512 "
                         "4096x32000x512:bfloat16")
@@ -582,8 +640,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     sizes = args.sizes or (QUICK_SIZES if args.quick else ALL_SIZES if args.all_sizes
-                           else DEFAULT_SIZES)
-    names = args.providers or (QUICK_PROVIDERS if args.quick else DEFAULT_PROVIDERS)
+                           else TRAINER_SIZES if args.trainer else DEFAULT_SIZES)
+    names = args.providers or (QUICK_PROVIDERS if args.quick else TRAINER_PROVIDERS
+                               if args.trainer else DEFAULT_PROVIDERS)
     providers = [p for p in PROVIDERS if p.name in names]
     meter = CpuMeter(TARGET_SECONDS, min_repeats=args.repeats)
     info = dict(report.machine_info(meter), liger_kernel=liger_version(),
@@ -601,7 +660,7 @@ def main(argv=None):
               flush=True)
     print()
     print(format_table(results))
-    goals = check_goal(results), check_liger_goal(results)
+    goals = check_goal(results), check_liger_goal(results), check_trainer_goal(results)
     print()
     for goal in goals:
         print(goal.line)
