@@ -319,9 +319,10 @@ def _sparse_loss(student, rows, options, chunk_size, use_triton, grads):
     return sum(terms)[0]
 
 
-def chunk_loop(heads, grads, rows, chunk_size, chunk_function, reuse_blocks=False):
+def chunk_loop(heads, grads, rows, chunk_size, chunk_function, reuse_blocks=False, upcast=True):
     """The one chunk loop of the fused losses: for each chunk of ``rows`` rows the chunk's float32
-    logits ``h[chunk] W^T (+ b)`` ``(c, V)`` of each linear head ``(h, W, b)`` of ``heads``, then
+    logits ``h[chunk] W^T (+ b)`` ``(c, V)`` of each linear head ``(h, W, b)`` of ``heads`` (not
+    ``upcast``: in a half-precision head's dtype, for a function that converts row blocks), then
     ``terms, logit_grads = chunk_function(chunk, *logits)``; each logit gradient ``g`` (None: not
     wanted) is folded back into the head's ``grads`` ``(dh, dW, db)`` at once: ``dh = g W``,
     ``dW += g^T h[chunk]``, ``db += sum_rows g``. ``reuse_blocks``: the logits of float32 heads
@@ -331,7 +332,7 @@ def chunk_loop(heads, grads, rows, chunk_size, chunk_function, reuse_blocks=Fals
               else None for head in heads]
     terms = []
     for chunk in _chunks(rows, chunk_size):
-        logits = [_logits(head, chunk, block) for head, block in zip(heads, blocks)]
+        logits = [_logits(head, chunk, block, upcast) for head, block in zip(heads, blocks)]
         part, logit_grads = chunk_function(chunk, *logits)
         del logits  # fresh logits are freed before the products of the fold-back
         for grad_logits, head, head_grads in zip(logit_grads, heads, grads):
@@ -470,12 +471,13 @@ def _chunk_block(linear, chunk_size):
                             dtype=torch.float32)
 
 
-def _logits(linear, chunk, block=None):
-    """``h[chunk] W^T (+ b)`` in the inputs' dtype, returned in float32, (c, V); written into
-    the first rows of ``block`` when given (float32 inputs)."""
+def _logits(linear, chunk, block=None, upcast=True):
+    """``h[chunk] W^T (+ b)`` in the inputs' dtype, returned in float32 (``upcast``) or in that
+    dtype, (c, V); written into the first rows of ``block`` when given (float32 inputs)."""
     hidden, weight, bias = linear
     if block is None:
-        return F.linear(hidden[chunk], weight, bias).float()
+        logits = F.linear(hidden[chunk], weight, bias)
+        return logits.float() if upcast else logits
     out = block[:chunk.stop - chunk.start]
     if bias is None:
         return torch.mm(hidden[chunk], weight.t(), out=out)

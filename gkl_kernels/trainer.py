@@ -169,14 +169,13 @@ class FusedLinearDistillationLoss(nn.Module):
         def loss_and_gradients(wanted):
             grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
             need_ds = any(g is not None for g in grads)
-            hard_buffer = []  # the hard term's chunk gradient, made once, reused by each chunk
 
             def chunk_terms(chunk, s, t):
                 return self._chunk_terms(s, t, None if labels is None else labels[chunk],
-                                         normaliser, config, per_row, need_ds, hard_buffer)
+                                         normaliser, config, per_row, need_ds)
 
             totals = sum(chunk_loop((student, teacher), (grads,), rows, chunk_size, chunk_terms,
-                                    reuse_blocks=True))
+                                    reuse_blocks=True, upcast=False))
             return tuple(total.clone() for total in totals), grads
 
         loss, soft, hard = ChunkedLoss.apply(loss_and_gradients, *student)
@@ -206,41 +205,52 @@ class FusedLinearDistillationLoss(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    def _chunk_terms(self, s, t, labels, normaliser, config, per_row, need_ds, hard_buffer):
+    def _chunk_terms(self, s, t, labels, normaliser, config, per_row, need_ds):
         """``([loss, soft, hard], (ds,))`` of one chunk of tokens (each sum divided by the
         normaliser) and, when ``need_ds``, the loss's gradient with respect to the student's raw
-        logits ``s`` (written into ``s``'s memory), no autograd: the soft rows and their
+        logits ``s`` (written into ``s``'s memory), no autograd. On CPU row block by row block
+        (``_block_terms``; half-precision logits converted a block at a time, in cache), on a GPU
+        the chunk at once."""
+        if s.device.type != "cpu":
+            terms, ds = self._block_terms(s, t, labels, normaliser, config, per_row, need_ds)
+            return terms, (ds,)
+        terms = 0
+        for block in row_blocks(*s.shape):
+            rows = s[block]
+            part, ds = self._block_terms(rows, t[block], None if labels is None else labels[block],
+                                         normaliser, config, per_row, need_ds)
+            if ds is not None and ds.data_ptr() != rows.data_ptr():
+                rows.copy_(ds)
+            terms = terms + part
+        return terms, (s if need_ds else None,)
+
+    def _block_terms(self, s, t, labels, normaliser, config, per_row, need_ds):
+        """``([loss, soft, hard], ds)`` of a block of rows and, when ``need_ds`` (else None), its
+        gradient, float32, in ``s``'s memory where ``s`` is float32: the soft rows and their
         gradient from the row ops under ``config`` (``per_row`` totals), the hard
-        cross-entropy's by hand (its gradient in ``hard_buffer[0]``, made at the first chunk),
-        then the chain rule of the logit transforms."""
-        student, teacher = self._transform(s), self._transform(t)
-        hard_out = None
-        if need_ds and self.weight_hard_loss != 0 and labels is not None:
-            if not hard_buffer or hard_buffer[0].shape[0] < student.shape[0]:
-                hard_buffer[:] = [torch.empty_like(student)]
-            hard_out = hard_buffer[0]
+        cross-entropy's by hand, then the chain rule of the logit transforms, in float32."""
+        raw = s if s.dtype == torch.float32 else s.float()
+        student, teacher = self._transform(raw), self._transform(t.float())
+        hard_scale = self.weight_hard_loss / normaliser
         hard, hard_grad = _cross_entropy_sum(student, labels, self.options.ignore_index,
-                                             self.weight_hard_loss / normaliser, hard_out)
+                                             need_ds and self.weight_hard_loss != 0)
         inputs = RowInputs(student, teacher, None, labels)
         if need_ds:  # the raw logits are not read again: the gradient goes there
-            stats, ds, _ = rows_with_gradients(inputs, per_row, config, True, False, out=s)
+            stats, ds, _ = rows_with_gradients(inputs, per_row, config, True, False, out=raw)
         else:
             stats, ds = statistics(inputs, config)[0], None
         soft = row_losses_torch(stats, config).sum()
         if ds is not None:
-            soft_scale = self.weight_soft_loss / normaliser
-            if hard_grad is None:
-                ds.mul_(soft_scale)
-            else:
-                torch.addcmul(hard_grad, ds, soft_scale, out=ds)
+            ds.mul_(self.weight_soft_loss / normaliser)
+            if hard_grad is not None:
+                ds.addcmul_(hard_grad, hard_scale)
             if self.final_logit_softcapping is not None:  # d cap tanh(z / cap) = 1 - tanh^2
                 ds.mul_(1.0 - (student / self.final_logit_softcapping).square_())
             if self.logit_scale is not None:
                 ds.mul_(self.logit_scale)
         soft, hard = soft / normaliser, hard / normaliser
-        terms = torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard, soft,
-                             hard])
-        return terms, (ds,)
+        return torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard, soft,
+                            hard]), ds
 
     def extra_repr(self) -> str:
         divergence = f"divergence={self.divergence!r}" + (
@@ -253,30 +263,22 @@ class FusedLinearDistillationLoss(nn.Module):
                 f"ignore_index={self.options.ignore_index}")
 
 
-def _cross_entropy_sum(logits, labels, ignore_index, scale, out):
-    """``(sum of CE_b, scale times its gradient or None)`` over the rows not labelled
-    ``ignore_index`` (``F.cross_entropy(..., reduction="sum")``): ``CE_b = logsumexp(z_b) -
-    z_b[label_b]``, the gradient ``softmax(z_b) - onehot(label_b)`` on those rows, 0 on the others
-    (not read), written into ``out[:B]`` (None: not wanted). On CPU row block by row block, as
-    the soft rows (each block's exponentials in cache), on a GPU the chunk at once."""
+def _cross_entropy_sum(logits, labels, ignore_index, need_grad):
+    """``(sum of CE_b, its gradient or None)`` over the rows not labelled ``ignore_index``
+    (``F.cross_entropy(..., reduction="sum")``): ``CE_b = logsumexp(z_b) - z_b[label_b]``, the
+    gradient ``softmax(z_b) - onehot(label_b)`` on those rows, 0 on the others (not read)."""
     if labels is None:
         return logits.new_zeros(()), None
     kept = labels != ignore_index
     picked = torch.where(kept, labels, 0)[:, None]
-    rows = logits.shape[0]
-    grad = None if out is None else out[:rows]
-    sums = []
-    blocks = row_blocks(*logits.shape) if logits.device.type == "cpu" else [slice(0, rows)]
-    for block in blocks:
-        x, label = logits[block], picked[block]
-        top = finite_ref(x.amax(dim=1, keepdim=True))
-        e = torch.sub(x, top, out=None if grad is None else grad[block]).exp_()
-        z = e.sum(dim=1, keepdim=True)
-        sums.append(torch.where(kept[block], (top + z.log() - x.gather(1, label))[:, 0], 0.0))
-        if grad is not None:
-            e.div_(z).scatter_add_(1, label, e.new_full(label.shape, -1.0)).masked_fill_(
-                ~kept[block, None], 0.0).mul_(scale)
-    return torch.cat(sums).sum(), grad
+    top = finite_ref(logits.amax(dim=1, keepdim=True))
+    e = torch.sub(logits, top).exp_()
+    z = e.sum(dim=1, keepdim=True)
+    rows = torch.where(kept, (top + z.log() - logits.gather(1, picked))[:, 0], 0.0)
+    if not need_grad:
+        return rows.sum(), None
+    grad = e.div_(z).scatter_add_(1, picked, e.new_full(picked.shape, -1.0))
+    return rows.sum(), grad.masked_fill_(~kept[:, None], 0.0)
 
 
 def _rows(hidden):
