@@ -36,7 +36,7 @@ from gkl_kernels.core.config import SOURCE_TEACHER
 from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_size,
                                       gradient_buffer, options_from, rows_with_gradients)
 from gkl_kernels.options import GKL_ONLY_OPTIONS
-from gkl_kernels.rank1.torch_impl import finite_ref, row_blocks, row_losses_torch
+from gkl_kernels.rank1.torch_impl import finite_ref, row_losses_torch, scratch_and_blocks
 from gkl_kernels.row_ops import RowInputs, statistics
 from gkl_kernels.rows import per_row_totals
 from gkl_kernels.sparse_teacher import kept_row_count
@@ -215,25 +215,35 @@ class FusedLinearDistillationLoss(nn.Module):
             terms, ds = self._block_terms(s, t, labels, normaliser, config, per_row, need_ds)
             return terms, (ds,)
         terms = 0
-        for block in row_blocks(*s.shape):
+        scratch, blocks = scratch_and_blocks(s, torch.float32, pool="trainer")
+        for block in blocks:
             rows = s[block]
             part, ds = self._block_terms(rows, t[block], None if labels is None else labels[block],
-                                         normaliser, config, per_row, need_ds)
+                                         normaliser, config, per_row, need_ds, scratch)
             if ds is not None and ds.data_ptr() != rows.data_ptr():
                 rows.copy_(ds)
             terms = terms + part
         return terms, (s if need_ds else None,)
 
-    def _block_terms(self, s, t, labels, normaliser, config, per_row, need_ds):
+    def _block_terms(self, s, t, labels, normaliser, config, per_row, need_ds, scratch=None):
         """``([loss, soft, hard], ds)`` of a block of rows and, when ``need_ds`` (else None), its
         gradient, float32, in ``s``'s memory where ``s`` is float32: the soft rows and their
         gradient from the row ops under ``config`` (``per_row`` totals), the hard
-        cross-entropy's by hand, then the chain rule of the logit transforms, in float32."""
-        raw = s if s.dtype == torch.float32 else s.float()
-        student, teacher = self._transform(raw), self._transform(t.float())
+        cross-entropy's by hand, then the chain rule of the logit transforms, in float32;
+        temporaries in ``scratch`` (None: fresh)."""
+        rows = s.shape[0]
+
+        def as_float(x, name):
+            if x.dtype == torch.float32:
+                return x
+            return x.float() if scratch is None else scratch.floats(name, rows).copy_(x)
+
+        raw = as_float(s, "student")
+        student, teacher = self._transform(raw), self._transform(as_float(t, "teacher"))
         hard_scale = self.weight_hard_loss / normaliser
-        hard, hard_grad = _cross_entropy_sum(student, labels, self.options.ignore_index,
-                                             need_ds and self.weight_hard_loss != 0)
+        hard, hard_grad = _cross_entropy_sum(
+            student, labels, self.options.ignore_index, need_ds and self.weight_hard_loss != 0,
+            None if scratch is None else scratch.floats("hard", rows))
         inputs = RowInputs(student, teacher, None, labels)
         if need_ds:  # the raw logits are not read again: the gradient goes there
             stats, ds, _ = rows_with_gradients(inputs, per_row, config, True, False, out=raw)
@@ -263,16 +273,17 @@ class FusedLinearDistillationLoss(nn.Module):
                 f"ignore_index={self.options.ignore_index}")
 
 
-def _cross_entropy_sum(logits, labels, ignore_index, need_grad):
+def _cross_entropy_sum(logits, labels, ignore_index, need_grad, out=None):
     """``(sum of CE_b, its gradient or None)`` over the rows not labelled ``ignore_index``
     (``F.cross_entropy(..., reduction="sum")``): ``CE_b = logsumexp(z_b) - z_b[label_b]``, the
-    gradient ``softmax(z_b) - onehot(label_b)`` on those rows, 0 on the others (not read)."""
+    gradient ``softmax(z_b) - onehot(label_b)`` on those rows, 0 on the others (not read), in
+    ``out`` where given."""
     if labels is None:
         return logits.new_zeros(()), None
     kept = labels != ignore_index
     picked = torch.where(kept, labels, 0)[:, None]
     top = finite_ref(logits.amax(dim=1, keepdim=True))
-    e = torch.sub(logits, top).exp_()
+    e = torch.sub(logits, top, out=out).exp_()
     z = e.sum(dim=1, keepdim=True)
     rows = torch.where(kept, (top + z.log() - logits.gather(1, picked))[:, 0], 0.0)
     if not need_grad:

@@ -106,21 +106,23 @@ class Scratch:
     """Block-sized scratch tensors of one call, made at first use and reused by every row block:
     ``floats(name, rows)`` in the compute dtype, ``(rows, C)`` views. On CPU their storage is
     kept for the thread's next call (a fresh block-sized temporary costs its page faults each
-    time); a call that starts while another holds it makes its own. On a GPU the caching
+    time); a call that starts while another holds it makes its own. ``pool`` names the
+    storage, so that a caller of the row ops keeps its own beside theirs. On a GPU the caching
     allocator keeps them."""
 
-    _idle = threading.local()  # the thread's storage between calls: {(name, dtype): flat tensor}
+    _idle = threading.local()  # the thread's storage between calls, per pool: {pool: {(name,
+    # dtype): flat tensor}}
 
-    def __init__(self, like, block_rows, dtype):
+    def __init__(self, like, block_rows, dtype, pool="rows"):
         self._like, self._classes, self.dtype = like, like.shape[1], dtype
         self._size = block_rows * like.shape[1]
-        self._kept = like.device.type == "cpu"
-        self._storage = self._idle.__dict__.pop("storage", {}) if self._kept else {}
+        self._pool = pool if like.device.type == "cpu" else None
+        self._storage = {} if self._pool is None else self._idle.__dict__.pop(pool, {})
         self._views = {}
 
     def __del__(self):
-        if self._kept:
-            self._idle.__dict__.setdefault("storage", self._storage)
+        if self._pool is not None:
+            self._idle.__dict__.setdefault(self._pool, self._storage)
 
     def floats(self, name, rows):
         view = self._views.get((name, rows))
@@ -134,11 +136,11 @@ class Scratch:
         return view
 
 
-def scratch_and_blocks(student, dtype):
+def scratch_and_blocks(student, dtype, pool="rows"):
     """``(Scratch, row blocks)`` of one call over the rows of ``student``."""
     blocks = row_blocks(*student.shape)
     rows = blocks[0].stop - blocks[0].start if blocks else 0
-    return Scratch(student, rows, dtype), blocks
+    return Scratch(student, rows, dtype, pool), blocks
 
 
 def _dot(x, y, scratch):
