@@ -18,9 +18,10 @@ no gradient), and returns the gradients of the student's hidden states and weigh
 
 ``--trainer`` compares the trainer-facing losses, hard cross-entropy plus distillation term with
 Liger's default weights ``weight_hard_loss = weight_soft_loss = 0.5``, at ``TRAINER_SIZES``:
-``trainer-gkl`` (``FusedLinearDistillationLoss``, GKL), ``trainer-jsd`` (``FusedLinearJSDLoss``,
-JSD with ``beta=0.5``, 1024-row chunks) and ``liger-trainer`` (``LigerFusedLinearJSDLoss``
-compiled, the same weights), judged against Liger's time and peak memory.
+``trainer-gkl`` (``FusedLinearDistillationLoss``, GKL), ``trainer-jsd`` (the same with
+``divergence="jsd"``, ``beta=0.5``, 1024-row chunks: ``FusedLinearJSDLoss``'s loss) and
+``liger-trainer`` (``LigerFusedLinearJSDLoss`` compiled, the same weights), judged against
+Liger's time and peak memory.
 
 All GKL providers use the loss's default options (weights from the teacher, ``gamma=1``,
 ``T=1``). Inputs are drawn once per size with ``torch.manual_seed``: hidden states ``N(0, 1)``,
@@ -64,8 +65,7 @@ from bench.devices import CpuMeter  # noqa: E402
 from bench.measure import record_timing  # noqa: E402
 from bench.providers import Passes  # noqa: E402
 from bench.report import format_bytes, format_error, format_seconds  # noqa: E402
-from gkl_kernels import (FusedLinearDistillationLoss, FusedLinearJSDLoss,  # noqa: E402
-                         fused_linear_gkl, gkl_loss)
+from gkl_kernels import FusedLinearDistillationLoss, fused_linear_gkl, gkl_loss  # noqa: E402
 from gkl_kernels.fused_linear import default_chunk_size  # noqa: E402
 from gkl_kernels.testing.dispatch import DispatchCounter  # noqa: E402
 from gkl_kernels.testing.memory import available_memory_bytes  # noqa: E402
@@ -233,16 +233,14 @@ def _liger(compiled, weights=DISTILLATION_ONLY):
 
 
 def _trainer(divergence):
-    """The package's trainer-facing loss with ``TRAINER_WEIGHTS``: GKL
-    (``FusedLinearDistillationLoss``) or JSD (``FusedLinearJSDLoss``, Liger's constructor)."""
+    """``FusedLinearDistillationLoss`` with ``TRAINER_WEIGHTS``: GKL, or JSD as
+    ``FusedLinearJSDLoss`` (``beta=0.5``, Liger's chunk size), on the plain-PyTorch rows."""
     def build():
-        if divergence == "gkl":
-            module = FusedLinearDistillationLoss(**TRAINER_WEIGHTS, ignore_index=IGNORE_INDEX,
-                                                 backend="torch")
-        else:
-            module = FusedLinearJSDLoss(**TRAINER_WEIGHTS, beta=0.5, ignore_index=IGNORE_INDEX,
-                                        chunk_size=LIGER_CHUNK)
-        return _module_loss(module)
+        jsd = dict(divergence="jsd", beta=0.5, chunk_size=LIGER_CHUNK) if divergence == "jsd" \
+            else {}
+        return _module_loss(FusedLinearDistillationLoss(**TRAINER_WEIGHTS, **jsd,
+                                                        ignore_index=IGNORE_INDEX,
+                                                        backend="torch"))
     return build
 
 
