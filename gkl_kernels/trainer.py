@@ -208,10 +208,10 @@ class FusedLinearDistillationLoss(nn.Module):
     def _chunk_terms(self, s, t, labels, normaliser, config, per_row, need_ds):
         """``([loss, soft, hard], (ds,))`` of one chunk of tokens (each sum divided by the
         normaliser) and, when ``need_ds``, the loss's gradient with respect to the student's raw
-        logits ``s`` (written into ``s``'s memory), no autograd. On CPU row block by row block
-        (``_block_terms``; half-precision logits converted a block at a time, in cache), on a GPU
-        the chunk at once."""
-        if s.device.type != "cpu":
+        logits ``s`` (written into ``s``'s memory), no autograd. For the plain-PyTorch rows on CPU
+        row block by row block (``_block_terms``; half-precision logits converted a block at a
+        time, in cache); for the Triton rows, or on a GPU, the chunk at once."""
+        if config.use_triton or s.device.type != "cpu":
             terms, ds = self._block_terms(s, t, labels, normaliser, config, per_row, need_ds)
             return terms, (ds,)
         terms = 0
