@@ -141,9 +141,9 @@ def gkl_loss_with_options(student: Tensor, teacher: Union[Tensor, SparseTeacher]
     return RowLoss.apply(student, teacher, factor, labels, config, reduce)
 
 
-def jsd_loss(student: Tensor, teacher: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
-             labels: Optional[Tensor] = None, ignore_index: int = -100,
-             reduction: Reduction = "mean", backend: Backend = "auto",
+def jsd_loss(student: Tensor, teacher: Union[Tensor, SparseTeacher], *, beta: float = 0.5,
+             temperature: float = 1.0, labels: Optional[Tensor] = None,
+             ignore_index: int = -100, reduction: Reduction = "mean", backend: Backend = "auto",
              check_values: bool = True) -> Tensor:
     """The generalized Jensen-Shannon divergence of TRL's and Liger-Kernel's distillation losses,
     per row ``beta KL(P || M) + (1 - beta) KL(Q || M)`` with ``M = beta P + (1 - beta) Q``,
@@ -153,6 +153,10 @@ def jsd_loss(student: Tensor, teacher: Tensor, *, beta: float = 0.5, temperature
 
     Args:
         student, teacher: logits ``(..., C)`` of one shape, dtypes as in ``gkl_loss``.
+            ``teacher`` may be a ``SparseTeacher``: ``rest="renormalize"`` gives the JSD against
+            the renormalised cache exactly, ``"rest"`` that of the distributions grouped into the
+            cached classes and one class for the rest; ``"drop"`` is refused
+            (``sparse_teacher``).
         beta: the teacher's share of the mixture ``M``, in ``[0, 1]``.
         temperature: ``T``, dividing both models' logits (no ``T^2`` factor).
         labels: ``(...)`` class indices; rows equal to ``ignore_index`` are left out.
@@ -167,6 +171,8 @@ def jsd_loss(student: Tensor, teacher: Tensor, *, beta: float = 0.5, temperature
         ``"none"``.
     """
     options = GKLOptions.of(locals())
+    if isinstance(teacher, SparseTeacher):
+        return _sparse_teacher_loss(student, teacher, options, labels, None, None, None, jsd=True)
     check.check_logits(student, teacher, any_rows=True)
     lead = student.shape[:-1]
     student, teacher, labels, _ = _as_rows(student, teacher, labels, None)
@@ -197,9 +203,11 @@ def _host_checks(options, use_triton, device):
                                          and options.reduction == "mean")
 
 
-def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights, weights_kind):
-    """``gkl_loss`` on a ``SparseTeacher``: every input checked here, once, then taken as rows
-    ``(B, C)`` and the teacher's ``CompactRows``, and the loss is ``sparse_teacher_loss``'s."""
+def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights, weights_kind,
+                         jsd=False):
+    """``gkl_loss`` (``jsd``: ``jsd_loss``) on a ``SparseTeacher``: every input checked here,
+    once, then taken as rows ``(B, C)`` and the teacher's ``CompactRows``, and the loss is
+    ``sparse_teacher_loss``'s."""
     check.check_logits(student, student, any_rows=True)
     if weights is not None and (weights_kind not in (None, "factor")
                                 or weights.shape != student.shape):
@@ -220,7 +228,7 @@ def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights
                            student.device)
     ignored = None if labels is None else (labels == options.ignore_index).reshape(lead)
     teacher = readable_indices(teacher, ignored)
-    check_sparse_teacher(teacher, student, options.check_values, ignored)
+    check_sparse_teacher(teacher, student, options.check_values, ignored, jsd)
     if teacher.rest == "drop" and options.sync_normalizer:
         raise ValueError("sync_normalizer does not combine with rest='drop' (its cross-entropy "
                          "is averaged here, per process)")
@@ -240,7 +248,7 @@ def _sparse_teacher_loss(student, teacher, options, labels, class_prior, weights
         zeros = student.sum(-1).float() * 0.0  # zeros, gradients of zeros
         return zeros if options.reduction == "none" else zeros.sum()
     loss = sparse_teacher_loss(student_rows, rows, options,
-                               check.use_triton_for(options.backend, student.device))
+                               check.use_triton_for(options.backend, student.device), jsd=jsd)
     return loss.reshape(lead) if options.reduction == "none" else loss
 
 

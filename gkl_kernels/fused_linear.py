@@ -9,12 +9,13 @@ at once: ``dh = g W``, ``dW += g^T h`` (a float32 accumulator), ``db += sum_rows
 gradients are computed during the forward pass and scaled by the incoming gradient in backward
 (the loss is a scalar), so the peak extra memory is ``O(c V)`` plus the gradients themselves.
 
-Every fused loss (``fused_linear_gkl``, ``fused_linear_jsd``, ``fused_linear_gkl_sparse``, the
-trainer's ``FusedLinearDistillationLoss``) runs the one chunk loop ``chunk_loop``: it forms each
-chunk's logits and folds the gradient its per-chunk function returns back into the heads; that
-function forms the gradient from the row ops (``rows_with_gradients``; the sparse teacher's
-compact rows by autograd). One autograd function, ``ChunkedLoss``, carries the gradients of all
-of them to the caller. Their inputs are checked once, at the entry.
+Every fused loss (``fused_linear_gkl``, ``fused_linear_jsd``, ``fused_linear_gkl_sparse``,
+``fused_linear_jsd_sparse``, the trainer's ``FusedLinearDistillationLoss``) runs the one chunk
+loop ``chunk_loop``: it forms each chunk's logits and folds the gradient its per-chunk function
+returns back into the heads; that function forms the gradient from the row ops
+(``rows_with_gradients``; the sparse teacher's compact rows by autograd). One autograd function,
+``ChunkedLoss``, carries the gradients of all of them to the caller. Their inputs are checked
+once, at the entry.
 
 The loss's coefficients ``mse_weight / (4 N)`` and ``ce_weight / R`` must be known before any
 chunk's gradient is formed (``batch_totals``, the one normaliser). ``R`` (the kept rows) comes
@@ -270,10 +271,41 @@ def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
     Returns:
         The loss, float32, 0-dim.
     """
-    options = options_from(gkl_options)
+    return _fused_sparse((student_hidden, student_weight, student_bias), teacher, labels,
+                         class_prior, weights, chunk_size, options_from(gkl_options))
+
+
+def fused_linear_jsd_sparse(student_hidden: Tensor, student_weight: Tensor,
+                            teacher: SparseTeacher, *, labels: Optional[Tensor] = None,
+                            student_bias: Optional[Tensor] = None, beta: float = 0.5,
+                            temperature: float = 1.0, ignore_index: int = -100,
+                            chunk_size: Optional[int] = None, backend: Backend = "auto",
+                            check_values: bool = True) -> Tensor:
+    """``jsd_loss(h_s W_s^T + b_s, teacher, ...)`` (the mean over the kept rows) for a teacher
+    cached as its top-k classes, chunk by chunk as ``fused_linear_gkl_sparse``.
+
+    Args:
+        student_hidden, student_weight, student_bias: as in ``fused_linear_gkl``.
+        teacher: the ``SparseTeacher`` (``rest="renormalize"`` or ``"rest"``, as in
+            ``jsd_loss``).
+        labels: ``(N,)``; rows equal to ``ignore_index`` are left out.
+        beta, temperature, ignore_index, backend, check_values: as in ``jsd_loss``.
+        chunk_size: rows per chunk, as in ``fused_linear_gkl_sparse``.
+
+    Returns:
+        The loss, float32, 0-dim.
+    """
+    return _fused_sparse((student_hidden, student_weight, student_bias), teacher, labels, None,
+                         None, chunk_size, GKLOptions.of(locals()), jsd=True)
+
+
+def _fused_sparse(student, teacher, labels, class_prior, weights, chunk_size, options,
+                  jsd=False):
+    """The fused sparse-teacher loss of the head ``student`` ``(h, W, b)``: every input checked
+    (before any product), the teacher's compact rows formed once, then ``_sparse_loss``."""
     check.check_chunk_size(chunk_size)
-    rows, vocabulary = check.check_linear("student", student_hidden, student_weight, student_bias)
-    device = student_hidden.device
+    rows, vocabulary = check.check_linear("student", *student)
+    device = student[0].device
     like = torch.zeros((), device=device).expand(rows, vocabulary)  # shapes only, no memory
     if labels is not None:
         check.check_labels(labels, rows, vocabulary, device, options.check_values,
@@ -281,26 +313,25 @@ def fused_linear_gkl_sparse(student_hidden: Tensor, student_weight: Tensor,
     _checked_weight_source(weights, class_prior, labels, rows, vocabulary, device, options)
     ignored = None if labels is None else labels == options.ignore_index
     teacher = readable_indices(teacher, ignored)
-    check_sparse_teacher(teacher, like, options.check_values, ignored)
+    check_sparse_teacher(teacher, like, options.check_values, ignored, jsd)
     rows = compact_rows(replace(teacher, values=teacher.values.detach()), vocabulary,
                         optional_factor(weights, class_prior, labels, options), ignored,
                         options.ignore_index)
     chunk_size = chunk_size or default_chunk_size(vocabulary, device.type)
     use_triton = check.use_triton_for(options.backend, device)
-    student = (student_hidden, student_weight, student_bias)
 
     def loss_and_gradients(wanted):
         grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
-        return (_sparse_loss(student, rows, options, chunk_size, use_triton, grads),), grads
+        return (_sparse_loss(student, rows, options, chunk_size, use_triton, grads, jsd),), grads
 
     return ChunkedLoss.apply(loss_and_gradients, *student)[0]
 
 
-def _sparse_loss(student, rows, options, chunk_size, use_triton, grads):
-    """The loss (float32, 0-dim) of the student's head ``student`` against the teacher's
-    ``CompactRows``, the student's gradients added into ``grads``: per chunk of ``chunk_size``
-    rows ``sparse_teacher_loss``'s share of the mean with the batch's ``(1 / N, 1 / R)``
-    (``batch_totals``), differentiated by autograd."""
+def _sparse_loss(student, rows, options, chunk_size, use_triton, grads, jsd=False):
+    """The loss (float32, 0-dim; ``jsd``: the generalized JSD's) of the student's head
+    ``student`` against the teacher's ``CompactRows``, the student's gradients added into
+    ``grads``: per chunk of ``chunk_size`` rows ``sparse_teacher_loss``'s share of the mean with
+    the batch's ``(1 / N, 1 / R)`` (``batch_totals``), differentiated by autograd."""
     count = rows.indices.shape[0]
 
     def weight_inputs(chunk):  # the weights read the teacher's compact rows alone
@@ -308,11 +339,12 @@ def _sparse_loss(student, rows, options, chunk_size, use_triton, grads):
         return RowInputs(part.teacher, part.teacher, part.factor, part.labels)
 
     shares = normaliser_shares(batch_totals(  # the compact rows (N, k + 1): one chunk
-        rows.config(options, use_triton),
+        rows.config(options, use_triton, jsd),
         kept_row_count(rows.ignored, count, rows.teacher.device), count, count, weight_inputs))
 
     def chunk_terms(chunk, logits):
-        return sparse_teacher_loss(logits, rows.part(chunk), options, use_triton, shares)[None]
+        return sparse_teacher_loss(logits, rows.part(chunk), options, use_triton, shares,
+                                   jsd)[None]
 
     terms = chunk_loop((student,), (grads,), count, chunk_size,
                        with_autograd(chunk_terms, any(g is not None for g in grads)))

@@ -16,12 +16,21 @@ With that, ``rest`` decides how the teacher's mass outside the top-k enters:
 ``"drop"`` (the cross-entropy against the cached probabilities ``exp(x_j)`` as given, summing to
 ``m_b < 1``: ``m_b`` times the renormalised one), ``"rest"`` (one more class with the teacher's
 ``1 - m_b`` at ``T_gen`` and the student's mass outside, in the cross-entropy and the wMSE).
-With ``k = C`` each is the dense loss. Only the ``(N, C)`` student is read in full (the rest
-column's log-sum-exp: one temporary of its size); nothing else of size ``N x C`` exists.
+With ``k = C`` each is the dense loss. For the generalized JSD (``jsd_loss``,
+``fused_linear_jsd_sparse``): ``"renormalize"`` is exactly the full-vocabulary JSD against the
+renormalised cache (zero outside it: a class ``o`` outside adds ``(1 - beta) Q_o log(1 / (1 -
+beta))``, linear in ``Q_o``, so the rest column carries their sum; reverse KL is infinite where
+the student has mass outside); ``"rest"`` the JSD of both distributions grouped into the cached
+classes and one class for the rest (at most the full one; equal where the teacher's rest is
+spread as the student's); ``"drop"`` has no JSD (a ``ValueError``).
+
+Only the ``(N, C)`` student is read in full (the rest column's log-sum-exp: one temporary of its
+size); nothing else of size ``N x C`` exists.
 
 ``sparse_teacher_loss`` is the one routine that turns the compact rows into the loss (and the one
-place that knows what ``rest`` does to it), for ``gkl_loss`` and, chunk by chunk,
-``fused_linear_gkl_sparse``; both check their inputs once, before calling it.
+place that knows what ``rest`` does to it), for ``gkl_loss`` and ``jsd_loss`` and, chunk by
+chunk, ``fused_linear_gkl_sparse`` and ``fused_linear_jsd_sparse``; each checks its inputs once,
+before calling it.
 """
 
 from dataclasses import dataclass, replace
@@ -59,8 +68,9 @@ class SparseTeacher:
     rest: TeacherRest = "renormalize"
 
 
-def check_sparse_teacher(teacher, student, check_values, ignored=None):
-    """Types, shapes, devices and options of a ``SparseTeacher`` for ``student`` ``(..., C)``;
+def check_sparse_teacher(teacher, student, check_values, ignored=None, jsd=False):
+    """Types, shapes, devices and options of a ``SparseTeacher`` for ``student`` ``(..., C)``
+    (``jsd``: of the generalized JSD, which has no ``"drop"``);
     with ``check_values`` the indices in ``[0, C)`` and distinct per row, and (``"drop"``,
     ``"rest"``) log-probabilities whose mass is at most 1 on the rows not ``ignored`` (host reads
     on CPU, device-side assertions on CUDA)."""
@@ -68,6 +78,10 @@ def check_sparse_teacher(teacher, student, check_values, ignored=None):
         raise TypeError(f"teacher must be a SparseTeacher here, got {type(teacher).__name__}")
     check.check_positive("teacher temperature", teacher.temperature)
     check.check_choice("rest", teacher.rest, TEACHER_RESTS)
+    if jsd and teacher.rest == "drop":
+        raise ValueError("rest='drop' scales the cross-entropy by the cached mass and has no "
+                         "generalized JSD; give rest='renormalize' (the JSD against the "
+                         "renormalised cache) or rest='rest' (the rest as one class)")
     indices, values = teacher.indices, teacher.values
     lead, num_classes = student.shape[:-1], student.shape[-1]
     if not isinstance(values, Tensor) or not values.is_floating_point():
@@ -194,8 +208,11 @@ class CompactRows(NamedTuple):
         """The rows ``chunk`` (a slice)."""
         return CompactRows(*(None if x is None else x[chunk] for x in self))
 
-    def config(self, options, use_triton, **changes):
-        """The row ops' ``RowConfig`` of these rows under ``options`` (``GKLOptions``)."""
+    def config(self, options, use_triton, jsd=False, **changes):
+        """The row ops' ``RowConfig`` of these rows under ``options`` (``GKLOptions``): their GKL
+        loss, or (``jsd``) their generalized JSD."""
+        if jsd:
+            return options.jsd_config(self.labels is not None, use_triton)
         source = SOURCE_TEACHER if self.factor is None else SOURCE_EXPLICIT
         return options.row_config(source, self.labels is not None, use_triton, **changes)
 
@@ -211,10 +228,11 @@ def compact_rows(teacher, num_classes, factor, ignored, ignore_index):
     return CompactRows(teacher.indices, logits, mass, compact, labels, ignored)
 
 
-def sparse_teacher_loss(student, rows, options, use_triton, shares=None):
+def sparse_teacher_loss(student, rows, options, use_triton, shares=None, jsd=False):
     """The loss of the student's logits ``(B, C)`` against the teacher's ``CompactRows`` (checked
     inputs): the row loss of the compact rows; for ``"drop"`` its wMSE term plus ``ce_weight m_b
-    CE_b`` per row (``CE_b`` against the renormalised cache, ``m_b`` the cached mass).
+    CE_b`` per row (``CE_b`` against the renormalised cache, ``m_b`` the cached mass). ``jsd``:
+    the rows' generalized JSD instead (not with ``"drop"``).
 
     ``shares`` None: reduced as ``options.reduction`` (``sync_normalizer`` included; not with
     ``"drop"``) over these rows; ``(1 / N, 1 / R)`` (0-dim tensors) of a batch these rows are a
@@ -224,7 +242,10 @@ def sparse_teacher_loss(student, rows, options, use_triton, shares=None):
 
     def row_loss(reduce, **changes):
         return RowLoss.apply(s_rows, rows.teacher, rows.factor, rows.labels,
-                             rows.config(options, use_triton, **changes), reduce)
+                             rows.config(options, use_triton, jsd, **changes), reduce)
+
+    if jsd and shares is not None:
+        return row_loss(PER_ROW).sum() * shares[1]
 
     if shares is None and rows.mass is None:
         if options.reduction == "mean":

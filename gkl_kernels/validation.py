@@ -103,8 +103,8 @@ def use_triton_for(backend, device):
     runnable = device.type == "cuda" or interpreter
     if backend == "triton" and not runnable:
         raise ValueError(
-            f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
-            f"triton is imported; got tensors on {device}")
+            f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+            f"before triton is imported; got tensors on {device}")
     return runnable
 
 

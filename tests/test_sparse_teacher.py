@@ -1,7 +1,10 @@
-"""``gkl_loss`` on a ``SparseTeacher`` (cached top-k classes), both backends: ``k = C`` equals
-the dense loss for every ``rest`` option; ``k < C`` equals the float64 formula of each
-documented option (written out below, pairwise over the cached classes and the rest); ignored
-rows; bad input."""
+"""``gkl_loss`` and ``jsd_loss`` on a ``SparseTeacher`` (cached top-k classes), both backends:
+``k = C`` equals the dense loss for every ``rest`` option; ``k < C`` equals the float64 formula
+of each documented option (written out below, pairwise over the cached classes and the rest; for
+the JSD the dense formula on the teacher a cache stands for); ignored rows; the fused paths; bad
+input."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 
 import gkl_kernels
 from gkl_kernels import SparseTeacher, gkl_loss
+from reference import jsd_loss_reference
 from tests.conftest import BACKENDS, assert_close_rel
 
 ROWS, CLASSES, TOP = 6, 13, 4
@@ -229,3 +233,109 @@ def test_fused_sparse_without_gradients_and_errors(generator):
         gkl_kernels.fused_linear_gkl_sparse(hidden[:4], weight, cached)
     with pytest.raises(ValueError, match="reduction"):
         gkl_kernels.fused_linear_gkl_sparse(hidden, weight, cached, reduction="none")
+
+
+# ------------------------------------------------------------------ the generalized JSD
+BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def cached_dense(cached, classes, outside=None):
+    """The dense float64 teacher logits at the cache's temperature that a cache stands for:
+    ``T_gen x`` at the cached classes, elsewhere ``-inf`` or ``T_gen log(outside)`` (``outside``
+    ``(B, C)``: the teacher's probabilities there)."""
+    dense = torch.full((cached.indices.shape[0], classes), float("-inf"), dtype=torch.float64)
+    if outside is not None:
+        dense = cached.temperature * outside.double().log()
+    return dense.scatter(-1, cached.indices, cached.temperature * cached.values.double())
+
+
+def jsd_and_grad(student, teacher, **options):
+    s = student.clone().requires_grad_()
+    loss = gkl_kernels.jsd_loss(s, teacher, **options)
+    return loss.detach(), torch.autograd.grad(loss, s)[0]
+
+
+def jsd_oracle(student, dense_teacher, **options):
+    s = student.double().requires_grad_()
+    loss = jsd_loss_reference(s, dense_teacher, **options)
+    return loss.detach(), torch.autograd.grad(loss, s)[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", BETAS[:-1])
+def test_jsd_against_the_renormalized_cache_is_the_full_vocabulary_jsd(beta, backend, generator):
+    """``rest="renormalize"``: the JSD (value and gradient) of the whole vocabulary against the
+    teacher's renormalised cache, zero outside it; ignored rows hold garbage."""
+    student, teacher = logits(generator)
+    cached = cache(teacher, TOP)
+    labels = torch.randint(0, CLASSES, (ROWS,), generator=generator)
+    labels[2] = -100
+    indices = cached.indices.clone()
+    indices[2] = -7
+    options = dict(beta=beta, temperature=1.5, labels=labels)
+    got = jsd_and_grad(student, replace(cached, indices=indices), backend=backend, **options)
+    want = jsd_oracle(student, cached_dense(cached, CLASSES), **options)
+    assert_close_rel(got[0], want[0], 2e-6, "loss")
+    assert_close_rel(got[1], want[1], 1e-5, "gradient")
+    assert torch.equal(got[1][2], torch.zeros(CLASSES))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reverse_kl_against_a_renormalized_cache_is_infinite(backend, generator):
+    """``beta = 1``: ``KL(Q || P)`` with ``P = 0`` where the student has mass."""
+    student, teacher = logits(generator)
+    loss = gkl_kernels.jsd_loss(student, cache(teacher, TOP), beta=1.0, backend=backend)
+    assert loss == float("inf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", BETAS)
+def test_jsd_with_the_rest_as_one_class(beta, backend, generator):
+    """``rest="rest"``: the JSD of the distributions grouped into the cached classes and the
+    rest, which is the full one where the teacher's rest is spread as the student's: checked
+    against the dense formula on such a teacher (``T = T_gen``)."""
+    student, teacher = logits(generator)
+    cached = cache(teacher, TOP, rest="rest")
+    q = torch.softmax(student.double() / GENERATED_AT, dim=-1)
+    inside = torch.zeros_like(q).scatter(-1, cached.indices, 1.0)
+    mass = cached.values.double().exp().sum(-1, keepdim=True)
+    spread = (1 - mass) * q * (1 - inside) / (q * (1 - inside)).sum(-1, keepdim=True)
+    dense = cached_dense(cached, CLASSES, outside=spread)
+    options = dict(beta=beta, temperature=GENERATED_AT)
+    got = jsd_and_grad(student, cached, backend=backend, **options)
+    want = jsd_oracle(student, dense, **options)
+    assert_close_rel(got[0], want[0], 2e-6, "loss")
+    assert_close_rel(got[1], want[1], 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rest", ("renormalize", "rest"))
+def test_fused_sparse_jsd_is_the_unfused_loss(rest, backend, generator):
+    """``fused_linear_jsd_sparse`` against ``jsd_loss`` on the materialised logits with the same
+    cache, chunks of 3 rows: the loss and the gradients of hidden states, weight and bias."""
+    hidden, weight, bias = heads(generator)
+    cached = cache(3 * torch.randn(TOKENS, CLASSES, generator=generator), TOP, rest=rest)
+    labels = torch.randint(0, CLASSES, (TOKENS,), generator=generator)
+    labels[[2, 7]] = -100
+    options = dict(beta=0.3, temperature=GENERATED_AT, labels=labels, backend=backend)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    fused = gkl_kernels.fused_linear_jsd_sparse(leaves[0], leaves[1], cached,
+                                                student_bias=leaves[2], chunk_size=3, **options)
+    again = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    unfused = gkl_kernels.jsd_loss(F.linear(*again), cached, **options)
+    torch.testing.assert_close(fused, unfused, rtol=2e-6, atol=1e-7)
+    fused.backward()
+    unfused.backward()
+    for name, ours, want in zip(("hidden", "weight", "bias"), leaves, again):
+        torch.testing.assert_close(ours.grad, want.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_jsd_refuses_the_dropped_rest(generator):
+    hidden, weight, bias = heads(generator)
+    cached = cache(3 * torch.randn(TOKENS, CLASSES, generator=generator), TOP, rest="drop")
+    with pytest.raises(ValueError, match="rest='drop'.*no generalized JSD"):
+        gkl_kernels.jsd_loss(F.linear(hidden, weight, bias), cached)
+    with pytest.raises(ValueError, match="rest='drop'.*no generalized JSD"):
+        gkl_kernels.fused_linear_jsd_sparse(hidden, weight, cached)
+    with pytest.raises(ValueError, match="leading shape"):
+        gkl_kernels.jsd_loss(torch.randn(3, CLASSES), replace(cached, rest="rest"))
