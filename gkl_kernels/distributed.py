@@ -5,8 +5,13 @@ without an initialised process group)."""
 import torch
 from torch import distributed
 
-from gkl_kernels.core.config import TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS, TOTAL_WMSE
+from gkl_kernels.core.config import (STAT_A, STAT_KL_P, STAT_KL_Q, STAT_KL_Q_TOP, STAT_ZS,
+                                     STAT_ZT, TOTAL_CE, TOTAL_DEN, TOTAL_K, TOTAL_ROWS,
+                                     TOTAL_WMSE)
+from gkl_kernels.jsd.torch_impl import divergence
 from gkl_kernels.rank1.torch_impl import merge_row_stats
+
+KL_SUMS = [STAT_KL_P, STAT_KL_Q_TOP, STAT_KL_Q]
 
 
 def running():
@@ -54,4 +59,23 @@ def merged_row_stats(stats, config, group):
     merged = parts[0]
     for part in parts[1:]:
         merged = merge_row_stats(merged, part, config)
+    return merged
+
+
+def summed_kl_stats(stats, config, group):
+    """The generalized JSD's statistics of the whole vocabulary from every shard's, formed with
+    the merged normalisers: the KL sums gathered (one all-gather of ``(N, 3)``) and added in
+    process order, the divergence formed from them."""
+    size = world_size(group)
+    if size == 1:
+        return stats
+    parts = [stats.new_empty(stats.shape[0], len(KL_SUMS)) for _ in range(size)]
+    distributed.all_gather(parts, stats[:, KL_SUMS].contiguous(), group=group)
+    sums = parts[0]
+    for part in parts[1:]:
+        sums = sums + part
+    merged = stats.clone()
+    merged[:, KL_SUMS] = sums
+    merged[:, STAT_A] = divergence(*sums.unbind(1), config) + 0.0 * (
+        merged[:, STAT_ZS] + merged[:, STAT_ZT])  # a NaN logit: NaN
     return merged

@@ -72,11 +72,12 @@ class GKLOptions:
         fields)."""
         return _row_config(self, source, has_labels, use_triton, tuple(changes.items()))
 
-    def jsd_config(self, has_labels, use_triton):
+    def jsd_config(self, has_labels, use_triton, **changes):
         """The ``RowConfig`` of the generalized JSD under these options (``beta``,
-        ``temperature``, ``ignore_index``, ...): its rows' divergence as the loss's only term."""
+        ``temperature``, ``ignore_index``, ...): its rows' divergence as the loss's only term
+        (``changes`` override fields)."""
         return self.row_config(SOURCE_JSD, has_labels, use_triton, mse_weight=0.0,
-                               ce_weight=1.0)
+                               ce_weight=1.0, **changes)
 
 
 @lru_cache(maxsize=256)

@@ -37,7 +37,9 @@ from gkl_kernels.rank1.torch_impl import finish_loss_torch, loss_backward_torch,
 
 class RowInputs(NamedTuple):
     """The row op's tensors: ``(B, C)`` logits, the weight factor (``(B, C)``, a ``(C, C)`` prior
-    or pair weights; None for teacher weights) and the ``(B,)`` labels (or None)."""
+    or pair weights; None for teacher weights; for the generalized JSD's KL sums over a
+    vocabulary shard the whole rows' normalisers ``(B, NUM_STATS)``) and the ``(B,)`` labels (or
+    None)."""
 
     student: Tensor
     teacher: Tensor
@@ -115,13 +117,14 @@ ROW_OPS = {  # (use_triton, family) -> RowOps
             grad, *state.inputs, state.stats, state.totals, config, need_ds, need_dt)),
     (False, "jsd"): RowOps(
         statistics=lambda inputs, config, keep: _without_directions(
-            jsd_row_stats_torch(inputs.student, inputs.teacher, inputs.labels, config)),
+            jsd_row_stats_torch(inputs.student, inputs.teacher, inputs.labels, config,
+                                given=inputs.factor)),
         finish=finish_loss_torch, fused=None,
         gradients=lambda grad, state, config, need_ds, need_dt: jsd_gradients_torch(
             grad, *state.inputs[:2], state.stats, state.totals, config, need_ds)),
     (True, "jsd"): RowOps(
         statistics=lambda inputs, config, keep: _without_directions(
-            jsd_row_stats(inputs.student, inputs.teacher, inputs.labels, config)),
+            jsd_row_stats(inputs.student, inputs.teacher, inputs.labels, config, inputs.factor)),
         finish=finish_loss, fused=None,
         gradients=lambda grad, state, config, need_ds, need_dt: jsd_backward(
             grad, *state.inputs[:2], state.stats, state.totals, config, need_ds)),

@@ -8,16 +8,17 @@ step:
 - ``SyncedMean(group)``: the loss of every process's rows, totals all-reduced
   (``sync_normalizer``);
 - ``ShardMerged(group)``: the loss of vocabulary shards, statistics merged over the group
-  (``vocab_parallel_gkl_loss``).
+  (``vocab_parallel_gkl_loss``, ``vocab_parallel_jsd_loss``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from gkl_kernels.core.config import NUM_TOTALS, TOTAL_CE, TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE
-from gkl_kernels.distributed import all_process_totals, merged_row_stats
+from gkl_kernels.core.config import (JSD_KL_SUMS, JSD_NORMALISERS, NUM_TOTALS, SOURCE_JSD,
+                                     TOTAL_CE, TOTAL_DEN, TOTAL_ROWS, TOTAL_WMSE)
+from gkl_kernels.distributed import all_process_totals, merged_row_stats, summed_kl_stats
 from gkl_kernels.rank1.torch_impl import loss_gradients_torch, row_losses_torch
 from gkl_kernels.row_ops import (RowInputs, RowState, finish, gradients, gradients_needed,
                                   loss_and_statistics, row_ops, statistics)
@@ -90,14 +91,22 @@ class SyncedMean(RowReduce):
 
 @dataclass(frozen=True)
 class ShardMerged(RowReduce):
-    """The loss of vocabulary shards over ``group``: the shards' statistics merged; the backward
+    """The loss of vocabulary shards over ``group``: the shards' statistics merged (the
+    generalized JSD's in two rounds: the normalisers, then the KL sums from them); the backward
     recomputes its directions from the merged statistics (nothing ``(N, V_p)`` is kept)."""
 
     group: Any = None
     keeps_directions = False
 
     def outputs(self, inputs, config, keep_directions):
-        stats = merged_row_stats(statistics(inputs, config)[0], config, self.group)
+        if config.source == SOURCE_JSD:  # a row's KL sums need the whole row's normalisers
+            rounds = (replace(config, jsd_round=JSD_NORMALISERS),
+                      replace(config, jsd_round=JSD_KL_SUMS))
+            normalisers = merged_row_stats(statistics(inputs, rounds[0])[0], config, self.group)
+            stats = summed_kl_stats(statistics(inputs._replace(factor=normalisers), rounds[1])[0],
+                                    config, self.group)
+        else:
+            stats = merged_row_stats(statistics(inputs, config)[0], config, self.group)
         loss, totals = finish(stats, config)
         return loss, RowState(inputs, stats, totals)
 

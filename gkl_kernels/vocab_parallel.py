@@ -1,5 +1,6 @@
-"""The GKL / DKL loss of logits whose vocabulary (columns) is sharded across the processes of a
-``torch.distributed`` group (tensor parallelism), from the row kernel's mergeable statistics.
+"""The GKL / DKL loss and the generalized JSD of logits whose vocabulary (columns) is sharded
+across the processes of a ``torch.distributed`` group (tensor parallelism), from the row
+kernel's mergeable statistics.
 
 Every process holds the same ``N`` rows of its own ``V_p`` columns of the ``(N, V)`` student and
 teacher logits; no logit leaves its process. Each process runs the rank-one row op over its shard
@@ -91,6 +92,41 @@ def vocab_parallel_gkl_loss(student_shard: Tensor, teacher_shard: Tensor, *,
                                 num_labels=UNBOUNDED_LABELS)
     return RowLoss.apply(student_shard, teacher_shard, None if factor is None else factor.detach(),
                          labels, config, ShardMerged(process_group))
+
+
+def vocab_parallel_jsd_loss(student_shard: Tensor, teacher_shard: Tensor, *, beta: float = 0.5,
+                            temperature: float = 1.0, labels: Optional[Tensor] = None,
+                            ignore_index: int = -100, process_group: Optional[Any] = None,
+                            check_values: bool = True, backend: Backend = "auto") -> Tensor:
+    """The generalized JSD (``jsd_loss``, the mean over the kept rows) of logits whose vocabulary
+    is sharded over ``process_group``: exactly ``jsd_loss`` of the concatenated vocabulary.
+
+    A row's KL sums need its normalisers over the whole vocabulary, so the shards communicate in
+    two rounds: one all-gather of the ``(N, 16)`` row statistics of every shard (its maxima and
+    normaliser rests, merged as in ``vocab_parallel_gkl_loss``), then one of the ``(N, 3)`` KL
+    sums each shard forms from the merged normalisers (added in process order). Backward
+    communicates nothing: each shard's gradient comes from its logits and the merged statistics.
+
+    Args:
+        student_shard, teacher_shard: this process's ``(N, V_p)`` columns of the logits, as in
+            ``vocab_parallel_gkl_loss``; the teacher is a constant.
+        beta, temperature: as in ``jsd_loss``.
+        labels: ``(N,)``, the same on every process, each in ``[0, V)`` or ``ignore_index``
+            (rows left out).
+        ignore_index, process_group, check_values, backend: as in ``vocab_parallel_gkl_loss``.
+
+    Returns:
+        The loss, float32, 0-dim, the same on every process.
+    """
+    options = GKLOptions.of(locals())
+    check.check_logits(student_shard, teacher_shard)
+    if labels is not None:
+        _check_labels(labels, student_shard, None, ignore_index, options)
+    config = options.jsd_config(labels is not None,
+                                check.use_triton_for(backend, student_shard.device),
+                                num_labels=UNBOUNDED_LABELS)
+    return RowLoss.apply(student_shard, teacher_shard, None, labels, config,
+                         ShardMerged(process_group))
 
 
 # --------------------------------------------------------------------------- validation

@@ -28,6 +28,9 @@ WMSE_SOURCES = (SOURCE_TEACHER, SOURCE_PRIOR, SOURCE_EXPLICIT, SOURCE_PAIRS)
 
 # the generalized JSD's three forms (``jsd_form``): beta = 0, beta = 1, between
 JSD_FORWARD_KL, JSD_REVERSE_KL, JSD_MIXTURE = range(3)
+# the rounds of its row op (``jsd_round``): whole rows; over vocabulary shards first the
+# normalisers (merged like the GKL statistics), then the KL sums from the merged normalisers
+JSD_WHOLE_ROWS, JSD_NORMALISERS, JSD_KL_SUMS = range(3)
 
 # Per-row statistics, float32 (B, NUM_STATS), mergeable over any split of a row's columns
 # (``merge_row_stats``). Softmaxes at T of raw logits: maxima ``m_s``, ``m_t`` of s and t, the
@@ -43,7 +46,7 @@ JSD_FORWARD_KL, JSD_REVERSE_KL, JSD_MIXTURE = range(3)
 # (``SOURCE_JSD``) holds the row's divergence in ``a``, ``sum P log(P / M)`` in STAT_KL_P and
 # ``sum Q log(Q / M)`` in two parts, over the student's maximal classes (STAT_KL_Q_TOP, the
 # wMSE's M2 slot) and over the others (STAT_KL_Q), so that the gradient at a dominant class
-# does not cancel (not mergeable: taken after the normalisers).
+# does not cancel (sums over column parts once every part has the whole row's normalisers).
 (STAT_MS, STAT_ZS, STAT_MT, STAT_ZT, STAT_A, STAT_ZW, STAT_L, STAT_W, STAT_PH, STAT_PL, STAT_M2,
  STAT_KEPT, STAT_ERROR, STAT_DM, STAT_KL_P, STAT_KL_Q) = range(16)
 STAT_KL_Q_TOP = STAT_M2
@@ -114,6 +117,7 @@ class RowConfig:
     per_row: bool = False  # SOURCE_PAIRS: (B, C, C) weights, else (C, C)
     dot_precision: int = 0  # SOURCE_PAIRS, (C, C) under Triton: index in DOT_PRECISIONS
     beta: float = 0.5  # SOURCE_JSD: the teacher's share of the mixture
+    jsd_round: int = JSD_WHOLE_ROWS  # SOURCE_JSD: what the row op forms (see JSD_WHOLE_ROWS)
 
     @property
     def with_ce(self):

@@ -74,13 +74,15 @@ def _kl_part(log_x, log_ratio, lanes):
 
 @triton.jit
 def jsd_row_stats_kernel(
-    s_ptr, t_ptr, labels_ptr, stats_ptr, C, s_stride_b, s_stride_c, t_stride_b, t_stride_c,
-    inv_t_hi, inv_t_lo, beta_hi, beta_lo, ignore_index, num_labels,
-    FORM: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    s_ptr, t_ptr, labels_ptr, given_ptr, stats_ptr, C, s_stride_b, s_stride_c, t_stride_b,
+    t_stride_c, inv_t_hi, inv_t_lo, beta_hi, beta_lo, ignore_index, num_labels,
+    FORM: tl.constexpr, ROUND: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One program per row: ``stats[b, :]`` (``config.STAT_*``; ``a`` the row's divergence,
     ``STAT_KL_P``, ``STAT_KL_Q_TOP`` + ``STAT_KL_Q`` its KL sums) in ``ACC``; float options as
-    ``float32_pair``s."""
+    ``float32_pair``s. ``ROUND`` (``config.JSD_*``): 0 both passes, 1 the normalisers only (a
+    vocabulary shard's), 2 the KL sums from the normalisers of ``given`` (the whole rows')."""
     inv_t = option(inv_t_hi, inv_t_lo, ACC)
     beta = option(beta_hi, beta_lo, ACC)
     row = tl.program_id(0).to(tl.int64)
@@ -94,20 +96,26 @@ def jsd_row_stats_kernel(
     mt = zero + NEG_INF
     zt = zero - 1.0
     a = zero
-    for c0 in range(0, live_cols, BLOCK_C):
-        cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        load = cols < live_cols
-        s = tl.load(s_row + cols * s_stride_c, mask=load, other=NEG_INF).to(ACC)
-        t = tl.load(t_row + cols * t_stride_c, mask=load, other=NEG_INF).to(ACC)
-        ms_tile, zs_tile, mt_tile, zt_tile, a_tile = tile_cross_entropy(s, t, inv_t, 0)
-        ms, zs, mt, zt, a = merge_cross_entropy(ms, zs, mt, zt, a, ms_tile, zs_tile, mt_tile,
-                                                zt_tile, a_tile, inv_t)
+    if ROUND == 2:
+        ms, zs, mt, zt, _, _, _, _, _, _, _, _, _, _ = load_row_stats(given_ptr, row, row >= 0)
+    else:
+        for c0 in range(0, live_cols, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            load = cols < live_cols
+            s = tl.load(s_row + cols * s_stride_c, mask=load, other=NEG_INF).to(ACC)
+            t = tl.load(t_row + cols * t_stride_c, mask=load, other=NEG_INF).to(ACC)
+            ms_tile, zs_tile, mt_tile, zt_tile, a_tile = tile_cross_entropy(s, t, inv_t, 0)
+            ms, zs, mt, zt, a = merge_cross_entropy(ms, zs, mt, zt, a, ms_tile, zs_tile,
+                                                    mt_tile, zt_tile, a_tile, inv_t)
     kl_p = zero
     kl_q_top = zero
     kl_q = zero  # over the other classes
-    for c0 in range(0, live_cols, BLOCK_C):
+    sum_cols = live_cols
+    if ROUND == 1:
+        sum_cols = 0
+    for c0 in range(0, sum_cols, BLOCK_C):
         cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        load = cols < live_cols
+        load = cols < sum_cols
         s = tl.load(s_row + cols * s_stride_c, mask=load, other=NEG_INF).to(ACC)
         t = tl.load(t_row + cols * t_stride_c, mask=load, other=NEG_INF).to(ACC)
         log_q = _log_probabilities(s, ms, zs, inv_t)
@@ -180,18 +188,20 @@ def jsd_backward_kernel(
 # ------------------------------------------------------------------------------------ launchers
 
 
-def jsd_row_stats(student, teacher, labels, config):
-    """Launch ``jsd_row_stats_kernel``: ``(B, NUM_STATS)`` in ``compute_dtype``."""
+def jsd_row_stats(student, teacher, labels, config, given=None):
+    """Launch ``jsd_row_stats_kernel``: ``(B, NUM_STATS)`` in ``compute_dtype`` (the round
+    ``config.jsd_round``; ``given``: the whole rows' normalisers, ``(B, NUM_STATS)``)."""
     batch, num_classes = student.shape
     stats = torch.empty(batch, NUM_STATS, dtype=compute_dtype(student, teacher),
                         device=student.device)
     block = pick_block_c(num_classes, config.block_c, stats.dtype)
     options = config.kernel_options
     jsd_row_stats_kernel[(batch,)](
-        student, teacher, student if labels is None else labels, stats, num_classes,
-        student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        *options.inv_t, *options.beta, config.ignore_index, config.num_labels or num_classes,
-        FORM=config.jsd_form, HAS_LABELS=labels is not None, BLOCK_C=block,
+        student, teacher, student if labels is None else labels,
+        stats if given is None else given, stats, num_classes, student.stride(0),
+        student.stride(1), teacher.stride(0), teacher.stride(1), *options.inv_t, *options.beta,
+        config.ignore_index, config.num_labels or num_classes, FORM=config.jsd_form,
+        ROUND=config.jsd_round, HAS_LABELS=labels is not None, BLOCK_C=block,
         ACC=accumulator(stats.dtype), num_warps=pick_num_warps(block))
     return stats
 

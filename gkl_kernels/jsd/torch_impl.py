@@ -6,10 +6,10 @@ normaliser rest ``z - 1`` summed without the maximal term, as on the GKL path.""
 import torch
 
 from gkl_kernels.buffers import empty_gradients
-from gkl_kernels.core.config import (JSD_FORWARD_KL, JSD_REVERSE_KL, NUM_STATS, STAT_A,
-                                     STAT_ERROR, STAT_KEPT, STAT_KL_P, STAT_KL_Q, STAT_KL_Q_TOP,
-                                     STAT_MS, STAT_MT, STAT_ZS, STAT_ZT, TOTAL_ROWS,
-                                     compute_dtype)
+from gkl_kernels.core.config import (JSD_FORWARD_KL, JSD_NORMALISERS, JSD_REVERSE_KL, NUM_STATS,
+                                     STAT_A, STAT_ERROR, STAT_KEPT, STAT_KL_P, STAT_KL_Q,
+                                     STAT_KL_Q_TOP, STAT_MS, STAT_MT, STAT_ZS, STAT_ZT,
+                                     TOTAL_ROWS, compute_dtype)
 from gkl_kernels.rank1.torch_impl import INF, finite_ref, kept_logits, scratch_and_blocks
 
 
@@ -25,19 +25,23 @@ def jsd_weights(config):
     return config.beta, 1.0 - config.beta
 
 
-def _log_softmax(x, inv_t, scratch, name):
+def _log_softmax(x, inv_t, scratch, name, normalisers=None):
     """``(m, rest, log softmax(x / T), top)``: the row maxima (R,), the normaliser rests ``z - 1``
     (R,; -1 for a row of ``-inf``), the log-probabilities (R, C; ``-inf`` where ``x`` is) and the
-    float mask of the maximal columns (R, C), the last two in ``scratch``. The rest sums ``e -
-    top``, 0 at the maximal columns (``e = 1`` there), so that ``1 + x`` is never rounded."""
+    float mask of the maximal columns (R, C), the last two in ``scratch``; ``(m, rest)`` given as
+    ``normalisers`` (those of the whole rows), or formed here: the rest sums ``e - top``, 0 at the
+    maximal columns (``e = 1`` there), so that ``1 + x`` is never rounded."""
     rows = x.shape[0]
-    m = x.amax(dim=1)
+    m = x.amax(dim=1) if normalisers is None else normalisers[0]
     top = torch.eq(x, m[:, None], out=scratch.floats(name + " top", rows))
     z = torch.sub(x, finite_ref(m)[:, None], out=scratch.floats(name, rows))
     if inv_t != 1.0:
         z.mul_(inv_t)
-    e = torch.exp(z, out=scratch.floats("e", rows)).sub_(top)
-    rest = e.sum(dim=1) + (top.sum(dim=1) - 1.0)
+    if normalisers is None:
+        e = torch.exp(z, out=scratch.floats("e", rows)).sub_(top)
+        rest = e.sum(dim=1) + (top.sum(dim=1) - 1.0)
+    else:
+        rest = normalisers[1]
     return m, rest, z.sub_(rest.clamp_min(0.0).log1p()[:, None]), top
 
 
@@ -71,21 +75,36 @@ def _kl_terms(x, log_ratio, out):
     return torch.mul(x, log_ratio, out=out).nan_to_num_(0.0, INF, -INF)
 
 
-def _block(s, t, config, out, scratch, coef=None, ds=None):
+def divergence(kl_p, kl_q_top, kl_q, config):
+    """The rows' divergence ``w_p KL(P || M) + w_q KL(Q || M)`` from their KL sums (the sums of a
+    side whose weight is 0 are not read)."""
+    w_p, w_q = jsd_weights(config)
+    whole = kl_q_top + kl_q
+    return kl_p if w_q == 0 else whole if w_p == 0 else w_p * kl_p + w_q * whole
+
+
+def _block(s, t, config, out, scratch, coef=None, ds=None, given=None):
     """The statistics of a block of rows (``s``, ``t`` in the compute dtype, ``-inf`` on rows not
-    read) written into ``out`` (R, NUM_STATS) except the flags; with ``coef`` (R,) the student's
-    gradient ``coef_b dJSD_b / ds`` written into ``ds`` (R, C): ``q_j (g_j - sum_k q_k g_k)``,
-    ``g = w_q log(Q / M)``, or ``q_j - p_j`` for forward KL, scaled by ``1 / T``, formed from the
-    same log-probabilities. At the student's maximal classes ``g_j - sum_k q_k g_k`` is ``w_q
-    ((1 - q_j) log(q_j / m_j) - (the other maximal classes' terms) - (the rest's))``, ``1 - q_j =
-    rest_s / z_s``, which does not cancel where ``q_j`` is near 1. Masks are float (0, 1) and
-    temporaries live in ``scratch``: on CPU boolean and fresh ``(R, C)`` tensors cost more than
-    the arithmetic."""
+    read) written into ``out`` (R, NUM_STATS) except the flags (``config.jsd_round``: all of
+    them, the normalisers only, or the KL sums from the normalisers of ``given``); with ``coef``
+    (R,) the student's gradient ``coef_b dJSD_b / ds`` written into ``ds`` (R, C): ``q_j (g_j -
+    sum_k q_k g_k)``, ``g = w_q log(Q / M)``, or ``q_j - p_j`` for forward KL, scaled by ``1 /
+    T``, formed from the same log-probabilities, and from the normalisers and KL sums of
+    ``given`` (R, NUM_STATS), the whole rows' statistics, where given. At the student's maximal
+    classes ``g_j - sum_k q_k g_k`` is ``w_q ((1 - q_j) log(q_j / m_j) - (the other maximal
+    classes' terms) - (the rest's))``, ``1 - q_j = rest_s / z_s``, which does not cancel where
+    ``q_j`` is near 1. Masks are float (0, 1) and temporaries live in ``scratch``: on CPU
+    boolean and fresh ``(R, C)`` tensors cost more than the arithmetic."""
     rows = s.shape[0]
     inv_t = 1.0 / config.temperature
     w_p, w_q = jsd_weights(config)
-    ms, rest_s, log_q, top_s = _log_softmax(s, inv_t, scratch, "log_q")
-    mt, rest_t, log_p, top_t = _log_softmax(t, inv_t, scratch, "log_p")
+    ms, rest_s, log_q, top_s = _log_softmax(s, inv_t, scratch, "log_q", None if given is None
+                                            else (given[:, STAT_MS], given[:, STAT_ZS]))
+    mt, rest_t, log_p, top_t = _log_softmax(t, inv_t, scratch, "log_p", None if given is None
+                                            else (given[:, STAT_MT], given[:, STAT_ZT]))
+    out[:, STAT_MS], out[:, STAT_ZS], out[:, STAT_MT], out[:, STAT_ZT] = ms, rest_s, mt, rest_t
+    if config.jsd_round == JSD_NORMALISERS:
+        return
     log_pm, log_qm = _log_ratios(log_p, log_q, config, scratch)
     q, p = log_q.exp_(), log_p.exp_()
     zero = ms.new_zeros(())
@@ -98,13 +117,13 @@ def _block(s, t, config, out, scratch, coef=None, ds=None):
         at_top = torch.mul(q_terms, top_s, out=scratch.floats("at_top", rows))
         kl_q_top = at_top.sum(dim=1)
         kl_q = torch.sub(q_terms, at_top, out=at_top).sum(dim=1)
-    out[:, STAT_MS], out[:, STAT_ZS], out[:, STAT_MT], out[:, STAT_ZT] = ms, rest_s, mt, rest_t
     out[:, STAT_KL_P], out[:, STAT_KL_Q_TOP], out[:, STAT_KL_Q] = kl_p, kl_q_top, kl_q
-    whole = kl_q_top + kl_q
-    divergence = kl_p if w_q == 0 else whole if w_p == 0 else w_p * kl_p + w_q * whole
-    out[:, STAT_A] = divergence + 0.0 * (rest_s + rest_t)  # a NaN logit: NaN (its terms are 0)
+    # a NaN logit: NaN (its terms are 0)
+    out[:, STAT_A] = divergence(kl_p, kl_q_top, kl_q, config) + 0.0 * (rest_s + rest_t)
     if coef is None:
         return
+    if given is not None:
+        kl_q_top, kl_q = given[:, STAT_KL_Q_TOP], given[:, STAT_KL_Q]
     rest_s, rest_t = rest_s.clamp_min(0.0), rest_t.clamp_min(0.0)  # empty rows: 0
     if config.jsd_form == JSD_FORWARD_KL:  # q - p, where both logits are maximal (zt - zs) / zs zt
         g = torch.sub(q, p, out=scratch.floats("g", rows))
@@ -113,7 +132,7 @@ def _block(s, t, config, out, scratch, coef=None, ds=None):
             (rest_s + 1.0) * (rest_t + 1.0)))[:, None])
         scale = coef * inv_t
     else:  # q (log(Q / M) - whole), at the maximal classes as above (0 x inf where q = 0)
-        g = torch.sub(log_qm, whole[:, None], out=scratch.floats("g", rows))
+        g = torch.sub(log_qm, (kl_q_top + kl_q)[:, None], out=scratch.floats("g", rows))
         at_top = torch.sub(q_terms, kl_q_top[:, None], out=q_terms).addcmul_(
             log_qm, (rest_s / (rest_s + 1.0))[:, None]).sub_(kl_q[:, None])
         g.addcmul_(g, top_s, value=-1.0).addcmul_(at_top, top_s).mul_(q).nan_to_num_(0.0, INF,
@@ -130,13 +149,15 @@ def _coefficients(grad, totals, kept, config):
     return torch.where(kept, scale, 0.0)
 
 
-def jsd_row_stats_torch(student, teacher, labels, config, totals=None, need_ds=False, out=None):
+def jsd_row_stats_torch(student, teacher, labels, config, totals=None, need_ds=False, out=None,
+                        given=None):
     """The statistics ``(B, NUM_STATS)`` of the generalized JSD of the rows: maxima, normaliser
-    rests, the divergence (``STAT_A``), its KL sums, kept and label-error flags; with ``totals``
-    (the batch's, known before the rows) and ``need_ds``, also ``(ds, empty)``, the student's
-    gradient for an incoming gradient of 1, each block's formed while it is in cache, written
-    into ``out`` where given (``(B, C)``, maybe ``student`` itself: a block is written once it
-    is read)."""
+    rests, the divergence (``STAT_A``), its KL sums, kept and label-error flags (the round
+    ``config.jsd_round``; its KL sums from the normalisers of ``given`` ``(B, NUM_STATS)``); with
+    ``totals`` (the batch's, known before the rows) and ``need_ds``, also ``(ds, empty)``, the
+    student's gradient for an incoming gradient of 1, each block's formed while it is in cache,
+    written into ``out`` where given (``(B, C)``, maybe ``student`` itself: a block is written
+    once it is read)."""
     dtype = compute_dtype(student, teacher)
     stats = student.new_zeros(student.shape[0], NUM_STATS, dtype=dtype)
     ds, dt = empty_gradients(student, teacher, need_ds and out is None, False)
@@ -152,15 +173,17 @@ def jsd_row_stats_torch(student, teacher, labels, config, totals=None, need_ds=F
         if need_ds:
             live = (out[:, STAT_KEPT] > 0) & (out[:, STAT_ERROR] == 0)  # read, label in range
             coef = _coefficients(stats.new_ones(()), totals, live, config)
-        _block(s, t, config, out, scratch, coef, ds[block] if need_ds else None)
+        _block(s, t, config, out, scratch, coef, ds[block] if need_ds else None,
+               None if given is None else given[block])
     return (stats, ds, dt) if totals is not None else stats
 
 
 def jsd_gradients_torch(grad, student, teacher, stats, totals, config, need_ds):
     """``(grad_student, empty)``: the student's gradient ``(B, C)`` in its dtype (empty when not
     needed; the teacher gets none) of the JSD loss scaled by ``grad`` (0-dim, or one per row with
-    totals ``R = 1``), from the logits (each block's statistics formed again, as in the forward)
-    and the kept flags of the rows' statistics; rows not kept are not read and get 0."""
+    totals ``R = 1``), from the logits and the rows' statistics (their normalisers, KL sums and
+    kept flags; those of the whole rows when the logits are a vocabulary shard); rows not kept
+    are not read and get 0."""
     ds, dt = empty_gradients(student, teacher, need_ds, False)
     if not need_ds:
         return ds, dt
@@ -173,5 +196,6 @@ def jsd_gradients_torch(grad, student, teacher, stats, totals, config, need_ds):
         s, t = (torch.where(live, scratch.floats(name, rows).copy_(x[block]), masked,
                             out=scratch.floats(name, rows))
                 for name, x in (("s", student), ("t", teacher)))
-        _block(s, t, config, torch.empty_like(stats[block]), scratch, coef[block], ds[block])
+        _block(s, t, config, torch.empty_like(stats[block]), scratch, coef[block], ds[block],
+               stats[block])
     return ds, dt
