@@ -150,6 +150,74 @@ def test_hostile_inputs_within_four_times_plain_float32(case, beta, backend, gen
     assert torch.isfinite(actual[0]) and torch.isfinite(actual[1]).all()
 
 
+def vocabulary_rows(generator, rows=4, vocabulary=32000):
+    """Token rows of ``V = 32000`` (eight 4096-column tiles under Triton), logits ``4 N(0, 1)``,
+    masked columns at -1e9 in both models (the first, both sides of the first tile boundary, the
+    last 1000: a padded vocabulary), one row offset by 1e4 on the student, one ignored row."""
+    student = 4 * torch.randn(rows, vocabulary, generator=generator)
+    teacher = 4 * torch.randn(rows, vocabulary, generator=generator)
+    for x in (student, teacher):
+        x[:, [0, 1, 4095, 4096]] = -1e9
+        x[:, -1000:] = -1e9
+    student[1] += 1e4
+    labels = torch.arange(rows)
+    labels[2] = -100
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", (0.0, 0.5, 1.0))
+def test_vocabulary_rows_within_four_times_plain_float32(beta, backend, generator):
+    student, teacher, labels = vocabulary_rows(generator)
+    options = dict(beta=beta, temperature=1.0, labels=labels)
+    actual = loss_and_student_grad(gkl_kernels.jsd_loss, student, teacher, backend=backend,
+                                   **options)
+    assert_within_the_rule(actual, student, teacher, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", (0.0, 0.5, 1.0))
+def test_fused_vocabulary_rows_within_four_times_plain_float32(beta, backend, generator):
+    """``fused_linear_jsd`` at ``V = 32000`` from hidden states (a masked vocabulary through the
+    bias; one row offset by 1e4 through a hidden unit every class weighs 1, another peaked by a
+    hidden state 8 times larger): the loss and the gradients of the student's hidden states and
+    weight, against the float64 formula and the plain float32 evaluation. Hidden states and
+    weights are multiples of 1/32 small enough that every product is exact in float32, so that
+    all three see the same logits (elsewhere the product's own rounding, 5e-4 at 1e4, decides)."""
+    rows, hidden, vocabulary = 4, 16, 32000
+
+    def exact_products(*shape):
+        return (32 * torch.randn(*shape, generator=generator)).round().clamp(-128, 128) / 32
+
+    h, w = exact_products(rows, hidden), exact_products(vocabulary, hidden)
+    h[1, -1] = 1e4
+    h[3] *= 8.0
+    w[:, -1] = 1.0
+    ht, wt = exact_products(rows, hidden), exact_products(vocabulary, hidden)
+    bias = torch.zeros(vocabulary)
+    bias[[0, 1, 4095, 4096]] = -1e9
+    bias[-1000:] = -1e9
+    labels = torch.tensor([0, 1, -100, 3])
+    options = dict(beta=beta, temperature=1.0, labels=labels)
+    teacher = torch.nn.functional.linear(ht.double(), wt.double(), bias.double())
+
+    def evaluate(loss_of, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (h, w)]
+        loss = loss_of(*leaves)
+        return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+    actual = evaluate(lambda hs, ws: gkl_kernels.fused_linear_jsd(
+        hs, ws, ht, wt, student_bias=bias, teacher_bias=bias, chunk_size=3, backend=backend,
+        **options), torch.float32)
+    expected = evaluate(lambda hs, ws: jsd_loss_reference(
+        torch.nn.functional.linear(hs, ws, bias.double()), teacher, **options), torch.float64)
+    teacher32 = torch.nn.functional.linear(ht, wt, bias)
+    plain = [evaluate(lambda hs, ws: jsd_loss_reference(
+        shift(torch.nn.functional.linear(hs, ws, bias)), shift(teacher32), **options),
+        torch.float32) for shift in (lambda x: x, row_max_shifted)]
+    assert_within_rule(actual, expected, plain, torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_half_precision_logits(dtype, backend, generator):
