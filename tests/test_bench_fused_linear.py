@@ -4,9 +4,9 @@ V=32000, H=512, float32): forward+backward of every provider of ``bench.fused_li
 fused linear JSD loss compiled and eager), after one warm-up step, each with the peak memory of
 one step in ``extra_info``.
 
-``pytest tests/test_bench_fused_linear.py --benchmark-only`` for the timings (one table); a plain
-``pytest tests/test_bench_fused_linear.py`` runs the same rounds and checks that the fused loss
-and its gradients agree with the unfused path's. The Liger providers are skipped, with the reason,
+``pytest tests/test_bench_fused_linear.py --benchmark-enable --benchmark-only`` for the timings
+(one table); a plain ``pytest tests/test_bench_fused_linear.py`` runs each step once and checks
+that the fused loss and its gradients agree with the unfused path's. The Liger providers are skipped, with the reason,
 where Liger-Kernel cannot run. ``python -m bench.fused_linear`` is the full comparison.
 """
 

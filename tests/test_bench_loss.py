@@ -2,9 +2,9 @@
 package's torch path, the literal ``B x C x C`` reference and ``F.kl_div``, at a small and a
 medium shape.
 
-``pytest tests/test_bench_loss.py --benchmark-only`` for the timings (one table per shape and
-pass); a plain ``pytest tests/test_bench_loss.py`` runs the same few rounds and checks that the
-package agrees with the reference. Each benchmark also records its peak memory in ``extra_info``.
+``pytest tests/test_bench_loss.py --benchmark-enable --benchmark-only`` for the timings (one
+table per shape and pass); a plain ``pytest tests/test_bench_loss.py`` runs each pass once and
+checks that the package agrees with the reference. Each benchmark also records its peak memory in ``extra_info``.
 ``python -m bench`` is the full comparison (tested in ``tests/test_bench_command.py``).
 """
 
