@@ -1,6 +1,6 @@
 """Ahead-of-time compile of the Triton kernels for A100 (sm_80) and H100 (sm_90a), no GPU needed:
-the rank-one kernels and the pair-weight kernels for shared ``(C, C)`` and per-row ``(B, C, C)``
-weights.
+the rank-one kernels, the pair-weight kernels for shared ``(C, C)`` and per-row ``(B, C, C)``
+weights, and the generalized JSD's.
 
 This test process runs Triton's interpreter (conftest.py), and one process is either interpreter
 or compiler, so ``python -m tools.compile_report`` runs in a subprocess without
@@ -37,6 +37,7 @@ KERNELS = {  # family: (forward, backward)
     "rank1": ("row_stats_kernel", "loss_backward_kernel", "finish_loss_kernel"),
     "shared": ("wmse_shared_fwd_kernel", "wmse_shared_bwd_kernel"),
     "per_row": ("wmse_per_row_fwd_kernel", "wmse_per_row_bwd_kernel"),
+    "jsd": ("jsd_row_stats_kernel", "jsd_backward_kernel"),
 }
 PAIR_CLASSES = range(2, 1025)  # class counts and batches whose pair-weight tiles must be covered
 PAIR_BATCHES = range(1, 257)

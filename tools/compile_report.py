@@ -1,10 +1,11 @@
 """Ahead-of-time compile report for the Triton kernels on sm_80 (A100) and sm_90a (H100).
 
-No GPU is needed. Three kernel families, each a forward and a backward kernel with a launcher per
+No GPU is needed. Four kernel families, each a forward and a backward kernel with a launcher per
 pass: ``rank1`` (``row_stats`` / ``loss_backward``, and the one-program ``finish_loss``),
 ``shared`` (pair weights, one ``(C, C)`` matrix, ``tl.dot``: ``shared_rows_forward`` /
-``shared_rows_backward``) and ``per_row`` (pair weights ``(B, C, C)``: ``per_row_rows_forward`` /
-``per_row_rows_backward``). Each configuration is a call of a launcher on ``meta`` tensors with the
+``shared_rows_backward``), ``per_row`` (pair weights ``(B, C, C)``: ``per_row_rows_forward`` /
+``per_row_rows_backward``) and ``jsd`` (the generalized JSD: ``jsd_row_stats`` / ``jsd_backward``).
+Each configuration is a call of a launcher on ``meta`` tensors with the
 Triton kernel swapped for a recorder, so the tiles, the warp count and every argument are the
 launchers' own choices (``pick_block_c``, ``pick_num_warps``, ``pick_shared_blocks``,
 ``pick_per_row_blocks``). The recorded launch is specialised as the JIT specialises a launch on
@@ -18,7 +19,7 @@ cache, keyed by the kernel's hash and the measuring code.
 
 Run from the repository root::
 
-    python -m tools.compile_report [--arch 80 90] [--family rank1 shared per_row]
+    python -m tools.compile_report [--arch 80 90] [--family rank1 shared per_row jsd]
                                    [--workers 2] [--quick] [--json rows.json]
 
 It prints one row per configuration and exits with status 1 when a configuration fails to
@@ -61,6 +62,7 @@ from triton.runtime.cache import get_cache_manager
 from gkl_kernels.core import config as core_config
 from gkl_kernels.core import kernels as core_kernels
 from gkl_kernels.core.config import NUM_STATS, NUM_TOTALS, RowConfig
+from gkl_kernels.jsd import kernels as jsd_kernels
 from gkl_kernels.pairs import per_row_kernels, shared_kernels
 from gkl_kernels.pairs.loss_terms import PairLossTerms
 from gkl_kernels.rank1 import kernels as rank1_kernels
@@ -120,6 +122,8 @@ class LaunchCase:
     need_ds: bool = True  # backward
     need_dt: bool = True  # backward
     dot_precision: str = None  # shared: tl.dot's input_precision
+    beta: float = 0.5  # jsd: 0 forward KL, 1 reverse KL, else the mixture
+    jsd_round: int = core_config.JSD_WHOLE_ROWS  # jsd, forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +267,50 @@ def rank1_flags(case):
     return flags + gradient_flags(case)
 
 
+# ---- the generalized JSD -------------------------------------------------------------------
+
+def jsd_cases():
+    """The JSD launch cases, at the widest tile and its largest class count (aligned rows) where
+    not said otherwise, both passes: every logits dtype pair with the mixture; forward and
+    reverse KL (float32); the smallest class count of that tile, not aligned (float32, bfloat16);
+    the forward's two vocabulary-shard rounds (float32)."""
+    counts = count_range_per_tile(rank1_kernels.pick_block_c, RANK1_CLASSES)
+    fewest, most = counts[max(counts)]
+    case = functools.partial(LaunchCase, "jsd", need_dt=False)
+    cases = [case(kernel, student, teacher, most)
+             for student, teacher in LOGIT_DTYPE_PAIRS for kernel in PASSES]
+    cases += [case(kernel, torch.float32, torch.float32, most, beta=beta)
+              for beta in (0.0, 1.0) for kernel in PASSES]
+    cases += [case(kernel, dtype, dtype, fewest)
+              for dtype in (torch.float32, torch.bfloat16) for kernel in PASSES]
+    cases += [case("forward", torch.float32, torch.float32, most, jsd_round=jsd_round)
+              for jsd_round in (core_config.JSD_NORMALISERS, core_config.JSD_KL_SUMS)]
+    return cases
+
+
+def launch_jsd(case):
+    """Call the JSD launcher of the case's pass on ``meta`` tensors (labels given)."""
+    student, teacher = meta_logits(case)
+    labels = meta_tensor(case.batch, dtype=torch.int64)
+    config = RowConfig(source=core_config.SOURCE_JSD, beta=case.beta, jsd_round=case.jsd_round,
+                       mse_weight=0.0, has_labels=True)
+    stats = meta_tensor(case.batch, NUM_STATS)
+    if case.kernel == "forward":
+        given = stats if case.jsd_round == core_config.JSD_KL_SUMS else None
+        jsd_kernels.jsd_row_stats(student, teacher, labels, config, given)
+    else:
+        jsd_kernels.jsd_backward(meta_tensor(), student, teacher, stats, meta_tensor(NUM_TOTALS),
+                                 config, True)
+
+
+def jsd_flags(case):
+    """The JSD flags of a case, as printed: beta, the forward's round, the gradient."""
+    flags = [f"beta={case.beta:g}"]
+    if case.kernel == "forward":
+        flags.append(f"ROUND={case.jsd_round}")
+    return flags + gradient_flags(case)
+
+
 # ---- the pair-weight families ------------------------------------------------------------
 
 def shared_cases():
@@ -383,6 +431,9 @@ FAMILIES = {
     "per_row": Family(per_row_kernels, {"forward": "wmse_per_row_fwd_kernel",
                                         "backward": "wmse_per_row_bwd_kernel"},
                       launch_per_row, gradient_flags, per_row_cases),
+    "jsd": Family(jsd_kernels, {"forward": "jsd_row_stats_kernel",
+                                "backward": "jsd_backward_kernel"},
+                  launch_jsd, jsd_flags, jsd_cases),
 }
 
 

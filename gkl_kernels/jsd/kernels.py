@@ -121,10 +121,11 @@ def jsd_row_stats_kernel(
         log_q = _log_probabilities(s, ms, zs, inv_t)
         log_p = _log_probabilities(t, mt, zt, inv_t)
         log_pm, log_qm = _log_ratios(log_p, log_q, beta, FORM)
-        top = s == ms
-        kl_p += _kl_part(log_p, log_pm, cols >= 0)  # every lane
-        kl_q_top += _kl_part(log_q, log_qm, top)
-        kl_q += _kl_part(log_q, log_qm, s != ms)
+        if FORM != 1:  # KL(P || M); reverse KL has none
+            kl_p += _kl_part(log_p, log_pm, cols >= 0)  # every lane
+        if FORM != 0:  # KL(Q || M); forward KL has none
+            kl_q_top += _kl_part(log_q, log_qm, s == ms)
+            kl_q += _kl_part(log_q, log_qm, s != ms)
     divergence = kl_p  # forward KL
     if FORM == 1:
         divergence = kl_q_top + kl_q
