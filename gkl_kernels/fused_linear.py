@@ -48,13 +48,15 @@ from gkl_kernels.validation import Backend
 UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GKLOptions
 # default chunk: the largest power of two of rows with c * V <= one of these. On CPU the row math
 # runs in cache-sized row blocks whatever the chunk, so the chunk sets the products' shapes and
-# the memory: fused_linear_gkl with float32 heads writes each chunk's logits into (c, V) blocks
-# reused from chunk to chunk, and at N = 8192, V = 32000 on 2 cores 1024 rows ran 5.25-5.55 s
-# against 5.76 s at 256; where each chunk's (c, V) tensors are fresh (half-precision heads, or
-# autograd differentiating the chunk: fused_linear_gkl_sparse, FusedLinearDistillationLoss) a
-# 32 MiB block. On CUDA 2 GiB for eight float32 blocks (tools/chunk_model.py: fewer rows are
-# bound by reading the weights once per chunk; a model, not timed on a GPU).
-REUSED_CHUNK_ELEMENTS = 2**25
+# the memory. Where the chunk's logits stay as they are and are read a row block at a time
+# (fused_linear_gkl's float32 heads, written into (c, V) blocks reused from chunk to chunk; the
+# trainer's plain-PyTorch rows, half-precision logits converted a row block at a time) 2^25
+# elements (1024 rows at V = 32000: bench.fused_linear measures larger chunks faster there);
+# where each chunk's float32 (c, V) tensors are fresh (half-precision heads of fused_linear_gkl,
+# autograd differentiating the chunk: fused_linear_gkl_sparse) a 32 MiB block. On CUDA 2 GiB for
+# eight float32 blocks (tools/chunk_model.py: fewer rows are bound by reading the weights once per
+# chunk; a model, not timed on a GPU).
+ROW_BLOCK_CHUNK_ELEMENTS = 2**25
 CHUNK_ELEMENTS = 2**23
 GPU_CHUNK_ELEMENTS = 2**26
 
@@ -483,12 +485,12 @@ def normaliser_shares(totals):
         1.0 / totals[TOTAL_ROWS]
 
 
-def default_chunk_size(vocabulary, device_type="cpu", reused_blocks=False):
+def default_chunk_size(vocabulary, device_type="cpu", in_row_blocks=False):
     """The largest power of two of rows with ``rows * vocabulary <= CHUNK_ELEMENTS`` (CUDA:
-    ``GPU_CHUNK_ELEMENTS``; on CPU with ``reused_blocks``, float32 logit blocks reused from chunk
-    to chunk: ``REUSED_CHUNK_ELEMENTS``), at least 1."""
+    ``GPU_CHUNK_ELEMENTS``; on CPU ``in_row_blocks``, the chunk's logits read a row block at a
+    time, no float32 copy of the chunk: ``ROW_BLOCK_CHUNK_ELEMENTS``), at least 1."""
     elements = GPU_CHUNK_ELEMENTS if device_type == "cuda" else \
-        REUSED_CHUNK_ELEMENTS if reused_blocks else CHUNK_ELEMENTS
+        ROW_BLOCK_CHUNK_ELEMENTS if in_row_blocks else CHUNK_ELEMENTS
     return 1 << max(0, (elements // vocabulary).bit_length() - 1)
 
 

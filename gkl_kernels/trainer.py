@@ -57,7 +57,8 @@ class FusedLinearDistillationLoss(nn.Module):
         return_components: also return the soft and hard terms (each divided by the normaliser,
             not weighted).
         chunk_size: tokens per chunk (None: the largest power of two with
-            ``chunk_size * V <= 2**23``, on CUDA ``2**26``).
+            ``chunk_size * V <= 2**25`` on CPU with the plain-PyTorch rows, ``2**23`` under the
+            Triton interpreter, on CUDA ``2**26``).
         divergence: the soft term: ``"gkl"`` (the GKL loss per token) or ``"jsd"`` (the
             generalized JSD of ``jsd_loss``, TRL's and Liger-Kernel's).
         beta: ``divergence="jsd"``'s mixture weight (None: 0.5; 0 forward KL, 1 reverse KL); an
@@ -162,8 +163,9 @@ class FusedLinearDistillationLoss(nn.Module):
             if self.divergence == "jsd" else \
             self.options.row_config(SOURCE_TEACHER, labels is not None, use_triton)
         student = (student_hidden, student_weight, student_bias)
-        reused = student_hidden.dtype == teacher_hidden.dtype == torch.float32  # chunk_loop
-        chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type, reused)
+        # the plain-PyTorch rows on CPU read any chunk a row block at a time (_chunk_terms)
+        chunk_size = self.chunk_size or default_chunk_size(
+            vocabulary, device.type, device.type == "cpu" and not use_triton)
         per_row = per_row_totals(normaliser)  # the soft rows' sum
 
         def loss_and_gradients(wanted):

@@ -28,6 +28,6 @@ def test_chunk_model_counts_flops_and_bytes_and_the_cuda_default_follows_it():
             assert chunk_model.step_seconds(tokens, vocab, hidden, dtype, default) <= \
                 chunk_model.SLACK * chunk_model.step_seconds(tokens, vocab, hidden, dtype, best)
     assert "MODEL, nothing timed" in chunk_model.report()
-    # on CPU: 2^23 elements, 2^25 where float32 logit blocks are reused from chunk to chunk
+    # on CPU: 2^23 elements, 2^25 where the chunk's logits are read a row block at a time
     assert default_chunk_size(32000) == 256 and default_chunk_size(32000, "cpu", True) == 1024
     assert default_chunk_size(128256, "cpu", True) == 256 and default_chunk_size(10**9) == 1

@@ -124,6 +124,11 @@ class Scratch:
         if self._pool is not None:
             self._idle.__dict__.setdefault(self._pool, self._storage)
 
+    @classmethod
+    def release_idle(cls):
+        """Drop the storage the calling thread keeps between calls, every pool's."""
+        cls._idle.__dict__.clear()
+
     def floats(self, name, rows):
         view = self._views.get((name, rows))
         if view is None:
@@ -174,6 +179,8 @@ def kept_logits(student, teacher, labels, config, scratch):
     kept = labels != config.ignore_index
     bad = kept & ((labels < 0) | (labels >= (config.num_labels or s.shape[1])))
     live = (kept & ~bad)[:, None]
+    if s.device.type == "cpu" and bool(live.all()):  # nothing to mask (no device to sync on CPU)
+        return s, t, kept, bad
     masked = s.new_full((), -INF)
     return (torch.where(live, s, masked, out=scratch.floats("s", rows)),
             torch.where(live, t, masked, out=scratch.floats("t", rows)), kept, bad)

@@ -8,11 +8,15 @@ inside operators, by the autograd engine and by ``torch.compile``'d code, which 
 ``TorchDispatchMode`` would not see. Replaying the events in time order gives the bytes alive at
 each moment; the peak is the largest such total. Only blocks allocated during the call count: a
 free of a block that existed before (an input released by the callable) is ignored, since the
-allocator may report it with a stale size; so the peak is never under-counted.
+allocator may report it with a stale size; so the peak is never under-counted. The storage the
+plain-PyTorch rows keep between calls (``Scratch``) is released before the call, so that the
+scratch a call needs counts in its peak.
 """
 
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
+
+from gkl_kernels.rank1.torch_impl import Scratch
 
 
 def measure_peak_memory(fn):
@@ -20,6 +24,7 @@ def measure_peak_memory(fn):
     number of bytes of CPU tensor memory allocated during the call and alive at the same time
     (memory live before the call not counted). ``result`` is what ``fn`` returned; its tensors
     were allocated during the call, so they are part of the peak."""
+    Scratch.release_idle()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     return peak_of_allocations(cpu_allocations(prof)), result
