@@ -1,5 +1,5 @@
 """The row ops of the loss: one implementation per backend x weight family, picked from one table
-(``ROW_OPS``), and the ``torch.library`` custom ops that wrap the same bodies under
+per backend (``TORCH_ROW_OPS``, ``triton_row_ops()``: triton imported at its first use), and the ``torch.library`` custom ops that wrap the same bodies under
 ``torch.compile`` (``opcheck`` and ``fullgraph=True`` included).
 
 - ``statistics(inputs, config)``: the per-row statistics ``(B, NUM_STATS)``
@@ -26,12 +26,8 @@ from torch import Tensor
 from gkl_kernels.buffers import fake_gradients
 from gkl_kernels.core.config import (NUM_STATS, NUM_TOTALS, SOURCE_JSD, SOURCE_PAIRS,
                                      WMSE_SOURCES, RowConfig, compute_dtype)
-from gkl_kernels.core.kernels import finish_loss
-from gkl_kernels.jsd.kernels import jsd_backward, jsd_row_stats
 from gkl_kernels.jsd.torch_impl import jsd_gradients_torch, jsd_row_stats_torch
-from gkl_kernels.pairs.op import pair_loss_backward_triton, pair_loss_triton
 from gkl_kernels.pairs.torch_impl import pair_loss_stats_torch
-from gkl_kernels.rank1 import kernels
 from gkl_kernels.rank1.torch_impl import finish_loss_torch, loss_backward_torch, row_stats_torch
 
 
@@ -95,40 +91,54 @@ def _gradients_torch_pairs(grad, state, config, need_ds, need_dt):
     return _gradients_torch(grad, state, config, need_ds, need_dt)
 
 
-ROW_OPS = {  # (use_triton, family) -> RowOps
-    (False, "rank1"): RowOps(
+TORCH_ROW_OPS = {  # family -> RowOps of the plain-PyTorch path
+    "rank1": RowOps(
         statistics=lambda inputs, config, keep: row_stats_torch(*inputs, config, keep),
         finish=finish_loss_torch, fused=None, gradients=_gradients_torch, keeps_directions=True),
-    (False, "pairs"): RowOps(
+    "pairs": RowOps(
         statistics=lambda inputs, config, keep: pair_loss_stats_torch(*inputs, config, keep),
         finish=finish_loss_torch, fused=None, gradients=_gradients_torch_pairs,
         keeps_directions=True),
-    (True, "rank1"): RowOps(
-        statistics=lambda inputs, config, keep: _without_directions(
-            kernels.row_stats(*inputs, config)),
-        finish=finish_loss, fused=None,
-        gradients=lambda grad, state, config, need_ds, need_dt: kernels.loss_backward(
-            grad, *state.inputs, state.stats, state.totals, config, need_ds, need_dt)),
-    (True, "pairs"): RowOps(
-        statistics=lambda inputs, config, keep: _without_directions(
-            pair_loss_triton(*inputs, config)[1]),
-        finish=finish_loss, fused=pair_loss_triton,
-        gradients=lambda grad, state, config, need_ds, need_dt: pair_loss_backward_triton(
-            grad, *state.inputs, state.stats, state.totals, config, need_ds, need_dt)),
-    (False, "jsd"): RowOps(
+    "jsd": RowOps(
         statistics=lambda inputs, config, keep: _without_directions(
             jsd_row_stats_torch(inputs.student, inputs.teacher, inputs.labels, config,
                                 given=inputs.factor)),
         finish=finish_loss_torch, fused=None,
         gradients=lambda grad, state, config, need_ds, need_dt: jsd_gradients_torch(
             grad, *state.inputs[:2], state.stats, state.totals, config, need_ds)),
-    (True, "jsd"): RowOps(
-        statistics=lambda inputs, config, keep: _without_directions(
-            jsd_row_stats(inputs.student, inputs.teacher, inputs.labels, config, inputs.factor)),
-        finish=finish_loss, fused=None,
-        gradients=lambda grad, state, config, need_ds, need_dt: jsd_backward(
-            grad, *state.inputs[:2], state.stats, state.totals, config, need_ds)),
 }
+
+
+@lru_cache(maxsize=None)
+def triton_row_ops():
+    """family -> RowOps of the Triton kernels; triton is imported here, at the first Triton row
+    op (it is optional: the plain-PyTorch path runs without it)."""
+    from gkl_kernels.core.kernels import finish_loss
+    from gkl_kernels.jsd.kernels import jsd_backward, jsd_row_stats
+    from gkl_kernels.pairs.launchers import pair_loss_backward_triton, pair_loss_triton
+    from gkl_kernels.rank1 import kernels
+
+    return {
+        "rank1": RowOps(
+            statistics=lambda inputs, config, keep: _without_directions(
+                kernels.row_stats(*inputs, config)),
+            finish=finish_loss, fused=None,
+            gradients=lambda grad, state, config, need_ds, need_dt: kernels.loss_backward(
+                grad, *state.inputs, state.stats, state.totals, config, need_ds, need_dt)),
+        "pairs": RowOps(
+            statistics=lambda inputs, config, keep: _without_directions(
+                pair_loss_triton(*inputs, config)[1]),
+            finish=finish_loss, fused=pair_loss_triton,
+            gradients=lambda grad, state, config, need_ds, need_dt: pair_loss_backward_triton(
+                grad, *state.inputs, state.stats, state.totals, config, need_ds, need_dt)),
+        "jsd": RowOps(
+            statistics=lambda inputs, config, keep: _without_directions(
+                jsd_row_stats(inputs.student, inputs.teacher, inputs.labels, config,
+                              inputs.factor)),
+            finish=finish_loss, fused=None,
+            gradients=lambda grad, state, config, need_ds, need_dt: jsd_backward(
+                grad, *state.inputs[:2], state.stats, state.totals, config, need_ds)),
+    }
 
 
 def row_ops(config):
@@ -137,7 +147,7 @@ def row_ops(config):
     JSD."""
     family = "pairs" if config.source == SOURCE_PAIRS else \
         "jsd" if config.source == SOURCE_JSD else "rank1"
-    return ROW_OPS[config.use_triton, family]
+    return (triton_row_ops() if config.use_triton else TORCH_ROW_OPS)[family]
 
 
 @lru_cache(maxsize=256)

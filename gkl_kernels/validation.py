@@ -11,6 +11,7 @@ kernel's assertion output) instead of costing a synchronisation at every call. M
 no values: their value checks are skipped.
 """
 
+import importlib.util
 import math
 import numbers
 import os
@@ -39,6 +40,13 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 MIN_TEMPERATURE = 1.0 / FLOAT32_MAX  # below it 1 / T overflows float32 (about 2.9e-39)
 DEVICE_MESSAGE_LIMIT = 250  # torch's CUDA _assert_async refuses messages of 255 characters or more
 INTERPRETER_VARIABLE = "TRITON_INTERPRET"
+
+
+@torch.compiler.assume_constant_result
+def triton_installed():
+    """Whether triton can be imported here (it ships for Linux; the plain-PyTorch path needs
+    none)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 @torch.compiler.assume_constant_result
@@ -77,8 +85,9 @@ def use_triton_for(backend, device):
     """Resolve ``backend`` for tensors on ``device``: True for the Triton kernels, False for torch.
 
     ``"torch"``: never Triton. ``"triton"``: CUDA tensors, or CPU tensors under Triton's
-    interpreter; anything else is a ``ValueError``. ``"auto"``: Triton for CUDA tensors and for
-    CPU tensors under the interpreter, torch otherwise (meta tensors: torch).
+    interpreter; anything else, or a machine without triton, is a ``ValueError``. ``"auto"``:
+    Triton for CUDA tensors and for CPU tensors under the interpreter where triton is installed,
+    torch otherwise (meta tensors: torch).
 
     ``TRITON_INTERPRET`` set after triton was imported (so Triton asks for its interpreter but its
     functions were built for the GPU, which ends in "0 active drivers" or "Cannot call
@@ -90,6 +99,12 @@ def use_triton_for(backend, device):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
+        return False
+    if not triton_installed():
+        if backend == "triton":
+            raise ValueError("backend='triton' needs triton, which is not installed here (it "
+                             "ships for Linux: pip install triton); pass backend='torch' or "
+                             "'auto' for the PyTorch path")
         return False
     interpreter = device.type == "cpu" and triton_interpreter_active()
     if interpreter and not triton_functions_interpreted():

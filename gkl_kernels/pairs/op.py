@@ -10,7 +10,8 @@ classes present in the row (neither logit ``-inf``) for shared ``(C, C)`` weight
 the tiles.
 
 The whole loss with pair weights (``RowConfig.source = SOURCE_PAIRS``) runs through the rank-one
-loss ops (``row_ops``), which call ``pair_loss_triton`` / ``pair_loss_backward_triton`` here: the
+loss ops (``row_ops``), which call ``pair_loss_triton`` / ``pair_loss_backward_triton``
+(``launchers``, which import triton; this module imports it only when a Triton op runs): the
 pair kernel writes column parts of every row (wMSE, weight sums, the cross-entropy statistics,
 flags), the core's finishing kernel merges them into the loss and the rows' statistics; the
 backward is one pair kernel that also forms the cross-entropy's gradient.
@@ -20,51 +21,8 @@ import torch
 from torch import Tensor
 
 from gkl_kernels.buffers import fake_gradients
-from gkl_kernels.core.config import (DOT_PRECISIONS, NUM_STATS, PART_WMSE, PART_WSUM,
-                                     compute_dtype)
-from gkl_kernels.core.kernels import finish_loss
-from gkl_kernels.pairs.loss_terms import PairLossTerms
-from gkl_kernels.pairs.per_row_kernels import per_row_rows_backward, per_row_rows_forward
-from gkl_kernels.pairs.shared_kernels import shared_rows_backward, shared_rows_forward
+from gkl_kernels.core.config import PART_WMSE, PART_WSUM, compute_dtype
 from gkl_kernels.pairs.torch_impl import pair_rows_backward_torch, pair_rows_forward_torch
-
-
-def pair_parts(student, teacher, weights, labels, per_row, block_c, dot_precision, config=None):
-    """The Triton forward: ``(NUM_PART_PLANES, P, B)`` column parts of the rows
-    (``config.PART_*``)."""
-    if per_row:
-        return per_row_rows_forward(student, teacher, weights, block_c or None, labels, config)
-    return shared_rows_forward(student, teacher, weights, dot_precision, block_c or None, labels,
-                               config)
-
-
-def pair_backward(grad, student, teacher, weights, need_ds, need_dt, per_row, block_c,
-                  dot_precision, loss=None):
-    """The Triton backward of the rows' wMSE (``loss`` None) or of the whole loss."""
-    if per_row:
-        return per_row_rows_backward(grad, student, teacher, weights, need_ds, need_dt,
-                                     block_c or None, loss)
-    return shared_rows_backward(grad, student, teacher, weights, need_ds, need_dt, dot_precision,
-                                block_c or None, loss)
-
-
-def pair_loss_triton(student, teacher, weights, labels, config):
-    """``(loss, stats, totals)`` of the loss with pair weights under Triton: the pair kernel's
-    column parts (wMSE, weight sums, cross-entropy statistics, flags), finished by the rank-one
-    finishing kernel, which also writes the rows' statistics."""
-    parts = pair_parts(student, teacher, weights, labels, config.per_row, config.block_c,
-                       DOT_PRECISIONS[config.dot_precision], config)
-    stats = torch.empty(student.shape[0], NUM_STATS, dtype=parts.dtype, device=student.device)
-    loss, totals = finish_loss(stats, config, parts)
-    return loss, stats, totals
-
-
-def pair_loss_backward_triton(grad_loss, student, teacher, weights, labels, stats, totals, config,
-                              need_ds, need_dt):
-    """``(ds, dt)`` of the loss with pair weights under Triton: one pair backward kernel."""
-    return pair_backward(grad_loss, student, teacher, weights, need_ds, need_dt, config.per_row,
-                         config.block_c, DOT_PRECISIONS[config.dot_precision],
-                         PairLossTerms(stats, totals, labels, config))
 
 
 @torch.library.custom_op("gkl_kernels::pair_rows", mutates_args=())
@@ -76,6 +34,7 @@ def pair_rows(student: Tensor, teacher: Tensor, weights: Tensor, per_row: bool, 
     ``symmetric`` only affects backward, ``dot_precision`` only shared weights under Triton."""
     if not use_triton:
         return pair_rows_forward_torch(student, teacher, weights, per_row)
+    from gkl_kernels.pairs.launchers import pair_parts  # triton: imported at first use
     parts = pair_parts(student, teacher, weights, None, per_row, block_c, dot_precision)
     return (parts[PART_WMSE].sum(dim=0), parts[PART_WSUM].sum(dim=0),
             student.new_empty(0, dtype=parts.dtype))
@@ -97,6 +56,7 @@ def pair_rows_backward(grad_wmse: Tensor, student: Tensor, teacher: Tensor, weig
     """Gradients of ``pair_rows``'s wMSE w.r.t. student and teacher (empty when not needed)."""
     if not use_triton:
         return pair_rows_backward_torch(grad_wmse, student, teacher, g, need_ds, need_dt)
+    from gkl_kernels.pairs.launchers import pair_backward  # triton: imported at first use
     return pair_backward(grad_wmse, student, teacher, weights, need_ds, need_dt, per_row, block_c,
                          dot_precision)
 
