@@ -4,9 +4,10 @@ trainers that followed it call), and ``FusedLinearJSDLoss``, Liger's JSD loss as
 ``loss(student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
 teacher_bias)``.
 
-Per token ``b`` (rows of ``(..., H)`` inputs), with both models' logits transformed alike,
-``z -> cap tanh(scale z / cap)`` (``logit_scale``, then ``final_logit_softcapping``; each
-optional, gradients through both),
+Per token ``b`` (rows of ``(..., H)`` inputs), with each model's logits transformed by its own
+``z -> cap tanh(scale z / cap)`` (its logit scale, then its final-logit softcap, as TRL's
+``DistillationTrainer`` reads them from each model's config; each optional, gradients through
+both),
 
     hard_b = CE(student_b, label_b)              soft_b = mse_weight wmse_b / 4 + ce_weight CE_b
     loss   = (weight_hard_loss sum_b hard_b + weight_soft_loss sum_b soft_b) / normaliser
@@ -26,7 +27,7 @@ chain rule); the teacher is a constant.
 """
 
 from dataclasses import replace
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +55,9 @@ class FusedLinearDistillationLoss(nn.Module):
         ignore_index: label of the tokens left out (padding, prompt).
         logit_scale: multiply both models' logits by it first (None: 1).
         final_logit_softcapping: ``cap tanh(z / cap)`` on both models' logits (None: off).
+        student_logit_scale, teacher_logit_scale, student_final_logit_softcapping,
+            teacher_final_logit_softcapping: one model's own (TRL's names), in place of the
+            shared value (giving both for one model is an error).
         return_components: also return the soft and hard terms (each divided by the normaliser,
             not weighted).
         chunk_size: tokens per chunk (None: the largest power of two with
@@ -75,6 +79,10 @@ class FusedLinearDistillationLoss(nn.Module):
                  temperature: float = 1.0, ignore_index: int = -100,
                  logit_scale: Optional[float] = None,
                  final_logit_softcapping: Optional[float] = None,
+                 student_logit_scale: Optional[float] = None,
+                 teacher_logit_scale: Optional[float] = None,
+                 student_final_logit_softcapping: Optional[float] = None,
+                 teacher_final_logit_softcapping: Optional[float] = None,
                  return_components: bool = False, chunk_size: Optional[int] = None,
                  divergence: Divergence = "gkl", beta: Optional[float] = None,
                  return_soft_hard_loss: Optional[bool] = None, compiled: bool = True,
@@ -103,10 +111,11 @@ class FusedLinearDistillationLoss(nn.Module):
         self.divergence = divergence
         self.weight_hard_loss = check.check_finite("weight_hard_loss", weight_hard_loss)
         self.weight_soft_loss = check.check_finite("weight_soft_loss", weight_soft_loss)
-        self.logit_scale = None if logit_scale is None else check.check_positive(
-            "logit_scale", logit_scale)
-        self.final_logit_softcapping = None if final_logit_softcapping is None else \
-            check.check_positive("final_logit_softcapping", final_logit_softcapping)
+        given = locals()
+        self.student_transform, self.teacher_transform = (
+            LogitTransform(*(_model_value(given, model, name)
+                             for name in ("logit_scale", "final_logit_softcapping")))
+            for model in ("student", "teacher"))
         check.check_bool("return_components", return_components)
         check.check_chunk_size(chunk_size)
         self.return_components, self.chunk_size = return_components, chunk_size
@@ -198,15 +207,6 @@ class FusedLinearDistillationLoss(nn.Module):
             return count
         return torch.tensor(check.check_positive("num_items_in_batch", num_items), device=device)
 
-    def _transform(self, logits):
-        """``cap tanh(scale z / cap)``, each step when set."""
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.final_logit_softcapping is not None:
-            cap = self.final_logit_softcapping
-            logits = cap * torch.tanh(logits / cap)
-        return logits
-
     def _chunk_terms(self, s, t, labels, normaliser, config, per_row, need_ds):
         """``([loss, soft, hard], (ds,))`` of one chunk of tokens (each sum divided by the
         normaliser) and, when ``need_ds``, the loss's gradient with respect to the student's raw
@@ -241,7 +241,8 @@ class FusedLinearDistillationLoss(nn.Module):
             return x.float() if scratch is None else scratch.floats(name, rows).copy_(x)
 
         raw = as_float(s, "student")
-        student, teacher = self._transform(raw), self._transform(as_float(t, "teacher"))
+        student = self.student_transform.apply(raw)
+        teacher = self.teacher_transform.apply(as_float(t, "teacher"))
         hard_scale = self.weight_hard_loss / normaliser
         hard, hard_grad = _cross_entropy_sum(
             student, labels, self.options.ignore_index, need_ds and self.weight_hard_loss != 0,
@@ -256,10 +257,7 @@ class FusedLinearDistillationLoss(nn.Module):
             ds.mul_(self.weight_soft_loss / normaliser)
             if hard_grad is not None:
                 ds.addcmul_(hard_grad, hard_scale)
-            if self.final_logit_softcapping is not None:  # d cap tanh(z / cap) = 1 - tanh^2
-                ds.mul_(1.0 - (student / self.final_logit_softcapping).square_())
-            if self.logit_scale is not None:
-                ds.mul_(self.logit_scale)
+            self.student_transform.chain(ds, student)
         soft, hard = soft / normaliser, hard / normaliser
         return torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard, soft,
                             hard]), ds
@@ -268,11 +266,47 @@ class FusedLinearDistillationLoss(nn.Module):
         divergence = f"divergence={self.divergence!r}" + (
             f", beta={self.options.beta}" if self.divergence == "jsd" else "")
         return (f"{divergence}, weight_hard_loss={self.weight_hard_loss}, "
-                f"weight_soft_loss={self.weight_soft_loss}, logit_scale={self.logit_scale}, "
-                f"final_logit_softcapping={self.final_logit_softcapping}, "
+                f"weight_soft_loss={self.weight_soft_loss}, "
+                f"student_transform={self.student_transform}, "
+                f"teacher_transform={self.teacher_transform}, "
                 f"return_components={self.return_components}, chunk_size={self.chunk_size}, "
                 f"temperature={self.options.temperature}, "
                 f"ignore_index={self.options.ignore_index}")
+
+
+class LogitTransform(NamedTuple):
+    """One model's ``z -> cap tanh(scale z / cap)`` (``scale``, ``cap``: None for off)."""
+
+    scale: Optional[float] = None
+    cap: Optional[float] = None
+
+    def apply(self, logits):
+        """The transformed logits (a new tensor where anything applies)."""
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.cap is not None:
+            logits = self.cap * torch.tanh(logits / self.cap)
+        return logits
+
+    def chain(self, grad, transformed):
+        """``grad`` (w.r.t. the ``transformed`` logits) times the transform's derivative, in
+        place: ``d cap tanh(z / cap) = 1 - tanh^2 = 1 - (transformed / cap)^2``, then
+        ``scale``."""
+        if self.cap is not None:
+            grad.mul_(1.0 - (transformed / self.cap).square_())
+        if self.scale is not None:
+            grad.mul_(self.scale)
+
+
+def _model_value(given, model, name):
+    """The ``model``'s own ``{model}_{name}`` or the shared ``name`` among the constructor's
+    arguments ``given`` (checked > 0; None where neither is given)."""
+    own, shared = given[f"{model}_{name}"], given[name]
+    if own is not None and shared is not None:
+        raise ValueError(f"give {name} (both models) or {model}_{name}, not both")
+    value = own if own is not None else shared
+    label = f"{model}_{name}" if own is not None else name
+    return None if value is None else check.check_positive(label, value)
 
 
 def _cross_entropy_sum(logits, labels, ignore_index, need_grad, out=None):

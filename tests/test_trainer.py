@@ -1,13 +1,14 @@
 """``FusedLinearDistillationLoss`` (the trainer interface) against the unfused computation: the
-logits formed, transformed (``logit_scale``, ``final_logit_softcapping``), the per-token GKL and
-hard cross-entropy summed and divided by the normaliser; loss, components and the gradients of
-the student's hidden states, weight and bias; a larger teacher vocabulary; bad input."""
+logits formed, transformed (``logit_scale``, ``final_logit_softcapping``, or each model's own),
+the per-token GKL (or JSD) and hard cross-entropy summed and divided by the normaliser; loss,
+components and the gradients of the student's hidden states, weight and bias; a larger teacher
+vocabulary; bad input."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gkl_kernels import FusedLinearDistillationLoss, gkl_loss
+from gkl_kernels import FusedLinearDistillationLoss, gkl_loss, jsd_loss
 
 TOKENS, HIDDEN, VOCABULARY = 12, 8, 17
 SOFT_OPTIONS = dict(gamma=0.6, weight_temperature=2.0, mse_weight=1.5, ce_weight=0.7)
@@ -28,20 +29,27 @@ def labels_for(generator, lead=(TOKENS,)):
     return labels
 
 
-def unfused(student, teacher, labels, *, hard, soft_weight, temperature, scale, cap,
-            normaliser):
-    """The loss, soft and hard terms written with the logits."""
-    def transform(z):
+def unfused(student, teacher, labels, *, hard, soft_weight, temperature, scale=None, cap=None,
+            normaliser, teacher_transform=None, soft=None):
+    """The loss, soft and hard terms written with the logits (in the heads' dtype): both models'
+    logits through ``cap tanh(scale z / cap)``, or the teacher's through ``teacher_transform``
+    ``(scale, cap)``; ``soft(s, t, labels)`` the per-row soft losses (default: ``gkl_loss``'s
+    with ``SOFT_OPTIONS``)."""
+    def transform(z, scale, cap):
         z = z if scale is None else z * scale
         return z if cap is None else cap * torch.tanh(z / cap)
 
-    s = transform(F.linear(student[0].reshape(-1, HIDDEN), student[1], student[2]))
+    hidden = student[0].shape[-1]
+    s = transform(F.linear(student[0].reshape(-1, hidden), student[1], student[2]), scale, cap)
     vocabulary = student[1].shape[0]
-    t = transform(F.linear(teacher[0].reshape(-1, HIDDEN + 3), teacher[1][:vocabulary],
-                           teacher[2][:vocabulary]))
+    t = transform(F.linear(teacher[0].reshape(-1, teacher[0].shape[-1]), teacher[1][:vocabulary],
+                           teacher[2][:vocabulary]), *(teacher_transform or (scale, cap)))
     flat = None if labels is None else labels.reshape(-1)
-    soft_sum = gkl_loss(s, t, labels=flat, reduction="none", temperature=temperature,
-                        backend="torch", **SOFT_OPTIONS).sum()
+    if soft is None:
+        def soft(s, t, labels):
+            return gkl_loss(s, t, labels=labels, reduction="none", temperature=temperature,
+                            backend="torch", **SOFT_OPTIONS)
+    soft_sum = soft(s, t, flat).sum()
     hard_sum = s.sum() * 0 if flat is None else F.cross_entropy(s, flat, reduction="sum")
     soft, hard_term = soft_sum / normaliser, hard_sum / normaliser
     return soft_weight * soft + hard * hard_term, soft, hard_term
@@ -71,6 +79,44 @@ def test_matches_the_unfused_loss(scale, cap, chunk_size, backend, generator):
     want[0].backward()
     for name, got, expected in zip(("hidden", "weight", "bias"), ours, theirs):
         torch.testing.assert_close(got.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+@pytest.mark.parametrize("divergence", ("gkl", "jsd"))
+def test_each_model_has_its_own_logit_transform(divergence, backend, generator):
+    """TRL's per-model ``logit_scale`` and ``final_logit_softcapping`` (scale, then softcap):
+    loss, components and the student head's gradients against the float64 unfused loss."""
+    tensors = heads(generator)
+    labels = labels_for(generator)
+    options = SOFT_OPTIONS if divergence == "gkl" else dict(beta=0.3)
+    criterion = FusedLinearDistillationLoss(
+        weight_hard_loss=0.3, weight_soft_loss=0.9, temperature=2.0, divergence=divergence,
+        student_logit_scale=0.8, teacher_logit_scale=1.6, student_final_logit_softcapping=3.0,
+        teacher_final_logit_softcapping=5.0, return_components=True, chunk_size=5,
+        backend=backend, **options)
+    ours = [x.clone().requires_grad_() for x in tensors[:3]]
+    got = criterion(ours[0], ours[1], tensors[3], tensors[4], labels, ours[2], tensors[5])
+    theirs = [x.double().requires_grad_() for x in tensors[:3]]
+
+    def jsd_rows(s, t, labels):
+        return jsd_loss(s, t, labels=labels, beta=0.3, temperature=2.0, reduction="none",
+                        backend="torch")
+
+    want = unfused(theirs, [x.double() for x in tensors[3:]], labels, hard=0.3, soft_weight=0.9,
+                   temperature=2.0, scale=0.8, cap=3.0, teacher_transform=(1.6, 5.0),
+                   normaliser=(labels != -100).sum(), soft=jsd_rows if divergence == "jsd"
+                   else None)
+    for name, value, expected in zip(("loss", "soft", "hard"), got, want):
+        torch.testing.assert_close(value, expected.float(), rtol=2e-6, atol=1e-6, msg=name)
+    got[0].backward()
+    want[0].backward()
+    for name, value, expected in zip(("hidden", "weight", "bias"), ours, theirs):
+        torch.testing.assert_close(value.grad, expected.grad.float(), rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    with pytest.raises(ValueError, match="give logit_scale .both models. or student_logit_scale"):
+        FusedLinearDistillationLoss(logit_scale=2.0, student_logit_scale=1.0)
+    with pytest.raises(ValueError, match="teacher_final_logit_softcapping"):
+        FusedLinearDistillationLoss(teacher_final_logit_softcapping=-1.0)
 
 
 @pytest.mark.parametrize("num_items", ["tensor", "int"])
