@@ -109,6 +109,8 @@ def fused_linear_gkl(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     plan = _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden,
                          teacher_weight, teacher_bias, labels, class_prior, weights, chunk_size,
                          teacher_grad, options_from(gkl_options))
+    labels, student_hidden, teacher_hidden, weights = projected_rows(
+        labels, plan.config.ignore_index, student_hidden, teacher_hidden, weights)
     teacher = (teacher_hidden, teacher_weight, teacher_bias)
     if not teacher_grad:
         teacher = tuple(None if x is None else x.detach() for x in teacher)
@@ -150,6 +152,8 @@ def fused_linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     plan = _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden,
                          teacher_weight, teacher_bias, labels, None, None, chunk_size, False,
                          options, jsd=True)
+    labels, student_hidden, teacher_hidden = projected_rows(labels, ignore_index, student_hidden,
+                                                            teacher_hidden)
     student = (student_hidden, student_weight, student_bias)
     teacher = tuple(None if x is None else x.detach()
                     for x in (teacher_hidden, teacher_weight, teacher_bias))
@@ -316,6 +320,10 @@ def _fused_sparse(student, teacher, labels, class_prior, weights, chunk_size, op
     ignored = None if labels is None else labels == options.ignore_index
     teacher = readable_indices(teacher, ignored)
     check_sparse_teacher(teacher, like, options.check_values, ignored, jsd)
+    labels, hidden, indices, values, weights = projected_rows(
+        labels, options.ignore_index, student[0], teacher.indices, teacher.values, weights)
+    student, teacher = (hidden, *student[1:]), replace(teacher, indices=indices, values=values)
+    ignored = None if labels is None else labels == options.ignore_index
     rows = compact_rows(replace(teacher, values=teacher.values.detach()), vocabulary,
                         optional_factor(weights, class_prior, labels, options), ignored,
                         options.ignore_index)
@@ -374,6 +382,21 @@ def chunk_loop(heads, grads, rows, chunk_size, chunk_function, reuse_blocks=Fals
                 _fold_back(grad_logits, head, head_grads, chunk)
         terms.append(part)
     return terms
+
+
+def projected_rows(labels, ignore_index, *row_tensors):
+    """``(labels, *row_tensors)`` (``(N, ...)`` each, or None) with only the rows the loss reads,
+    so that no product forms the others: on CPU those whose label is not ``ignore_index`` (the
+    count is free there; the gradients reach the given rows through the selection); elsewhere,
+    or when every row or none is read, as given (selecting them on CUDA would need their count
+    on the host, a synchronisation)."""
+    if labels is None or not check.host_reads_free(labels.device):
+        return (labels, *row_tensors)
+    kept = labels != ignore_index
+    if bool(kept.all()) or not bool(kept.any()):
+        return (labels, *row_tensors)
+    index = kept.nonzero().squeeze(1)
+    return tuple(None if x is None else x.index_select(0, index) for x in (labels, *row_tensors))
 
 
 def with_autograd(chunk_terms, wanted):

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from gkl_kernels import validation as check
 from gkl_kernels.core.config import SOURCE_TEACHER
 from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_size,
-                                      gradient_buffer, options_from, rows_with_gradients)
+                                      gradient_buffer, options_from, projected_rows,
+                                      rows_with_gradients)
 from gkl_kernels.options import GKL_ONLY_OPTIONS
 from gkl_kernels.rank1.torch_impl import finite_ref, row_losses_torch, scratch_and_blocks
 from gkl_kernels.row_ops import RowInputs, statistics
@@ -164,6 +165,9 @@ class FusedLinearDistillationLoss(nn.Module):
             labels = true_labels.reshape(-1)
             check.check_labels(labels, rows, vocabulary, device, self.options.check_values,
                                self.options.ignore_index)
+        labels, student_hidden, teacher_hidden = projected_rows(
+            labels, self.options.ignore_index, student_hidden, teacher_hidden)
+        rows = student_hidden.shape[0]
         teacher = (teacher_hidden.detach(), teacher_weight[:vocabulary].detach(),
                    None if teacher_bias is None else teacher_bias[:vocabulary].detach())
         normaliser = self._normaliser(num_items_in_batch, labels, rows, device)

@@ -166,6 +166,14 @@ def values_checked(check_values):
     return check_values and not torch.compiler.is_compiling()
 
 
+def host_reads_free(device):
+    """Whether reading tensor values on ``device`` back to the host costs no synchronisation:
+    CPU. The plain-PyTorch rows and the fused losses read there what lets them skip work (a row
+    block with every row read, the masked rows of a chunk); elsewhere they never read. The one
+    place this is decided (``testing.launches.reads_as_on_a_gpu`` turns it off)."""
+    return device.type == "cpu"
+
+
 def asserts_on_device(device):
     """Whether a value check on ``device`` is a device-side assertion rather than a host read:
     CUDA (and any other accelerator whose dispatch table has ``_assert_async``), where reading a

@@ -26,7 +26,7 @@ from bench.providers import (KL_DIV, PACKAGE, PACKAGE_TRITON, REFERENCE, Passes,
 from bench.report import format_seconds, ratio_sentence, speed, times
 from bench.traffic import step_count_batch
 from gkl_kernels.testing.dispatch import DispatchCounter
-from gkl_kernels.testing.launches import value_checks_as_on_a_gpu
+from gkl_kernels.testing.launches import reads_as_on_a_gpu, value_checks_as_on_a_gpu
 from gkl_kernels.testing.traffic import TritonTrafficCounter
 from tools import readme
 from tools.h100_model import H100_STEP_CASE, modelled_h100_seconds
@@ -57,12 +57,13 @@ def counted_by_hand(provider_name, case):
     passes = make_passes(select_providers([provider_name])[0].build(), student, teacher, kwargs)
     passes.step()
     counts = []
-    # as bench.traffic counts the Triton path: its value checks where a GPU has them
-    with value_checks_as_on_a_gpu(provider_name == PACKAGE_TRITON), TritonTrafficCounter() \
-            as kernels, DispatchCounter() as ops:
+    # as bench.traffic counts: the Triton path's value checks where a GPU has them, no value
+    # read back on CPU either
+    with value_checks_as_on_a_gpu(provider_name == PACKAGE_TRITON), reads_as_on_a_gpu(), \
+            TritonTrafficCounter() as kernels, DispatchCounter() as ops:
         loss = passes.forward()
     counts.append((kernels.launches + ops.launches, ops.host_syncs))
-    with TritonTrafficCounter() as kernels, DispatchCounter() as ops:
+    with reads_as_on_a_gpu(), TritonTrafficCounter() as kernels, DispatchCounter() as ops:
         passes.backward(loss)
     counts.append((kernels.launches + ops.launches, ops.host_syncs))
     return counts[0][0], counts[1][0], counts[0][1] + counts[1][1]

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gkl_kernels
 from gkl_kernels import (FusedLinearDistillationLoss, FusedLinearGKLLoss, SparseTeacher,
                          fused_linear_gkl, fused_linear_gkl_sparse, gkl_loss, validation)
 from gkl_kernels.testing.dispatch import DispatchCounter
+from gkl_kernels.testing.launches import reads_as_on_a_gpu
 from gkl_kernels.testing.memory import measure_peak_memory
 from reference import gkl_loss_reference
 from tests.conftest import PAPER_SETTINGS, assert_close_rel
@@ -178,8 +180,8 @@ def test_no_host_synchronisation_without_value_checks(source, generator):
     student, teacher, labels = linear_inputs(generator)
     options = source_options(source, generator)
 
-    def step(check_values):
-        with DispatchCounter() as counter:
+    def step(check_values):  # the masked rows' selection reads values on CPU only
+        with reads_as_on_a_gpu(), DispatchCounter() as counter:
             fused_result(student, teacher, labels, chunk_size=5, check_values=check_values,
                          **options)
         return counter
@@ -313,3 +315,61 @@ def test_bad_arguments_are_refused(change, error, match, generator):
     arguments.update(change)
     with pytest.raises(error, match=match):
         fused_linear_gkl(**arguments)
+
+
+class LogitRows(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the rows of every product that forms ``(rows, vocabulary)`` logits."""
+
+    def __init__(self, vocabulary):
+        super().__init__()
+        self.vocabulary, self.rows = vocabulary, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm) and \
+                out.dim() == 2 and out.shape[1] == self.vocabulary:
+            self.rows += out.shape[0]
+        return out
+
+
+@torch_only
+@pytest.mark.parametrize("loss_name", ["gkl", "jsd", "sparse", "trainer"])
+def test_masked_rows_are_never_projected(loss_name, generator):
+    """Half the tokens labelled -100: the products form the kept tokens' logits only (student
+    and teacher, forward only: the gradient reuses them), and the loss and the hidden states'
+    gradient (zero on the masked rows) are those of the kept rows alone."""
+    student, teacher, labels = linear_inputs(generator, ignored=0.5)
+    kept = labels != -100
+    assert 0 < kept.sum() < ROWS
+    values, indices = F.linear(teacher[0], teacher[1]).detach().log_softmax(-1).topk(5, dim=-1)
+
+    def run(student_hidden, labels):
+        if loss_name == "gkl":
+            return fused_linear_gkl(student_hidden, student[1], teacher[0], teacher[1],
+                                    labels=labels, chunk_size=4, backend="torch")
+        if loss_name == "jsd":
+            return gkl_kernels.fused_linear_jsd(student_hidden, student[1], teacher[0],
+                                                teacher[1], labels=labels, chunk_size=4,
+                                                backend="torch")
+        if loss_name == "sparse":
+            rows = slice(None) if labels.shape[0] == ROWS else kept
+            return fused_linear_gkl_sparse(student_hidden, student[1],
+                                           SparseTeacher(indices[rows], values[rows]),
+                                           labels=labels, chunk_size=4, backend="torch")
+        return FusedLinearDistillationLoss(chunk_size=4, backend="torch")(
+            student_hidden, student[1], teacher[0], teacher[1], labels)
+
+    hidden = student[0].detach().clone().requires_grad_()
+    counter = LogitRows(VOCABULARY)
+    with counter:
+        loss = run(hidden, labels)
+        loss.backward()
+    models = 1 if loss_name == "sparse" else 2
+    assert counter.rows == models * int(kept.sum())
+    kept_hidden = student[0].detach()[kept].clone().requires_grad_()
+    teacher[0] = teacher[0][kept]
+    want = run(kept_hidden, labels[kept])
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+    want.backward()
+    torch.testing.assert_close(hidden.grad[kept], kept_hidden.grad, rtol=1e-6, atol=1e-8)
+    assert torch.equal(hidden.grad[~kept], torch.zeros_like(hidden.grad[~kept]))

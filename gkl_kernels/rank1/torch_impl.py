@@ -20,6 +20,7 @@ import threading
 
 import torch
 
+from gkl_kernels import validation as check
 from gkl_kernels.core.config import (NUM_STATS, NUM_TOTALS, SOURCE_EXPLICIT, SOURCE_JSD,
                                      SOURCE_NONE, SOURCE_PAIRS, SOURCE_PRIOR, SOURCE_TEACHER,
                                      STAT_A, STAT_DM, STAT_ERROR, STAT_KEPT, STAT_L, STAT_M2,
@@ -179,7 +180,7 @@ def kept_logits(student, teacher, labels, config, scratch):
     kept = labels != config.ignore_index
     bad = kept & ((labels < 0) | (labels >= (config.num_labels or s.shape[1])))
     live = (kept & ~bad)[:, None]
-    if s.device.type == "cpu" and bool(live.all()):  # nothing to mask (no device to sync on CPU)
+    if check.host_reads_free(s.device) and bool(live.all()):  # nothing to mask
         return s, t, kept, bad
     masked = s.new_full((), -INF)
     return (torch.where(live, s, masked, out=scratch.floats("s", rows)),

@@ -13,6 +13,7 @@ from typing import NamedTuple
 from triton.runtime import interpreter
 
 from gkl_kernels import functional as gkl_functional
+from gkl_kernels import validation
 from gkl_kernels.testing.dispatch import CompiledCodeDispatchCounter, InductorKernelCounter
 from gkl_kernels.testing.traffic import TritonTrafficCounter
 from gkl_kernels.validation import triton_interpreter_active
@@ -63,10 +64,12 @@ class StepLaunches(NamedTuple):
 
 
 def count_launches(run):
-    """Run ``run()`` under the launch counters: ``(its result, PassLaunches)``. Triton launches
-    are counted when Triton's interpreter runs them (``TRITON_INTERPRET=1``); a Triton kernel
-    run on a GPU would be missed."""
+    """Run ``run()`` under the launch counters, reading values back as on a GPU
+    (``reads_as_on_a_gpu``): ``(its result, PassLaunches)``. Triton launches are counted when
+    Triton's interpreter runs them (``TRITON_INTERPRET=1``); a Triton kernel run on a GPU would
+    be missed."""
     with contextlib.ExitStack() as stack:
+        stack.enter_context(reads_as_on_a_gpu())
         triton_counter = (stack.enter_context(TritonTrafficCounter())
                           if triton_interpreter_active() else None)
         compiled = stack.enter_context(InductorKernelCounter())
@@ -99,6 +102,19 @@ def value_checks_as_on_a_gpu(triton_path=True):
         yield
     finally:
         gkl_functional.kernels_check_values = original
+
+
+@contextlib.contextmanager
+def reads_as_on_a_gpu():
+    """While active, the plain-PyTorch rows and the fused losses read no values back on CPU
+    either (``validation.host_reads_free``), as on a GPU: a step's host syncs counted on CPU are a
+    GPU step's."""
+    original = validation.host_reads_free
+    validation.host_reads_free = lambda device: False
+    try:
+        yield
+    finally:
+        validation.host_reads_free = original
 
 
 @contextlib.contextmanager
