@@ -235,13 +235,20 @@ def test_half_precision_logits(dtype, backend, generator):
 
 
 def test_a_student_without_mass_where_the_teacher_has_some_is_infinite(generator):
-    """Forward KL with ``Q_j = 0 < P_j``: +inf, as the formula says, on both backends."""
+    """Forward KL with ``Q_j = 0 < P_j`` and reverse KL with ``P_j = 0 < Q_j``: +inf, as the
+    formula says, on both backends (the mixture stays finite)."""
     student = torch.randn(2, 8, generator=generator)
     student[0, 3] = -math.inf
     teacher = torch.randn(2, 8, generator=generator)
     for backend in BACKENDS:
         assert gkl_kernels.jsd_loss(student, teacher, beta=0.0, backend=backend) == math.inf
         assert torch.isfinite(gkl_kernels.jsd_loss(student, teacher, beta=0.5, backend=backend))
+        rows = gkl_kernels.jsd_loss(teacher, student, beta=1.0, backend=backend,
+                                    reduction="none")
+        assert rows[0] == math.inf and torch.isfinite(rows[1])
+        peaked = teacher.clone()
+        peaked[0, 3] = 10.0  # where P = 0, the student's most likely class
+        assert gkl_kernels.jsd_loss(peaked, student, beta=1.0, backend=backend) == math.inf
 
 
 # ---- launches, checks --------------------------------------------------------------------------

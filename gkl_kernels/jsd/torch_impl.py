@@ -113,10 +113,12 @@ def _block(s, t, config, out, scratch, coef=None, ds=None, given=None):
     kl_p = zero.expand_as(ms) if p_terms is None else p_terms.sum(dim=1)
     if q_terms is None:
         kl_q_top, kl_q = zero.expand_as(ms), zero.expand_as(ms)
-    else:  # the maximal classes' terms and the others', each summed apart
-        at_top = torch.mul(q_terms, top_s, out=scratch.floats("at_top", rows))
+    else:  # the maximal classes' terms and the others', each summed apart; an infinite term
+        # (reverse KL where P = 0 < Q) is in one of them: inf x 0 and inf - inf are taken as 0
+        at_top = torch.mul(q_terms, top_s, out=scratch.floats("at_top", rows)).nan_to_num_(
+            0.0, INF, -INF)
         kl_q_top = at_top.sum(dim=1)
-        kl_q = torch.sub(q_terms, at_top, out=at_top).sum(dim=1)
+        kl_q = torch.sub(q_terms, at_top, out=at_top).nan_to_num_(0.0, INF, -INF).sum(dim=1)
     out[:, STAT_KL_P], out[:, STAT_KL_Q_TOP], out[:, STAT_KL_Q] = kl_p, kl_q_top, kl_q
     # a NaN logit: NaN (its terms are 0)
     out[:, STAT_A] = divergence(kl_p, kl_q_top, kl_q, config) + 0.0 * (rest_s + rest_t)
