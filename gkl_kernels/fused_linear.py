@@ -312,29 +312,42 @@ def _fused_sparse(student, teacher, labels, class_prior, weights, chunk_size, op
     check.check_chunk_size(chunk_size)
     rows, vocabulary = check.check_linear("student", *student)
     device = student[0].device
-    like = torch.zeros((), device=device).expand(rows, vocabulary)  # shapes only, no memory
     if labels is not None:
         check.check_labels(labels, rows, vocabulary, device, options.check_values,
                            options.ignore_index)
     _checked_weight_source(weights, class_prior, labels, rows, vocabulary, device, options)
-    ignored = None if labels is None else labels == options.ignore_index
-    teacher = readable_indices(teacher, ignored)
-    check_sparse_teacher(teacher, like, options.check_values, ignored, jsd)
-    labels, hidden, indices, values, weights = projected_rows(
-        labels, options.ignore_index, student[0], teacher.indices, teacher.values, weights)
-    student, teacher = (hidden, *student[1:]), replace(teacher, indices=indices, values=values)
-    ignored = None if labels is None else labels == options.ignore_index
-    rows = compact_rows(replace(teacher, values=teacher.values.detach()), vocabulary,
-                        optional_factor(weights, class_prior, labels, options), ignored,
-                        options.ignore_index)
+    student, labels, compact = sparse_teacher_rows(student, teacher, labels, weights,
+                                                   class_prior, vocabulary, options, jsd)
     chunk_size = chunk_size or default_chunk_size(vocabulary, device.type)
     use_triton = check.use_triton_for(options.backend, device)
 
     def loss_and_gradients(wanted):
         grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
-        return (_sparse_loss(student, rows, options, chunk_size, use_triton, grads, jsd),), grads
+        return (_sparse_loss(student, compact, options, chunk_size, use_triton, grads, jsd),), \
+            grads
 
     return ChunkedLoss.apply(loss_and_gradients, *student)[0]
+
+
+def sparse_teacher_rows(student, teacher, labels, weights, class_prior, vocabulary, options,
+                        jsd=False):
+    """``(student, labels, CompactRows)`` of a sparse teacher's fused loss (the head and labels
+    checked): the ``SparseTeacher`` checked for the ``(N, vocabulary)`` logits, the rows the loss
+    reads selected (``projected_rows``: the head ``(h, W, b)``, labels, cache and weights) and the
+    teacher's compact rows formed once."""
+    rows = student[0].shape[0]
+    like = torch.zeros((), device=student[0].device).expand(rows, vocabulary)  # shapes only
+    ignored = None if labels is None else labels == options.ignore_index
+    teacher = readable_indices(teacher, ignored)
+    check_sparse_teacher(teacher, like, options.check_values, ignored, jsd)
+    labels, hidden, indices, values, weights = projected_rows(
+        labels, options.ignore_index, student[0], teacher.indices, teacher.values, weights)
+    teacher = replace(teacher, indices=indices, values=values.detach())
+    ignored = None if labels is None else labels == options.ignore_index
+    compact = compact_rows(teacher, vocabulary,
+                           optional_factor(weights, class_prior, labels, options), ignored,
+                           options.ignore_index)
+    return (hidden, *student[1:]), labels, compact
 
 
 def _sparse_loss(student, rows, options, chunk_size, use_triton, grads, jsd=False):

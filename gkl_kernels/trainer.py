@@ -30,18 +30,19 @@ from dataclasses import replace
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
 from gkl_kernels.core.config import SOURCE_TEACHER
 from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_size,
                                       gradient_buffer, options_from, projected_rows,
-                                      rows_with_gradients)
+                                      rows_with_gradients, sparse_teacher_rows, with_autograd)
 from gkl_kernels.options import GKL_ONLY_OPTIONS
 from gkl_kernels.rank1.torch_impl import finite_ref, row_losses_torch, scratch_and_blocks
 from gkl_kernels.row_ops import RowInputs, statistics
 from gkl_kernels.rows import per_row_totals
-from gkl_kernels.sparse_teacher import kept_row_count
+from gkl_kernels.sparse_teacher import SparseTeacher, kept_row_count, sparse_teacher_loss
 from gkl_kernels.validation import Divergence
 
 
@@ -134,7 +135,9 @@ class FusedLinearDistillationLoss(nn.Module):
         Args:
             student_input, student_weight, student_bias: ``(..., H_s)``, ``(V, H_s)``, ``(V,)``.
             teacher_input, teacher_weight, teacher_bias: ``(..., H_t)``, ``(V_t, H_t)``,
-                ``(V_t,)`` with ``V_t >= V`` (cut to the student's ``V``).
+                ``(V_t,)`` with ``V_t >= V`` (cut to the student's ``V``); or a
+                ``SparseTeacher`` ``(..., k)`` (its cached top-k classes; the weight and bias
+                None), each ``rest`` as in ``gkl_loss`` and ``jsd_loss``.
             true_labels: ``(...)`` next-token labels (``ignore_index`` where left out); None:
                 every token counts and the hard term is 0.
             num_items_in_batch: the normaliser (tensor or number); None: the local count.
@@ -144,17 +147,23 @@ class FusedLinearDistillationLoss(nn.Module):
         """
         lead = student_input.shape[:-1] if isinstance(student_input, Tensor) else None
         student_hidden = _rows(student_input)
-        teacher_hidden = _rows(teacher_input)
         rows, vocabulary = check.check_linear("student", student_hidden, student_weight,
                                               student_bias)
-        teacher_rows, teacher_vocabulary = check.check_linear("teacher", teacher_hidden,
-                                                              teacher_weight, teacher_bias)
-        if teacher_vocabulary < vocabulary:
-            raise ValueError(f"teacher_weight must have at least the student's V = {vocabulary} "
-                             f"rows, got {teacher_vocabulary}")
-        if teacher_rows != rows:
-            raise ValueError(f"teacher_input must have the student's {rows} tokens, got "
-                             f"{teacher_rows}")
+        sparse = isinstance(teacher_input, SparseTeacher)
+        if sparse:
+            if teacher_weight is not None or teacher_bias is not None:
+                raise ValueError("a SparseTeacher teacher_input needs teacher_weight=None and "
+                                 "teacher_bias=None (the cache holds the teacher's values)")
+        else:
+            teacher_hidden = _rows(teacher_input)
+            teacher_rows, teacher_vocabulary = check.check_linear(
+                "teacher", teacher_hidden, teacher_weight, teacher_bias)
+            if teacher_vocabulary < vocabulary:
+                raise ValueError(f"teacher_weight must have at least the student's V = "
+                                 f"{vocabulary} rows, got {teacher_vocabulary}")
+            if teacher_rows != rows:
+                raise ValueError(f"teacher_input must have the student's {rows} tokens, got "
+                                 f"{teacher_rows}")
         device = student_hidden.device
         labels = None
         if true_labels is not None:
@@ -165,6 +174,10 @@ class FusedLinearDistillationLoss(nn.Module):
             labels = true_labels.reshape(-1)
             check.check_labels(labels, rows, vocabulary, device, self.options.check_values,
                                self.options.ignore_index)
+        if sparse:
+            return self._sparse_teacher_loss((student_hidden, student_weight, student_bias),
+                                             _cache_rows(teacher_input, lead), labels,
+                                             num_items_in_batch, vocabulary)
         labels, student_hidden, teacher_hidden = projected_rows(
             labels, self.options.ignore_index, student_hidden, teacher_hidden)
         rows = student_hidden.shape[0]
@@ -192,6 +205,39 @@ class FusedLinearDistillationLoss(nn.Module):
             totals = sum(chunk_loop((student, teacher), (grads,), rows, chunk_size, chunk_terms,
                                     reuse_blocks=True, upcast=False))
             return tuple(total.clone() for total in totals), grads
+
+        loss, soft, hard = ChunkedLoss.apply(loss_and_gradients, *student)
+        return (loss, soft, hard) if self.return_components else loss
+
+    def _sparse_teacher_loss(self, student, teacher, labels, num_items, vocabulary):
+        """The loss of the student's head ``(h, W, b)`` (checked, ``(N, H)`` rows) against a
+        ``SparseTeacher`` ``(N, k)``: per chunk the transformed logits' hard cross-entropy and
+        the soft rows on the cache's compact rows (``sparse_teacher``), each summed and divided
+        by the normaliser, differentiated by autograd."""
+        options = self.options
+        jsd = self.divergence == "jsd"
+        student, labels, compact = sparse_teacher_rows(student, teacher, labels, None, None,
+                                                       vocabulary, options, jsd)
+        device = student[0].device
+        rows = student[0].shape[0]
+        normaliser = self._normaliser(num_items, labels, rows, device)
+        shares = (1.0 / normaliser, 1.0 / normaliser)  # the soft rows' sum over the normaliser
+        use_triton = check.use_triton_for(options.backend, device)
+        chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type)
+
+        def chunk_terms(chunk, logits):
+            s = self.student_transform.apply(logits)
+            soft = sparse_teacher_loss(s, compact.part(chunk), options, use_triton, shares, jsd)
+            hard = s.new_zeros(()) if labels is None else F.cross_entropy(
+                s, labels[chunk], ignore_index=options.ignore_index, reduction="sum") / normaliser
+            return torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard,
+                                soft, hard])
+
+        def loss_and_gradients(wanted):
+            grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
+            terms = chunk_loop((student,), (grads,), rows, chunk_size,
+                               with_autograd(chunk_terms, any(g is not None for g in grads)))
+            return tuple(total.clone() for total in sum(terms)), grads
 
         loss, soft, hard = ChunkedLoss.apply(loss_and_gradients, *student)
         return (loss, soft, hard) if self.return_components else loss
@@ -330,6 +376,17 @@ def _cross_entropy_sum(logits, labels, ignore_index, need_grad, out=None):
         return rows.sum(), None
     grad = e.div_(z).scatter_add_(1, picked, e.new_full(picked.shape, -1.0))
     return rows.sum(), grad.masked_fill_(~kept[:, None], 0.0)
+
+
+def _cache_rows(teacher, lead):
+    """A ``SparseTeacher`` of the tokens ``lead`` as ``(N, k)`` rows (other shapes as given, for
+    the checks)."""
+    if isinstance(teacher.indices, Tensor) and lead is not None and len(lead) > 1 and \
+            teacher.indices.shape[:-1] == lead and isinstance(teacher.values, Tensor):
+        top = teacher.indices.shape[-1]
+        return replace(teacher, indices=teacher.indices.reshape(-1, top),
+                       values=teacher.values.reshape(-1, teacher.values.shape[-1]))
+    return teacher
 
 
 def _rows(hidden):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gkl_kernels import FusedLinearDistillationLoss, gkl_loss, jsd_loss
+from gkl_kernels import FusedLinearDistillationLoss, SparseTeacher, gkl_loss, jsd_loss
 
 TOKENS, HIDDEN, VOCABULARY = 12, 8, 17
 SOFT_OPTIONS = dict(gamma=0.6, weight_temperature=2.0, mse_weight=1.5, ce_weight=0.7)
@@ -171,3 +171,42 @@ def test_bad_input_is_named(generator):
             FusedLinearDistillationLoss(**{option: "none"})
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         FusedLinearDistillationLoss(final_logit_softcapping=0.0)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+@pytest.mark.parametrize("divergence, rest", [("gkl", "renormalize"), ("gkl", "drop"),
+                                              ("gkl", "rest"), ("jsd", "renormalize"),
+                                              ("jsd", "rest")])
+def test_a_cached_top_k_teacher(divergence, rest, backend, generator):
+    """``teacher_input`` a ``SparseTeacher`` ``(B, T, k)``: the hard cross-entropy, the soft
+    term on the cache (``gkl_loss`` / ``jsd_loss`` of the transformed student logits and the
+    cache, per token), ``num_items_in_batch`` and the student's transform, against the unfused
+    computation; loss, components and the student head's gradients."""
+    lead = (3, 4)
+    tensors = heads(generator, lead=lead)
+    labels = labels_for(generator, lead)
+    teacher_logits = F.linear(tensors[3], tensors[4], tensors[5]).detach()
+    values, indices = (teacher_logits / 2.0).log_softmax(-1).topk(5, dim=-1)
+    cache = SparseTeacher(indices, values, temperature=2.0, rest=rest)
+    options = SOFT_OPTIONS if divergence == "gkl" else dict(beta=0.3)
+    criterion = FusedLinearDistillationLoss(
+        weight_hard_loss=0.3, weight_soft_loss=0.9, temperature=2.0, divergence=divergence,
+        student_logit_scale=0.8, student_final_logit_softcapping=3.0, return_components=True,
+        chunk_size=5, backend=backend, **options)
+    ours = [x.clone().requires_grad_() for x in tensors[:3]]
+    got = criterion(ours[0], ours[1], cache, None, labels, ours[2], num_items_in_batch=20)
+    theirs = [x.clone().requires_grad_() for x in tensors[:3]]
+    s = 3.0 * torch.tanh(0.8 * F.linear(*theirs) / 3.0)
+    soft_of = gkl_loss if divergence == "gkl" else jsd_loss
+    soft_sum = soft_of(s, cache, labels=labels, reduction="sum", temperature=2.0,
+                       backend="torch", **options)
+    hard_sum = F.cross_entropy(s.reshape(-1, VOCABULARY), labels.reshape(-1), reduction="sum")
+    want = (0.9 * soft_sum / 20 + 0.3 * hard_sum / 20, soft_sum / 20, hard_sum / 20)
+    for name, value, expected in zip(("loss", "soft", "hard"), got, want):
+        torch.testing.assert_close(value, expected, rtol=2e-6, atol=1e-6, msg=name)
+    got[0].backward()
+    want[0].backward()
+    for name, value, expected in zip(("hidden", "weight", "bias"), ours, theirs):
+        torch.testing.assert_close(value.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="teacher_weight=None"):
+        criterion(ours[0], ours[1], cache, tensors[4], labels, ours[2])
