@@ -170,8 +170,9 @@ def host_reads_free(device):
     """Whether reading tensor values on ``device`` back to the host costs no synchronisation:
     CPU. The plain-PyTorch rows and the fused losses read there what lets them skip work (a row
     block with every row read, the masked rows of a chunk); elsewhere they never read. The one
-    place this is decided (``testing.launches.reads_as_on_a_gpu`` turns it off)."""
-    return device.type == "cpu"
+    place this is decided (``testing.launches.reads_as_on_a_gpu`` turns it off; so does
+    ``torch.compile``'s tracing, where a read would break the graph)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def asserts_on_device(device):

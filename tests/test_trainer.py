@@ -210,3 +210,25 @@ def test_a_cached_top_k_teacher(divergence, rest, backend, generator):
         torch.testing.assert_close(value.grad, expected.grad, rtol=1e-5, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="teacher_weight=None"):
         criterion(ours[0], ours[1], cache, tensors[4], labels, ours[2])
+
+
+@pytest.mark.torch_only
+@pytest.mark.parametrize("divergence, compiler", [("gkl", "inductor"), ("jsd", "aot_eager")])
+def test_compiles_with_fullgraph(divergence, compiler, generator):
+    """``torch.compile(fullgraph=True)`` of a function calling the loss, with Dynamo's defaults
+    (its backward then runs through autograd): the eager loss and gradients."""
+    tensors = heads(generator)
+    labels = labels_for(generator)
+    criterion = FusedLinearDistillationLoss(divergence=divergence, chunk_size=5, backend="torch")
+
+    def loss_of(hidden, weight):
+        return criterion(hidden, weight, tensors[3], tensors[4], labels, tensors[2], tensors[5])
+
+    results = []
+    for fn in (loss_of, torch.compile(loss_of, fullgraph=True, backend=compiler)):
+        leaves = [x.clone().requires_grad_() for x in tensors[:2]]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append((loss.detach(), *(x.grad for x in leaves)))
+    for name, value, expected in zip(("loss", "hidden", "weight"), *results[::-1]):
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=name)

@@ -122,7 +122,7 @@ class Scratch:
         self._views = {}
 
     def __del__(self):
-        if self._pool is not None:
+        if getattr(self, "_pool", None) is not None:  # (an object __init__ did not finish)
             self._idle.__dict__.setdefault(self._pool, self._storage)
 
     @classmethod
