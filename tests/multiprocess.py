@@ -1,9 +1,11 @@
-"""``run_processes``: the spawn/join/timeout loop of the ``torch.distributed`` tests."""
+"""``run_processes``: the spawn/join/timeout loop of the ``torch.distributed`` tests;
+``run_and_load``: that loop, then the results each rank saved."""
 
 import tempfile
 import time
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 
@@ -28,3 +30,10 @@ def run_processes(worker, nprocs, args=(), timeout_seconds=120):
             for process in context.processes:
                 if process.is_alive():
                     process.kill()
+
+
+def run_and_load(worker, nprocs, directory, args=(), timeout_seconds=120):
+    """``run_processes(worker, nprocs, (str(directory), *args))``, then the results each rank
+    ``r`` saved to ``directory / f"rank{r}.pt"``, in rank order."""
+    run_processes(worker, nprocs, (str(directory), *args), timeout_seconds)
+    return [torch.load(directory / f"rank{rank}.pt") for rank in range(nprocs)]

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from gkl_kernels import GKLLoss, gkl_loss
 from tests.conftest import PAPER_SETTINGS, make_inputs
-from tests.multiprocess import run_processes
+from tests.multiprocess import run_and_load
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
@@ -67,9 +67,8 @@ def worker(rank, init_method, results_dir):
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("distributed")
-    run_processes(worker, WORLD_SIZE, (str(directory),), TIMEOUT_SECONDS)
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return run_and_load(worker, WORLD_SIZE, tmp_path_factory.mktemp("distributed"),
+                        timeout_seconds=TIMEOUT_SECONDS)
 
 
 @pytest.mark.parametrize("source, normalize, adversarial", CONFIGS)

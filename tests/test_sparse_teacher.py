@@ -208,18 +208,28 @@ def test_fused_sparse_is_the_unfused_loss(source, rest, chunk_size, generator):
         kwargs = dict(weights=torch.rand(TOKENS, CLASSES, generator=generator))
     elif source == "prior":
         kwargs = dict(class_prior=torch.rand(CLASSES, CLASSES, generator=generator))
-    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    fused = gkl_kernels.fused_linear_gkl_sparse(
-        leaves[0], leaves[1], cached, labels=labels, student_bias=leaves[2],
-        chunk_size=chunk_size, backend="torch", **kwargs, **OPTIONS)
-    again = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    unfused = gkl_loss(F.linear(again[0], again[1], again[2]), cached, labels=labels,
-                       backend="torch", **kwargs, **OPTIONS)
-    torch.testing.assert_close(fused, unfused, rtol=2e-6, atol=1e-6)
-    fused.backward()
-    unfused.backward()
+    assert_fused_is_unfused(
+        lambda h, w, b: gkl_kernels.fused_linear_gkl_sparse(
+            h, w, cached, labels=labels, student_bias=b, chunk_size=chunk_size, backend="torch",
+            **kwargs, **OPTIONS),
+        lambda h, w, b: gkl_loss(F.linear(h, w, b), cached, labels=labels, backend="torch",
+                                 **kwargs, **OPTIONS),
+        (hidden, weight, bias), atol=1e-6)
+
+
+def assert_fused_is_unfused(fused_of, unfused_of, head, atol):
+    """The loss of ``fused_of(h, W, b)`` and its gradients with respect to the head ``(h, W, b)``
+    equal ``unfused_of``'s (each on fresh copies)."""
+    results = []
+    for loss_of in (fused_of, unfused_of):
+        leaves = [x.clone().requires_grad_() for x in head]
+        loss = loss_of(*leaves)
+        loss.backward()
+        results.append((loss.detach(), leaves))
+    (fused, leaves), (unfused, again) = results
+    torch.testing.assert_close(fused, unfused, rtol=2e-6, atol=atol)
     for name, ours, want in zip(("hidden", "weight", "bias"), leaves, again):
-        torch.testing.assert_close(ours.grad, want.grad, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(ours.grad, want.grad, rtol=1e-5, atol=atol, msg=name)
 
 
 def test_fused_sparse_without_gradients_and_errors(generator):
@@ -318,16 +328,11 @@ def test_fused_sparse_jsd_is_the_unfused_loss(rest, backend, generator):
     labels = torch.randint(0, CLASSES, (TOKENS,), generator=generator)
     labels[[2, 7]] = -100
     options = dict(beta=0.3, temperature=GENERATED_AT, labels=labels, backend=backend)
-    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    fused = gkl_kernels.fused_linear_jsd_sparse(leaves[0], leaves[1], cached,
-                                                student_bias=leaves[2], chunk_size=3, **options)
-    again = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    unfused = gkl_kernels.jsd_loss(F.linear(*again), cached, **options)
-    torch.testing.assert_close(fused, unfused, rtol=2e-6, atol=1e-7)
-    fused.backward()
-    unfused.backward()
-    for name, ours, want in zip(("hidden", "weight", "bias"), leaves, again):
-        torch.testing.assert_close(ours.grad, want.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert_fused_is_unfused(
+        lambda h, w, b: gkl_kernels.fused_linear_jsd_sparse(h, w, cached, student_bias=b,
+                                                            chunk_size=3, **options),
+        lambda h, w, b: gkl_kernels.jsd_loss(F.linear(h, w, b), cached, **options),
+        (hidden, weight, bias), atol=1e-7)
 
 
 def test_jsd_refuses_the_dropped_rest(generator):

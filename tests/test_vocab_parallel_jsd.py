@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from gkl_kernels import jsd_loss, vocab_parallel_jsd_loss
 from tests.conftest import BACKENDS
-from tests.multiprocess import run_processes
+from tests.multiprocess import run_and_load
 from tests.test_jsd import HOSTILE, assert_within_the_rule, hostile_case
 
 WIDTHS = (14, 19)  # the two shards of C = 33
@@ -61,9 +61,8 @@ def worker(rank, init_method, results_dir):
 @pytest.fixture(scope="module")
 def shard_results(tmp_path_factory):
     """``[results of rank r]``, each ``{(case, beta, backend): (loss, grad of the shard)}``."""
-    directory = tmp_path_factory.mktemp("vocab_parallel_jsd")
-    run_processes(worker, len(WIDTHS), (str(directory),), TIMEOUT_SECONDS)
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(len(WIDTHS))]
+    return run_and_load(worker, len(WIDTHS), tmp_path_factory.mktemp("vocab_parallel_jsd"),
+                        timeout_seconds=TIMEOUT_SECONDS)
 
 
 @pytest.mark.parametrize("case, beta, backend", CASES)
