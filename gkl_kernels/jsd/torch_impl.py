@@ -75,6 +75,22 @@ def _kl_terms(x, log_ratio, out):
     return torch.mul(x, log_ratio, out=out).nan_to_num_(0.0, INF, -INF)
 
 
+def _kl_sums(p, log_pm, q_terms, top_s, scratch):
+    """``(KL(P || M), the maximal classes' part of KL(Q || M), the others' part)`` (R,) each, 0
+    for a side not used; ``log_pm`` is overwritten. An infinite term (reverse KL where P = 0 <
+    Q) is in one of the two parts: inf x 0 and inf - inf are taken as 0 there."""
+    zero = top_s.new_zeros(()).expand(top_s.shape[0])
+    p_terms = _kl_terms(p, log_pm, log_pm)
+    kl_p = zero if p_terms is None else p_terms.sum(dim=1)
+    if q_terms is None:
+        return kl_p, zero, zero
+    at_top = torch.mul(q_terms, top_s, out=scratch.floats("at_top", top_s.shape[0])).nan_to_num_(
+        0.0, INF, -INF)
+    kl_q_top = at_top.sum(dim=1)
+    return kl_p, kl_q_top, torch.sub(q_terms, at_top, out=at_top).nan_to_num_(
+        0.0, INF, -INF).sum(dim=1)
+
+
 def divergence(kl_p, kl_q_top, kl_q, config):
     """The rows' divergence ``w_p KL(P || M) + w_q KL(Q || M)`` from their KL sums (the sums of a
     side whose weight is 0 are not read)."""
@@ -90,7 +106,8 @@ def _block(s, t, config, out, scratch, coef=None, ds=None, given=None):
     (R,) the student's gradient ``coef_b dJSD_b / ds`` written into ``ds`` (R, C): ``q_j (g_j -
     sum_k q_k g_k)``, ``g = w_q log(Q / M)``, or ``q_j - p_j`` for forward KL, scaled by ``1 /
     T``, formed from the same log-probabilities, and from the normalisers and KL sums of
-    ``given`` (R, NUM_STATS), the whole rows' statistics, where given. At the student's maximal
+    ``given`` (R, NUM_STATS), the whole rows' statistics, where given (then ``out`` gets only the
+    normalisers). At the student's maximal
     classes ``g_j - sum_k q_k g_k`` is ``w_q ((1 - q_j) log(q_j / m_j) - (the other maximal
     classes' terms) - (the rest's))``, ``1 - q_j = rest_s / z_s``, which does not cancel where
     ``q_j`` is near 1. Masks are float (0, 1) and temporaries live in ``scratch``: on CPU
@@ -107,25 +124,16 @@ def _block(s, t, config, out, scratch, coef=None, ds=None, given=None):
         return
     log_pm, log_qm = _log_ratios(log_p, log_q, config, scratch)
     q, p = log_q.exp_(), log_p.exp_()
-    zero = ms.new_zeros(())
-    p_terms = _kl_terms(p, log_pm, log_pm)
     q_terms = _kl_terms(q, log_qm, scratch.floats("q_terms", rows))
-    kl_p = zero.expand_as(ms) if p_terms is None else p_terms.sum(dim=1)
-    if q_terms is None:
-        kl_q_top, kl_q = zero.expand_as(ms), zero.expand_as(ms)
-    else:  # the maximal classes' terms and the others', each summed apart; an infinite term
-        # (reverse KL where P = 0 < Q) is in one of them: inf x 0 and inf - inf are taken as 0
-        at_top = torch.mul(q_terms, top_s, out=scratch.floats("at_top", rows)).nan_to_num_(
-            0.0, INF, -INF)
-        kl_q_top = at_top.sum(dim=1)
-        kl_q = torch.sub(q_terms, at_top, out=at_top).nan_to_num_(0.0, INF, -INF).sum(dim=1)
-    out[:, STAT_KL_P], out[:, STAT_KL_Q_TOP], out[:, STAT_KL_Q] = kl_p, kl_q_top, kl_q
-    # a NaN logit: NaN (its terms are 0)
-    out[:, STAT_A] = divergence(kl_p, kl_q_top, kl_q, config) + 0.0 * (rest_s + rest_t)
-    if coef is None:
-        return
-    if given is not None:
+    if given is not None and coef is not None:  # the gradient from the whole rows' KL sums
         kl_q_top, kl_q = given[:, STAT_KL_Q_TOP], given[:, STAT_KL_Q]
+    else:
+        kl_p, kl_q_top, kl_q = _kl_sums(p, log_pm, q_terms, top_s, scratch)
+        out[:, STAT_KL_P], out[:, STAT_KL_Q_TOP], out[:, STAT_KL_Q] = kl_p, kl_q_top, kl_q
+        # a NaN logit: NaN (its terms are 0)
+        out[:, STAT_A] = divergence(kl_p, kl_q_top, kl_q, config) + 0.0 * (rest_s + rest_t)
+        if coef is None:
+            return
     rest_s, rest_t = rest_s.clamp_min(0.0), rest_t.clamp_min(0.0)  # empty rows: 0
     if config.jsd_form == JSD_FORWARD_KL:  # q - p, where both logits are maximal (zt - zs) / zs zt
         g = torch.sub(q, p, out=scratch.floats("g", rows))
