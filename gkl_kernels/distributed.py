@@ -51,11 +51,9 @@ def all_process_totals(totals, group):
 def merged_row_stats(stats, config, group):
     """The statistics of the whole vocabulary: every shard's ``(N, NUM_STATS)`` gathered (one
     all-gather) and merged in process order (``merge_row_stats``)."""
-    size = world_size(group)
-    if size == 1:
+    if world_size(group) == 1:
         return stats
-    parts = [torch.empty_like(stats) for _ in range(size)]
-    distributed.all_gather(parts, stats.contiguous(), group=group)
+    parts = _gathered(stats, group)
     merged = parts[0]
     for part in parts[1:]:
         merged = merge_row_stats(merged, part, config)
@@ -66,11 +64,9 @@ def summed_kl_stats(stats, config, group):
     """The generalized JSD's statistics of the whole vocabulary from every shard's, formed with
     the merged normalisers: the KL sums gathered (one all-gather of ``(N, 3)``) and added in
     process order, the divergence formed from them."""
-    size = world_size(group)
-    if size == 1:
+    if world_size(group) == 1:
         return stats
-    parts = [stats.new_empty(stats.shape[0], len(KL_SUMS)) for _ in range(size)]
-    distributed.all_gather(parts, stats[:, KL_SUMS].contiguous(), group=group)
+    parts = _gathered(stats[:, KL_SUMS], group)
     sums = parts[0]
     for part in parts[1:]:
         sums = sums + part
@@ -79,3 +75,11 @@ def summed_kl_stats(stats, config, group):
     merged[:, STAT_A] = divergence(*sums.unbind(1), config) + 0.0 * (
         merged[:, STAT_ZS] + merged[:, STAT_ZT])  # a NaN logit: NaN
     return merged
+
+
+def _gathered(tensor, group):
+    """Every process's ``tensor`` (one all-gather), in process order."""
+    parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format)
+             for _ in range(world_size(group))]
+    distributed.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
