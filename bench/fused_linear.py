@@ -19,8 +19,9 @@ no gradient), and returns the gradients of the student's hidden states and weigh
 ``--trainer`` compares the trainer-facing losses, hard cross-entropy plus distillation term with
 Liger's default weights ``weight_hard_loss = weight_soft_loss = 0.5``, at ``TRAINER_SIZES``:
 ``trainer-gkl`` (``FusedLinearDistillationLoss``, GKL), ``trainer-jsd`` (the same with
-``divergence="jsd"``, ``beta=0.5``, 1024-row chunks: ``FusedLinearJSDLoss``'s loss) and
-``liger-trainer`` (``LigerFusedLinearJSDLoss`` compiled, the same weights), judged against
+``divergence="jsd"``, ``beta=0.5``, 1024-row chunks: ``FusedLinearJSDLoss``'s loss), both
+``compiled=True``, and ``liger-trainer`` (``LigerFusedLinearJSDLoss`` compiled, the same
+weights), judged against
 Liger's time and peak memory.
 
 All GKL providers use the loss's default options (weights from the teacher, ``gamma=1``,
@@ -234,13 +235,15 @@ def _liger(compiled, weights=DISTILLATION_ONLY):
 
 def _trainer(divergence):
     """``FusedLinearDistillationLoss`` with ``TRAINER_WEIGHTS``: GKL, or JSD as
-    ``FusedLinearJSDLoss`` (``beta=0.5``, Liger's chunk size), on the plain-PyTorch rows."""
+    ``FusedLinearJSDLoss`` (``beta=0.5``, Liger's chunk size), on the plain-PyTorch rows,
+    ``compiled=True`` as Liger's."""
     def build():
         jsd = dict(divergence="jsd", beta=0.5, chunk_size=LIGER_CHUNK) if divergence == "jsd" \
             else {}
+        torch._dynamo.reset()  # as Liger's: the warm-up step compiles for this size
         return _module_loss(FusedLinearDistillationLoss(**TRAINER_WEIGHTS, **jsd,
                                                         ignore_index=IGNORE_INDEX,
-                                                        backend="torch"))
+                                                        backend="torch", compiled=True))
     return build
 
 
@@ -255,9 +258,10 @@ PROVIDERS = (
     Provider(FUSED_CHUNKED, _fused(FUSED_CHUNK), lambda size: min(size.tokens, FUSED_CHUNK)),
     Provider(LIGER, _liger(True), _liger_rows, computes_gkl=False, eager=False),
     Provider(LIGER_EAGER, _liger(False), _liger_rows, computes_gkl=False),
-    Provider(TRAINER_GKL, _trainer("gkl"), _fused_default_rows, computes_gkl=False),
+    Provider(TRAINER_GKL, _trainer("gkl"), _fused_default_rows, computes_gkl=False,
+             eager=False),
     Provider(TRAINER_JSD, _trainer("jsd"), lambda size: min(size.tokens, LIGER_CHUNK),
-             computes_gkl=False),
+             computes_gkl=False, eager=False),
     Provider(LIGER_TRAINER, _liger(True, TRAINER_WEIGHTS), _liger_rows, computes_gkl=False,
              eager=False),
 )

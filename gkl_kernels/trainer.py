@@ -27,6 +27,7 @@ chain rule); the teacher is a constant.
 """
 
 from dataclasses import replace
+from functools import lru_cache
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -39,7 +40,8 @@ from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_siz
                                       gradient_buffer, options_from, projected_rows,
                                       rows_with_gradients, sparse_teacher_rows, with_autograd)
 from gkl_kernels.options import GKL_ONLY_OPTIONS
-from gkl_kernels.rank1.torch_impl import finite_ref, row_losses_torch, scratch_and_blocks
+from gkl_kernels.rank1.torch_impl import (block_rows, finite_ref, row_losses_torch, row_sum,
+                                          scratch_and_blocks)
 from gkl_kernels.row_ops import RowInputs, statistics
 from gkl_kernels.rows import per_row_totals
 from gkl_kernels.sparse_teacher import SparseTeacher, kept_row_count, sparse_teacher_loss
@@ -70,8 +72,10 @@ class FusedLinearDistillationLoss(nn.Module):
         beta: ``divergence="jsd"``'s mixture weight (None: 0.5; 0 forward KL, 1 reverse KL); an
             error with ``"gkl"``.
         return_soft_hard_loss: Liger-Kernel's name of ``return_components`` (None: not given).
-        compiled: accepted for Liger-Kernel's call sites; nothing is compiled here (the chunks
-            run the package's kernels, or its row blocks on CPU), in eager mode or not.
+        compiled: on CPU with the plain-PyTorch rows, run each full row block through
+            ``torch.compile`` (inductor fuses the block's passes; needs a C++ compiler, as
+            Liger-Kernel's ``compiled=True``; the first call compiles, once per vocabulary
+            size and options); other blocks, and the Triton kernels, as without.
         **gkl_options: ``gkl_loss`` options of the soft term: ``gamma``, ``weight_temperature``,
             ``mse_weight``, ``ce_weight``, ``symmetric`` (GKL only), ``backend``,
             ``check_values``, ``block_c``.
@@ -87,7 +91,7 @@ class FusedLinearDistillationLoss(nn.Module):
                  teacher_final_logit_softcapping: Optional[float] = None,
                  return_components: bool = False, chunk_size: Optional[int] = None,
                  divergence: Divergence = "gkl", beta: Optional[float] = None,
-                 return_soft_hard_loss: Optional[bool] = None, compiled: bool = True,
+                 return_soft_hard_loss: Optional[bool] = None, compiled: bool = False,
                  **gkl_options: Any) -> None:
         super().__init__()
         check.check_bool("compiled", compiled)
@@ -268,11 +272,17 @@ class FusedLinearDistillationLoss(nn.Module):
             return terms, (ds,)
         terms = 0
         scratch, blocks = scratch_and_blocks(s, torch.float32, pool="trainer")
+        compiled = self.compiled and not torch.compiler.is_compiling()
+        full = block_rows(s.shape[1])
         for block in blocks:
             rows = s[block]
-            part, ds = self._block_terms(rows, t[block], None if labels is None else labels[block],
-                                         normaliser, config, per_row, need_ds, scratch)
-            if ds is not None and ds.data_ptr() != rows.data_ptr():
+            args = (rows, t[block], None if labels is None else labels[block], normaliser, config,
+                    per_row, need_ds)
+            if compiled and rows.shape[0] == full:  # one shape per vocabulary: one compilation
+                part, ds = _compiled_block_terms()(self, *args)
+            else:
+                part, ds = self._block_terms(*args, scratch)
+            if ds is not None and ds is not rows:
                 rows.copy_(ds)
             terms = terms + part
         return terms, (s if need_ds else None,)
@@ -298,8 +308,11 @@ class FusedLinearDistillationLoss(nn.Module):
             student, labels, self.options.ignore_index, need_ds and self.weight_hard_loss != 0,
             None if scratch is None else scratch.floats("hard", rows))
         inputs = RowInputs(student, teacher, None, labels)
-        if need_ds:  # the raw logits are not read again: the gradient goes there
-            stats, ds, _ = rows_with_gradients(inputs, per_row, config, True, False, out=raw)
+        if need_ds:  # the raw logits are not read again: the gradient goes there (compiled: a
+            # new tensor, the graph's inputs are not written)
+            stats, ds, _ = rows_with_gradients(
+                inputs, per_row, config, True, False,
+                out=None if torch.compiler.is_compiling() else raw)
         else:
             stats, ds = statistics(inputs, config)[0], None
         soft = row_losses_torch(stats, config).sum()
@@ -348,6 +361,13 @@ class LogitTransform(NamedTuple):
             grad.mul_(self.scale)
 
 
+@lru_cache(maxsize=None)
+def _compiled_block_terms():
+    """``FusedLinearDistillationLoss._block_terms`` under ``torch.compile`` (inductor: a row
+    block's passes fused into a few loops), made at first use."""
+    return torch.compile(FusedLinearDistillationLoss._block_terms, dynamic=False)
+
+
 def _model_value(given, model, name):
     """The ``model``'s own ``{model}_{name}`` or the shared ``name`` among the constructor's
     arguments ``given`` (checked > 0; None where neither is given)."""
@@ -370,12 +390,13 @@ def _cross_entropy_sum(logits, labels, ignore_index, need_grad, out=None):
     picked = torch.where(kept, labels, 0)[:, None]
     top = finite_ref(logits.amax(dim=1, keepdim=True))
     e = torch.sub(logits, top, out=out).exp_()
-    z = e.sum(dim=1, keepdim=True)
+    z = row_sum(e)[:, None]
     rows = torch.where(kept, (top + z.log() - logits.gather(1, picked))[:, 0], 0.0)
     if not need_grad:
         return rows.sum(), None
-    grad = e.div_(z).scatter_add_(1, picked, e.new_full(picked.shape, -1.0))
-    return rows.sum(), grad.masked_fill_(~kept[:, None], 0.0)
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    grad = e.div_(z).sub_((columns == picked).float()).mul_(kept[:, None])
+    return rows.sum(), grad
 
 
 def _cache_rows(teacher, lead):
@@ -407,7 +428,7 @@ class FusedLinearJSDLoss(FusedLinearDistillationLoss):
         beta: the mixture weight (0: forward KL, 1: reverse KL).
         ignore_index: the label of the tokens left out.
         temperature: divides both models' logits in the soft term.
-        compiled: accepted; nothing is compiled here.
+        compiled: ``torch.compile`` the row blocks on CPU (``FusedLinearDistillationLoss``).
         chunk_size: tokens per chunk (Liger splits the ``N`` tokens into ``N // chunk_size``
             chunks of about equal size; here every chunk but the last has ``chunk_size``).
         return_soft_hard_loss: also return the soft and hard terms.

@@ -359,3 +359,16 @@ def test_the_divergence_switch_refuses_what_does_not_apply():
         gkl_kernels.FusedLinearDistillationLoss(divergence="kl")
     with pytest.raises(ValueError, match="beta"):
         gkl_kernels.FusedLinearDistillationLoss(divergence="jsd", beta=1.5)
+
+
+@pytest.mark.torch_only
+def test_expm1_under_torch_compile_does_not_cancel():
+    """Inductor's vectorised CPU ``expm1`` is ``exp(x) - 1`` (all digits lost near 0); the JSD's
+    log-mixture takes it from ``tanh`` there: a few roundings at any ``x <= 0``."""
+    from gkl_kernels.jsd.torch_impl import _expm1_
+
+    x = -torch.logspace(-12, 2, 4000, dtype=torch.float64).float()
+    got = torch.compile(lambda y: _expm1_(y.clone()), dynamic=False)(x)
+    exact = torch.expm1(x.double())
+    assert ((got.double() - exact).abs() / exact.abs()).max().item() < 1e-6
+    assert torch.equal(_expm1_(torch.tensor([-math.inf, 0.0])), torch.tensor([-1.0, 0.0]))

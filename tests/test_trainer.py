@@ -232,3 +232,70 @@ def test_compiles_with_fullgraph(divergence, compiler, generator):
         results.append((loss.detach(), *(x.grad for x in leaves)))
     for name, value, expected in zip(("loss", "hidden", "weight"), *results[::-1]):
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.torch_only
+@pytest.mark.parametrize("divergence", ("gkl", "jsd"))
+def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generator, monkeypatch):
+    """``compiled=True`` on CPU: the full row blocks (8 rows at V = 32768) run through
+    ``torch.compile``; hostile rows (a masked vocabulary through the bias, one row offset by 1e4
+    through a hidden unit every class weighs 1, one peaked by hidden states 8 times larger, an
+    ignored row): loss and the gradients of the student's hidden states and weight within
+    ``max(4 x plain float32, 1e-5)`` of the float64 unfused loss. Hidden states and weights are
+    multiples of 1/32 small enough that the products are exact (every evaluation sees the same
+    logits)."""
+    from gkl_kernels import trainer
+    from tests.adversarial_cases import assert_within_rule, row_max_shifted
+
+    calls = []
+    compiled = trainer._compiled_block_terms()
+    monkeypatch.setattr(trainer, "_compiled_block_terms",
+                        lambda: lambda *args: calls.append(1) or compiled(*args))
+    rows, hidden, vocabulary = 19, 8, 32768  # 17 rows read: two full blocks and a row
+
+    def exact_products(*shape):
+        return (32 * torch.randn(*shape, generator=generator)).round().clamp(-128, 128) / 32
+
+    h, w, ht, wt = (exact_products(*shape) for shape in ((rows, hidden), (vocabulary, hidden),
+                                                         (rows, hidden), (vocabulary, hidden)))
+    h[1, -1] = 1e4
+    h[9] *= 8.0
+    w[:, -1] = 1.0
+    bias = torch.zeros(vocabulary)
+    bias[[0, 1, 4095, 4096]] = -1e9
+    bias[-1000:] = -1e9
+    labels = torch.randint(0, vocabulary - 1000, (rows,), generator=generator)
+    labels[[2, 12]] = -100
+    options = dict(beta=0.5) if divergence == "jsd" else {}
+    criterion = FusedLinearDistillationLoss(weight_hard_loss=0.4, weight_soft_loss=0.6,
+                                            divergence=divergence, compiled=True,
+                                            backend="torch", **options)
+    kept = (labels != -100).sum()
+
+    def soft_rows(s, t, labels):
+        if divergence == "jsd":
+            return jsd_loss(s, t, labels=labels, beta=0.5, reduction="none", backend="torch")
+        return gkl_loss(s, t, labels=labels, reduction="none", backend="torch")
+
+    def evaluate(loss_of, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (h, w)]
+        loss = loss_of(*leaves)
+        return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+    def unfused_loss(shift, dtype):
+        def loss_of(hs, ws):
+            s = shift(F.linear(hs, ws, bias.to(dtype)))
+            t = shift(F.linear(ht.to(dtype), wt.to(dtype), bias.to(dtype)))
+            return unfused_terms(s, t)
+        return evaluate(loss_of, dtype)
+
+    def unfused_terms(s, t):
+        soft = soft_rows(s, t, labels).sum()
+        return (0.6 * soft + 0.4 * F.cross_entropy(s, labels, reduction="sum")) / kept
+
+    actual = evaluate(lambda hs, ws: criterion(hs, ws, ht, wt, labels, bias, bias),
+                      torch.float32)
+    assert len(calls) == 2
+    expected = unfused_loss(lambda x: x, torch.float64)
+    plain = [unfused_loss(shift, torch.float32) for shift in (lambda x: x, row_max_shifted)]
+    assert_within_rule(actual, expected, plain, torch.float32)

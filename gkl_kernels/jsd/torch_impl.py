@@ -10,7 +10,8 @@ from gkl_kernels.core.config import (JSD_FORWARD_KL, JSD_NORMALISERS, JSD_REVERS
                                      STAT_A, STAT_ERROR, STAT_KEPT, STAT_KL_P, STAT_KL_Q,
                                      STAT_KL_Q_TOP, STAT_MS, STAT_MT, STAT_ZS, STAT_ZT,
                                      TOTAL_ROWS, compute_dtype)
-from gkl_kernels.rank1.torch_impl import INF, finite_ref, kept_logits, scratch_and_blocks
+from gkl_kernels.rank1.torch_impl import (INF, finite_ref, kept_logits, row_sum,
+                                          scratch_and_blocks)
 
 
 def jsd_weights(config):
@@ -26,23 +27,30 @@ def jsd_weights(config):
 
 
 def _log_softmax(x, inv_t, scratch, name, normalisers=None):
-    """``(m, rest, log softmax(x / T), top)``: the row maxima (R,), the normaliser rests ``z - 1``
-    (R,; -1 for a row of ``-inf``), the log-probabilities (R, C; ``-inf`` where ``x`` is) and the
-    float mask of the maximal columns (R, C), the last two in ``scratch``; ``(m, rest)`` given as
-    ``normalisers`` (those of the whole rows), or formed here: the rest sums ``e - top``, 0 at the
-    maximal columns (``e = 1`` there), so that ``1 + x`` is never rounded."""
+    """``(m, rest, log softmax(x / T), softmax(x / T), top)``: the row maxima (R,), the
+    normaliser rests ``z - 1`` (R,; -1 for a row of ``-inf``), the log-probabilities (R, C;
+    ``-inf`` where ``x`` is), the probabilities and the float mask of the maximal columns (R, C),
+    the last three in ``scratch``; ``(m, rest)`` given as ``normalisers`` (those of the whole
+    rows; the probabilities the exponentials of their logarithms), or formed here: the rest
+    sums ``e - top``, 0 at the maximal columns (``e = 1`` there), so that ``1 + x`` is never
+    rounded, and the probabilities are ``e / z``."""
     rows = x.shape[0]
     m = x.amax(dim=1) if normalisers is None else normalisers[0]
     top = torch.eq(x, m[:, None], out=scratch.floats(name + " top", rows))
     z = torch.sub(x, finite_ref(m)[:, None], out=scratch.floats(name, rows))
     if inv_t != 1.0:
         z.mul_(inv_t)
+    probabilities = scratch.floats(name + " probabilities", rows)
     if normalisers is None:
-        e = torch.exp(z, out=scratch.floats("e", rows)).sub_(top)
-        rest = e.sum(dim=1) + (top.sum(dim=1) - 1.0)
+        e = torch.exp(z, out=probabilities).sub_(top)
+        rest = row_sum(e) + (top.sum(dim=1) - 1.0)
     else:
         rest = normalisers[1]
-    return m, rest, z.sub_(rest.clamp_min(0.0).log1p()[:, None]), top
+    rest_or_0 = rest.clamp_min(0.0)[:, None]  # an empty row's rest (-1) as 0: its e are 0
+    log_probabilities = z.sub_(rest_or_0.log1p())
+    if normalisers is None:
+        return m, rest, log_probabilities, e.add_(top).div_(rest_or_0 + 1.0), top
+    return m, rest, log_probabilities, torch.exp(log_probabilities, out=probabilities), top
 
 
 def _log_ratios(log_p, log_q, config, scratch):
@@ -60,11 +68,20 @@ def _log_ratios(log_p, log_q, config, scratch):
     beta = config.beta
     share = torch.ge(delta, 0.0, out=scratch.floats("share", rows)).mul_(2.0 * beta - 1.0).add_(
         1.0 - beta)
-    small = torch.abs(delta, out=scratch.floats("log_pm", rows)).neg_().expm1_().mul_(
+    small = _expm1_(torch.abs(delta, out=scratch.floats("log_pm", rows)).neg_()).mul_(
         share).log1p_().neg_()
     positive = torch.clamp_min(delta, 0.0, out=share)
     log_qm = delta.clamp_max_(0.0).add_(small)
     return small.sub_(positive), log_qm
+
+
+def _expm1_(x):
+    """``exp(x) - 1`` of ``x <= 0``, in place; under ``torch.compile`` as ``2 u / (1 - u)``, ``u =
+    tanh(x / 2)`` (inductor's vectorised CPU ``expm1`` is ``exp(x) - 1``, which cancels near 0)."""
+    if not torch.compiler.is_compiling():
+        return x.expm1_()
+    u = torch.tanh(x.mul_(0.5))
+    return torch.div(u, 1.0 - u, out=x).mul_(2.0)
 
 
 def _kl_terms(x, log_ratio, out):
@@ -81,14 +98,14 @@ def _kl_sums(p, log_pm, q_terms, top_s, scratch):
     Q) is in one of the two parts: inf x 0 and inf - inf are taken as 0 there."""
     zero = top_s.new_zeros(()).expand(top_s.shape[0])
     p_terms = _kl_terms(p, log_pm, log_pm)
-    kl_p = zero if p_terms is None else p_terms.sum(dim=1)
+    kl_p = zero if p_terms is None else row_sum(p_terms)
     if q_terms is None:
         return kl_p, zero, zero
     at_top = torch.mul(q_terms, top_s, out=scratch.floats("at_top", top_s.shape[0])).nan_to_num_(
         0.0, INF, -INF)
-    kl_q_top = at_top.sum(dim=1)
-    return kl_p, kl_q_top, torch.sub(q_terms, at_top, out=at_top).nan_to_num_(
-        0.0, INF, -INF).sum(dim=1)
+    kl_q_top = row_sum(at_top)
+    return kl_p, kl_q_top, row_sum(torch.sub(q_terms, at_top, out=at_top).nan_to_num_(
+        0.0, INF, -INF))
 
 
 def divergence(kl_p, kl_q_top, kl_q, config):
@@ -115,15 +132,14 @@ def _block(s, t, config, out, scratch, coef=None, ds=None, given=None):
     rows = s.shape[0]
     inv_t = 1.0 / config.temperature
     w_p, w_q = jsd_weights(config)
-    ms, rest_s, log_q, top_s = _log_softmax(s, inv_t, scratch, "log_q", None if given is None
-                                            else (given[:, STAT_MS], given[:, STAT_ZS]))
-    mt, rest_t, log_p, top_t = _log_softmax(t, inv_t, scratch, "log_p", None if given is None
-                                            else (given[:, STAT_MT], given[:, STAT_ZT]))
+    ms, rest_s, log_q, q, top_s = _log_softmax(s, inv_t, scratch, "log_q", None if given is None
+                                               else (given[:, STAT_MS], given[:, STAT_ZS]))
+    mt, rest_t, log_p, p, top_t = _log_softmax(t, inv_t, scratch, "log_p", None if given is None
+                                               else (given[:, STAT_MT], given[:, STAT_ZT]))
     out[:, STAT_MS], out[:, STAT_ZS], out[:, STAT_MT], out[:, STAT_ZT] = ms, rest_s, mt, rest_t
     if config.jsd_round == JSD_NORMALISERS:
         return
     log_pm, log_qm = _log_ratios(log_p, log_q, config, scratch)
-    q, p = log_q.exp_(), log_p.exp_()
     q_terms = _kl_terms(q, log_qm, scratch.floats("q_terms", rows))
     if given is not None and coef is not None:  # the gradient from the whole rows' KL sums
         kl_q_top, kl_q = given[:, STAT_KL_Q_TOP], given[:, STAT_KL_Q]

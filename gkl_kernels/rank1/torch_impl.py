@@ -31,12 +31,35 @@ INF = float("inf")
 BLOCK_ELEMENTS = 2**18  # logits in one row block: 1 MiB of float32 (8 rows at V = 32000)
 LOG2E = math.log2(math.e)
 SHORT_ROW = 256  # columns up to which ``row_max`` takes ``max(dim=1)``
+SUM_PART = 128  # columns ``row_sum`` adds first under torch.compile
+
+
+def block_rows(classes):
+    """Rows of a full row block: ``max(1, BLOCK_ELEMENTS // classes)``."""
+    return max(1, BLOCK_ELEMENTS // max(classes, 1))
 
 
 def row_blocks(rows, classes):
-    """Slices of at most ``max(1, BLOCK_ELEMENTS // classes)`` rows covering ``range(rows)``."""
-    step = max(1, BLOCK_ELEMENTS // max(classes, 1))
+    """Slices of at most ``block_rows(classes)`` rows covering ``range(rows)``."""
+    step = block_rows(classes)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def row_sum(x, ignore_nan=False):
+    """``sum_j x_j`` per row of ``x`` (R, C) (``ignore_nan``: NaN terms as 0, as ``nansum``).
+    Under ``torch.compile`` in parts of ``SUM_PART`` columns, then the parts: inductor's CPU
+    reductions add each SIMD lane's terms in one sequence (about ``sqrt(C / 16)`` roundings of
+    the sum, against eager PyTorch's cascade)."""
+    rows, columns = x.shape
+    if not (torch.compiler.is_compiling() and isinstance(columns, int)):  # (or symbolic sizes)
+        return x.nansum(dim=1) if ignore_nan else x.sum(dim=1)
+    if ignore_nan:
+        x = torch.where(torch.isnan(x), 0.0, x)
+    if columns % SUM_PART == 0:
+        return x.view(rows, -1, SUM_PART).sum(dim=2).sum(dim=1)
+    cut = columns - columns % SUM_PART
+    parts = x[:, :cut].reshape(rows, -1, SUM_PART).sum(dim=2)
+    return parts.sum(dim=1) + x[:, cut:].sum(dim=1)
 
 
 def finite_ref(m):
@@ -90,7 +113,7 @@ def lowered_rest(e, top):
     """``sum_j e_j - 1`` per row (R,), ``e = exp((x - m) / T)`` being 1 at the maximal columns
     ``top`` (R, 1) (0 in a row of ``-inf``: rest -1): ``e`` there lowered by 1, in place, then
     summed, so that ``1 + x`` is never rounded (the caller raises it again where it needs it)."""
-    return e.scatter_(1, top, -1.0, reduce="add").sum(dim=1)
+    return row_sum(e.scatter_(1, top, -1.0, reduce="add"))
 
 
 def difference_at(e_s, e_t, rest_s, rest_t, z_s, z_t):
@@ -117,7 +140,8 @@ class Scratch:
     def __init__(self, like, block_rows, dtype, pool="rows"):
         self._like, self._classes, self.dtype = like, like.shape[1], dtype
         self._size = block_rows * like.shape[1]
-        self._pool = pool if like.device.type == "cpu" else None
+        self._pool = pool if like.device.type == "cpu" and not torch.compiler.is_compiling() \
+            else None
         self._storage = {} if self._pool is None else self._idle.__dict__.pop(pool, {})
         self._views = {}
 
@@ -151,7 +175,7 @@ def scratch_and_blocks(student, dtype, pool="rows"):
 
 def _dot(x, y, scratch):
     """``sum_j x_j y_j`` per row, the product in ``scratch``."""
-    return torch.mul(x, y, out=scratch.floats("product", x.shape[0])).sum(dim=1)
+    return row_sum(torch.mul(x, y, out=scratch.floats("product", x.shape[0])))
 
 
 def given_factor(factor, labels, config, out):
@@ -270,8 +294,8 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
         rest_t = columns[STAT_ZT] = lowered_rest(e_t, top_t)
         e_t.scatter_(1, top_t, 1.0, reduce="add")
         # e_t (m_s - s): 0 x inf (s = -inf, e_t = 0) adds 0; a NaN logit stays in zs, zt
-        columns[STAT_A] = torch.sub(ref_s, s, out=scratch.floats("d", rows)).mul_(
-            e_t).nansum(dim=1)
+        columns[STAT_A] = row_sum(torch.sub(ref_s, s, out=scratch.floats("d", rows)).mul_(e_t),
+                                  ignore_nan=True)
         if softmax_difference is not None:
             rest_s, rest_t = rest_s.clamp_min(0.0), rest_t.clamp_min(0.0)  # empty rows: 0
             z_s, z_t = rest_s + 1.0, rest_t + 1.0
@@ -284,8 +308,8 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
     if config.source == SOURCE_TEACHER:
         columns[STAT_ZW] = columns[STAT_ZT] + 1.0 if (
             e_t is not None and config.weight_temperature == config.temperature) else \
-            _scaled(torch.sub(t, ref_t, out=scratch.floats("d", rows)),
-                    1.0 / config.weight_temperature).exp_().sum(dim=1)
+            row_sum(_scaled(torch.sub(t, ref_t, out=scratch.floats("d", rows)),
+                            1.0 / config.weight_temperature).exp_())
     v, inside = _weights(s, t, factor, labels, kept, bad, ref_t, config, scratch, e_t)
     if config.source == SOURCE_TEACHER and config.with_ce:
         heaviest = top_t  # exp(gamma (t - m_t) / T2) is largest where t is (gamma >= 0)
@@ -294,7 +318,7 @@ def _block_stats(student, teacher, factor, labels, config, scratch, stats, softm
     if config.source != SOURCE_TEACHER:
         columns[STAT_L] = _factor_exponent(top)
         v.mul_(torch.exp2(-finite_ref(columns[STAT_L]))[:, None])
-    weight = columns[STAT_W] = v.sum(dim=1)
+    weight = columns[STAT_W] = row_sum(v)
     # d = t - s as the exact pair hi + lo, its deviations from the heaviest class's exact d (the
     # pivot ph + pl: exact differences near it, under per-row offsets), then from their weighted
     # mean dm (excluded classes: 0, weighing nothing): accurate when one weight dominates
