@@ -4,6 +4,8 @@ the per-token GKL (or JSD) and hard cross-entropy summed and divided by the norm
 components and the gradients of the student's hidden states, weight and bias; a larger teacher
 vocabulary; bad input."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,13 +240,14 @@ def test_compiles_with_fullgraph(divergence, compiler, generator):
 @pytest.mark.parametrize("divergence", ("gkl", "jsd"))
 def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generator, monkeypatch):
     """``compiled=True`` on CPU: the full row blocks (8 rows at V = 32768) run through
-    ``torch.compile``; hostile rows (a masked vocabulary through the bias, one row offset by 1e4
-    through a hidden unit every class weighs 1, one peaked by hidden states 8 times larger, an
-    ignored row): loss and the gradients of the student's hidden states and weight within
-    ``max(4 x plain float32, 1e-5)`` of the float64 unfused loss. Hidden states and weights are
-    multiples of 1/32 small enough that the products are exact (every evaluation sees the same
-    logits)."""
+    ``torch.compile``; hostile rows (a masked vocabulary through the bias, at -1e9 and, for the
+    JSD, at ``-inf``; one row offset by 1e4 through a hidden unit every class weighs 1, one peaked
+    by hidden states 8 times larger, ignored rows): loss and the gradients of the student's
+    hidden states and weight within ``max(4 x plain float32, 1e-5)`` of the float64 reference
+    (``reference/``). Hidden states and weights are multiples of 1/32 small enough that the
+    products are exact (every evaluation sees the same logits)."""
     from gkl_kernels import trainer
+    from reference import gkl_loss_reference, jsd_rows_reference
     from tests.adversarial_cases import assert_within_rule, row_max_shifted
 
     calls = []
@@ -264,38 +267,36 @@ def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generat
     bias = torch.zeros(vocabulary)
     bias[[0, 1, 4095, 4096]] = -1e9
     bias[-1000:] = -1e9
-    labels = torch.randint(0, vocabulary - 1000, (rows,), generator=generator)
+    if divergence == "jsd":
+        bias[[7, 20000]] = -math.inf
+    labels = torch.randint(8, vocabulary - 1000, (rows,), generator=generator)
     labels[[2, 12]] = -100
+    kept = labels != -100
     options = dict(beta=0.5) if divergence == "jsd" else {}
     criterion = FusedLinearDistillationLoss(weight_hard_loss=0.4, weight_soft_loss=0.6,
                                             divergence=divergence, compiled=True,
                                             backend="torch", **options)
-    kept = (labels != -100).sum()
 
-    def soft_rows(s, t, labels):
+    def soft_sum(s, t):
         if divergence == "jsd":
-            return jsd_loss(s, t, labels=labels, beta=0.5, reduction="none", backend="torch")
-        return gkl_loss(s, t, labels=labels, reduction="none", backend="torch")
+            return jsd_rows_reference(s[kept], t[kept]).sum()
+        return gkl_loss_reference(s[kept], t[kept], pairwise=False) * kept.sum()
 
     def evaluate(loss_of, dtype):
         leaves = [x.to(dtype).requires_grad_() for x in (h, w)]
         loss = loss_of(*leaves)
         return (loss.detach(), *torch.autograd.grad(loss, leaves))
 
-    def unfused_loss(shift, dtype):
+    def unfused(shift, dtype):
         def loss_of(hs, ws):
             s = shift(F.linear(hs, ws, bias.to(dtype)))
             t = shift(F.linear(ht.to(dtype), wt.to(dtype), bias.to(dtype)))
-            return unfused_terms(s, t)
+            hard = F.cross_entropy(s, labels, reduction="sum")
+            return (0.6 * soft_sum(s, t) + 0.4 * hard) / kept.sum()
         return evaluate(loss_of, dtype)
-
-    def unfused_terms(s, t):
-        soft = soft_rows(s, t, labels).sum()
-        return (0.6 * soft + 0.4 * F.cross_entropy(s, labels, reduction="sum")) / kept
 
     actual = evaluate(lambda hs, ws: criterion(hs, ws, ht, wt, labels, bias, bias),
                       torch.float32)
     assert len(calls) == 2
-    expected = unfused_loss(lambda x: x, torch.float64)
-    plain = [unfused_loss(shift, torch.float32) for shift in (lambda x: x, row_max_shifted)]
-    assert_within_rule(actual, expected, plain, torch.float32)
+    plain = [unfused(shift, torch.float32) for shift in (lambda x: x, row_max_shifted)]
+    assert_within_rule(actual, unfused(lambda x: x, torch.float64), plain, torch.float32)

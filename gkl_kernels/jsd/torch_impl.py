@@ -84,12 +84,20 @@ def _expm1_(x):
     return torch.div(u, 1.0 - u, out=x).mul_(2.0)
 
 
+def _nan_as_0_(x):
+    """``x`` with NaN as 0 (infinities kept), in place; under ``torch.compile`` as ``where(x ==
+    x, x, 0)`` (inductor tests ``isnan`` one lane at a time on CPU)."""
+    if not torch.compiler.is_compiling():
+        return x.nan_to_num_(0.0, INF, -INF)
+    return x.copy_(torch.where(x == x, x, 0.0))
+
+
 def _kl_terms(x, log_ratio, out):
     """``x_j log(x_j / m_j)`` (R, C) into ``out`` (it may be ``log_ratio``), 0 for ``x_j = 0``
     (``0 x (-inf)``); None for a side not used."""
     if log_ratio is None:
         return None
-    return torch.mul(x, log_ratio, out=out).nan_to_num_(0.0, INF, -INF)
+    return _nan_as_0_(torch.mul(x, log_ratio, out=out))
 
 
 def _kl_sums(p, log_pm, q_terms, top_s, scratch):
@@ -101,11 +109,9 @@ def _kl_sums(p, log_pm, q_terms, top_s, scratch):
     kl_p = zero if p_terms is None else row_sum(p_terms)
     if q_terms is None:
         return kl_p, zero, zero
-    at_top = torch.mul(q_terms, top_s, out=scratch.floats("at_top", top_s.shape[0])).nan_to_num_(
-        0.0, INF, -INF)
+    at_top = _nan_as_0_(torch.mul(q_terms, top_s, out=scratch.floats("at_top", top_s.shape[0])))
     kl_q_top = row_sum(at_top)
-    return kl_p, kl_q_top, row_sum(torch.sub(q_terms, at_top, out=at_top).nan_to_num_(
-        0.0, INF, -INF))
+    return kl_p, kl_q_top, row_sum(_nan_as_0_(torch.sub(q_terms, at_top, out=at_top)))
 
 
 def divergence(kl_p, kl_q_top, kl_q, config):
@@ -161,8 +167,7 @@ def _block(s, t, config, out, scratch, coef=None, ds=None, given=None):
         g = torch.sub(log_qm, (kl_q_top + kl_q)[:, None], out=scratch.floats("g", rows))
         at_top = torch.sub(q_terms, kl_q_top[:, None], out=q_terms).addcmul_(
             log_qm, (rest_s / (rest_s + 1.0))[:, None]).sub_(kl_q[:, None])
-        g.addcmul_(g, top_s, value=-1.0).addcmul_(at_top, top_s).mul_(q).nan_to_num_(0.0, INF,
-                                                                                     -INF)
+        _nan_as_0_(g.addcmul_(g, top_s, value=-1.0).addcmul_(at_top, top_s).mul_(q))
         scale = coef * (w_q * inv_t)
     torch.mul(g, scale[:, None], out=ds) if ds.dtype == g.dtype else \
         ds.copy_(g.mul_(scale[:, None]))
