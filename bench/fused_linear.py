@@ -21,8 +21,14 @@ Liger's default weights ``weight_hard_loss = weight_soft_loss = 0.5``, at ``TRAI
 ``trainer-gkl`` (``FusedLinearDistillationLoss``, GKL), ``trainer-jsd`` (the same with
 ``divergence="jsd"``, ``beta=0.5``, 1024-row chunks: ``FusedLinearJSDLoss``'s loss), both
 ``compiled=True``, and ``liger-trainer`` (``LigerFusedLinearJSDLoss`` compiled, the same
-weights), judged against
-Liger's time and peak memory.
+weights), judged against Liger's time and peak memory.
+
+``--lm-cases`` reports (no goal) the language-model trainer's cases at ``GOAL_SIZE`` in float32
+and bfloat16: ``soft-jsd`` (the trainer loss as TRL's divergence: JSD, ``beta=0.5``, no hard
+term, compiled), ``soft-jsd-half-masked`` (the same with every other token masked: those rows are
+never projected), ``trl-jsd-half-masked`` (TRL 1.16's ``_chunked_divergence_loss`` on the same
+mask), ``trainer-gkl`` and ``trainer-gkl-top64`` (the same loss against the teacher's top-64
+log-probabilities, cached at the first step).
 
 All GKL providers use the loss's default options (weights from the teacher, ``gamma=1``,
 ``T=1``). Inputs are drawn once per size with ``torch.manual_seed``: hidden states ``N(0, 1)``,
@@ -66,7 +72,8 @@ from bench.devices import CpuMeter  # noqa: E402
 from bench.measure import record_timing  # noqa: E402
 from bench.providers import Passes  # noqa: E402
 from bench.report import format_bytes, format_error, format_seconds  # noqa: E402
-from gkl_kernels import FusedLinearDistillationLoss, fused_linear_gkl, gkl_loss  # noqa: E402
+from gkl_kernels import (FusedLinearDistillationLoss, SparseTeacher, fused_linear_gkl,  # noqa: E402
+                         gkl_loss)
 from gkl_kernels.fused_linear import default_chunk_size  # noqa: E402
 from gkl_kernels.testing.dispatch import DispatchCounter  # noqa: E402
 from gkl_kernels.testing.memory import available_memory_bytes  # noqa: E402
@@ -81,6 +88,11 @@ TARGET_SECONDS = 2.0  # time each provider for at least this long (and at least 
 UNFUSED, FUSED, FUSED_CHUNKED = "unfused", "fused", f"fused-chunk{FUSED_CHUNK}"
 LIGER, LIGER_EAGER = "liger-jsd", "liger-jsd-eager"
 TRAINER_GKL, TRAINER_JSD, LIGER_TRAINER = "trainer-gkl", "trainer-jsd", "liger-trainer"
+# --lm-cases: the soft JSD alone (TRL's loss), with half the tokens masked, TRL's own on those,
+# and GKL against a teacher cached as its top-k
+SOFT_JSD, HALF_MASKED, TRL_HALF_MASKED = "soft-jsd", "soft-jsd-half-masked", "trl-jsd-half-masked"
+TOP_K = 64
+TRAINER_TOP_K = f"trainer-gkl-top{TOP_K}"
 TRAINER_WEIGHTS = dict(weight_hard_loss=0.5, weight_soft_loss=0.5)  # Liger's defaults
 DISTILLATION_ONLY = dict(weight_hard_loss=0.0, weight_soft_loss=1.0)  # liger-jsd's weights
 GOAL_MEMORY_RATIO, GOAL_TIME_RATIO = 4.0, 1.5  # the issue's: fused peak / 4 or less, time x 1.5
@@ -247,6 +259,67 @@ def _trainer(divergence):
     return build
 
 
+def _soft_jsd(half_masked):
+    """``FusedLinearDistillationLoss`` as TRL's divergence (JSD at ``beta=0.5``, no hard term,
+    compiled), on the drawn labels or with every other token masked as well."""
+    def build():
+        torch._dynamo.reset()
+        module = FusedLinearDistillationLoss(**DISTILLATION_ONLY, divergence="jsd", beta=0.5,
+                                             ignore_index=IGNORE_INDEX, backend="torch",
+                                             compiled=True)
+
+        def soft_loss(inputs):
+            labels = _half_masked(inputs.labels) if half_masked else inputs.labels
+            return module(inputs.student_hidden, inputs.student_weight, inputs.teacher_hidden,
+                          inputs.teacher_weight, labels)
+        return soft_loss
+    return build
+
+
+def _half_masked(labels):
+    """The labels with every other token masked as well (about half of them left)."""
+    labels = labels.clone()
+    labels[::2] = IGNORE_INDEX
+    return labels
+
+
+def _trl_half_masked():
+    """TRL's ``_chunked_divergence_loss`` (``DistillationTrainer``'s, JSD at ``beta=0.5``) with
+    the completion mask of ``_half_masked``: on CPU it projects every token and masks after."""
+    def build():
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        def trl_loss(inputs):
+            mask = _half_masked(inputs.labels) != IGNORE_INDEX
+            return _chunked_divergence_loss(inputs.student_hidden, inputs.teacher_hidden,
+                                            inputs.student_weight, inputs.teacher_weight, mask,
+                                            0.5)[0]
+        return trl_loss
+    return build
+
+
+def _trainer_top_k():
+    """``trainer-gkl`` against the teacher's top-``TOP_K`` log-probabilities (``SparseTeacher``,
+    ``rest="rest"``), cached at the first step of a size (the offline teacher pass is not
+    timed)."""
+    def build():
+        module = FusedLinearDistillationLoss(**TRAINER_WEIGHTS, ignore_index=IGNORE_INDEX,
+                                             backend="torch")
+        cached = {}
+
+        def top_k_loss(inputs):
+            if id(inputs) not in cached:
+                with torch.no_grad():
+                    logits = F.linear(inputs.teacher_hidden, inputs.teacher_weight).float()
+                    values, indices = logits.log_softmax(dim=-1).topk(TOP_K, dim=-1)
+                cached.clear()
+                cached[id(inputs)] = SparseTeacher(indices, values, rest="rest")
+            return module(inputs.student_hidden, inputs.student_weight, cached[id(inputs)],
+                          None, inputs.labels)
+        return top_k_loss
+    return build
+
+
 def _liger_rows(size):
     """Liger splits the rows into ``max(1, N // chunk_size)`` chunks with ``torch.chunk``."""
     return math.ceil(size.tokens / max(1, size.tokens // LIGER_CHUNK))
@@ -264,10 +337,18 @@ PROVIDERS = (
              computes_gkl=False, eager=False),
     Provider(LIGER_TRAINER, _liger(True, TRAINER_WEIGHTS), _liger_rows, computes_gkl=False,
              eager=False),
+    Provider(SOFT_JSD, _soft_jsd(False), _fused_default_rows, computes_gkl=False, eager=False),
+    Provider(HALF_MASKED, _soft_jsd(True), _fused_default_rows, computes_gkl=False,
+             eager=False),
+    Provider(TRL_HALF_MASKED, _trl_half_masked(), lambda size: min(size.tokens, LIGER_CHUNK),
+             computes_gkl=False),
+    Provider(TRAINER_TOP_K, _trainer_top_k(), lambda size: size.tokens, computes_gkl=False),
 )
 QUICK_PROVIDERS = (UNFUSED, FUSED, LIGER)
 DEFAULT_PROVIDERS = (UNFUSED, FUSED, FUSED_CHUNKED, LIGER)
 TRAINER_PROVIDERS = (TRAINER_GKL, TRAINER_JSD, LIGER_TRAINER)
+LM_PROVIDERS = (SOFT_JSD, HALF_MASKED, TRL_HALF_MASKED, TRAINER_GKL, TRAINER_TOP_K)
+LM_SIZES = (GOAL_SIZE, Size(8192, 32000, 512, "bfloat16"))
 
 
 @dataclasses.dataclass
@@ -531,6 +612,22 @@ def check_trainer_goal(results):
                 met)
 
 
+def lm_case_lines(results):
+    """``--lm-cases``, reported (no goal): per size the half-masked soft JSD's time against the
+    unmasked one and against TRL's on the same tokens, and the top-k teacher's step against the
+    dense one."""
+    lines = []
+    for size in dict.fromkeys(size_of(r) for r in results):
+        pairs = ((HALF_MASKED, SOFT_JSD, "half the tokens masked against all"),
+                 (HALF_MASKED, TRL_HALF_MASKED, "half masked against TRL's chunked JSD"),
+                 (TRAINER_TOP_K, TRAINER_GKL, f"top-{TOP_K} teacher against the dense"))
+        for ours, other, what in pairs:
+            a, b = find(results, size, ours), find(results, size, other)
+            if a is not None and b is not None:
+                lines.append(f"{size.label}: {what}: {ours} {_liger_ratios(a, b)}")
+    return lines
+
+
 def _liger_ratios(fused, liger):
     return (f"time {format_seconds(fused.seconds)} vs {format_seconds(liger.seconds)} "
             f"({fused.seconds / liger.seconds:.2f}x), peak {format_bytes(fused.peak_bytes)} vs "
@@ -620,6 +717,9 @@ def parse_args(argv=None):
     parser.add_argument("--trainer", action="store_true",
                         help=f"the trainer-facing losses against Liger's at their sizes: "
                         f"providers {', '.join(TRAINER_PROVIDERS)} (about 15 minutes)")
+    parser.add_argument("--lm-cases", action="store_true",
+                        help=f"the language-model trainer cases at {GOAL_SIZE.label} float32 and "
+                        f"bfloat16: providers {', '.join(LM_PROVIDERS)} (about 10 minutes)")
     parser.add_argument("--sizes", nargs="+", type=parse_size, metavar="NxVxH[:dtype]",
                         help="run these sizes instead, e.g. 8192x32000x512 "
                         "4096x32000x512:bfloat16")
@@ -642,9 +742,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     sizes = args.sizes or (QUICK_SIZES if args.quick else ALL_SIZES if args.all_sizes
-                           else TRAINER_SIZES if args.trainer else DEFAULT_SIZES)
+                           else TRAINER_SIZES if args.trainer else LM_SIZES if args.lm_cases
+                           else DEFAULT_SIZES)
     names = args.providers or (QUICK_PROVIDERS if args.quick else TRAINER_PROVIDERS
-                               if args.trainer else DEFAULT_PROVIDERS)
+                               if args.trainer else LM_PROVIDERS if args.lm_cases
+                               else DEFAULT_PROVIDERS)
     providers = [p for p in PROVIDERS if p.name in names]
     meter = CpuMeter(TARGET_SECONDS, min_repeats=args.repeats)
     info = dict(report.machine_info(meter), liger_kernel=liger_version(),
@@ -666,6 +768,8 @@ def main(argv=None):
     print()
     for goal in goals:
         print(goal.line)
+    for line in lm_case_lines(results):
+        print(line)
     wall_seconds = time.perf_counter() - started
     info["load_average_at_end"] = report.load_average()
     print(f"load average at the end: {info['load_average_at_end'][0]:.2f} (1 min)")

@@ -1,6 +1,7 @@
 """``FusedLinearDistillationLoss``: language-model distillation from hidden states, in the
-interface of Liger-Kernel's fused linear distillation losses (which TRL's GKD trainer and the
-trainers that followed it call), and ``FusedLinearJSDLoss``, Liger's JSD loss as a drop-in:
+interface of Liger-Kernel's fused linear distillation losses (which TRL's former GKD trainer and
+trainers that followed it, such as ms-swift, call; TRL's ``DistillationTrainer`` takes it through
+``integrations.trl``), and ``FusedLinearJSDLoss``, Liger's JSD loss as a drop-in:
 ``loss(student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
 teacher_bias)``.
 
@@ -26,6 +27,7 @@ rows' from the row ops, the hard cross-entropy's ``softmax - onehot``, then the 
 chain rule); the teacher is a constant.
 """
 
+import copy
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any, NamedTuple, Optional, Union
@@ -48,6 +50,12 @@ from gkl_kernels.sparse_teacher import SparseTeacher, kept_row_count, sparse_tea
 from gkl_kernels.validation import Divergence
 
 
+# the default chunk of half-precision heads on CPU (their logits read a row block at a time):
+# bench.fused_linear measured it faster than 2^25 elements' (1024 rows) at V = 32000 and than
+# 256 rows at V = 128256, with less memory at 32000
+HALF_PRECISION_CHUNK_ROWS = 512
+
+
 class FusedLinearDistillationLoss(nn.Module):
     """Hard cross-entropy plus GKL (or generalized JSD) distillation from the last hidden states
     and output layers.
@@ -64,9 +72,9 @@ class FusedLinearDistillationLoss(nn.Module):
             shared value (giving both for one model is an error).
         return_components: also return the soft and hard terms (each divided by the normaliser,
             not weighted).
-        chunk_size: tokens per chunk (None: the largest power of two with
-            ``chunk_size * V <= 2**25`` on CPU with the plain-PyTorch rows, ``2**23`` under the
-            Triton interpreter, on CUDA ``2**26``).
+        chunk_size: tokens per chunk (None: on CPU with the plain-PyTorch rows 512 for
+            half-precision heads, else the largest power of two with ``chunk_size * V <=
+            2**25``; ``2**23`` under the Triton interpreter, on CUDA ``2**26``).
         divergence: the soft term: ``"gkl"`` (the GKL loss per token) or ``"jsd"`` (the
             generalized JSD of ``jsd_loss``, TRL's and Liger-Kernel's).
         beta: ``divergence="jsd"``'s mixture weight (None: 0.5; 0 forward KL, 1 reverse KL); an
@@ -151,6 +159,8 @@ class FusedLinearDistillationLoss(nn.Module):
         """
         lead = student_input.shape[:-1] if isinstance(student_input, Tensor) else None
         student_hidden = _rows(student_input)
+        student_weight, student_bias = (_gathered(x, student_hidden)
+                                        for x in (student_weight, student_bias))
         rows, vocabulary = check.check_linear("student", student_hidden, student_weight,
                                               student_bias)
         sparse = isinstance(teacher_input, SparseTeacher)
@@ -160,6 +170,8 @@ class FusedLinearDistillationLoss(nn.Module):
                                  "teacher_bias=None (the cache holds the teacher's values)")
         else:
             teacher_hidden = _rows(teacher_input)
+            teacher_weight, teacher_bias = (_gathered(x, teacher_hidden)
+                                            for x in (teacher_weight, teacher_bias))
             teacher_rows, teacher_vocabulary = check.check_linear(
                 "teacher", teacher_hidden, teacher_weight, teacher_bias)
             if teacher_vocabulary < vocabulary:
@@ -194,8 +206,10 @@ class FusedLinearDistillationLoss(nn.Module):
             self.options.row_config(SOURCE_TEACHER, labels is not None, use_triton)
         student = (student_hidden, student_weight, student_bias)
         # the plain-PyTorch rows on CPU read any chunk a row block at a time (_chunk_terms)
-        chunk_size = self.chunk_size or default_chunk_size(
-            vocabulary, device.type, device.type == "cpu" and not use_triton)
+        in_row_blocks = device.type == "cpu" and not use_triton
+        chunk_size = self.chunk_size or (
+            HALF_PRECISION_CHUNK_ROWS if in_row_blocks and student_hidden.dtype != torch.float32
+            else default_chunk_size(vocabulary, device.type, in_row_blocks))
         per_row = per_row_totals(normaliser)  # the soft rows' sum
 
         def loss_and_gradients(wanted):
@@ -325,6 +339,14 @@ class FusedLinearDistillationLoss(nn.Module):
         return torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard, soft,
                             hard]), ds
 
+    def with_logit_transforms(self, student: "LogitTransform",
+                              teacher: "LogitTransform") -> "FusedLinearDistillationLoss":
+        """This loss (its options shared) with each model's logit transform replaced, for a caller
+        that reads them from the models at call time (``integrations.trl``)."""
+        configured = copy.copy(self)
+        configured.student_transform, configured.teacher_transform = student, teacher
+        return configured
+
     def extra_repr(self) -> str:
         divergence = f"divergence={self.divergence!r}" + (
             f", beta={self.options.beta}" if self.divergence == "jsd" else "")
@@ -408,6 +430,20 @@ def _cache_rows(teacher, lead):
         return replace(teacher, indices=teacher.indices.reshape(-1, top),
                        values=teacher.values.reshape(-1, teacher.values.shape[-1]))
     return teacher
+
+
+def _gathered(x, hidden):
+    """An FSDP2-sharded head's weight or bias (a ``DTensor``) as the whole tensor in the hidden
+    states' dtype (FSDP's mixed precision keeps float32 shards), gathered once per call, its
+    gradient returned to the shards by autograd; other inputs as given."""
+    if not (isinstance(x, Tensor) and torch.distributed.is_available()):
+        return x
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(x, DTensor):
+        return x
+    full = x.full_tensor()
+    return full.to(hidden.dtype) if isinstance(hidden, Tensor) else full
 
 
 def _rows(hidden):

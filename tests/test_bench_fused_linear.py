@@ -13,15 +13,16 @@ where Liger-Kernel cannot run. ``python -m bench.fused_linear`` is the full comp
 import pytest
 import torch
 
-from bench.fused_linear import (LIGER, LIGER_EAGER, LIGER_TRAINER, PROVIDERS, UNFUSED, Size,
-                                failure_reason, make_inputs, make_passes)
+from bench.fused_linear import (LIGER, LIGER_EAGER, LIGER_TRAINER, PROVIDERS, TRL_HALF_MASKED,
+                                UNFUSED, Size, failure_reason, make_inputs, make_passes)
 from gkl_kernels.testing.memory import measure_peak_memory
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
 SIZE = Size(512, 32000, 512)
 ROUNDS = 3  # a step takes one to two seconds on two idle cores
-OPTIONAL = (LIGER, LIGER_EAGER, LIGER_TRAINER)  # need Liger-Kernel (and, compiled, a C++ compiler)
+# need Liger-Kernel (and, compiled, a C++ compiler), or TRL
+OPTIONAL = (LIGER, LIGER_EAGER, LIGER_TRAINER, TRL_HALF_MASKED)
 
 
 @pytest.fixture(scope="module")

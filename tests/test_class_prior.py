@@ -10,7 +10,7 @@ import torch
 from torch import distributed
 
 from gkl_kernels import ClassPrior, gkl_loss, validation
-from tests.multiprocess import run_processes
+from tests.spawned import run_processes
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from gkl_kernels import GKLLoss, gkl_loss
 from tests.conftest import PAPER_SETTINGS, make_inputs
-from tests.multiprocess import run_and_load
+from tests.spawned import run_and_load
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 

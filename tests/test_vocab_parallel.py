@@ -17,7 +17,7 @@ from gkl_kernels import gkl_loss, vocab_parallel
 from gkl_kernels.vocab_parallel import vocab_parallel_gkl_loss
 from tests.conftest import (HALF_TOLERANCE, PAPER_SETTINGS, loss_and_grads, make_inputs, oracle,
                             relative_error)
-from tests.multiprocess import run_processes
+from tests.spawned import run_processes
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 

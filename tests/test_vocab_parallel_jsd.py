@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from gkl_kernels import jsd_loss, vocab_parallel_jsd_loss
 from tests.conftest import BACKENDS
-from tests.multiprocess import run_and_load
+from tests.spawned import run_and_load
 from tests.test_jsd import HOSTILE, assert_within_the_rule, hostile_case
 
 WIDTHS = (14, 19)  # the two shards of C = 33
