@@ -1,6 +1,8 @@
 """The package's one ``torch.distributed`` helper: whether a process group is running, its size,
-and the collectives of the synced normaliser and the vocabulary shards (each the identity
-without an initialised process group)."""
+the collectives of the synced normaliser and the vocabulary shards (each the identity without an
+initialised process group), and the gathering of sharded (``DTensor``) output layers."""
+
+import sys
 
 import torch
 from torch import distributed
@@ -17,6 +19,13 @@ KL_SUMS = [STAT_KL_P, STAT_KL_Q_TOP, STAT_KL_Q]
 def running():
     """Whether a default process group is initialised."""
     return distributed.is_available() and distributed.is_initialized()
+
+
+def whole(x, dtype):
+    """A ``DTensor`` (an FSDP2-sharded head's weight or bias) as the whole tensor in ``dtype``,
+    gathered (autograd returns its gradient to the shards); anything else as given."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # a DTensor exists only once it is
+    return x.full_tensor().to(dtype) if dtensor and isinstance(x, dtensor.DTensor) else x
 
 
 def world_size(group):

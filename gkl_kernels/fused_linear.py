@@ -219,8 +219,9 @@ class FusedLinearGKLLoss(nn.Module):
 
 class ChunkedLoss(torch.autograd.Function):
     """The one autograd function of the fused losses. Forward: ``loss_and_gradients(wanted) ->
-    (terms, grads)``, the loss (and further terms, not differentiable) with the float32 gradients
-    of the ``tensors`` that want them (None for the others), formed chunk by chunk. Backward:
+    (terms, grads)``, the loss (and further terms, not differentiable) with the gradients of the
+    ``tensors`` that want them (``gradient_buffers``; None for the others), formed chunk by
+    chunk. Backward:
     those gradients times the incoming gradient of the loss, in the tensors' dtypes."""
 
     @staticmethod
@@ -237,7 +238,7 @@ class ChunkedLoss(torch.autograd.Function):
 
 
 def keep_gradients(ctx, inputs, grads):
-    """Save the float32 gradients a forward computed (None where not wanted) for
+    """Save the gradients a forward computed (None where not wanted) for
     ``scaled_gradients``, with the dtypes of their ``inputs``."""
     ctx.wanted = tuple(g is not None for g in grads)
     ctx.dtypes = tuple(None if x is None else x.dtype for x in inputs)
@@ -322,7 +323,7 @@ def _fused_sparse(student, teacher, labels, class_prior, weights, chunk_size, op
     use_triton = check.use_triton_for(options.backend, device)
 
     def loss_and_gradients(wanted):
-        grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
+        grads = gradient_buffers(student, wanted)
         return (_sparse_loss(student, compact, options, chunk_size, use_triton, grads, jsd),), \
             grads
 
@@ -429,12 +430,12 @@ def with_autograd(chunk_terms, wanted):
 
 def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
     """``(loss, [d student_hidden, d student_weight, d student_bias, d teacher_hidden,
-    d teacher_weight, d teacher_bias])`` (None where not wanted), the gradients in float32: per
+    d teacher_weight, d teacher_bias])`` (None where not wanted; ``gradient_buffers``): per
     chunk the row statistics and, given the batch totals (``batch_totals``), the logits'
     gradients from the row ops, no autograd."""
     config = plan.config
     rows = student[0].shape[0]
-    grads = [gradient_buffer(x, w) for x, w in zip((*student, *teacher), wanted)]
+    grads = gradient_buffers(student, wanted[:3]) + gradient_buffers(teacher, wanted[3:])
     need_ds, need_dt = any(wanted[:3]), any(wanted[3:])
 
     def row_inputs(chunk, s, t):
@@ -554,11 +555,13 @@ def _logits(linear, chunk, block=None, upcast=True):
     return torch.addmm(bias, hidden[chunk], weight.t(), out=out)
 
 
-def gradient_buffer(tensor, wanted):
-    """A float32 zero gradient for ``tensor`` when it is wanted, else None."""
-    if tensor is None or not wanted:
-        return None
-    return torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+def gradient_buffers(head, wanted):
+    """Zero gradients of a head ``(h, W, b)`` where ``wanted`` (else None): the hidden states' in
+    their dtype (each row is written once, by one chunk), the weight's and bias's in float32
+    (every chunk adds to them)."""
+    return [None if x is None or not w else
+            torch.zeros(x.shape, dtype=x.dtype if index == 0 else torch.float32, device=x.device)
+            for index, (x, w) in enumerate(zip(head, wanted))]
 
 
 def _fold_back(grad_logits, linear, grads, chunk):

@@ -38,8 +38,9 @@ from torch import Tensor, nn
 
 from gkl_kernels import validation as check
 from gkl_kernels.core.config import SOURCE_TEACHER
+from gkl_kernels.distributed import whole
 from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_size,
-                                      gradient_buffer, options_from, projected_rows,
+                                      gradient_buffers, options_from, projected_rows,
                                       rows_with_gradients, sparse_teacher_rows, with_autograd)
 from gkl_kernels.options import GKL_ONLY_OPTIONS
 from gkl_kernels.rank1.torch_impl import (block_rows, finite_ref, row_losses_torch, row_sum,
@@ -213,7 +214,7 @@ class FusedLinearDistillationLoss(nn.Module):
         per_row = per_row_totals(normaliser)  # the soft rows' sum
 
         def loss_and_gradients(wanted):
-            grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
+            grads = gradient_buffers(student, wanted)
             need_ds = any(g is not None for g in grads)
 
             def chunk_terms(chunk, s, t):
@@ -252,7 +253,7 @@ class FusedLinearDistillationLoss(nn.Module):
                                 soft, hard])
 
         def loss_and_gradients(wanted):
-            grads = [gradient_buffer(x, w) for x, w in zip(student, wanted)]
+            grads = gradient_buffers(student, wanted)
             terms = chunk_loop((student,), (grads,), rows, chunk_size,
                                with_autograd(chunk_terms, any(g is not None for g in grads)))
             return tuple(total.clone() for total in sum(terms)), grads
@@ -342,7 +343,14 @@ class FusedLinearDistillationLoss(nn.Module):
     def with_logit_transforms(self, student: "LogitTransform",
                               teacher: "LogitTransform") -> "FusedLinearDistillationLoss":
         """This loss (its options shared) with each model's logit transform replaced, for a caller
-        that reads them from the models at call time (``integrations.trl``)."""
+        that reads them from the models at call time (``integrations.trl``).
+
+        Args:
+            student, teacher: each model's ``LogitTransform`` (``scale``, ``cap``; None: off).
+
+        Returns:
+            A shallow copy of this module.
+        """
         configured = copy.copy(self)
         configured.student_transform, configured.teacher_transform = student, teacher
         return configured
@@ -434,16 +442,9 @@ def _cache_rows(teacher, lead):
 
 def _gathered(x, hidden):
     """An FSDP2-sharded head's weight or bias (a ``DTensor``) as the whole tensor in the hidden
-    states' dtype (FSDP's mixed precision keeps float32 shards), gathered once per call, its
-    gradient returned to the shards by autograd; other inputs as given."""
-    if not (isinstance(x, Tensor) and torch.distributed.is_available()):
-        return x
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(x, DTensor):
-        return x
-    full = x.full_tensor()
-    return full.to(hidden.dtype) if isinstance(hidden, Tensor) else full
+    states' dtype (FSDP's mixed precision keeps float32 shards), gathered once per call; other
+    inputs as given."""
+    return whole(x, hidden.dtype) if isinstance(hidden, Tensor) else x
 
 
 def _rows(hidden):

@@ -25,8 +25,6 @@ import math
 import threading
 from typing import Any, Optional
 
-import torch
-
 try:
     import trl
     from trl.trainer import distillation_trainer as trl_distillation
