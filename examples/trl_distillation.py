@@ -16,7 +16,7 @@ Each prints its logged losses and the trainer's tokens per second (prompt and co
 seen over the training time, generation included). CPU; run from the repository root with
 ``pip install -e ".[trl]"``::
 
-    python examples/trl_distillation.py            # about a minute on 2 cores
+    python examples/trl_distillation.py            # about ten seconds on 2 cores
     python examples/trl_distillation.py --quick    # seconds (the test's settings)
 """
 
