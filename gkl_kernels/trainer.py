@@ -424,9 +424,8 @@ def _cross_entropy_sum(logits, labels, ignore_index, need_grad, out=None):
     rows = torch.where(kept, (top + z.log() - logits.gather(1, picked))[:, 0], 0.0)
     if not need_grad:
         return rows.sum(), None
-    columns = torch.arange(logits.shape[1], device=logits.device)
-    grad = e.div_(z).sub_((columns == picked).float()).mul_(kept[:, None])
-    return rows.sum(), grad
+    grad = e.div_(z).scatter_add_(1, picked, e.new_full(picked.shape, -1.0))
+    return rows.sum(), grad.masked_fill_(~kept[:, None], 0.0)
 
 
 def _cache_rows(teacher, lead):

@@ -300,3 +300,31 @@ def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generat
     assert len(calls) == 2
     plain = [unfused(shift, torch.float32) for shift in (lambda x: x, row_max_shifted)]
     assert_within_rule(actual, unfused(lambda x: x, torch.float64), plain, torch.float32)
+
+
+@pytest.mark.parametrize("divergence", ("gkl", "jsd"))
+def test_an_ignored_row_whose_logits_overflow_is_not_read(divergence, generator):
+    """Read as on a GPU (rows not dropped before the products): an ignored token whose hidden
+    state overflows the product (its logits ``inf - inf``, NaN) changes neither the loss nor any
+    gradient: they equal the loss's without that token."""
+    from gkl_kernels.testing.launches import reads_as_on_a_gpu
+
+    tensors = list(heads(generator))
+    labels = labels_for(generator)
+    tensors[0][5] = 3e38  # label -100
+    tensors[1][:2] = torch.tensor([[4.0], [-4.0]]).expand(2, HIDDEN)
+    criterion = FusedLinearDistillationLoss(weight_hard_loss=0.3, divergence=divergence,
+                                            backend="torch")
+    kept = [row for row in range(TOKENS) if row != 5]
+
+    def run(rows):
+        leaves = [x.clone().requires_grad_() for x in tensors[:3]]
+        loss = criterion(leaves[0][rows], leaves[1], tensors[3][rows], tensors[4], labels[rows],
+                         leaves[2], tensors[5])
+        loss.backward()
+        return [loss.detach(), leaves[0].grad[kept], leaves[1].grad, leaves[2].grad]
+
+    with reads_as_on_a_gpu():
+        got = run(list(range(TOKENS)))
+    for name, value, expected in zip(("loss", "hidden", "weight", "bias"), got, run(kept)):
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=name)
