@@ -50,13 +50,16 @@ UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GK
 # runs in cache-sized row blocks whatever the chunk, so the chunk sets the products' shapes and
 # the memory. Where the chunk's logits stay as they are and are read a row block at a time
 # (fused_linear_gkl's float32 heads, written into (c, V) blocks reused from chunk to chunk; the
-# trainer's plain-PyTorch rows, half-precision logits converted a row block at a time) 2^25
-# elements (1024 rows at V = 32000: bench.fused_linear measures larger chunks faster there);
-# where each chunk's float32 (c, V) tensors are fresh (half-precision heads of fused_linear_gkl,
-# autograd differentiating the chunk: fused_linear_gkl_sparse) a 32 MiB block. On CUDA 2 GiB for
-# eight float32 blocks (tools/chunk_model.py: fewer rows are bound by reading the weights once per
-# chunk; a model, not timed on a GPU).
+# trainer's plain-PyTorch rows) 2^25 elements (1024 rows at V = 32000: bench.fused_linear
+# measures larger chunks faster there), but for the trainer's half-precision logits, converted a
+# row block at a time, 512 rows (bench.fused_linear --trainer measured them faster than 1024 at
+# V = 32000 and than 256 at V = 128256, with less memory at 32000); where each chunk's float32
+# (c, V) tensors are fresh (half-precision heads of fused_linear_gkl, autograd differentiating
+# the chunk: fused_linear_gkl_sparse) a 32 MiB block. On CUDA 2 GiB for eight float32 blocks
+# (tools/chunk_model.py: fewer rows are bound by reading the weights once per chunk; a model,
+# not timed on a GPU).
 ROW_BLOCK_CHUNK_ELEMENTS = 2**25
+HALF_PRECISION_ROW_BLOCK_CHUNK = 512  # rows
 CHUNK_ELEMENTS = 2**23
 GPU_CHUNK_ELEMENTS = 2**26
 
@@ -522,10 +525,14 @@ def normaliser_shares(totals):
         1.0 / totals[TOTAL_ROWS]
 
 
-def default_chunk_size(vocabulary, device_type="cpu", in_row_blocks=False):
+def default_chunk_size(vocabulary, device_type="cpu", in_row_blocks=False,
+                       half_precision=False):
     """The largest power of two of rows with ``rows * vocabulary <= CHUNK_ELEMENTS`` (CUDA:
     ``GPU_CHUNK_ELEMENTS``; on CPU ``in_row_blocks``, the chunk's logits read a row block at a
-    time, no float32 copy of the chunk: ``ROW_BLOCK_CHUNK_ELEMENTS``), at least 1."""
+    time, no float32 copy of the chunk: ``ROW_BLOCK_CHUNK_ELEMENTS``, or for
+    ``half_precision`` logits ``HALF_PRECISION_ROW_BLOCK_CHUNK`` rows), at least 1."""
+    if device_type != "cuda" and in_row_blocks and half_precision:
+        return HALF_PRECISION_ROW_BLOCK_CHUNK
     elements = GPU_CHUNK_ELEMENTS if device_type == "cuda" else \
         ROW_BLOCK_CHUNK_ELEMENTS if in_row_blocks else CHUNK_ELEMENTS
     return 1 << max(0, (elements // vocabulary).bit_length() - 1)

@@ -51,12 +51,6 @@ from gkl_kernels.sparse_teacher import SparseTeacher, kept_row_count, sparse_tea
 from gkl_kernels.validation import Divergence
 
 
-# the default chunk of half-precision heads on CPU (their logits read a row block at a time):
-# bench.fused_linear measured it faster than 2^25 elements' (1024 rows) at V = 32000 and than
-# 256 rows at V = 128256, with less memory at 32000
-HALF_PRECISION_CHUNK_ROWS = 512
-
-
 class FusedLinearDistillationLoss(nn.Module):
     """Hard cross-entropy plus GKL (or generalized JSD) distillation from the last hidden states
     and output layers.
@@ -207,10 +201,9 @@ class FusedLinearDistillationLoss(nn.Module):
             self.options.row_config(SOURCE_TEACHER, labels is not None, use_triton)
         student = (student_hidden, student_weight, student_bias)
         # the plain-PyTorch rows on CPU read any chunk a row block at a time (_chunk_terms)
-        in_row_blocks = device.type == "cpu" and not use_triton
-        chunk_size = self.chunk_size or (
-            HALF_PRECISION_CHUNK_ROWS if in_row_blocks and student_hidden.dtype != torch.float32
-            else default_chunk_size(vocabulary, device.type, in_row_blocks))
+        chunk_size = self.chunk_size or default_chunk_size(
+            vocabulary, device.type, device.type == "cpu" and not use_triton,
+            student_hidden.dtype != torch.float32)
         per_row = per_row_totals(normaliser)  # the soft rows' sum
 
         def loss_and_gradients(wanted):

@@ -31,3 +31,6 @@ def test_chunk_model_counts_flops_and_bytes_and_the_cuda_default_follows_it():
     # on CPU: 2^23 elements, 2^25 where the chunk's logits are read a row block at a time
     assert default_chunk_size(32000) == 256 and default_chunk_size(32000, "cpu", True) == 1024
     assert default_chunk_size(128256, "cpu", True) == 256 and default_chunk_size(10**9) == 1
+    # the trainer's half-precision logits, converted a row block at a time: 512 rows on CPU
+    assert default_chunk_size(128256, "cpu", True, True) == 512
+    assert default_chunk_size(32000, "cuda", True, True) == default_chunk_size(32000, "cuda")
