@@ -112,8 +112,9 @@ def fused_linear_gkl(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     plan = _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden,
                          teacher_weight, teacher_bias, labels, class_prior, weights, chunk_size,
                          teacher_grad, options_from(gkl_options))
-    labels, student_hidden, teacher_hidden, weights = projected_rows(
-        labels, plan.config.ignore_index, student_hidden, teacher_hidden, weights)
+    rows_read, labels, student_hidden, teacher_hidden, weights = projected_rows(
+        labels, plan.config.ignore_index, plan.config.use_triton, student_hidden,
+        teacher_hidden, weights)
     teacher = (teacher_hidden, teacher_weight, teacher_bias)
     if not teacher_grad:
         teacher = tuple(None if x is None else x.detach() for x in teacher)
@@ -122,7 +123,8 @@ def fused_linear_gkl(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     factor = None if factor is None else factor.detach()
 
     def loss_and_gradients(wanted):
-        loss, grads = _loss_and_gradients(student, teacher, labels, factor, plan, wanted)
+        loss, grads = _loss_and_gradients(student, teacher, labels, factor, plan, wanted,
+                                          rows_read)
         return (loss,), grads
 
     return ChunkedLoss.apply(loss_and_gradients, *student, *teacher)[0]
@@ -155,15 +157,15 @@ def fused_linear_jsd(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     plan = _checked_plan(student_hidden, student_weight, student_bias, teacher_hidden,
                          teacher_weight, teacher_bias, labels, None, None, chunk_size, False,
                          options, jsd=True)
-    labels, student_hidden, teacher_hidden = projected_rows(labels, ignore_index, student_hidden,
-                                                            teacher_hidden)
+    rows_read, labels, student_hidden, teacher_hidden = projected_rows(
+        labels, ignore_index, plan.config.use_triton, student_hidden, teacher_hidden)
     student = (student_hidden, student_weight, student_bias)
     teacher = tuple(None if x is None else x.detach()
                     for x in (teacher_hidden, teacher_weight, teacher_bias))
 
     def loss_and_gradients(wanted):
         loss, grads = _loss_and_gradients(student, teacher, labels, None, plan,
-                                          (*wanted, False, False, False))
+                                          (*wanted, False, False, False), rows_read)
         return (loss,), grads[:3]
 
     return ChunkedLoss.apply(loss_and_gradients, *student)[0]
@@ -320,45 +322,48 @@ def _fused_sparse(student, teacher, labels, class_prior, weights, chunk_size, op
         check.check_labels(labels, rows, vocabulary, device, options.check_values,
                            options.ignore_index)
     _checked_weight_source(weights, class_prior, labels, rows, vocabulary, device, options)
-    student, labels, compact = sparse_teacher_rows(student, teacher, labels, weights,
-                                                   class_prior, vocabulary, options, jsd)
-    chunk_size = chunk_size or default_chunk_size(vocabulary, device.type)
     use_triton = check.use_triton_for(options.backend, device)
+    student, labels, compact, rows_read = sparse_teacher_rows(
+        student, teacher, labels, weights, class_prior, vocabulary, options, use_triton, jsd)
+    chunk_size = chunk_size or default_chunk_size(vocabulary, device.type)
 
     def loss_and_gradients(wanted):
         grads = gradient_buffers(student, wanted)
-        return (_sparse_loss(student, compact, options, chunk_size, use_triton, grads, jsd),), \
-            grads
+        return (_sparse_loss(student, compact, options, chunk_size, use_triton, grads, jsd,
+                             rows_read),), grads
 
     return ChunkedLoss.apply(loss_and_gradients, *student)[0]
 
 
 def sparse_teacher_rows(student, teacher, labels, weights, class_prior, vocabulary, options,
-                        jsd=False):
-    """``(student, labels, CompactRows)`` of a sparse teacher's fused loss (the head and labels
-    checked): the ``SparseTeacher`` checked for the ``(N, vocabulary)`` logits, the rows the loss
-    reads selected (``projected_rows``: the head ``(h, W, b)``, labels, cache and weights) and the
-    teacher's compact rows formed once."""
+                        use_triton, jsd=False):
+    """``(student, labels, CompactRows, rows_read)`` of a sparse teacher's fused loss (the head
+    and labels checked): the ``SparseTeacher`` checked for the ``(N, vocabulary)`` logits, the
+    rows the loss reads selected or put first (``projected_rows``: the head ``(h, W, b)``,
+    labels, cache and weights) and the teacher's compact rows formed once."""
     rows = student[0].shape[0]
     like = torch.zeros((), device=student[0].device).expand(rows, vocabulary)  # shapes only
     ignored = None if labels is None else labels == options.ignore_index
     teacher = readable_indices(teacher, ignored)
     check_sparse_teacher(teacher, like, options.check_values, ignored, jsd)
-    labels, hidden, indices, values, weights = projected_rows(
-        labels, options.ignore_index, student[0], teacher.indices, teacher.values, weights)
+    rows_read, labels, hidden, indices, values, weights = projected_rows(
+        labels, options.ignore_index, use_triton, student[0], teacher.indices, teacher.values,
+        weights)
     teacher = replace(teacher, indices=indices, values=values.detach())
     ignored = None if labels is None else labels == options.ignore_index
     compact = compact_rows(teacher, vocabulary,
                            optional_factor(weights, class_prior, labels, options), ignored,
                            options.ignore_index)
-    return (hidden, *student[1:]), labels, compact
+    return (hidden, *student[1:]), labels, compact, rows_read
 
 
-def _sparse_loss(student, rows, options, chunk_size, use_triton, grads, jsd=False):
+def _sparse_loss(student, rows, options, chunk_size, use_triton, grads, jsd=False,
+                 rows_read=None):
     """The loss (float32, 0-dim; ``jsd``: the generalized JSD's) of the student's head
     ``student`` against the teacher's ``CompactRows``, the student's gradients added into
     ``grads``: per chunk of ``chunk_size`` rows ``sparse_teacher_loss``'s share of the mean with
-    the batch's ``(1 / N, 1 / R)`` (``batch_totals``), differentiated by autograd."""
+    the batch's ``(1 / N, 1 / R)`` (``batch_totals``), differentiated by autograd; ``rows_read``
+    as in ``chunk_loop``."""
     count = rows.indices.shape[0]
 
     def weight_inputs(chunk):  # the weights read the teacher's compact rows alone
@@ -374,11 +379,13 @@ def _sparse_loss(student, rows, options, chunk_size, use_triton, grads, jsd=Fals
                                    jsd)[None]
 
     terms = chunk_loop((student,), (grads,), count, chunk_size,
-                       with_autograd(chunk_terms, any(g is not None for g in grads)))
+                       with_autograd(chunk_terms, any(g is not None for g in grads)),
+                       rows_read=rows_read)
     return sum(terms)[0]
 
 
-def chunk_loop(heads, grads, rows, chunk_size, chunk_function, reuse_blocks=False, upcast=True):
+def chunk_loop(heads, grads, rows, chunk_size, chunk_function, reuse_blocks=False, upcast=True,
+               rows_read=None):
     """The one chunk loop of the fused losses: for each chunk of ``rows`` rows the chunk's float32
     logits ``h[chunk] W^T (+ b)`` ``(c, V)`` of each linear head ``(h, W, b)`` of ``heads`` (not
     ``upcast``: in a half-precision head's dtype, for a function that converts row blocks), then
@@ -386,34 +393,48 @@ def chunk_loop(heads, grads, rows, chunk_size, chunk_function, reuse_blocks=Fals
     wanted) is folded back into the head's ``grads`` ``(dh, dW, db)`` at once: ``dh = g W``,
     ``dW += g^T h[chunk]``, ``db += sum_rows g``. ``reuse_blocks``: the logits of float32 heads
     are written into one ``(chunk_size, V)`` block per head, reused from chunk to chunk (a fresh
-    block a chunk costs its page faults on CPU). Returns the chunks' ``terms``, a list."""
+    block a chunk costs its page faults on CPU). ``rows_read``: None, or the count of the rows
+    read, which come first (``projected_rows``), a 0-dim device tensor: every product is then a
+    ``counted_matmul`` that skips the other rows (their logits are 0). Returns the chunks'
+    ``terms``, a list."""
     blocks = [_chunk_block(head, chunk_size) if reuse_blocks and head[0].dtype == torch.float32
               else None for head in heads]
     terms = []
     for chunk in _chunks(rows, chunk_size):
-        logits = [_logits(head, chunk, block, upcast) for head, block in zip(heads, blocks)]
+        logits = [_logits(head, chunk, block, upcast, rows_read)
+                  for head, block in zip(heads, blocks)]
         part, logit_grads = chunk_function(chunk, *logits)
         del logits  # fresh logits are freed before the products of the fold-back
         for grad_logits, head, head_grads in zip(logit_grads, heads, grads):
             if grad_logits is not None:
-                _fold_back(grad_logits, head, head_grads, chunk)
+                _fold_back(grad_logits, head, head_grads, chunk, rows_read)
         terms.append(part)
     return terms
 
 
-def projected_rows(labels, ignore_index, *row_tensors):
-    """``(labels, *row_tensors)`` (``(N, ...)`` each, or None) with only the rows the loss reads,
-    so that no product forms the others: on CPU those whose label is not ``ignore_index`` (the
-    count is free there; the gradients reach the given rows through the selection); elsewhere,
-    or when every row or none is read, as given (selecting them on CUDA would need their count
-    on the host, a synchronisation)."""
-    if labels is None or not check.host_reads_free(labels.device):
-        return (labels, *row_tensors)
+def projected_rows(labels, ignore_index, counted, *row_tensors):
+    """``(rows_read, labels, *row_tensors)`` (``(N, ...)`` each, or None) arranged so that no
+    product forms a row the loss does not read (label ``ignore_index``); the gradients reach the
+    given rows through the selection. On CPU the rows read alone (their count is free there;
+    ``rows_read`` None); elsewhere, for the Triton kernels (``counted``, not while compiling),
+    the rows read first, in order (a stable sort on the device), ``rows_read`` their count, a
+    0-dim device tensor for ``chunk_loop``'s counted products (no synchronisation); else, or
+    without labels, as given (``rows_read`` None: every row projected)."""
+    if labels is None:
+        return (None, labels, *row_tensors)
     kept = labels != ignore_index
-    if bool(kept.all()) or not bool(kept.any()):
-        return (labels, *row_tensors)
-    index = kept.nonzero().squeeze(1)
-    return tuple(None if x is None else x.index_select(0, index) for x in (labels, *row_tensors))
+    if check.host_reads_free(labels.device):
+        if bool(kept.all()) or not bool(kept.any()):
+            return (None, labels, *row_tensors)
+        index = kept.nonzero().squeeze(1)
+        rows_read = None
+    elif counted and not torch.compiler.is_compiling():
+        index = torch.argsort(kept.logical_not().to(torch.uint8), stable=True)
+        rows_read = kept.sum()
+    else:
+        return (None, labels, *row_tensors)
+    return (rows_read, *(None if x is None else x.index_select(0, index)
+                         for x in (labels, *row_tensors)))
 
 
 def with_autograd(chunk_terms, wanted):
@@ -431,11 +452,11 @@ def with_autograd(chunk_terms, wanted):
     return chunk_function
 
 
-def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
+def _loss_and_gradients(student, teacher, labels, factor, plan, wanted, rows_read):
     """``(loss, [d student_hidden, d student_weight, d student_bias, d teacher_hidden,
     d teacher_weight, d teacher_bias])`` (None where not wanted; ``gradient_buffers``): per
     chunk the row statistics and, given the batch totals (``batch_totals``), the logits'
-    gradients from the row ops, no autograd."""
+    gradients from the row ops, no autograd; ``rows_read`` as in ``chunk_loop``."""
     config = plan.config
     rows = student[0].shape[0]
     grads = gradient_buffers(student, wanted[:3]) + gradient_buffers(teacher, wanted[3:])
@@ -446,7 +467,7 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
                          None if labels is None else labels[chunk])
 
     if need_ds or need_dt:
-        totals = _rank_one_totals(teacher, labels, row_inputs, plan)
+        totals = _rank_one_totals(teacher, labels, row_inputs, plan, rows_read)
 
     def chunk_rows(chunk, s, t):
         inputs = row_inputs(chunk, s, t)
@@ -456,7 +477,7 @@ def _loss_and_gradients(student, teacher, labels, factor, plan, wanted):
         return stats, (ds if need_ds else None, dt if need_dt else None)
 
     stats = chunk_loop((student, teacher), (grads[:3], grads[3:]), rows, plan.chunk_size,
-                       chunk_rows, reuse_blocks=True)
+                       chunk_rows, reuse_blocks=True, rows_read=rows_read)
     return finish(torch.cat(stats), config)[0], grads
 
 
@@ -477,16 +498,16 @@ def rows_with_gradients(inputs, totals, config, need_ds, need_dt, out=None):
     return row_stats_and_gradients_torch(*inputs, totals, config, need_ds, need_dt, out)
 
 
-def _rank_one_totals(teacher, labels, row_inputs, plan):
+def _rank_one_totals(teacher, labels, row_inputs, plan, rows_read):
     """``fused_linear_gkl``'s ``batch_totals``, its weights from the teacher's logits (one more
-    teacher product per chunk) or from the factor alone."""
+    teacher product per chunk; ``rows_read`` as in ``chunk_loop``) or from the factor alone."""
     config = plan.config
     rows = teacher[0].shape[0]
     kept = kept_row_count(None if labels is None else labels == config.ignore_index, rows,
                           teacher[0].device)
     if config.source == SOURCE_TEACHER:
         return batch_totals(config, kept, rows, plan.chunk_size,
-                            lambda chunk, t: row_inputs(chunk, t, t), (teacher,))
+                            lambda chunk, t: row_inputs(chunk, t, t), (teacher,), rows_read)
 
     def factor_inputs(chunk):  # the weights need no logits: a zero row read through stride 0
         zero = kept.new_zeros(()).expand(chunk.stop - chunk.start, plan.vocabulary)
@@ -495,13 +516,14 @@ def _rank_one_totals(teacher, labels, row_inputs, plan):
     return batch_totals(config, kept, rows, plan.chunk_size, factor_inputs)
 
 
-def batch_totals(config, kept_rows, rows, chunk_size, weight_inputs, heads=()):
+def batch_totals(config, kept_rows, rows, chunk_size, weight_inputs, heads=(), rows_read=None):
     """The one normaliser of the fused losses: the batch totals ``(NUM_TOTALS,)`` their gradients
     need before the first chunk's, ``R`` = ``kept_rows`` (``kept_row_count``) and
     ``N = DEN 2^(2K) = sum_b W_b^2`` over the kept rows: ``R`` for ``normalize="batch"``, without
     a wMSE and for teacher weights at ``gamma = 1`` (each row's weights sum to 1); else from the
     row op's weights-only statistics of the ``rows`` rows, chunk by chunk
-    (``weight_inputs(chunk, *logits) -> RowInputs``, the logits of ``heads``)."""
+    (``weight_inputs(chunk, *logits) -> RowInputs``, the logits of ``heads``; ``rows_read`` as
+    in ``chunk_loop``)."""
     totals = kept_rows.new_zeros(NUM_TOTALS)
     if config.normalize_batch or not config.with_wmse or (
             config.source == SOURCE_TEACHER and config.gamma == 1.0):
@@ -512,7 +534,7 @@ def batch_totals(config, kept_rows, rows, chunk_size, weight_inputs, heads=()):
         def chunk_stats(chunk, *logits):
             return statistics(weight_inputs(chunk, *logits), weights_only)[0], ()
 
-        stats = chunk_loop(heads, (), rows, chunk_size, chunk_stats)
+        stats = chunk_loop(heads, (), rows, chunk_size, chunk_stats, rows_read=rows_read)
         totals = finish(torch.cat(stats), weights_only)[1]
     totals[TOTAL_ROWS] = kept_rows
     return totals
@@ -549,10 +571,18 @@ def _chunk_block(linear, chunk_size):
                             dtype=torch.float32)
 
 
-def _logits(linear, chunk, block=None, upcast=True):
+def _logits(linear, chunk, block=None, upcast=True, rows_read=None):
     """``h[chunk] W^T (+ b)`` in the inputs' dtype, returned in float32 (``upcast``) or in that
-    dtype, (c, V); written into the first rows of ``block`` when given (float32 inputs)."""
+    dtype, (c, V); written into the first rows of ``block`` when given (float32 inputs); with
+    ``rows_read`` (``chunk_loop``) from the counted product, float32 sums written once."""
     hidden, weight, bias = linear
+    if rows_read is not None:
+        from gkl_kernels.core.counted_matmul import counted_matmul
+        out = block[:chunk.stop - chunk.start] if block is not None else hidden.new_empty(
+            chunk.stop - chunk.start, weight.shape[0],
+            dtype=torch.float32 if upcast else hidden.dtype)
+        return counted_matmul(hidden[chunk], weight.t(), out, rows_read, chunk.start, "rows",
+                              bias)
     if block is None:
         logits = F.linear(hidden[chunk], weight, bias)
         return logits.float() if upcast else logits
@@ -571,20 +601,27 @@ def gradient_buffers(head, wanted):
             for index, (x, w) in enumerate(zip(head, wanted))]
 
 
-def _fold_back(grad_logits, linear, grads, chunk):
+def _fold_back(grad_logits, linear, grads, chunk, rows_read=None):
     """Add a chunk's logit gradient ``g`` (c, V) to the gradients of ``(h, W, b)``: ``dh = g W``,
-    ``dW += g^T h[chunk]``, ``db += sum_rows g`` (products in the inputs' dtype)."""
+    ``dW += g^T h[chunk]``, ``db += sum_rows g`` (products in the inputs' dtype, ``dW`` summed in
+    float32; with ``rows_read`` (``chunk_loop``) the counted products)."""
     hidden, weight, _ = linear
     grad_hidden, grad_weight, grad_bias = grads
     g = grad_logits.to(hidden.dtype)
-    if grad_hidden is not None and g.dtype == grad_hidden.dtype:
-        torch.mm(g, weight, out=grad_hidden[chunk])
-    elif grad_hidden is not None:
-        grad_hidden[chunk] = g @ weight
-    if grad_weight is not None and grad_weight.dtype == g.dtype:
-        grad_weight.addmm_(g.t(), hidden[chunk])
-    elif grad_weight is not None:  # a half-precision product, summed in float32
-        grad_weight += g.t() @ hidden[chunk]
+    if rows_read is not None:
+        from gkl_kernels.core.counted_matmul import counted_matmul
+        if grad_hidden is not None:
+            counted_matmul(g, weight, grad_hidden[chunk], rows_read, chunk.start, "rows")
+        if grad_weight is not None:
+            counted_matmul(g.t(), hidden[chunk], grad_weight, rows_read, chunk.start,
+                           "reduction", accumulate=True)
+    else:
+        if grad_hidden is not None:  # in the hidden states' dtype (gradient_buffers)
+            torch.mm(g, weight, out=grad_hidden[chunk])
+        if grad_weight is not None and grad_weight.dtype == g.dtype:
+            grad_weight.addmm_(g.t(), hidden[chunk])
+        elif grad_weight is not None:  # a half-precision product, summed in float32
+            grad_weight += g.t() @ hidden[chunk]
     if grad_bias is not None:
         grad_bias += grad_logits.sum(dim=0)
 

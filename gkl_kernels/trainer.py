@@ -189,13 +189,13 @@ class FusedLinearDistillationLoss(nn.Module):
             return self._sparse_teacher_loss((student_hidden, student_weight, student_bias),
                                              _cache_rows(teacher_input, lead), labels,
                                              num_items_in_batch, vocabulary)
-        labels, student_hidden, teacher_hidden = projected_rows(
-            labels, self.options.ignore_index, student_hidden, teacher_hidden)
+        use_triton = check.use_triton_for(self.options.backend, device)
+        rows_read, labels, student_hidden, teacher_hidden = projected_rows(
+            labels, self.options.ignore_index, use_triton, student_hidden, teacher_hidden)
         rows = student_hidden.shape[0]
         teacher = (teacher_hidden.detach(), teacher_weight[:vocabulary].detach(),
                    None if teacher_bias is None else teacher_bias[:vocabulary].detach())
         normaliser = self._normaliser(num_items_in_batch, labels, rows, device)
-        use_triton = check.use_triton_for(self.options.backend, device)
         config = self.options.jsd_config(labels is not None, use_triton) \
             if self.divergence == "jsd" else \
             self.options.row_config(SOURCE_TEACHER, labels is not None, use_triton)
@@ -215,7 +215,7 @@ class FusedLinearDistillationLoss(nn.Module):
                                          normaliser, config, per_row, need_ds)
 
             totals = sum(chunk_loop((student, teacher), (grads,), rows, chunk_size, chunk_terms,
-                                    reuse_blocks=True, upcast=False))
+                                    reuse_blocks=True, upcast=False, rows_read=rows_read))
             return tuple(total.clone() for total in totals), grads
 
         loss, soft, hard = ChunkedLoss.apply(loss_and_gradients, *student)
@@ -228,13 +228,13 @@ class FusedLinearDistillationLoss(nn.Module):
         by the normaliser, differentiated by autograd."""
         options = self.options
         jsd = self.divergence == "jsd"
-        student, labels, compact = sparse_teacher_rows(student, teacher, labels, None, None,
-                                                       vocabulary, options, jsd)
         device = student[0].device
+        use_triton = check.use_triton_for(options.backend, device)
+        student, labels, compact, rows_read = sparse_teacher_rows(
+            student, teacher, labels, None, None, vocabulary, options, use_triton, jsd)
         rows = student[0].shape[0]
         normaliser = self._normaliser(num_items, labels, rows, device)
         shares = (1.0 / normaliser, 1.0 / normaliser)  # the soft rows' sum over the normaliser
-        use_triton = check.use_triton_for(options.backend, device)
         chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type)
 
         def chunk_terms(chunk, logits):
@@ -248,7 +248,8 @@ class FusedLinearDistillationLoss(nn.Module):
         def loss_and_gradients(wanted):
             grads = gradient_buffers(student, wanted)
             terms = chunk_loop((student,), (grads,), rows, chunk_size,
-                               with_autograd(chunk_terms, any(g is not None for g in grads)))
+                               with_autograd(chunk_terms, any(g is not None for g in grads)),
+                               rows_read=rows_read)
             return tuple(total.clone() for total in sum(terms)), grads
 
         loss, soft, hard = ChunkedLoss.apply(loss_and_gradients, *student)

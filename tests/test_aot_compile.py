@@ -1,6 +1,6 @@
 """Ahead-of-time compile of the Triton kernels for A100 (sm_80) and H100 (sm_90a), no GPU needed:
 the rank-one kernels, the pair-weight kernels for shared ``(C, C)`` and per-row ``(B, C, C)``
-weights, and the generalized JSD's.
+weights, the generalized JSD's and the fused losses' counted products.
 
 This test process runs Triton's interpreter (conftest.py), and one process is either interpreter
 or compiler, so ``python -m tools.compile_report`` runs in a subprocess without
@@ -38,6 +38,7 @@ KERNELS = {  # family: (forward, backward)
     "shared": ("wmse_shared_fwd_kernel", "wmse_shared_bwd_kernel"),
     "per_row": ("wmse_per_row_fwd_kernel", "wmse_per_row_bwd_kernel"),
     "jsd": ("jsd_row_stats_kernel", "jsd_backward_kernel"),
+    "matmul": ("counted_matmul_kernel",),
 }
 PAIR_CLASSES = range(2, 1025)  # class counts and batches whose pair-weight tiles must be covered
 PAIR_BATCHES = range(1, 257)
@@ -153,4 +154,19 @@ def test_tf32_dots_run_on_the_matrix_units(report_rows, arch):
     assert {row["dot_precision"] for row in rows} == set(DOT_PRECISIONS)
     wrong = [f"{label(row)}: {row['mma'] or 'no matrix-unit instructions'}" for row in rows
              if bool(row["mma"]) != (row["dot_precision"] in MATRIX_UNIT_PRECISIONS)]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("arch", sorted(SHARED_MEMORY_LIMITS))
+def test_counted_products_run_on_the_matrix_units(report_rows, arch):
+    """The fused losses' products: half-precision and tf32 operands on the matrix units
+    (warpgroup ``HGMMA`` on sm_90a, ``HMMA`` on sm_80), full float32 (``ieee``, torch's default)
+    on the FMA units; every use of the kernel in every head dtype compiled."""
+    rows = select(report_rows, arch, family="matmul")
+    assert {(row["student"], row["flags"]) for row in rows} >= {
+        (dtype, product) for dtype in ("float32", "bfloat16", "float16")
+        for product in ("logits", "dh", "dW")}
+    unit = "HGMMA" if arch == "sm_90a" else "HMMA"
+    wrong = [f"{label(row)}: {row['mma'] or 'no matrix-unit instructions'}" for row in rows
+             if (unit in row["mma"]) != (row["dot_precision"] != "ieee")]
     assert not wrong, "\n".join(wrong)

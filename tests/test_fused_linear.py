@@ -14,6 +14,7 @@ from gkl_kernels import (FusedLinearDistillationLoss, FusedLinearGKLLoss, Sparse
 from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.launches import reads_as_on_a_gpu
 from gkl_kernels.testing.memory import measure_peak_memory
+from gkl_kernels.testing.traffic import TritonTrafficCounter
 from reference import gkl_loss_reference
 from tests.conftest import PAPER_SETTINGS, assert_close_rel
 
@@ -332,44 +333,91 @@ class LogitRows(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def masked_loss(loss_name, student_hidden, student, teacher, labels, top, backend="torch",
+                check_values=True):
+    """The loss ``loss_name`` of the student's hidden states (its weight from ``student``)
+    against ``teacher`` (or its ``top`` (values, indices) as a ``SparseTeacher``: the rows of
+    ``student_hidden``, all or the kept ones), chunks of 4 rows."""
+    options = dict(chunk_size=4, backend=backend, check_values=check_values)
+    if loss_name == "gkl":
+        return fused_linear_gkl(student_hidden, student[1], teacher[0], teacher[1],
+                                labels=labels, **options)
+    if loss_name == "jsd":
+        return gkl_kernels.fused_linear_jsd(student_hidden, student[1], teacher[0], teacher[1],
+                                            labels=labels, **options)
+    if loss_name == "sparse":
+        rows = slice(None) if labels.shape[0] == ROWS else top[2]
+        return fused_linear_gkl_sparse(student_hidden, student[1],
+                                       SparseTeacher(top[1][rows], top[0][rows]),
+                                       labels=labels, **options)
+    return FusedLinearDistillationLoss(**options)(student_hidden, student[1], teacher[0],
+                                                  teacher[1], labels)
+
+
+def masked_inputs(generator):
+    """Half the tokens labelled -100: the heads, labels, the kept rows and the teacher's top-5
+    ``(values, indices, kept)``."""
+    student, teacher, labels = linear_inputs(generator, ignored=0.5)
+    kept = labels != -100
+    assert 0 < kept.sum() < ROWS
+    values, indices = F.linear(teacher[0], teacher[1]).detach().log_softmax(-1).topk(5, dim=-1)
+    return student, teacher, labels, kept, (values, indices, kept)
+
+
 @torch_only
 @pytest.mark.parametrize("loss_name", ["gkl", "jsd", "sparse", "trainer"])
 def test_masked_rows_are_never_projected(loss_name, generator):
     """Half the tokens labelled -100: the products form the kept tokens' logits only (student
     and teacher, forward only: the gradient reuses them), and the loss and the hidden states'
     gradient (zero on the masked rows) are those of the kept rows alone."""
-    student, teacher, labels = linear_inputs(generator, ignored=0.5)
-    kept = labels != -100
-    assert 0 < kept.sum() < ROWS
-    values, indices = F.linear(teacher[0], teacher[1]).detach().log_softmax(-1).topk(5, dim=-1)
-
-    def run(student_hidden, labels):
-        if loss_name == "gkl":
-            return fused_linear_gkl(student_hidden, student[1], teacher[0], teacher[1],
-                                    labels=labels, chunk_size=4, backend="torch")
-        if loss_name == "jsd":
-            return gkl_kernels.fused_linear_jsd(student_hidden, student[1], teacher[0],
-                                                teacher[1], labels=labels, chunk_size=4,
-                                                backend="torch")
-        if loss_name == "sparse":
-            rows = slice(None) if labels.shape[0] == ROWS else kept
-            return fused_linear_gkl_sparse(student_hidden, student[1],
-                                           SparseTeacher(indices[rows], values[rows]),
-                                           labels=labels, chunk_size=4, backend="torch")
-        return FusedLinearDistillationLoss(chunk_size=4, backend="torch")(
-            student_hidden, student[1], teacher[0], teacher[1], labels)
-
+    student, teacher, labels, kept, top = masked_inputs(generator)
     hidden = student[0].detach().clone().requires_grad_()
     counter = LogitRows(VOCABULARY)
     with counter:
-        loss = run(hidden, labels)
+        loss = masked_loss(loss_name, hidden, student, teacher, labels, top)
         loss.backward()
     models = 1 if loss_name == "sparse" else 2
     assert counter.rows == models * int(kept.sum())
     kept_hidden = student[0].detach()[kept].clone().requires_grad_()
     teacher[0] = teacher[0][kept]
-    want = run(kept_hidden, labels[kept])
+    want = masked_loss(loss_name, kept_hidden, student, teacher, labels[kept], top)
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
     want.backward()
     torch.testing.assert_close(hidden.grad[kept], kept_hidden.grad, rtol=1e-6, atol=1e-8)
     assert torch.equal(hidden.grad[~kept], torch.zeros_like(hidden.grad[~kept]))
+
+
+@pytest.mark.parametrize("loss_name", ["gkl", "jsd", "sparse", "trainer"])
+def test_masked_rows_are_skipped_on_the_device(loss_name, generator):
+    """Read as on a GPU, with the Triton kernels: the rows read go first and every product counts
+    them on the device (``counted_matmul``), with no host synchronisation; the loss and the
+    gradients of the hidden states and the weight are those of the kept tokens alone, the masked
+    rows' gradient is 0, and at half the tokens masked the products load about half the bytes
+    of the unmasked batch's."""
+    student, teacher, labels, kept, top = masked_inputs(generator)
+
+    def run(labels):
+        leaves = [student[0].detach().clone().requires_grad_(),
+                  student[1].detach().clone().requires_grad_()]
+        with reads_as_on_a_gpu(), DispatchCounter() as dispatch, \
+                TritonTrafficCounter() as traffic:
+            loss = masked_loss(loss_name, leaves[0], (None, leaves[1]), teacher, labels, top,
+                               "triton", check_values=False)
+            loss.backward()
+        assert dispatch.host_syncs == 0
+        products = traffic.per_kernel["counted_matmul_kernel"]
+        return loss.detach(), [x.grad for x in leaves], products.bytes_read
+
+    loss, (grad_hidden, grad_weight), masked_bytes = run(labels)
+    kept_hidden = student[0].detach()[kept].clone().requires_grad_()
+    weight = student[1].detach().clone().requires_grad_()
+    kept_teacher = [teacher[0][kept], teacher[1]]
+    want = masked_loss(loss_name, kept_hidden, (None, weight), kept_teacher, labels[kept], top,
+                       "triton")
+    want.backward()
+    assert_close_rel(loss, want.detach(), 1e-5, "loss")
+    assert_close_rel(grad_hidden[kept], kept_hidden.grad, 1e-5, "hidden")
+    assert_close_rel(grad_weight, weight.grad, 1e-5, "weight")
+    assert torch.equal(grad_hidden[~kept], torch.zeros_like(grad_hidden[~kept]))
+    every_row = run(torch.where(kept, labels, 0))[2]
+    assert masked_bytes <= (kept.float().mean() + 0.15) * every_row

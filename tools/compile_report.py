@@ -5,6 +5,8 @@ pass: ``rank1`` (``row_stats`` / ``loss_backward``, and the one-program ``finish
 ``shared`` (pair weights, one ``(C, C)`` matrix, ``tl.dot``: ``shared_rows_forward`` /
 ``shared_rows_backward``), ``per_row`` (pair weights ``(B, C, C)``: ``per_row_rows_forward`` /
 ``per_row_rows_backward``) and ``jsd`` (the generalized JSD: ``jsd_row_stats`` / ``jsd_backward``).
+The fused losses' counted products (``matmul``: ``counted_matmul_kernel``, one kernel; the
+logits in the forward pass, ``dh = g W`` and ``dW += g^T h`` in the backward) are a fifth family.
 Each configuration is a call of a launcher on ``meta`` tensors with the
 Triton kernel swapped for a recorder, so the tiles, the warp count and every argument are the
 launchers' own choices (``pick_block_c``, ``pick_num_warps``, ``pick_shared_blocks``,
@@ -19,7 +21,7 @@ cache, keyed by the kernel's hash and the measuring code.
 
 Run from the repository root::
 
-    python -m tools.compile_report [--arch 80 90] [--family rank1 shared per_row jsd]
+    python -m tools.compile_report [--arch 80 90] [--family rank1 shared per_row jsd matmul]
                                    [--workers 2] [--quick] [--json rows.json]
 
 It prints one row per configuration and exits with status 1 when a configuration fails to
@@ -60,6 +62,7 @@ from triton.compiler import ASTSource
 from triton.runtime.cache import get_cache_manager
 
 from gkl_kernels.core import config as core_config
+from gkl_kernels.core import counted_matmul
 from gkl_kernels.core import kernels as core_kernels
 from gkl_kernels.core.config import NUM_STATS, NUM_TOTALS, RowConfig
 from gkl_kernels.jsd import kernels as jsd_kernels
@@ -121,9 +124,10 @@ class LaunchCase:
     symmetric: bool = True  # rank1, backward
     need_ds: bool = True  # backward
     need_dt: bool = True  # backward
-    dot_precision: str = None  # shared: tl.dot's input_precision
+    dot_precision: str = None  # shared, matmul (float32 heads): tl.dot's input_precision
     beta: float = 0.5  # jsd: 0 forward KL, 1 reverse KL, else the mixture
     jsd_round: int = core_config.JSD_WHOLE_ROWS  # jsd, forward
+    product: str = None  # matmul: "logits", "logits_in_dtype" (no bias), "dh" or "dW"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,6 +315,57 @@ def jsd_flags(case):
     return flags + gradient_flags(case)
 
 
+# ---- the counted products of the fused losses ---------------------------------------------
+
+MATMUL_SHAPE = (512, 32000, 4096)  # (chunk rows, V, H): a 32k vocabulary, an 8B model's width
+MATMUL_OPERANDS = ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, None),
+                   (torch.float16, None))  # (head dtype, float32's tl.dot precision)
+
+
+def matmul_cases():
+    """The counted products' launch cases, at ``MATMUL_SHAPE``: for each head dtype (float32
+    with either precision torch may ask for) the logits with a bias (float32 out), ``dh`` and
+    ``dW``; the bfloat16 logits written in bfloat16 without a bias (the trainer's)."""
+    rows, vocabulary, _ = MATMUL_SHAPE
+    case = functools.partial(LaunchCase, "matmul", batch=rows, num_classes=vocabulary)
+    cases = [case("forward" if product == "logits" else "backward", dtype, dtype,
+                  dot_precision=precision, product=product)
+             for dtype, precision in MATMUL_OPERANDS for product in ("logits", "dh", "dW")]
+    cases.append(case("forward", torch.bfloat16, torch.bfloat16, product="logits_in_dtype"))
+    return cases
+
+
+def launch_matmul(case):
+    """Call ``counted_matmul`` for the case's product on ``meta`` tensors (a chunk at row 512,
+    float32 precision as the case says)."""
+    rows, vocabulary, hidden_size = MATMUL_SHAPE
+    hidden = meta_tensor(rows, hidden_size, dtype=case.student)
+    weight = meta_tensor(vocabulary, hidden_size, dtype=case.student)
+    grad = meta_tensor(rows, vocabulary, dtype=case.student)
+    count = meta_tensor(dtype=torch.int64)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = case.dot_precision == "tf32"
+    try:
+        if case.product == "logits":
+            counted_matmul.counted_matmul(hidden, weight.t(), meta_tensor(rows, vocabulary),
+                                          count, rows, "rows", meta_tensor(vocabulary,
+                                                                           dtype=case.student))
+        elif case.product == "logits_in_dtype":
+            counted_matmul.counted_matmul(hidden, weight.t(), grad, count, rows, "rows")
+        elif case.product == "dh":
+            counted_matmul.counted_matmul(grad, weight, hidden, count, rows, "rows")
+        else:
+            counted_matmul.counted_matmul(grad.t(), hidden, meta_tensor(vocabulary, hidden_size),
+                                          count, rows, "reduction", accumulate=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def matmul_flags(case):
+    """The product a case computes, as printed."""
+    return [case.product]
+
+
 # ---- the pair-weight families ------------------------------------------------------------
 
 def shared_cases():
@@ -434,6 +489,9 @@ FAMILIES = {
     "jsd": Family(jsd_kernels, {"forward": "jsd_row_stats_kernel",
                                 "backward": "jsd_backward_kernel"},
                   launch_jsd, jsd_flags, jsd_cases),
+    "matmul": Family(counted_matmul, {"forward": "counted_matmul_kernel",
+                                      "backward": "counted_matmul_kernel"},
+                     launch_matmul, matmul_flags, matmul_cases),
 }
 
 

@@ -92,3 +92,66 @@ def test_bad_label_fails_the_device_assertion():
                           timeout=120)
     assert done.returncode != 0
     assert "labels must lie in [0, C)" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("read", [0, 70, 300])
+def test_counted_products_on_cuda(dtype, read, generator):
+    """The fused losses' counted products compiled: logits over the rows read (the others 0) and
+    ``dW`` summed over them, against float64."""
+    from gkl_kernels.core.counted_matmul import counted_matmul
+
+    rows, hidden_size, vocabulary = 256, 192, 1000
+    hidden = torch.randn(rows, hidden_size, generator=generator).to(dtype)
+    weight = torch.randn(vocabulary, hidden_size, generator=generator).to(dtype)
+    grad = torch.randn(rows, vocabulary, generator=generator).to(dtype)
+    count = torch.tensor(read, device=CUDA)
+    logits = counted_matmul(hidden.to(CUDA), weight.to(CUDA).t(),
+                            torch.full((rows, vocabulary), float("nan"), device=CUDA), count, 0,
+                            "rows").cpu()
+    grad_weight = counted_matmul(grad.to(CUDA).t(), hidden.to(CUDA),
+                                 torch.ones(vocabulary, hidden_size, device=CUDA), count, 0,
+                                 "reduction", accumulate=True).cpu()
+    kept = min(read, rows)
+    assert torch.equal(logits[kept:], torch.zeros_like(logits[kept:]))
+    expected = hidden[:kept].double() @ weight.double().t()
+    if kept:
+        assert relative_error(logits[:kept], expected) <= 1e-6
+    expected = 1 + grad[:kept].double().t() @ hidden[:kept].double()
+    assert relative_error(grad_weight, expected) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_rows_are_skipped_on_cuda(dtype, generator):
+    """The trainer loss with half the tokens masked: no host synchronisation, and the loss and
+    gradients of the kept tokens alone."""
+    from gkl_kernels import FusedLinearDistillationLoss
+
+    tokens, hidden_size, vocabulary = 512, 256, 4000
+    student = [torch.randn(tokens, hidden_size, generator=generator),
+               torch.randn(vocabulary, hidden_size, generator=generator) / 8]
+    teacher = [torch.randn(tokens, hidden_size, generator=generator),
+               torch.randn(vocabulary, hidden_size, generator=generator) / 8]
+    labels = torch.randint(0, vocabulary, (tokens,), generator=generator)
+    kept = torch.rand(tokens, generator=generator) < 0.5
+    labels[~kept] = -100
+    loss_fn = FusedLinearDistillationLoss(chunk_size=128, check_values=False)
+
+    def run(rows):
+        leaves = [x[rows].to(CUDA, dtype).requires_grad_() if i == 0 else
+                  x.to(CUDA, dtype).requires_grad_() for i, x in enumerate(student)]
+        with DispatchCounter() as counter:
+            loss = loss_fn(leaves[0], leaves[1], teacher[0][rows].to(CUDA, dtype),
+                           teacher[1].to(CUDA, dtype), labels[rows].to(CUDA))
+            loss.backward()
+        return counter.host_syncs, [x.detach().float().cpu() for x in
+                                    (loss, leaves[0].grad, leaves[1].grad)]
+
+    syncs, (loss, grad_hidden, grad_weight) = run(slice(None))
+    assert syncs == 0
+    _, (want, want_hidden, want_weight) = run(kept)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert relative_error(loss, want) <= tolerance
+    assert relative_error(grad_hidden[kept], want_hidden) <= tolerance
+    assert relative_error(grad_weight, want_weight) <= tolerance
+    assert torch.equal(grad_hidden[~kept], torch.zeros_like(grad_hidden[~kept]))
