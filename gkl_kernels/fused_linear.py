@@ -13,9 +13,9 @@ Every fused loss (``fused_linear_gkl``, ``fused_linear_jsd``, ``fused_linear_gkl
 ``fused_linear_jsd_sparse``, the trainer's ``FusedLinearDistillationLoss``) runs the one chunk
 loop ``chunk_loop``: it forms each chunk's logits and folds the gradient its per-chunk function
 returns back into the heads; that function forms the gradient from the row ops
-(``rows_with_gradients``; the sparse teacher's compact rows by autograd). One autograd function,
-``ChunkedLoss``, carries the gradients of all of them to the caller. Their inputs are checked
-once, at the entry.
+(``rows_with_gradients``; a sparse teacher's ``sparse_share_and_gradient``), no autograd. One
+autograd function, ``ChunkedLoss``, carries the gradients of all of them to the caller. Their
+inputs are checked once, at the entry.
 
 The loss's coefficients ``mse_weight / (4 N)`` and ``ce_weight / R`` must be known before any
 chunk's gradient is formed (``batch_totals``, the one normaliser). ``R`` (the kept rows) comes
@@ -42,7 +42,7 @@ from gkl_kernels.row_ops import RowInputs, RowState, finish, gradients, statisti
 from gkl_kernels.rows import safe_ratio
 from gkl_kernels.sparse_teacher import (SparseTeacher, check_sparse_teacher, compact_rows,
                                         kept_row_count, optional_factor, readable_indices,
-                                        sparse_teacher_loss)
+                                        sparse_share_and_gradient)
 from gkl_kernels.validation import Backend
 
 UNSUPPORTED_OPTIONS = ("sync_normalizer", "process_group", "reduction")  # of GKLOptions
@@ -361,9 +361,9 @@ def _sparse_loss(student, rows, options, chunk_size, use_triton, grads, jsd=Fals
                  rows_read=None):
     """The loss (float32, 0-dim; ``jsd``: the generalized JSD's) of the student's head
     ``student`` against the teacher's ``CompactRows``, the student's gradients added into
-    ``grads``: per chunk of ``chunk_size`` rows ``sparse_teacher_loss``'s share of the mean with
-    the batch's ``(1 / N, 1 / R)`` (``batch_totals``), differentiated by autograd; ``rows_read``
-    as in ``chunk_loop``."""
+    ``grads``: per chunk of ``chunk_size`` rows its share of the mean with the batch's
+    ``(1 / N, 1 / R)`` (``batch_totals``) and its gradient (``sparse_share_and_gradient``, no
+    autograd); ``rows_read`` as in ``chunk_loop``."""
     count = rows.indices.shape[0]
 
     def weight_inputs(chunk):  # the weights read the teacher's compact rows alone
@@ -374,14 +374,15 @@ def _sparse_loss(student, rows, options, chunk_size, use_triton, grads, jsd=Fals
         rows.config(options, use_triton, jsd),
         kept_row_count(rows.ignored, count, rows.teacher.device), count, count, weight_inputs))
 
-    def chunk_terms(chunk, logits):
-        return sparse_teacher_loss(logits, rows.part(chunk), options, use_triton, shares,
-                                   jsd)[None]
+    need_ds = any(g is not None for g in grads)
 
-    terms = chunk_loop((student,), (grads,), count, chunk_size,
-                       with_autograd(chunk_terms, any(g is not None for g in grads)),
-                       rows_read=rows_read)
-    return sum(terms)[0]
+    def chunk_terms(chunk, logits):
+        share, ds = sparse_share_and_gradient(logits, rows.part(chunk), options, use_triton,
+                                              shares, jsd, need_ds)
+        return share, (ds,)
+
+    return sum(chunk_loop((student,), (grads,), count, chunk_size, chunk_terms,
+                          rows_read=rows_read))
 
 
 def chunk_loop(heads, grads, rows, chunk_size, chunk_function, reuse_blocks=False, upcast=True,
@@ -435,21 +436,6 @@ def projected_rows(labels, ignore_index, counted, *row_tensors):
         return (None, labels, *row_tensors)
     return (rows_read, *(None if x is None else x.index_select(0, index)
                          for x in (labels, *row_tensors)))
-
-
-def with_autograd(chunk_terms, wanted):
-    """A ``chunk_loop`` function from ``chunk_terms(chunk, s, *logits)``, a 1-D tensor of the
-    chunk's terms (element 0 the loss), that differentiates element 0 with respect to the
-    student's logits ``s`` by autograd (when ``wanted``); the terms come back detached,
-    float32."""
-    def chunk_function(chunk, s, *logits):
-        s.requires_grad_(wanted)
-        with torch.enable_grad():  # the Function's forward runs without it
-            terms = chunk_terms(chunk, s, *logits)
-            loss = terms[0]
-        grad = torch.autograd.grad(loss, s)[0] if wanted else None
-        return terms.detach().float(), (grad,)
-    return chunk_function
 
 
 def _loss_and_gradients(student, teacher, labels, factor, plan, wanted, rows_read):

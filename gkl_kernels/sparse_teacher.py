@@ -27,10 +27,11 @@ spread as the student's); ``"drop"`` has no JSD (a ``ValueError``).
 Only the ``(N, C)`` student is read in full (the rest column's log-sum-exp: one temporary of its
 size); nothing else of size ``N x C`` exists.
 
-``sparse_teacher_loss`` is the one routine that turns the compact rows into the loss (and the one
-place that knows what ``rest`` does to it), for ``gkl_loss`` and ``jsd_loss`` and, chunk by
-chunk, ``fused_linear_gkl_sparse`` and ``fused_linear_jsd_sparse``; each checks its inputs once,
-before calling it.
+``sparse_teacher_loss`` turns the compact rows into the loss (differentiated by autograd) for
+``gkl_loss`` and ``jsd_loss``; ``sparse_share_and_gradient`` into a chunk's share of a batch's
+loss with its gradient formed by hand, for ``fused_linear_gkl_sparse``, ``fused_linear_jsd_sparse``
+and the trainer loss (no autograd inside their chunk loop). They are the one place that knows
+what ``rest`` does to the loss; each entry point checks its inputs once, before calling them.
 """
 
 from dataclasses import dataclass, replace
@@ -41,7 +42,10 @@ from torch import Tensor
 
 from gkl_kernels import validation as check
 from gkl_kernels.core.config import SOURCE_EXPLICIT, SOURCE_TEACHER
-from gkl_kernels.rows import MEAN, PER_ROW, RowLoss, SyncedMean
+from gkl_kernels.rank1.torch_impl import row_losses_torch
+from gkl_kernels.row_ops import RowInputs, RowState, statistics
+from gkl_kernels.row_ops import gradients as row_gradients
+from gkl_kernels.rows import MEAN, PER_ROW, RowLoss, SyncedMean, per_row_totals
 
 TeacherRest = Literal["renormalize", "drop", "rest"]
 TEACHER_RESTS = get_args(TeacherRest)
@@ -118,13 +122,20 @@ def compact_student(student, indices, temperature, ignored=None):
     """The student's ``(..., k + 1)`` compact logits: ``s`` at ``indices``, then the rest column
     ``T logsumexp(s_other / T)``; the gradient reaches ``student`` through both. ``ignored``
     ``(...)``: rows the loss does not read, whose logits (NaN, inf) reach no gradient."""
+    return _student_parts(student, indices, temperature, ignored)[0]
+
+
+def _student_parts(student, indices, temperature, ignored):
+    """``(compact logits, others, log-sum-exp)`` of ``compact_student``: ``others`` ``(..., C)``
+    is ``s / T`` with the cached classes at ``-inf`` (0 on the ``ignored`` rows, finite there so
+    that no NaN meets their zero gradient), the log-sum-exp ``(..., 1)`` is over it."""
     indices = indices.long()
     cached = student.gather(-1, indices)
     others = (student / temperature).scatter_(-1, indices, float("-inf"))  # one (..., C) temp
-    if ignored is not None:  # finite there, so that no NaN meets the rows' zero gradient
+    if ignored is not None:
         others = others.masked_fill_(ignored[..., None], 0.0)
-    rest = temperature * others.logsumexp(dim=-1, keepdim=True)
-    return torch.cat([cached, rest.to(cached.dtype)], dim=-1)
+    lse = others.logsumexp(dim=-1, keepdim=True)
+    return torch.cat([cached, (temperature * lse).to(cached.dtype)], dim=-1), others, lse
 
 
 def compact_teacher(teacher, num_classes, ignored=None):
@@ -228,42 +239,66 @@ def compact_rows(teacher, num_classes, factor, ignored, ignore_index):
     return CompactRows(teacher.indices, logits, mass, compact, labels, ignored)
 
 
-def sparse_teacher_loss(student, rows, options, use_triton, shares=None, jsd=False):
+def sparse_teacher_loss(student, rows, options, use_triton, jsd=False):
     """The loss of the student's logits ``(B, C)`` against the teacher's ``CompactRows`` (checked
-    inputs): the row loss of the compact rows; for ``"drop"`` its wMSE term plus ``ce_weight m_b
-    CE_b`` per row (``CE_b`` against the renormalised cache, ``m_b`` the cached mass). ``jsd``:
-    the rows' generalized JSD instead (not with ``"drop"``).
-
-    ``shares`` None: reduced as ``options.reduction`` (``sync_normalizer`` included; not with
-    ``"drop"``) over these rows; ``(1 / N, 1 / R)`` (0-dim tensors) of a batch these rows are a
-    chunk of: their share of its mean, ``mse_weight sum_b wmse_b / (4 N) + ce_weight sum_b CE_b /
-    R``, a 0-dim tensor."""
+    inputs), reduced as ``options.reduction`` (``sync_normalizer`` included; not with ``"drop"``)
+    over these rows, differentiated by autograd: the row loss of the compact rows; for ``"drop"``
+    its wMSE term plus ``ce_weight m_b CE_b`` per row (``CE_b`` against the renormalised cache,
+    ``m_b`` the cached mass). ``jsd``: the rows' generalized JSD instead (not with ``"drop"``).
+    A chunk of a batch: ``sparse_share_and_gradient``."""
     s_rows = compact_student(student, rows.indices, options.temperature, rows.ignored)
 
     def row_loss(reduce, **changes):
         return RowLoss.apply(s_rows, rows.teacher, rows.factor, rows.labels,
                              rows.config(options, use_triton, jsd, **changes), reduce)
 
-    if jsd and shares is not None:
-        return row_loss(PER_ROW).sum() * shares[1]
-
-    if shares is None and rows.mass is None:
+    if rows.mass is None:
         if options.reduction == "mean":
             return row_loss(SyncedMean(options.process_group) if options.sync_normalizer
                             else MEAN)
         losses = row_loss(PER_ROW)
         return losses if options.reduction == "none" else losses.sum()
-    ce = row_loss(PER_ROW, mse_weight=0.0, ce_weight=1.0)
-    if rows.mass is not None:  # "drop": the cached probabilities sum to m_b
-        ce = ce * rows.mass
-    if shares is not None:
-        loss = options.ce_weight * ce.sum() * shares[1]
-        if options.mse_weight != 0:
-            wmse = row_loss(PER_ROW, mse_weight=1.0, ce_weight=0.0).sum()
-            loss = loss + options.mse_weight * wmse * shares[0]
-        return loss
+    ce = row_loss(PER_ROW, mse_weight=0.0, ce_weight=1.0) * rows.mass  # "drop": mass m_b
     if options.reduction == "mean":
         return row_loss(MEAN, ce_weight=0.0) + options.ce_weight * ce.sum() / kept_row_count(
             rows.ignored, ce.shape[0], ce.device)
     losses = row_loss(PER_ROW, ce_weight=0.0) + options.ce_weight * ce
     return losses if options.reduction == "none" else losses.sum()
+
+
+def sparse_share_and_gradient(student, rows, options, use_triton, shares, jsd=False,
+                              need_grad=True):
+    """``(share, ds)`` of the student's logits ``(B, C)`` (no autograd graph) against the
+    ``CompactRows`` of a chunk of a batch with ``shares = (1 / N, 1 / R)`` (0-dim tensors): the
+    chunk's share of the batch's loss, ``mse_weight sum_b wmse_b / (4 N) + ce_weight sum_b m_b
+    CE_b / R`` (``m_b``: ``"drop"``'s cached mass, else 1; ``jsd``: ``sum_b JSD_b / R``), 0-dim,
+    and its gradient ``(B, C)`` (None unless ``need_grad``), formed without autograd (one graph
+    under ``torch.compile``): the row ops' per-row gradients of the compact rows, back through
+    ``compact_student`` (``d rest / d s_o = softmax(others)_o``)."""
+    s_rows, others, lse = _student_parts(student, rows.indices, options.temperature, rows.ignored)
+    inputs = RowInputs(s_rows, rows.teacher, rows.factor, rows.labels)
+    if jsd:
+        parts = [(rows.config(options, use_triton, True), shares[1])]
+    else:
+        ce_scale = options.ce_weight * shares[1]
+        parts = [(rows.config(options, use_triton, mse_weight=0.0, ce_weight=1.0),
+                  ce_scale if rows.mass is None else ce_scale * rows.mass)]
+        if options.mse_weight != 0:
+            parts.append((rows.config(options, use_triton, mse_weight=1.0, ce_weight=0.0),
+                          options.mse_weight * shares[0]))
+    share, grad_rows = 0.0, None
+    for config, scale in parts:
+        stats = statistics(inputs, config)[0]
+        share = share + (row_losses_torch(stats, config) * scale).sum()
+        if need_grad:
+            per_row = torch.broadcast_to(scale, stats.shape[:1]).to(stats.dtype).contiguous()
+            state = RowState(inputs, stats, per_row_totals(stats), stats.new_empty(0),
+                             stats.new_empty(0))
+            part = row_gradients(per_row, state, config, True, False)[0]
+            grad_rows = part if grad_rows is None else grad_rows + part
+    if grad_rows is None:
+        return share, None
+    ds = others.sub_(torch.where(lse == float("-inf"), 0.0, lse)).exp_()
+    ds.mul_(grad_rows[:, -1:]).scatter_add_(-1, rows.indices.long(),
+                                            grad_rows[:, :-1].to(ds.dtype))
+    return share, ds

@@ -33,7 +33,6 @@ from functools import lru_cache
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gkl_kernels import validation as check
@@ -41,13 +40,14 @@ from gkl_kernels.core.config import SOURCE_TEACHER
 from gkl_kernels.distributed import whole
 from gkl_kernels.fused_linear import (ChunkedLoss, chunk_loop, default_chunk_size,
                                       gradient_buffers, options_from, projected_rows,
-                                      rows_with_gradients, sparse_teacher_rows, with_autograd)
+                                      rows_with_gradients, sparse_teacher_rows)
 from gkl_kernels.options import GKL_ONLY_OPTIONS
 from gkl_kernels.rank1.torch_impl import (block_rows, finite_ref, row_losses_torch, row_sum,
                                           scratch_and_blocks)
 from gkl_kernels.row_ops import RowInputs, statistics
 from gkl_kernels.rows import per_row_totals
-from gkl_kernels.sparse_teacher import SparseTeacher, kept_row_count, sparse_teacher_loss
+from gkl_kernels.sparse_teacher import (SparseTeacher, kept_row_count,
+                                        sparse_share_and_gradient)
 from gkl_kernels.validation import Divergence
 
 
@@ -224,8 +224,8 @@ class FusedLinearDistillationLoss(nn.Module):
     def _sparse_teacher_loss(self, student, teacher, labels, num_items, vocabulary):
         """The loss of the student's head ``(h, W, b)`` (checked, ``(N, H)`` rows) against a
         ``SparseTeacher`` ``(N, k)``: per chunk the transformed logits' hard cross-entropy and
-        the soft rows on the cache's compact rows (``sparse_teacher``), each summed and divided
-        by the normaliser, differentiated by autograd."""
+        the soft rows on the cache's compact rows (``sparse_share_and_gradient``), each summed
+        and divided by the normaliser, the gradient formed by hand as for a dense teacher."""
         options = self.options
         jsd = self.divergence == "jsd"
         device = student[0].device
@@ -234,21 +234,25 @@ class FusedLinearDistillationLoss(nn.Module):
             student, teacher, labels, None, None, vocabulary, options, use_triton, jsd)
         rows = student[0].shape[0]
         normaliser = self._normaliser(num_items, labels, rows, device)
-        shares = (1.0 / normaliser, 1.0 / normaliser)  # the soft rows' sum over the normaliser
+        one = normaliser.new_ones(())
+        shares = (one, one)  # the soft rows' sum (_terms_and_gradient divides it)
         chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type)
-
-        def chunk_terms(chunk, logits):
-            s = self.student_transform.apply(logits)
-            soft = sparse_teacher_loss(s, compact.part(chunk), options, use_triton, shares, jsd)
-            hard = s.new_zeros(()) if labels is None else F.cross_entropy(
-                s, labels[chunk], ignore_index=options.ignore_index, reduction="sum") / normaliser
-            return torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard,
-                                soft, hard])
 
         def loss_and_gradients(wanted):
             grads = gradient_buffers(student, wanted)
-            terms = chunk_loop((student,), (grads,), rows, chunk_size,
-                               with_autograd(chunk_terms, any(g is not None for g in grads)),
+            need_ds = any(g is not None for g in grads)
+
+            def chunk_terms(chunk, logits):
+                def soft_rows(s):
+                    return sparse_share_and_gradient(s, compact.part(chunk), options,
+                                                     use_triton, shares, jsd, need_ds)
+
+                terms, ds = self._terms_and_gradient(
+                    logits, None if labels is None else labels[chunk], normaliser, need_ds,
+                    soft_rows)
+                return terms, (ds,)
+
+            terms = chunk_loop((student,), (grads,), rows, chunk_size, chunk_terms,
                                rows_read=rows_read)
             return tuple(total.clone() for total in sum(terms)), grads
 
@@ -310,25 +314,38 @@ class FusedLinearDistillationLoss(nn.Module):
             return x.float() if scratch is None else scratch.floats(name, rows).copy_(x)
 
         raw = as_float(s, "student")
-        student = self.student_transform.apply(raw)
         teacher = self.teacher_transform.apply(as_float(t, "teacher"))
-        hard_scale = self.weight_hard_loss / normaliser
-        hard, hard_grad = _cross_entropy_sum(
-            student, labels, self.options.ignore_index, need_ds and self.weight_hard_loss != 0,
-            None if scratch is None else scratch.floats("hard", rows))
-        inputs = RowInputs(student, teacher, None, labels)
-        if need_ds:  # the raw logits are not read again: the gradient goes there (compiled: a
-            # new tensor, the graph's inputs are not written)
+
+        def soft_rows(student):
+            inputs = RowInputs(student, teacher, None, labels)
+            if not need_ds:
+                return row_losses_torch(statistics(inputs, config)[0], config).sum(), None
+            # the raw logits are not read again: the gradient goes there (compiled: a new
+            # tensor, the graph's inputs are not written)
             stats, ds, _ = rows_with_gradients(
                 inputs, per_row, config, True, False,
                 out=None if torch.compiler.is_compiling() else raw)
-        else:
-            stats, ds = statistics(inputs, config)[0], None
-        soft = row_losses_torch(stats, config).sum()
+            return row_losses_torch(stats, config).sum(), ds
+
+        return self._terms_and_gradient(raw, labels, normaliser, need_ds, soft_rows,
+                                        None if scratch is None else scratch.floats("hard", rows))
+
+    def _terms_and_gradient(self, raw, labels, normaliser, need_ds, soft_rows, hard_out=None):
+        """``([loss, soft, hard], ds)`` of the student's raw float32 logits ``(B, V)`` (each sum
+        divided by the normaliser) and, when ``need_ds``, the loss's gradient with respect to
+        them (else None), no autograd: the student's transform, the hard cross-entropy and its
+        gradient by hand (in ``hard_out`` where given), ``soft_rows(student) -> (the soft rows'
+        sum, its gradient or None)`` on the transformed logits, then the transform's chain
+        rule."""
+        student = self.student_transform.apply(raw)
+        hard, hard_grad = _cross_entropy_sum(
+            student, labels, self.options.ignore_index, need_ds and self.weight_hard_loss != 0,
+            hard_out)
+        soft, ds = soft_rows(student)
         if ds is not None:
             ds.mul_(self.weight_soft_loss / normaliser)
             if hard_grad is not None:
-                ds.addcmul_(hard_grad, hard_scale)
+                ds.addcmul_(hard_grad, self.weight_hard_loss / normaliser)
             self.student_transform.chain(ds, student)
         soft, hard = soft / normaliser, hard / normaliser
         return torch.stack([self.weight_soft_loss * soft + self.weight_hard_loss * hard, soft,

@@ -192,12 +192,14 @@ def heads(generator, dtype=torch.float32):
     return hidden, weight, bias
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("source", ["teacher", "explicit", "prior"])
 @pytest.mark.parametrize("rest", RESTS)
 @pytest.mark.parametrize("chunk_size", [1, 3, None])
-def test_fused_sparse_is_the_unfused_loss(source, rest, chunk_size, generator):
-    """``fused_linear_gkl_sparse`` against ``gkl_loss`` on the materialised logits with the
-    same cache: the loss and the gradients of hidden states, weight and bias; ignored rows."""
+def test_fused_sparse_is_the_unfused_loss(source, rest, chunk_size, backend, generator):
+    """``fused_linear_gkl_sparse`` (its gradient formed by hand, on either backend's row ops)
+    against ``gkl_loss`` on the materialised logits with the same cache (autograd, plain
+    PyTorch): the loss and the gradients of hidden states, weight and bias; ignored rows."""
     hidden, weight, bias = heads(generator)
     teacher = 3 * torch.randn(TOKENS, CLASSES, generator=generator)
     cached = cache(teacher, TOP, rest=rest)
@@ -210,7 +212,7 @@ def test_fused_sparse_is_the_unfused_loss(source, rest, chunk_size, generator):
         kwargs = dict(class_prior=torch.rand(CLASSES, CLASSES, generator=generator))
     assert_fused_is_unfused(
         lambda h, w, b: gkl_kernels.fused_linear_gkl_sparse(
-            h, w, cached, labels=labels, student_bias=b, chunk_size=chunk_size, backend="torch",
+            h, w, cached, labels=labels, student_bias=b, chunk_size=chunk_size, backend=backend,
             **kwargs, **OPTIONS),
         lambda h, w, b: gkl_loss(F.linear(h, w, b), cached, labels=labels, backend="torch",
                                  **kwargs, **OPTIONS),

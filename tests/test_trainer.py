@@ -215,16 +215,23 @@ def test_a_cached_top_k_teacher(divergence, rest, backend, generator):
 
 
 @pytest.mark.torch_only
-@pytest.mark.parametrize("divergence, compiler", [("gkl", "inductor"), ("jsd", "aot_eager")])
-def test_compiles_with_fullgraph(divergence, compiler, generator):
+@pytest.mark.parametrize("divergence, compiler, teacher_form", [
+    ("gkl", "inductor", "dense"), ("jsd", "aot_eager", "dense"), ("gkl", "aot_eager", "sparse"),
+    ("jsd", "aot_eager", "sparse")])
+def test_compiles_with_fullgraph(divergence, compiler, teacher_form, generator):
     """``torch.compile(fullgraph=True)`` of a function calling the loss, with Dynamo's defaults
-    (its backward then runs through autograd): the eager loss and gradients."""
+    (its backward then runs through autograd), with the teacher's head or a cached top-k
+    ``SparseTeacher`` (no autograd inside the loss for either): the eager loss and gradients."""
     tensors = heads(generator)
     labels = labels_for(generator)
     criterion = FusedLinearDistillationLoss(divergence=divergence, chunk_size=5, backend="torch")
+    teacher = (tensors[3], tensors[4], tensors[5])
+    if teacher_form == "sparse":
+        values, indices = F.linear(*teacher).log_softmax(-1).topk(5, dim=-1)
+        teacher = (SparseTeacher(indices, values, rest="rest"), None, None)
 
     def loss_of(hidden, weight):
-        return criterion(hidden, weight, tensors[3], tensors[4], labels, tensors[2], tensors[5])
+        return criterion(hidden, weight, teacher[0], teacher[1], labels, tensors[2], teacher[2])
 
     results = []
     for fn in (loss_of, torch.compile(loss_of, fullgraph=True, backend=compiler)):
@@ -302,11 +309,13 @@ def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generat
     assert_within_rule(actual, unfused(lambda x: x, torch.float64), plain, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ("torch", "triton"))
 @pytest.mark.parametrize("divergence", ("gkl", "jsd"))
-def test_an_ignored_row_whose_logits_overflow_is_not_read(divergence, generator):
-    """Read as on a GPU (rows not dropped before the products): an ignored token whose hidden
-    state overflows the product (its logits ``inf - inf``, NaN) changes neither the loss nor any
-    gradient: they equal the loss's without that token."""
+def test_an_ignored_row_whose_logits_overflow_is_not_read(divergence, backend, generator):
+    """Read as on a GPU (plain PyTorch: every row projected, the ignored ones left out after;
+    Triton: the kept rows first, the products counted on the device): an ignored token whose
+    hidden state overflows the product (its logits ``inf - inf``, NaN) changes neither the loss
+    nor any gradient: they equal the loss's without that token."""
     from gkl_kernels.testing.launches import reads_as_on_a_gpu
 
     tensors = list(heads(generator))
@@ -314,7 +323,7 @@ def test_an_ignored_row_whose_logits_overflow_is_not_read(divergence, generator)
     tensors[0][5] = 3e38  # label -100
     tensors[1][:2] = torch.tensor([[4.0], [-4.0]]).expand(2, HIDDEN)
     criterion = FusedLinearDistillationLoss(weight_hard_loss=0.3, divergence=divergence,
-                                            backend="torch")
+                                            backend=backend)
     kept = [row for row in range(TOKENS) if row != 5]
 
     def run(rows):
