@@ -419,8 +419,10 @@ def projected_rows(labels, ignore_index, counted, *row_tensors):
     given rows through the selection. On CPU the rows read alone (their count is free there;
     ``rows_read`` None); elsewhere, for the Triton kernels (``counted``, not while compiling),
     the rows read first, in order (a stable sort on the device), ``rows_read`` their count, a
-    0-dim device tensor for ``chunk_loop``'s counted products (no synchronisation); else, or
-    without labels, as given (``rows_read`` None: every row projected)."""
+    0-dim device tensor for ``chunk_loop``'s counted products (no synchronisation); else every
+    row projected (``rows_read`` None), the others zeroed, so that nothing of theirs (a NaN
+    hidden state of a padding token) meets their zero gradient in a product. Without labels:
+    as given."""
     if labels is None:
         return (None, labels, *row_tensors)
     kept = labels != ignore_index
@@ -433,7 +435,9 @@ def projected_rows(labels, ignore_index, counted, *row_tensors):
         index = torch.argsort(kept.logical_not().to(torch.uint8), stable=True)
         rows_read = kept.sum()
     else:
-        return (None, labels, *row_tensors)
+        return (None, labels, *(None if x is None else
+                                torch.where(kept.reshape(-1, *(1,) * (x.dim() - 1)), x, 0)
+                                for x in row_tensors))
     return (rows_read, *(None if x is None else x.index_select(0, index)
                          for x in (labels, *row_tensors)))
 

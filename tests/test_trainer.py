@@ -310,20 +310,23 @@ def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generat
 
 
 @pytest.mark.parametrize("backend", ("torch", "triton"))
+@pytest.mark.parametrize("hidden_value", (3e38, float("nan")))
 @pytest.mark.parametrize("divergence", ("gkl", "jsd"))
-def test_an_ignored_row_whose_logits_overflow_is_not_read(divergence, backend, generator):
-    """Read as on a GPU (plain PyTorch: every row projected, the ignored ones left out after;
+def test_an_ignored_row_whose_logits_overflow_is_not_read(divergence, hidden_value, backend,
+                                                          generator):
+    """Read as on a GPU (plain PyTorch: every row projected, the ignored ones zeroed first;
     Triton: the kept rows first, the products counted on the device): an ignored token whose
-    hidden state overflows the product (its logits ``inf - inf``, NaN) changes neither the loss
-    nor any gradient: they equal the loss's without that token."""
+    hidden state overflows the product (its logits ``inf - inf``, NaN) or is NaN (a padding
+    token's) changes neither the loss nor any gradient, softcapped too: they equal the loss's
+    without that token."""
     from gkl_kernels.testing.launches import reads_as_on_a_gpu
 
     tensors = list(heads(generator))
     labels = labels_for(generator)
-    tensors[0][5] = 3e38  # label -100
+    tensors[0][5] = hidden_value  # label -100
     tensors[1][:2] = torch.tensor([[4.0], [-4.0]]).expand(2, HIDDEN)
     criterion = FusedLinearDistillationLoss(weight_hard_loss=0.3, divergence=divergence,
-                                            backend=backend)
+                                            final_logit_softcapping=30.0, backend=backend)
     kept = [row for row in range(TOKENS) if row != 5]
 
     def run(rows):
