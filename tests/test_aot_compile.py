@@ -161,11 +161,14 @@ def test_tf32_dots_run_on_the_matrix_units(report_rows, arch):
 def test_counted_products_run_on_the_matrix_units(report_rows, arch):
     """The fused losses' products: half-precision and tf32 operands on the matrix units
     (warpgroup ``HGMMA`` on sm_90a, ``HMMA`` on sm_80), full float32 (``ieee``, torch's default)
-    on the FMA units; every use of the kernel in every head dtype compiled."""
+    on the FMA units; every use of the kernel compiled for float32 and bfloat16 heads, float16's
+    and tf32's logits (``tools.compile_report.matmul_cases``)."""
     rows = select(report_rows, arch, family="matmul")
-    assert {(row["student"], row["flags"]) for row in rows} >= {
-        (dtype, product) for dtype in ("float32", "bfloat16", "float16")
-        for product in ("logits", "dh", "dW")}
+    assert {(row["student"], row["dot_precision"], row["flags"]) for row in rows} >= {
+        *((dtype, precision, product) for dtype, precision in (("float32", "ieee"),
+                                                               ("bfloat16", None))
+          for product in ("logits", "dh", "dW")),
+        ("float32", "tf32", "logits"), ("float32", "tf32", "dW"), ("float16", None, "logits")}
     unit = "HGMMA" if arch == "sm_90a" else "HMMA"
     wrong = [f"{label(row)}: {row['mma'] or 'no matrix-unit instructions'}" for row in rows
              if (unit in row["mma"]) != (row["dot_precision"] != "ieee")]

@@ -192,10 +192,10 @@ def heads(generator, dtype=torch.float32):
     return hidden, weight, bias
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("source", ["teacher", "explicit", "prior"])
 @pytest.mark.parametrize("rest", RESTS)
-@pytest.mark.parametrize("chunk_size", [1, 3, None])
+@pytest.mark.parametrize("chunk_size, backend", [(1, "torch"), (3, "torch"), (None, "torch"),
+                                                 (3, "triton")])
 def test_fused_sparse_is_the_unfused_loss(source, rest, chunk_size, backend, generator):
     """``fused_linear_gkl_sparse`` (its gradient formed by hand, on either backend's row ops)
     against ``gkl_loss`` on the materialised logits with the same cache (autograd, plain

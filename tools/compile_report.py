@@ -323,14 +323,19 @@ MATMUL_OPERANDS = ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bflo
 
 
 def matmul_cases():
-    """The counted products' launch cases, at ``MATMUL_SHAPE``: for each head dtype (float32
-    with either precision torch may ask for) the logits with a bias (float32 out), ``dh`` and
-    ``dW``; the bfloat16 logits written in bfloat16 without a bias (the trainer's)."""
+    """The counted products' launch cases, at ``MATMUL_SHAPE``: the logits with a bias (float32
+    out), ``dh`` and ``dW`` of float32 heads with full float32 products and of bfloat16 heads;
+    the logits and ``dW`` of float32 heads with tf32 products (``dh`` is the logits' code with
+    another operand: rows counted, no bias); float16's logits; bfloat16's logits written in
+    bfloat16 without a bias (the trainer's)."""
     rows, vocabulary, _ = MATMUL_SHAPE
     case = functools.partial(LaunchCase, "matmul", batch=rows, num_classes=vocabulary)
+    products = {"ieee": ("logits", "dh", "dW"), "tf32": ("logits", "dW")}
     cases = [case("forward" if product == "logits" else "backward", dtype, dtype,
                   dot_precision=precision, product=product)
-             for dtype, precision in MATMUL_OPERANDS for product in ("logits", "dh", "dW")]
+             for dtype, precision in MATMUL_OPERANDS
+             for product in products.get(precision, ("logits", "dh", "dW")
+                                         if dtype == torch.bfloat16 else ("logits",))]
     cases.append(case("forward", torch.bfloat16, torch.bfloat16, product="logits_in_dtype"))
     return cases
 
