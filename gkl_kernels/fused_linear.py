@@ -226,8 +226,8 @@ class ChunkedLoss(torch.autograd.Function):
     """The one autograd function of the fused losses. Forward: ``loss_and_gradients(wanted) ->
     (terms, grads)``, the loss (and further terms, not differentiable) with the gradients of the
     ``tensors`` that want them (``gradient_buffers``; None for the others), formed chunk by
-    chunk. Backward:
-    those gradients times the incoming gradient of the loss, in the tensors' dtypes."""
+    chunk. Backward: those gradients times the incoming gradient of the loss, in the tensors'
+    dtypes."""
 
     @staticmethod
     def forward(ctx, loss_and_gradients, *tensors):

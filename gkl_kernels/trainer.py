@@ -206,17 +206,28 @@ class FusedLinearDistillationLoss(nn.Module):
             student_hidden.dtype != torch.float32)
         per_row = per_row_totals(normaliser)  # the soft rows' sum
 
-        def loss_and_gradients(wanted):
-            grads = gradient_buffers(student, wanted)
-            need_ds = any(g is not None for g in grads)
-
+        def chunk_function(need_ds):
             def chunk_terms(chunk, s, t):
                 return self._chunk_terms(s, t, None if labels is None else labels[chunk],
                                          normaliser, config, per_row, need_ds)
+            return chunk_terms
 
-            totals = sum(chunk_loop((student, teacher), (grads,), rows, chunk_size, chunk_terms,
-                                    reuse_blocks=True, upcast=False, rows_read=rows_read))
-            return tuple(total.clone() for total in totals), grads
+        return self._chunked((student, teacher), rows, chunk_size, chunk_function, rows_read,
+                             reuse_blocks=True, upcast=False)
+
+    def _chunked(self, heads, rows, chunk_size, chunk_function, rows_read, **loop_options):
+        """The loss (``return_components``: ``(loss, soft, hard)``) of the student's head
+        ``heads[0]`` through ``ChunkedLoss``: ``chunk_loop`` over ``heads`` with
+        ``chunk_function(need_ds)``'s per-chunk terms ``[loss, soft, hard]`` and student logit
+        gradient, summed."""
+        student = heads[0]
+
+        def loss_and_gradients(wanted):
+            grads = gradient_buffers(student, wanted)
+            terms = chunk_loop(heads, (grads,), rows, chunk_size,
+                               chunk_function(any(g is not None for g in grads)),
+                               rows_read=rows_read, **loop_options)
+            return tuple(total.clone() for total in sum(terms)), grads
 
         loss, soft, hard = ChunkedLoss.apply(loss_and_gradients, *student)
         return (loss, soft, hard) if self.return_components else loss
@@ -238,10 +249,7 @@ class FusedLinearDistillationLoss(nn.Module):
         shares = (one, one)  # the soft rows' sum (_terms_and_gradient divides it)
         chunk_size = self.chunk_size or default_chunk_size(vocabulary, device.type)
 
-        def loss_and_gradients(wanted):
-            grads = gradient_buffers(student, wanted)
-            need_ds = any(g is not None for g in grads)
-
+        def chunk_function(need_ds):
             def chunk_terms(chunk, logits):
                 def soft_rows(s):
                     return sparse_share_and_gradient(s, compact.part(chunk), options,
@@ -251,13 +259,9 @@ class FusedLinearDistillationLoss(nn.Module):
                     logits, None if labels is None else labels[chunk], normaliser, need_ds,
                     soft_rows)
                 return terms, (ds,)
+            return chunk_terms
 
-            terms = chunk_loop((student,), (grads,), rows, chunk_size, chunk_terms,
-                               rows_read=rows_read)
-            return tuple(total.clone() for total in sum(terms)), grads
-
-        loss, soft, hard = ChunkedLoss.apply(loss_and_gradients, *student)
-        return (loss, soft, hard) if self.return_components else loss
+        return self._chunked((student,), rows, chunk_size, chunk_function, rows_read)
 
     def _normaliser(self, num_items, labels, rows, device):
         """The token count the sums are divided by: ``num_items_in_batch`` or the local one."""

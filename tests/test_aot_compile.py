@@ -22,10 +22,10 @@ from gkl_kernels.pairs.shared_kernels import pick_shared_blocks
 from gkl_kernels.rank1.kernels import MAX_BLOCK_C, MAX_BLOCK_C_FLOAT64
 from gkl_kernels.validation import DOT_PRECISIONS
 
-# Asserted with the newest triton only: with triton 3.2 every configuration compiles, but four
+# Asserted with the newest triton only: with triton 3.2 every configuration compiles, but five
 # spill 4 to 8 bytes (fp16 rank-one backward at C=2049 and per-row backward at C=1024 on sm_80,
-# shared backward tf32x3 16x32x32 on sm_80 and ieee 16x16x16 on sm_90a), where the newest triton
-# spills nothing.
+# shared backward tf32x3 16x32x32 on sm_80 and ieee 16x16x16 on sm_90a, the counted products'
+# float32 ieee logits 64x64x32 on sm_90a), where the newest triton spills nothing.
 pytestmark = pytest.mark.newest_triton
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -77,16 +77,16 @@ def counted_matmul_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)
         acc = tl.where(live_m[:, None], acc + bias[None, :], 0.0)
+    c_ptrs = c_ptr + offs_m[:, None] * c_stride_m + offs_n[None, :] * c_stride_n
+    c_rows = M
+    if ACCUMULATE:  # an unread chunk leaves C as it is: no row loaded or stored
+        c_rows = M * tl.minimum(depth, 1)
+    c_mask = (offs_m < c_rows)[:, None] & in_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
     if INTERPRETED:
         acc = rounded_for(acc, c_ptr.dtype.element_ty)
-    c_ptrs = c_ptr + offs_m[:, None] * c_stride_m + offs_n[None, :] * c_stride_n
-    c_mask = (offs_m < M)[:, None] & in_n[None, :]
-    if ACCUMULATE:
-        if depth > 0:  # an unread chunk leaves C as it is
-            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
