@@ -309,6 +309,86 @@ def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generat
     assert_within_rule(actual, unfused(lambda x: x, torch.float64), plain, torch.float32)
 
 
+@pytest.mark.parametrize("mask", (-1e9, torch.finfo(torch.float32).min, -math.inf),
+                         ids=("1e9", "finfo_min", "inf"))
+@pytest.mark.parametrize("divergence", ("gkl", "jsd"))
+def test_counted_products_within_four_times_plain_float32(divergence, mask, generator):
+    """Read as on a GPU with the Triton kernels (the kept rows first, every product counted on
+    the device by ``counted_matmul``; chunks of 8 over 19 rows, 5 ignored: the last chunk is
+    not read at all): hostile rows (a vocabulary masked through the bias at -1e9,
+    ``finfo(float32).min`` or ``-inf``, column 0 and a tile boundary included; one row offset by
+    1e4 on the student's side, one by 1e4 on opposite sides, a peaked teacher row): loss and the
+    gradients of the student's hidden states and weight within ``max(4 x plain float32, 1e-5)``
+    of the float64 reference, the masked classes' weight rows exactly 0. The float64 reference
+    drops the masked columns (they carry no probability); the plain float32 baselines, naive and
+    row-max-shifted, evaluate them as given, and where they are ``-inf`` drop them too (a
+    literal GKL is NaN there). Products are exact (multiples of 1/32)."""
+    from gkl_kernels.testing.launches import reads_as_on_a_gpu
+    from gkl_kernels.testing.traffic import TritonTrafficCounter
+    from reference import gkl_loss_reference, jsd_rows_reference
+    from tests.adversarial_cases import assert_within_rule, row_max_shifted
+
+    rows, hidden, vocabulary = 19, 8, 200
+
+    def exact_products(*shape):
+        return (32 * torch.randn(*shape, generator=generator)).round().clamp(-128, 128) / 32
+
+    h, w, ht, wt = (exact_products(*shape) for shape in ((rows, hidden), (vocabulary, hidden),
+                                                         (rows, hidden), (vocabulary, hidden)))
+    w[:, -1] = wt[:, -1] = 1.0  # a hidden unit every class weighs 1: a row offset
+    h[1, -1] = 1e4
+    h[3, -1], ht[3, -1] = 1e4, -1e4
+    ht[9] *= 8.0
+    masked = [0, 1, 63, 64] + list(range(vocabulary - 40, vocabulary))
+    kept_columns = [c for c in range(vocabulary) if c not in set(masked)]
+    bias = torch.zeros(vocabulary)
+    bias[masked] = mask
+    labels = torch.tensor(kept_columns)[torch.randint(len(kept_columns), (rows,),
+                                                      generator=generator)]
+    labels[[0, 2, 12, 13, 17]] = -100
+    kept = labels != -100
+    options = dict(beta=0.5) if divergence == "jsd" else {}
+    criterion = FusedLinearDistillationLoss(weight_hard_loss=0.4, weight_soft_loss=0.6,
+                                            divergence=divergence, chunk_size=8,
+                                            backend="triton", **options)
+
+    def soft_sum(s, t):
+        if divergence == "jsd":
+            return jsd_rows_reference(s[kept], t[kept]).sum()
+        return gkl_loss_reference(s[kept], t[kept], pairwise=False) * kept.sum()
+
+    def unfused(shift, dtype, columns):
+        """The loss of the classes ``columns`` alone; the weight's gradient scattered back."""
+        leaves = [x.to(dtype).requires_grad_() for x in (h, w[columns])]
+
+        def logits(hs, ws, b):
+            return shift(F.linear(hs, ws, b.to(dtype)))
+
+        s = logits(leaves[0], leaves[1], bias[columns])
+        t = logits(ht.to(dtype), wt[columns].to(dtype), bias[columns])
+        position = torch.full((vocabulary,), -100)
+        position[columns] = torch.arange(len(columns))
+        hard = F.cross_entropy(s, torch.where(kept, position[labels.clamp(min=0)], -100),
+                               reduction="sum")
+        loss = (0.6 * soft_sum(s, t) + 0.4 * hard) / kept.sum()
+        grad_hidden, grad_columns = torch.autograd.grad(loss, leaves)
+        grad_weight = torch.zeros(vocabulary, hidden, dtype=dtype)
+        grad_weight[columns] = grad_columns
+        return loss.detach(), grad_hidden, grad_weight
+
+    all_columns = list(range(vocabulary))
+    leaves = [x.clone().requires_grad_() for x in (h, w)]
+    with reads_as_on_a_gpu(), TritonTrafficCounter() as traffic:
+        loss = criterion(leaves[0], leaves[1], ht, wt, labels, bias, bias)
+        actual = (loss.detach(), *torch.autograd.grad(loss, leaves))
+    assert "counted_matmul_kernel" in traffic.per_kernel
+    assert torch.equal(actual[2][masked], torch.zeros(len(masked), hidden))
+    literal = kept_columns if mask == -math.inf and divergence == "gkl" else all_columns
+    plain = [unfused(shift, torch.float32, literal) for shift in (lambda x: x, row_max_shifted)]
+    assert_within_rule(actual, unfused(lambda x: x, torch.float64, kept_columns), plain,
+                       torch.float32)
+
+
 @pytest.mark.parametrize("backend", ("torch", "triton"))
 @pytest.mark.parametrize("hidden_value", (3e38, float("nan")))
 @pytest.mark.parametrize("divergence", ("gkl", "jsd"))
