@@ -42,14 +42,23 @@ DEVICE_MESSAGE_LIMIT = 250  # torch's CUDA _assert_async refuses messages of 255
 INTERPRETER_VARIABLE = "TRITON_INTERPRET"
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(function):
+    """``torch.compiler.assume_constant_result`` (Dynamo calls ``function`` while it traces and
+    keeps the result as a constant) without importing Dynamo with this package (that import is
+    most of a second): the mark that decorator sets, which Dynamo reads once a compile imported
+    it. ``tests/test_validation.py`` checks that it is the same mark."""
+    function._dynamo_marked_constant = True
+    return function
+
+
+@constant_under_compile
 def triton_installed():
     """Whether triton can be imported here (it ships for Linux; the plain-PyTorch path needs
     none)."""
     return importlib.util.find_spec("triton") is not None
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def triton_interpreter_active():
     """Whether ``TRITON_INTERPRET`` asks Triton for its CPU interpreter, as Triton reads it now
     (``triton.knobs.runtime.interpret``: "1", "true", "on", "yes"; before triton 3.4, which has no
@@ -62,7 +71,7 @@ def triton_interpreter_active():
     return bool(knobs.runtime.interpret)
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def triton_functions_interpreted():
     """Whether Triton's ``@triton.jit`` made interpreter functions when triton was imported.
 

@@ -1214,12 +1214,12 @@ if sys.argv[1] == "triton":
     import triton
 else:
     import gkl_kernels
+outcome = {"triton imported": "triton" in sys.modules}
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
 import gkl_kernels
 student, teacher = torch.randn(4, 10), torch.randn(4, 10)
 labels, prior = torch.tensor([0, 3, 9, 2]), torch.full((10, 10), 0.1)
-outcome = {}
 for backend in ("triton", "auto", "torch"):
     try:
         loss = gkl_kernels.gkl_loss(student, teacher, labels=labels, class_prior=prior,
@@ -1233,18 +1233,48 @@ print(json.dumps(outcome))
 
 @pytest.mark.parametrize("first", ["triton", "gkl_kernels"])
 def test_interpreter_set_after_triton_import_in_a_fresh_process(first):
-    """The real thing: TRITON_INTERPRET=1 set after ``import triton`` (or ``import gkl_kernels``),
-    then a CPU call; without the check it ends in "0 active drivers" or "Cannot call
-    @triton.jit'd outside of the scope of a kernel"."""
+    """The real thing: TRITON_INTERPRET=1 set after ``import triton``, then a CPU call; without
+    the check it ends in "0 active drivers" or "Cannot call @triton.jit'd outside of the scope of
+    a kernel". ``import gkl_kernels`` imports no triton (nor Dynamo, which would): the variable
+    set after it takes effect, and the Triton path runs in the interpreter."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", LATE_INTERPRETER_SCRIPT, first], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome.pop("triton imported") == (first == "triton")
+    if first == "gkl_kernels":
+        assert outcome == {"triton": "finite", "auto": "finite", "torch": "finite"}
+        return
     for backend in ("triton", "auto"):
         assert outcome[backend].startswith(f"ValueError: backend={backend!r}"), outcome[backend]
         assert "TRITON_INTERPRET must be set before triton is imported" in outcome[backend]
     assert outcome["torch"] == "finite"
+
+
+def test_importing_the_package_leaves_dynamo_unimported():
+    """``import gkl_kernels`` does not import Dynamo (most of a second of every import, and of
+    every process a trainer spawns): the checks that compile as constants carry the mark of
+    ``torch.compiler.assume_constant_result`` (which imports Dynamo) without it, and that mark
+    is the one the decorator sets."""
+    script = "import sys, gkl_kernels; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+    def marked(decorate):
+        def function():
+            return 1
+        before = dict(vars(function))
+        decorate(function)
+        return {key: value for key, value in vars(function).items() if before.get(key) != value}
+
+    mark = marked(torch.compiler.assume_constant_result)
+    assert marked(validation.constant_under_compile) == mark != {}
+    for function in (validation.triton_installed, validation.triton_interpreter_active,
+                     validation.triton_functions_interpreted):
+        assert all(getattr(function, key) == value for key, value in mark.items())
 
 
 # --------------------------------------------------------------------------- meta tensors
