@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from gkl_kernels import compat
 from tests.conftest import assert_close_rel, relative_error
 
+pytestmark = pytest.mark.entry_point  # the kernels through an entry point: CI runs it once
+
 ROWS, CLASSES = 6, 5
 RTOL = 2e-5
 REQUIRED = inspect.Parameter.empty

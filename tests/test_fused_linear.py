@@ -18,6 +18,8 @@ from gkl_kernels.testing.traffic import TritonTrafficCounter
 from reference import gkl_loss_reference
 from tests.conftest import PAPER_SETTINGS, assert_close_rel
 
+pytestmark = pytest.mark.entry_point  # the kernels through an entry point: CI runs it once
+
 ROWS, VOCABULARY, HIDDEN, TEACHER_HIDDEN = 23, 61, 12, 17
 SOURCES = ("teacher", "teacher_gamma", "prior", "explicit")
 torch_only = pytest.mark.torch_only

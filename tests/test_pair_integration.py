@@ -16,6 +16,8 @@ from gkl_kernels.testing.dispatch import DispatchCounter
 from gkl_kernels.testing.traffic import TritonTrafficCounter
 from tests.conftest import assert_close_rel, loss_and_grads, oracle
 
+pytestmark = pytest.mark.entry_point  # the kernels through an entry point: CI runs it once
+
 KINDS = ("shared", "per_row")
 
 

@@ -15,6 +15,8 @@ from gkl_kernels import SparseTeacher, gkl_loss
 from reference import jsd_loss_reference
 from tests.conftest import BACKENDS, assert_close_rel
 
+pytestmark = pytest.mark.entry_point  # the kernels through an entry point: CI runs it once
+
 ROWS, CLASSES, TOP = 6, 13, 4
 OPTIONS = dict(temperature=3.0, weight_temperature=1.5, gamma=0.7, mse_weight=2.0,
                ce_weight=0.5)

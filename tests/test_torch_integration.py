@@ -14,6 +14,8 @@ from gkl_kernels.row_ops import RowInputs, loss_and_statistics, rank1_row_stats
 from reference import gkl_loss_reference
 from tests.conftest import assert_close_rel, loss_and_grads
 
+pytestmark = pytest.mark.entry_point  # the kernels through an entry point: CI runs it once
+
 
 # --------------------------------------------------------------------------- (a) opcheck
 

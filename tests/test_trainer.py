@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from gkl_kernels import FusedLinearDistillationLoss, SparseTeacher, gkl_loss, jsd_loss
 
+pytestmark = pytest.mark.entry_point  # the kernels through an entry point: CI runs it once
+
 TOKENS, HIDDEN, VOCABULARY = 12, 8, 17
 SOFT_OPTIONS = dict(gamma=0.6, weight_temperature=2.0, mse_weight=1.5, ce_weight=0.7)
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from gkl_kernels import ClassPrior, compat
 from tests.conftest import assert_close_rel, relative_error
 
+pytestmark = pytest.mark.entry_point  # the kernels through an entry point: CI runs it once
+
 CLASSES, ROWS, STEPS = 7, 12, 4
 # GKL_KD's settings on CIFAR-100 (temperature, alpha, beta, gamma, T2), warm-up 5 epochs
 TEMPERATURE, ALPHA, BETA, GAMMA, T2, WARMUP, CE_WEIGHT = 4.0, 1.0, 16.0, 0.05, 4.0, 5, 1.0

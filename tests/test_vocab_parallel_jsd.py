@@ -17,6 +17,8 @@ from tests.conftest import BACKENDS
 from tests.spawned import run_and_load
 from tests.test_jsd import HOSTILE, assert_within_the_rule, hostile_case
 
+pytestmark = pytest.mark.entry_point  # the kernels through an entry point: CI runs it once
+
 WIDTHS = (14, 19)  # the two shards of C = 33
 BETAS = (0.0, 0.5, 1.0)
 EVERY_BETA = ("random-T2", "mask-inf", "mask-min", "offset-1e6-opposite")  # others: the mixture
