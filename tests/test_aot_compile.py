@@ -21,6 +21,7 @@ from gkl_kernels.pairs.per_row_kernels import pick_per_row_blocks
 from gkl_kernels.pairs.shared_kernels import pick_shared_blocks
 from gkl_kernels.rank1.kernels import MAX_BLOCK_C, MAX_BLOCK_C_FLOAT64
 from gkl_kernels.validation import DOT_PRECISIONS
+from tools.compile_report import local_memory
 
 # Asserted with the newest triton only: with triton 3.2 every configuration compiles, but five
 # spill 4 to 8 bytes (fp16 rank-one backward at C=2049 and per-row backward at C=1024 on sm_80,
@@ -43,6 +44,7 @@ KERNELS = {  # family: (forward, backward)
 PAIR_CLASSES = range(2, 1025)  # class counts and batches whose pair-weight tiles must be covered
 PAIR_BATCHES = range(1, 257)
 MATRIX_UNIT_PRECISIONS = {"tf32", "tf32x3"}  # tl.dot on the tensor cores; "ieee" is fp32 FMA
+DISASSEMBLED = ("shared", "matmul")  # SASS read (matrix units asserted); the rest: ptxas alone
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,8 @@ def report_rows(tmp_path_factory):
     """Rows of the compile report for both architectures; prints the report (``pytest -s``)."""
     rows_file = tmp_path_factory.mktemp("compile_report") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "tools.compile_report", "--json", str(rows_file)]
+    command = [sys.executable, "-m", "tools.compile_report", "--sass", *DISASSEMBLED, "--json",
+               str(rows_file)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=1800)
     print(result.stdout, result.stderr, sep="\n")
@@ -73,17 +76,31 @@ def label(row):
 
 
 def failures(row, shared_limit):
-    """What is wrong with one configuration: compile error, spills (or any local memory in the
-    SASS), shared memory."""
+    """What is wrong with one configuration: compile error, spills or any local memory
+    (``tools.compile_report.local_memory``), shared memory."""
     if row["error"]:
         return [row["error"]]
     found = []
-    if row["spill_stores"] or row["spill_loads"] or row["local_accesses"]:
+    if row["spill_stores"] or row["spill_loads"] or local_memory(row):
         found.append(f"spills {row['spill_stores']} B stored, {row['spill_loads']} B loaded, "
-                     f"{row['local_accesses']} local memory instructions")
+                     f"{row['stack_frame']} B stack frame, {row.get('local_accesses', '-')} "
+                     f"local memory instructions")
     if row["shared"] > shared_limit:
         found.append(f"{row['shared']} B shared memory, limit {shared_limit} B")
     return found
+
+
+@pytest.mark.parametrize("arch", sorted(SHARED_MEMORY_LIMITS))
+def test_the_sass_is_read_where_asserted_and_ptxas_sees_its_local_memory(report_rows, arch):
+    """The SASS is read for the families whose matrix units are asserted below, not for the
+    others (``nvdisasm`` is a third of the sweep); there ptxas's stack frame stands for local
+    memory, an upper bound where both are known: a row with local-memory instructions in its
+    SASS has a stack frame."""
+    rows = [row for row in select(report_rows, arch) if not row["error"]]
+    assert {row["family"] for row in rows if "sass_instructions" in row} == set(DISASSEMBLED)
+    for row in rows:
+        if row.get("local_accesses"):
+            assert row["stack_frame"] > 0, label(row)
 
 
 @pytest.mark.parametrize("family", KERNELS)

@@ -22,7 +22,12 @@ cache, keyed by the kernel's hash and the measuring code.
 Run from the repository root::
 
     python -m tools.compile_report [--arch 80 90] [--family rank1 shared per_row jsd matmul]
-                                   [--workers 2] [--quick] [--json rows.json]
+                                   [--sass FAMILY ...] [--workers 2] [--quick] [--json rows.json]
+
+``--sass`` names the families whose SASS is read (default: all); ``nvdisasm`` is about a third
+of a configuration's time. The other families' rows have no SASS columns, and their check takes
+ptxas's stack frame for local memory (local-memory instructions need one; a frame may go
+unused).
 
 It prints one row per configuration and exits with status 1 when a configuration fails to
 compile, spills registers (spill bytes from ptxas, or local-memory instructions in Triton's
@@ -143,6 +148,7 @@ class CompileJob:
     options: tuple  # (name, value): the launcher's options, num_stages as the JIT defaults it
     tile: tuple  # (name, value) of the BLOCK_* arguments, in the kernel's order
     arch: Arch
+    disassemble: bool = True  # read the SASS (nvdisasm); else ptxas's figures alone
 
 
 class LaunchRecorder:
@@ -543,8 +549,8 @@ def specialise(value):
     return "fp32", False, False
 
 
-def compile_job(case, arch):
-    """The compile job of one launch case on one architecture."""
+def compile_job(case, arch, disassemble=True):
+    """The compile job of one launch case on one architecture; ``disassemble``: read its SASS."""
     kernel, arguments, launch_options = record_launch(case)
     arg_types, constants, aligned = [], [], []
     for index, (param, value) in enumerate(zip(kernel.params, arguments.values())):
@@ -565,7 +571,7 @@ def compile_job(case, arch):
         options["debug"] = True
     tile = tuple((name, value) for name, value in arguments.items() if name.startswith("BLOCK_"))
     return CompileJob(case, kernel.__name__, tuple(arg_types), tuple(constants), tuple(aligned),
-                      tuple(sorted(options.items())), tile, arch)
+                      tuple(sorted(options.items())), tile, arch, disassemble)
 
 
 def ast_source(job):
@@ -611,17 +617,19 @@ def triton_allocation_options():
 
 
 def ptxas_usage(ptx, arch, workdir):
-    """Registers and spill bytes reported by ``ptxas -v`` for the PTX, with Triton's allocation
-    options."""
+    """Registers, stack frame and spill bytes reported by ``ptxas -v`` for the PTX, with Triton's
+    allocation options."""
     ptx_file = Path(workdir, "kernel.ptx")
     ptx_file.write_text(ptx)
     log = subprocess.run([ptxas_path(arch), "-v", *triton_allocation_options(),
                           f"--gpu-name={arch.gpu_name}", str(ptx_file),
                           "-o", str(Path(workdir, "reassembled.cubin"))],
                          capture_output=True, text=True, check=True).stderr
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
+                      r"loads", log)
     return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2))}
+            "stack_frame": int(frame.group(1)), "spill_stores": int(frame.group(2)),
+            "spill_loads": int(frame.group(3))}
 
 
 def global_load_bits(opcode):
@@ -672,17 +680,19 @@ def measuring_code_hash():
     return hashlib.sha256(source.encode()).hexdigest()
 
 
-def measurements(compiled, arch):
-    """``ptxas_usage`` and ``sass_summary`` of a compiled kernel, cached in Triton's cache under
-    the kernel's hash and ``measuring_code_hash``."""
-    key = hashlib.sha256(f"{compiled.hash}-{measuring_code_hash()}".encode()).hexdigest()
+def measurements(compiled, arch, disassemble):
+    """``ptxas_usage`` and, when ``disassemble``, ``sass_summary`` of a compiled kernel, cached in
+    Triton's cache under the kernel's hash and ``measuring_code_hash``."""
+    key = hashlib.sha256(f"{compiled.hash}-{disassemble}-{measuring_code_hash()}".encode())
+    key = key.hexdigest()
     cache = get_cache_manager(key)
     cached = cache.get_file(MEASUREMENTS_FILE)
     if cached:
         return json.loads(Path(cached).read_text())
     with tempfile.TemporaryDirectory() as workdir:
-        found = {**ptxas_usage(compiled.asm["ptx"], arch, workdir),
-                 **sass_summary(compiled.asm["cubin"], arch, workdir)}
+        found = ptxas_usage(compiled.asm["ptx"], arch, workdir)
+        if disassemble:
+            found.update(sass_summary(compiled.asm["cubin"], arch, workdir))
     cache.put(json.dumps(found), MEASUREMENTS_FILE, binary=False)
     return found
 
@@ -714,11 +724,19 @@ def run_job(job):
         compiled = triton.compile(ast_source(job),
                                   target=GPUTarget("cuda", job.arch.capability, 32),
                                   options=dict(job.options))
-        row.update(measurements(compiled, job.arch), shared=compiled.metadata.shared,
+        row.update(measurements(compiled, job.arch, job.disassemble),
+                   shared=compiled.metadata.shared,
                    shared_limit=job.arch.shared_limit, error=None)
     except Exception as error:  # one failing configuration must not hide the others
         row["error"] = f"{type(error).__name__}: {error}".strip()[:2000]
     return row
+
+
+def local_memory(row):
+    """Local memory of a compiled row: its SASS's local-memory instructions where the SASS was
+    read, else ptxas's stack frame in bytes (an upper bound: local memory needs a frame, but a
+    frame may go unused)."""
+    return row["local_accesses"] if "local_accesses" in row else row["stack_frame"]
 
 
 def problems(row):
@@ -726,8 +744,8 @@ def problems(row):
     if row["error"]:
         return ["compile error"]
     found = []
-    if row["spill_stores"] or row["spill_loads"] or row["local_accesses"]:
-        found.append("spills")  # local memory in Triton's own SASS counts too
+    if row["spill_stores"] or row["spill_loads"] or local_memory(row):
+        found.append("spills")
     if row["shared"] > row["shared_limit"]:
         found.append("shared memory over the limit")
     return found
@@ -741,13 +759,15 @@ def check_compiled_triton():
 
 
 def compile_report(capabilities=tuple(ARCHS), workers=2, families=tuple(FAMILIES), quick=False,
-                   progress=lambda done, total: None):
+                   progress=lambda done, total: None, disassembled=tuple(FAMILIES)):
     """Compile every case of ``sweep_cases(families, quick)`` for each architecture in
-    ``capabilities`` on ``workers`` forked processes; returns the rows (dicts), in sweep order.
-    ``progress(rows done, rows in all)`` before the first compile and after each row."""
+    ``capabilities`` on ``workers`` forked processes, reading the SASS of the ``disassembled``
+    families; returns the rows (dicts), in sweep order. ``progress(rows done, rows in all)``
+    before the first compile and after each row."""
     check_compiled_triton()
     cases = sweep_cases(families, quick)
-    jobs = [compile_job(case, ARCHS[capability]) for capability in capabilities for case in cases]
+    jobs = [compile_job(case, ARCHS[capability], case.family in disassembled)
+            for capability in capabilities for case in cases]
     progress(0, len(jobs))
     rows = []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -773,7 +793,7 @@ def print_progress(start):
 COLUMNS = {"kernel": "kernel", "arch": "arch", "student": "student", "teacher": "teacher",
            "weights": "weights", "flags": "flags", "dot_precision": "dot", "B": "B", "C": "C",
            "tile": "tile", "num_warps": "warps", "num_stages": "stages", "registers": "regs",
-           "spill_stores": "spill_st", "spill_loads": "spill_ld", "shared": "smem",
+           "stack_frame": "stack", "spill_stores": "spill_st", "spill_loads": "spill_ld", "shared": "smem",
            "sass_instructions": "sass", "local_accesses": "lmem_ops", "ldg_bits": "ldg_bits",
            "vectorised": "vec", "mma": "mma"}  # row key: header
 
@@ -828,6 +848,8 @@ def parse_args():
                         default=sorted(ARCHS), help="compute capabilities (default: 80 90)")
     parser.add_argument("--family", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
                         help="kernel families (default: all)")
+    parser.add_argument("--sass", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+                        help="families whose SASS is read with nvdisasm (default: all)")
     parser.add_argument("--workers", type=int, default=2, help="compile processes (default: 2)")
     parser.add_argument("--quick", action="store_true",
                         help="only the first configuration of each family and pass")
@@ -843,7 +865,7 @@ def main():
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     start = time.perf_counter()
     rows = compile_report(tuple(args.arch), args.workers, tuple(args.family), args.quick,
-                          print_progress(start))
+                          print_progress(start), tuple(args.sass))
     elapsed = time.perf_counter() - start
     print(format_table(rows))
     failing = [row for row in rows if problems(row)]
