@@ -1,4 +1,4 @@
-"""pytest-benchmark timings of the fused linear + GKL loss on CPU at one small size (N=512 tokens,
+"""pytest-benchmark timings of the fused linear + GKL loss on CPU at one small size (N=256 tokens,
 V=32000, H=512, float32): forward+backward of every provider of ``bench.fused_linear``
 (``fused_linear_gkl`` at its default and an explicit chunk size, the unfused path, Liger-Kernel's
 fused linear JSD loss compiled and eager), after one warm-up step, each with the peak memory of
@@ -20,8 +20,8 @@ from gkl_kernels.testing.memory import measure_peak_memory
 
 pytestmark = pytest.mark.torch_only  # no Triton code: CI runs it once
 
-SIZE = Size(512, 32000, 512)
-ROUNDS = 3  # a step takes one to two seconds on two idle cores
+SIZE = Size(256, 32000, 512)
+ROUNDS = 3  # a step takes about a second on two idle cores
 # need Liger-Kernel (and, compiled, a C++ compiler), or TRL
 OPTIONAL = (LIGER, LIGER_EAGER, LIGER_TRAINER, TRL_HALF_MASKED)
 
