@@ -226,7 +226,7 @@ def test_compiles_with_fullgraph(divergence, compiler, teacher_form, generator):
     ``SparseTeacher`` (no autograd inside the loss for either): the eager loss and gradients."""
     tensors = heads(generator)
     labels = labels_for(generator)
-    criterion = FusedLinearDistillationLoss(divergence=divergence, chunk_size=5, backend="torch")
+    criterion = FusedLinearDistillationLoss(divergence=divergence, chunk_size=8, backend="torch")
     teacher = (tensors[3], tensors[4], tensors[5])
     if teacher_form == "sparse":
         values, indices = F.linear(*teacher).log_softmax(-1).topk(5, dim=-1)
