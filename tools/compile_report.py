@@ -324,24 +324,23 @@ def jsd_flags(case):
 # ---- the counted products of the fused losses ---------------------------------------------
 
 MATMUL_SHAPE = (512, 32000, 4096)  # (chunk rows, V, H): a 32k vocabulary, an 8B model's width
-MATMUL_OPERANDS = ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, None),
-                   (torch.float16, None))  # (head dtype, float32's tl.dot precision)
+MATMUL_PRODUCTS = {  # (head dtype, float32's tl.dot precision): the products compiled
+    (torch.float32, "ieee"): ("logits", "dh", "dW"),
+    (torch.float32, "tf32"): ("logits", "dW"),  # dh: the logits' code with another operand
+    (torch.bfloat16, None): ("logits", "dh", "dW"),
+    (torch.float16, None): ("logits",),
+}
 
 
 def matmul_cases():
-    """The counted products' launch cases, at ``MATMUL_SHAPE``: the logits with a bias (float32
-    out), ``dh`` and ``dW`` of float32 heads with full float32 products and of bfloat16 heads;
-    the logits and ``dW`` of float32 heads with tf32 products (``dh`` is the logits' code with
-    another operand: rows counted, no bias); float16's logits; bfloat16's logits written in
-    bfloat16 without a bias (the trainer's)."""
+    """The counted products' launch cases, at ``MATMUL_SHAPE``: ``MATMUL_PRODUCTS`` (the logits
+    with a bias, float32 out; ``dh``; ``dW``), and bfloat16's logits written in bfloat16 without
+    a bias (the trainer's)."""
     rows, vocabulary, _ = MATMUL_SHAPE
     case = functools.partial(LaunchCase, "matmul", batch=rows, num_classes=vocabulary)
-    products = {"ieee": ("logits", "dh", "dW"), "tf32": ("logits", "dW")}
     cases = [case("forward" if product == "logits" else "backward", dtype, dtype,
                   dot_precision=precision, product=product)
-             for dtype, precision in MATMUL_OPERANDS
-             for product in products.get(precision, ("logits", "dh", "dW")
-                                         if dtype == torch.bfloat16 else ("logits",))]
+             for (dtype, precision), products in MATMUL_PRODUCTS.items() for product in products]
     cases.append(case("forward", torch.bfloat16, torch.bfloat16, product="logits_in_dtype"))
     return cases
 
@@ -793,7 +792,8 @@ def print_progress(start):
 COLUMNS = {"kernel": "kernel", "arch": "arch", "student": "student", "teacher": "teacher",
            "weights": "weights", "flags": "flags", "dot_precision": "dot", "B": "B", "C": "C",
            "tile": "tile", "num_warps": "warps", "num_stages": "stages", "registers": "regs",
-           "stack_frame": "stack", "spill_stores": "spill_st", "spill_loads": "spill_ld", "shared": "smem",
+           "stack_frame": "stack", "spill_stores": "spill_st", "spill_loads": "spill_ld",
+           "shared": "smem",
            "sass_instructions": "sass", "local_accesses": "lmem_ops", "ldg_bits": "ldg_bits",
            "vectorised": "vec", "mma": "mma"}  # row key: header
 
