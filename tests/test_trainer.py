@@ -245,6 +245,43 @@ def test_compiles_with_fullgraph(divergence, compiler, teacher_form, generator):
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def exact_products(generator, *shape):
+    """Multiples of 1/32 in [-4, 4]: with a few hidden units every product is exact, so every
+    evaluation (float32 or float64, fused or not) sees the same logits."""
+    return (32 * torch.randn(*shape, generator=generator)).round().clamp(-128, 128) / 32
+
+
+def hostile_unfused(divergence, tensors, bias, labels, shift, dtype, columns=None):
+    """The hostile tests' loss written with the logits: ``(0.6 soft + 0.4 hard) / kept tokens``
+    over the classes ``columns`` (default: all) of ``tensors = (h, w, ht, wt)`` and ``bias``, in
+    ``dtype``, the logits through ``shift``; the soft rows the float64 reference's formulas
+    (GKL's per-row loss, or the JSD at beta 0.5). Loss and the gradients of ``h`` and ``w`` (0 on
+    the classes left out)."""
+    from reference import gkl_loss_reference, jsd_rows_reference
+
+    h, w, ht, wt = tensors
+    vocabulary = w.shape[0]
+    columns = list(range(vocabulary)) if columns is None else columns
+    kept = labels != -100
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (h, w[columns])]
+    column_bias = bias[columns].to(dtype)
+    s = shift(F.linear(leaves[0], leaves[1], column_bias))
+    t = shift(F.linear(ht.to(dtype), wt[columns].to(dtype), column_bias))
+    if divergence == "jsd":
+        soft = jsd_rows_reference(s[kept], t[kept]).sum()
+    else:
+        soft = gkl_loss_reference(s[kept], t[kept], pairwise=False) * kept.sum()
+    position = torch.full((vocabulary,), -100)
+    position[columns] = torch.arange(len(columns))
+    hard = F.cross_entropy(s, torch.where(kept, position[labels.clamp(min=0)], -100),
+                           reduction="sum")
+    loss = (0.6 * soft + 0.4 * hard) / kept.sum()
+    grad_hidden, grad_columns = torch.autograd.grad(loss, leaves)
+    grad_weight = grad_columns.new_zeros(w.shape)
+    grad_weight[columns] = grad_columns
+    return loss.detach(), grad_hidden, grad_weight
+
+
 @pytest.mark.torch_only
 @pytest.mark.parametrize("divergence", ("gkl", "jsd"))
 def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generator, monkeypatch):
@@ -256,7 +293,6 @@ def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generat
     (``reference/``). Hidden states and weights are multiples of 1/32 small enough that the
     products are exact (every evaluation sees the same logits)."""
     from gkl_kernels import trainer
-    from reference import gkl_loss_reference, jsd_rows_reference
     from tests.adversarial_cases import assert_within_rule, row_max_shifted
 
     calls = []
@@ -264,12 +300,8 @@ def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generat
     monkeypatch.setattr(trainer, "_compiled_block_terms",
                         lambda: lambda *args: calls.append(1) or compiled(*args))
     rows, hidden, vocabulary = 19, 8, 32768  # 17 rows read: two full blocks and a row
-
-    def exact_products(*shape):
-        return (32 * torch.randn(*shape, generator=generator)).round().clamp(-128, 128) / 32
-
-    h, w, ht, wt = (exact_products(*shape) for shape in ((rows, hidden), (vocabulary, hidden),
-                                                         (rows, hidden), (vocabulary, hidden)))
+    h, w, ht, wt = tensors = [exact_products(generator, *shape) for shape in (
+        (rows, hidden), (vocabulary, hidden), (rows, hidden), (vocabulary, hidden))]
     h[1, -1] = 1e4
     h[9] *= 8.0
     w[:, -1] = 1.0
@@ -280,35 +312,19 @@ def test_compiled_row_blocks_within_four_times_plain_float32(divergence, generat
         bias[[7, 20000]] = -math.inf
     labels = torch.randint(8, vocabulary - 1000, (rows,), generator=generator)
     labels[[2, 12]] = -100
-    kept = labels != -100
     options = dict(beta=0.5) if divergence == "jsd" else {}
     criterion = FusedLinearDistillationLoss(weight_hard_loss=0.4, weight_soft_loss=0.6,
                                             divergence=divergence, compiled=True,
                                             backend="torch", **options)
 
-    def soft_sum(s, t):
-        if divergence == "jsd":
-            return jsd_rows_reference(s[kept], t[kept]).sum()
-        return gkl_loss_reference(s[kept], t[kept], pairwise=False) * kept.sum()
-
-    def evaluate(loss_of, dtype):
-        leaves = [x.to(dtype).requires_grad_() for x in (h, w)]
-        loss = loss_of(*leaves)
-        return (loss.detach(), *torch.autograd.grad(loss, leaves))
-
-    def unfused(shift, dtype):
-        def loss_of(hs, ws):
-            s = shift(F.linear(hs, ws, bias.to(dtype)))
-            t = shift(F.linear(ht.to(dtype), wt.to(dtype), bias.to(dtype)))
-            hard = F.cross_entropy(s, labels, reduction="sum")
-            return (0.6 * soft_sum(s, t) + 0.4 * hard) / kept.sum()
-        return evaluate(loss_of, dtype)
-
-    actual = evaluate(lambda hs, ws: criterion(hs, ws, ht, wt, labels, bias, bias),
-                      torch.float32)
+    leaves = [x.clone().requires_grad_() for x in (h, w)]
+    loss = criterion(leaves[0], leaves[1], ht, wt, labels, bias, bias)
+    actual = (loss.detach(), *torch.autograd.grad(loss, leaves))
     assert len(calls) == 2
-    plain = [unfused(shift, torch.float32) for shift in (lambda x: x, row_max_shifted)]
-    assert_within_rule(actual, unfused(lambda x: x, torch.float64), plain, torch.float32)
+    plain = [hostile_unfused(divergence, tensors, bias, labels, shift, torch.float32)
+             for shift in (lambda x: x, row_max_shifted)]
+    assert_within_rule(actual, hostile_unfused(divergence, tensors, bias, labels, lambda x: x,
+                                               torch.float64), plain, torch.float32)
 
 
 @pytest.mark.parametrize("mask", (-1e9, torch.finfo(torch.float32).min, -math.inf),
@@ -327,16 +343,11 @@ def test_counted_products_within_four_times_plain_float32(divergence, mask, gene
     literal GKL is NaN there). Products are exact (multiples of 1/32)."""
     from gkl_kernels.testing.launches import reads_as_on_a_gpu
     from gkl_kernels.testing.traffic import TritonTrafficCounter
-    from reference import gkl_loss_reference, jsd_rows_reference
     from tests.adversarial_cases import assert_within_rule, row_max_shifted
 
     rows, hidden, vocabulary = 19, 8, 200
-
-    def exact_products(*shape):
-        return (32 * torch.randn(*shape, generator=generator)).round().clamp(-128, 128) / 32
-
-    h, w, ht, wt = (exact_products(*shape) for shape in ((rows, hidden), (vocabulary, hidden),
-                                                         (rows, hidden), (vocabulary, hidden)))
+    h, w, ht, wt = tensors = [exact_products(generator, *shape) for shape in (
+        (rows, hidden), (vocabulary, hidden), (rows, hidden), (vocabulary, hidden))]
     w[:, -1] = wt[:, -1] = 1.0  # a hidden unit every class weighs 1: a row offset
     h[1, -1] = 1e4
     h[3, -1], ht[3, -1] = 1e4, -1e4
@@ -348,47 +359,22 @@ def test_counted_products_within_four_times_plain_float32(divergence, mask, gene
     labels = torch.tensor(kept_columns)[torch.randint(len(kept_columns), (rows,),
                                                       generator=generator)]
     labels[[0, 2, 12, 13, 17]] = -100
-    kept = labels != -100
     options = dict(beta=0.5) if divergence == "jsd" else {}
     criterion = FusedLinearDistillationLoss(weight_hard_loss=0.4, weight_soft_loss=0.6,
                                             divergence=divergence, chunk_size=8,
                                             backend="triton", **options)
 
-    def soft_sum(s, t):
-        if divergence == "jsd":
-            return jsd_rows_reference(s[kept], t[kept]).sum()
-        return gkl_loss_reference(s[kept], t[kept], pairwise=False) * kept.sum()
-
-    def unfused(shift, dtype, columns):
-        """The loss of the classes ``columns`` alone; the weight's gradient scattered back."""
-        leaves = [x.to(dtype).requires_grad_() for x in (h, w[columns])]
-
-        def logits(hs, ws, b):
-            return shift(F.linear(hs, ws, b.to(dtype)))
-
-        s = logits(leaves[0], leaves[1], bias[columns])
-        t = logits(ht.to(dtype), wt[columns].to(dtype), bias[columns])
-        position = torch.full((vocabulary,), -100)
-        position[columns] = torch.arange(len(columns))
-        hard = F.cross_entropy(s, torch.where(kept, position[labels.clamp(min=0)], -100),
-                               reduction="sum")
-        loss = (0.6 * soft_sum(s, t) + 0.4 * hard) / kept.sum()
-        grad_hidden, grad_columns = torch.autograd.grad(loss, leaves)
-        grad_weight = torch.zeros(vocabulary, hidden, dtype=dtype)
-        grad_weight[columns] = grad_columns
-        return loss.detach(), grad_hidden, grad_weight
-
-    all_columns = list(range(vocabulary))
     leaves = [x.clone().requires_grad_() for x in (h, w)]
     with reads_as_on_a_gpu(), TritonTrafficCounter() as traffic:
         loss = criterion(leaves[0], leaves[1], ht, wt, labels, bias, bias)
         actual = (loss.detach(), *torch.autograd.grad(loss, leaves))
     assert "counted_matmul_kernel" in traffic.per_kernel
     assert torch.equal(actual[2][masked], torch.zeros(len(masked), hidden))
-    literal = kept_columns if mask == -math.inf and divergence == "gkl" else all_columns
-    plain = [unfused(shift, torch.float32, literal) for shift in (lambda x: x, row_max_shifted)]
-    assert_within_rule(actual, unfused(lambda x: x, torch.float64, kept_columns), plain,
-                       torch.float32)
+    literal = kept_columns if mask == -math.inf and divergence == "gkl" else None
+    plain = [hostile_unfused(divergence, tensors, bias, labels, shift, torch.float32, literal)
+             for shift in (lambda x: x, row_max_shifted)]
+    assert_within_rule(actual, hostile_unfused(divergence, tensors, bias, labels, lambda x: x,
+                                               torch.float64, kept_columns), plain, torch.float32)
 
 
 @pytest.mark.parametrize("backend", ("torch", "triton"))
